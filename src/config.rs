@@ -1,0 +1,270 @@
+//! The daemon's configuration file (`--config`, TOML), with every default in one place.
+//!
+//! Unknown keys are rejected, and every error names the file, line and column.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+/// Where `flowd-rs` looks when `--config` is not given; a missing default file means
+/// "all defaults", a missing file named on the command line is an error.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/flowd-rs/flowd-rs.toml";
+pub const DEFAULT_STATE_DIR: &str = "/run/flowd-rs";
+pub const DEFAULT_MAP_CAPACITY: u32 = 65_536;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Runtime state: the control socket and the record of what is attached where.
+    pub state_dir: PathBuf,
+    pub marker: MarkerConfig,
+    pub control: ControlConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            marker: MarkerConfig::default(),
+            control: ControlConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MarkerConfig {
+    /// Interfaces to mark on; empty means every interface with a global IPv6 address.
+    pub interfaces: Vec<String>,
+    pub strategy: Strategy,
+    pub attach: AttachMode,
+    /// Flows the marker map holds; a full map is reported and counted, never silent.
+    pub map_capacity: u32,
+}
+
+impl Default for MarkerConfig {
+    fn default() -> Self {
+        MarkerConfig {
+            interfaces: Vec::new(),
+            strategy: Strategy::LABEL,
+            attach: AttachMode::Auto,
+            map_capacity: DEFAULT_MAP_CAPACITY,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// The control socket; default `<state_dir>/control.sock`.
+    pub socket: Option<PathBuf>,
+    /// Group allowed to use the control socket besides root (mode 0660).
+    pub group: Option<String>,
+}
+
+impl Config {
+    /// Loads `path`; `explicit` says whether the user named it (then it must exist).
+    pub fn load(path: &Path, explicit: bool) -> anyhow::Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default())
+            }
+            Err(e) => anyhow::bail!("cannot read config {}: {e}", path.display()),
+        };
+        Config::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
+    }
+
+    /// Parses config text; the error reads `line:col: message`.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| located(text, &e))?;
+        if cfg.marker.map_capacity == 0 {
+            return Err("marker.map_capacity must be at least 1".into());
+        }
+        Ok(cfg)
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.control
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("control.sock"))
+    }
+}
+
+/// `line:col: message` from a toml error, 1-based, as editors expect.
+fn located(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let (line, col) = line_col(text, span.start);
+            format!("{line}:{col}: {msg}")
+        }
+        None => msg.to_string(),
+    }
+}
+
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+/// Which marks the TC program writes; bits as in bpf/flowd.h (FLOWD_STRATEGY_*).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Strategy(u32);
+
+impl Strategy {
+    pub const LABEL: Strategy = Strategy(0x1);
+    pub const HOP_BY_HOP: Strategy = Strategy(0x2);
+    pub const DESTINATION: Strategy = Strategy(0x4);
+
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+    pub fn contains(self, other: Strategy) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Bytes each marked packet grows by.
+    pub fn header_bytes(self) -> u32 {
+        8 * ((self.0 >> 1) & 1) + 8 * ((self.0 >> 2) & 1)
+    }
+}
+
+const STRATEGY_PARTS: [(&str, Strategy); 3] = [
+    ("label", Strategy::LABEL),
+    ("hop-by-hop", Strategy::HOP_BY_HOP),
+    ("destination", Strategy::DESTINATION),
+];
+
+impl FromStr for Strategy {
+    type Err = String;
+    /// `label`, `hop-by-hop`, `destination`, or several joined by `+`
+    /// (`hop-by-hop+destination`, `label+hop-by-hop`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut bits = 0;
+        for part in s.split('+') {
+            let part = part.trim();
+            let (_, st) = STRATEGY_PARTS
+                .iter()
+                .find(|(n, _)| *n == part)
+                .ok_or_else(|| {
+                    format!(
+                        "unknown marking strategy `{part}`: use label, hop-by-hop, destination, \
+                         or several joined by `+` (e.g. hop-by-hop+destination)"
+                    )
+                })?;
+            bits |= st.0;
+        }
+        Ok(Strategy(bits))
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = STRATEGY_PARTS
+            .iter()
+            .filter(|(_, st)| self.contains(*st))
+            .map(|(n, _)| *n)
+            .collect();
+        f.write_str(&names.join("+"))
+    }
+}
+
+impl fmt::Debug for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Strategy({self})")
+    }
+}
+
+impl<'de> Deserialize<'de> for Strategy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How the TC program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// TCX where the kernel has it (>= 6.6), else a clsact qdisc filter.
+    Auto,
+    /// TCX links only; fail on older kernels.
+    Tcx,
+    /// A clsact qdisc filter (the pre-6.6 way), even where TCX exists.
+    Clsact,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.marker.strategy, Strategy::LABEL);
+        assert_eq!(c.marker.map_capacity, 65_536);
+        assert_eq!(
+            c.control_socket(),
+            PathBuf::from("/run/flowd-rs/control.sock")
+        );
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            "state_dir = \"/tmp/x\"\n[marker]\ninterfaces = [\"eth0\"]\n\
+             strategy = \"hop-by-hop+destination\"\nattach = \"clsact\"\nmap_capacity = 10\n\
+             [control]\nsocket = \"/tmp/s\"\ngroup = \"flowd\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.marker.interfaces, ["eth0"]);
+        assert_eq!(c.marker.strategy.bits(), 0x6);
+        assert_eq!(c.marker.strategy.header_bytes(), 16);
+        assert_eq!(c.marker.attach, AttachMode::Clsact);
+        assert_eq!(c.control_socket(), PathBuf::from("/tmp/s"));
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_line_and_column() {
+        let e =
+            Config::parse("[marker]\nstrategy = \"label\"\ninterface = [\"eth0\"]\n").unwrap_err();
+        assert!(e.starts_with("3:1: unknown field `interface`"), "{e}");
+        assert!(e.contains("expected one of `interfaces`"), "{e}");
+    }
+
+    #[test]
+    fn bad_strategy_names_the_value_and_line() {
+        let e = Config::parse("[marker]\nstrategy = \"flow-label\"\n").unwrap_err();
+        assert!(
+            e.starts_with("2:12: unknown marking strategy `flow-label`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn zero_capacity_is_rejected() {
+        assert!(Config::parse("[marker]\nmap_capacity = 0\n").is_err());
+    }
+
+    #[test]
+    fn strategy_round_trips_through_text() {
+        for s in [
+            "label",
+            "hop-by-hop",
+            "destination",
+            "hop-by-hop+destination",
+            "label+hop-by-hop",
+        ] {
+            assert_eq!(s.parse::<Strategy>().unwrap().to_string(), s);
+        }
+    }
+}

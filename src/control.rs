@@ -1,0 +1,316 @@
+//! The control socket: a local Unix socket speaking JSON lines, through which the
+//! CLI (and operators' scripts) talk to the running daemon.
+//!
+//! Protocol version 1. One request per line, one response line per request:
+//! ```text
+//! -> {"v":1,"op":"status"}
+//! <- {"v":1,"ok":true,"result":{...}}
+//! -> {"v":1,"op":"mark-add","flow":{"proto":"tcp","local":"[fd00::1]:40000","remote":"[fd00::2]:5201"},"experiment":2,"activity":3}
+//! <- {"v":1,"ok":false,"error":"..."}
+//! ```
+//! `mark-add`/`mark-del` are the internal, test-only way to mark a flow by hand until
+//! discovery and policy decide marks themselves. The socket is mode 0660, owned by
+//! root and the configured group: nobody else can connect.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info, warn};
+
+use crate::discovery::types::{FlowKey, Protocol};
+use crate::marker::label::Tag;
+use crate::marker::maps::{MarkMaps, OUTCOMES};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request line accepted; longer ones get an error and the connection closes.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowSpec {
+    pub proto: String,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl FlowSpec {
+    pub fn key(&self) -> Result<FlowKey, String> {
+        let proto = match self.proto.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            p => return Err(format!("unknown protocol `{p}`: use tcp or udp")),
+        };
+        Ok(FlowKey::new(proto, self.local, self.remote))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Counters,
+    MarkAdd {
+        flow: FlowSpec,
+        experiment: u16,
+        activity: u8,
+        /// The 5 entropy bits; drawn at random when absent.
+        #[serde(default)]
+        entropy: Option<u8>,
+    },
+    MarkDel {
+        flow: FlowSpec,
+    },
+}
+
+/// What the daemon reports in `status`, fixed at start.
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonInfo {
+    pub version: &'static str,
+    pub pid: u32,
+    pub strategy: String,
+    /// (interface, attach mode)
+    pub attached: Vec<(String, &'static str)>,
+}
+
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Server {
+    /// Binds the socket at `path` (replacing a stale one), mode 0660, group `group`.
+    pub fn bind(path: &Path, group: Option<&str>) -> Result<Server> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "{}: another flowd-rs daemon is serving this control socket",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding control socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .with_context(|| format!("setting mode of {}", path.display()))?;
+        if let Some(g) = group {
+            let grp = nix::unistd::Group::from_name(g)
+                .with_context(|| format!("looking up group {g}"))?
+                .with_context(|| format!("control.group: no group named `{g}`"))?;
+            nix::unistd::chown(path, None, Some(grp.gid))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        info!(socket = %path.display(), "control socket listening");
+        Ok(Server {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Serves connections until the task is dropped.
+    pub async fn serve(self, maps: Arc<MarkMaps>, info: Arc<DaemonInfo>) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    let (maps, info) = (maps.clone(), info.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_conn(stream, &maps, &info).await {
+                            debug!(error = %e, "control connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+async fn serve_conn(stream: UnixStream, maps: &MarkMaps, info: &DaemonInfo) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = AsyncBufReader::new(rd);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut rd)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let too_long = line.len() > MAX_LINE;
+        let reply = if too_long {
+            error_reply(format!("request longer than {MAX_LINE} bytes"))
+        } else {
+            handle_line(&line, maps, info)
+        };
+        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+        out.push(b'\n');
+        wr.write_all(&out).await?;
+        if too_long {
+            return Ok(());
+        }
+    }
+}
+
+fn error_reply(msg: String) -> Value {
+    json!({"v": PROTOCOL_VERSION, "ok": false, "error": msg})
+}
+
+/// Answers one request line; never panics on what a client sends.
+pub fn handle_line(line: &[u8], maps: &MarkMaps, info: &DaemonInfo) -> Value {
+    let v: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return error_reply(format!("not a JSON request: {e}")),
+    };
+    match v.get("v").and_then(Value::as_u64) {
+        Some(1) => {}
+        Some(other) => {
+            return error_reply(format!(
+                "unsupported protocol version {other}: this daemon speaks 1"
+            ))
+        }
+        None => return error_reply("missing protocol version: send {\"v\":1,...}".into()),
+    }
+    let mut body = v;
+    if let Some(o) = body.as_object_mut() {
+        o.remove("v");
+    }
+    let req: Request = match serde_json::from_value(body) {
+        Ok(r) => r,
+        Err(e) => return error_reply(format!("bad request: {e}")),
+    };
+    match execute(req, maps, info) {
+        Ok(result) => json!({"v": PROTOCOL_VERSION, "ok": true, "result": result}),
+        Err(e) => error_reply(e),
+    }
+}
+
+fn execute(req: Request, maps: &MarkMaps, info: &DaemonInfo) -> Result<Value, String> {
+    match req {
+        Request::Status => Ok(json!({
+            "daemon": info,
+            "marks": maps.len(),
+            "map_capacity": maps.capacity(),
+        })),
+        Request::Counters => {
+            let c = maps.counters().map_err(|e| e.to_string())?;
+            let outcomes: serde_json::Map<String, Value> = OUTCOMES
+                .iter()
+                .zip(c.outcomes)
+                .map(|(n, v)| (n.to_string(), json!(v)))
+                .collect();
+            Ok(json!({"outcomes": outcomes, "per_tag": c.per_tag}))
+        }
+        Request::MarkAdd {
+            flow,
+            experiment,
+            activity,
+            entropy,
+        } => {
+            let key = flow.key()?;
+            let tag = Tag::new(experiment, activity).map_err(|e| e.to_string())?;
+            let entropy = entropy.unwrap_or_else(|| rand::random::<u8>() & 0x1f);
+            if entropy > 0x1f {
+                return Err(format!("entropy {entropy} does not fit 5 bits (0..=31)"));
+            }
+            maps.insert(&key, tag, entropy).map_err(|e| e.to_string())?;
+            info!(flow = %format!("{} {} -> {}", flow.proto, key.local, key.remote), tag = %tag, "flow marked by request");
+            Ok(json!({"label": tag.label(entropy)}))
+        }
+        Request::MarkDel { flow } => {
+            let key = flow.key()?;
+            let removed = maps.remove(&key).map_err(|e| e.to_string())?;
+            Ok(json!({"removed": removed}))
+        }
+    }
+}
+
+/// Sends one request to the daemon at `path` and returns its `result`.
+pub fn request(path: &Path, req: &Request) -> Result<Value> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the flowd-rs daemon at {}: {e}. Is it running? Start it with `flowd-rs run` (or `systemctl start flowd-rs`).",
+            path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut body = serde_json::to_value(req)?;
+    body.as_object_mut()
+        .expect("requests are objects")
+        .insert("v".into(), json!(PROTOCOL_VERSION));
+    let mut line = serde_json::to_vec(&body)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    let v: Value = serde_json::from_str(&reply)
+        .with_context(|| format!("daemon sent a malformed reply: {reply:?}"))?;
+    if v.get("ok") == Some(&Value::Bool(true)) {
+        Ok(v.get("result").cloned().unwrap_or(Value::Null))
+    } else {
+        bail!(
+            "daemon refused: {}",
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_from_documented_json() {
+        let r: Request = serde_json::from_str(
+            r#"{"op":"mark-add","flow":{"proto":"tcp","local":"[fd00::1]:40000","remote":"[fd00::2]:5201"},"experiment":2,"activity":3}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r,
+            Request::MarkAdd {
+                experiment: 2,
+                activity: 3,
+                entropy: None,
+                ..
+            }
+        ));
+        let r: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
+        assert_eq!(r, Request::Status);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"status","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn flow_spec_rejects_unknown_protocol() {
+        let f = FlowSpec {
+            proto: "sctp".into(),
+            local: "[::1]:1".parse().unwrap(),
+            remote: "[::1]:2".parse().unwrap(),
+        };
+        assert_eq!(
+            f.key().unwrap_err(),
+            "unknown protocol `sctp`: use tcp or udp"
+        );
+    }
+}

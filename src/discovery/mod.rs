@@ -1,0 +1,2 @@
+//! Sources of socket facts.
+pub mod types;

@@ -1,0 +1,162 @@
+//! Socket facts as the discovery sources report them.
+//!
+//! Both sources (the eBPF tracker and the sock_diag poller) speak this vocabulary, so
+//! the flow table never needs to know where a fact came from beyond [`Source`].
+
+use std::net::{IpAddr, SocketAddr};
+
+/// Transport protocol of a flow. Only these two are tracked and marked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+    pub fn from_ip_proto(p: u8) -> Option<Self> {
+        match p {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// A flow as seen from this host: `local` is the source of the packets we send.
+///
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are normalised to IPv4 by
+/// [`FlowKey::new`], because such sockets send IPv4 packets on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub proto: Protocol,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl FlowKey {
+    pub fn new(proto: Protocol, local: SocketAddr, remote: SocketAddr) -> Self {
+        FlowKey {
+            proto,
+            local: unmap(local),
+            remote: unmap(remote),
+        }
+    }
+    pub fn is_ipv6(&self) -> bool {
+        self.local.is_ipv6()
+    }
+}
+
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
+}
+
+/// TCP states with the kernel's numbering (include/net/tcp_states.h).
+/// UDP sockets report `Established` when connected and `Close` when not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SockState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+}
+
+impl SockState {
+    pub fn from_kernel(v: u8) -> Option<Self> {
+        use SockState::*;
+        Some(match v {
+            1 => Established,
+            2 => SynSent,
+            3 => SynRecv,
+            4 => FinWait1,
+            5 => FinWait2,
+            6 => TimeWait,
+            7 => Close,
+            8 => CloseWait,
+            9 => LastAck,
+            10 => Listen,
+            11 => Closing,
+            12 => NewSynRecv,
+            _ => return None,
+        })
+    }
+}
+
+/// Who opened the connection, from this host's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// We called connect() (active open).
+    Outbound,
+    /// We accepted it (passive open).
+    Inbound,
+    /// Not known (e.g. adopted from a dump of an established socket whose listener is gone).
+    Unknown,
+}
+
+/// Where a fact came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Tracker,
+    SockDiag,
+}
+
+/// A subset of the kernel's `struct tcp_info`, enough for inspect and fireflies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    pub rtt_us: u32,
+    pub rttvar_us: u32,
+    pub snd_cwnd: u32,
+    pub total_retrans: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub segs_out: u32,
+    pub segs_in: u32,
+}
+
+/// One observation of one socket at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketObservation {
+    pub key: FlowKey,
+    /// The kernel's socket cookie (`SO_COOKIE`, `bpf_get_socket_cookie`, sock_diag
+    /// `id.cookie`): the join key between the tracker and sock_diag.
+    pub cookie: u64,
+    /// Inode of the network namespace the socket lives in.
+    pub netns: u64,
+    pub state: SockState,
+    pub direction: Direction,
+    /// Socket inode (0 for TIME_WAIT and request sockets).
+    pub inode: u64,
+    pub uid: Option<u32>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// cgroup v2 id (the inode number of the cgroup directory).
+    pub cgroup_id: Option<u64>,
+    pub tcp: Option<TcpStats>,
+    pub source: Source,
+}

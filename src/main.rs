@@ -1,0 +1,164 @@
+//! The `flowd-rs` command line: parsing and dispatch only.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use flowd::config::{Config, DEFAULT_CONFIG_PATH};
+use flowd::control::{self, FlowSpec, Request};
+
+/// Tags the network traffic of scientific data transfers (SciTags) with no help from
+/// the applications: marks IPv6 flow labels from a TC egress program.
+#[derive(Debug, Parser)]
+#[command(name = "flowd-rs", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML). Without it, /etc/flowd-rs/flowd-rs.toml is read if present.
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
+    #[arg(long, global = true, default_value = "info", env = "FLOWD_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: attach the marker, serve the control socket, until SIGINT/SIGTERM.
+    Run,
+    /// Remove anything a crashed instance left attached to interfaces.
+    Clean,
+    /// Show the running daemon's status and counters.
+    Status,
+    /// Mark or unmark one flow by hand (internal: for tests until discovery decides marks).
+    #[command(hide = true)]
+    Mark {
+        #[command(subcommand)]
+        action: MarkAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MarkAction {
+    /// Mark PROTO LOCAL REMOTE with EXPERIMENT/ACTIVITY.
+    Add {
+        proto: String,
+        local: SocketAddr,
+        remote: SocketAddr,
+        #[arg(long)]
+        experiment: u16,
+        #[arg(long)]
+        activity: u8,
+        /// The 5 entropy bits (0..=31); random when absent.
+        #[arg(long)]
+        entropy: Option<u8>,
+    },
+    /// Remove the mark of PROTO LOCAL REMOTE.
+    Del {
+        proto: String,
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flowd-rs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let is_tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Under systemd the journal stamps each line itself: no second timestamp.
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(is_tty)
+        .with_target(false);
+    if under_journal {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    match &cli.config {
+        Some(p) => Config::load(p, true),
+        None => Config::load(DEFAULT_CONFIG_PATH.as_ref(), false),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    let cfg = load_config(&cli)?;
+    match cli.command {
+        Command::Run => runtime()?.block_on(flowd::daemon::run(cfg)),
+        Command::Clean => runtime()?.block_on(flowd::daemon::clean(cfg)),
+        Command::Status => {
+            let path = cfg.control_socket();
+            let status = control::request(&path, &Request::Status)?;
+            let counters = control::request(&path, &Request::Counters)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"status": status, "counters": counters})
+                )?
+            );
+            Ok(())
+        }
+        Command::Mark { action } => {
+            let req = match action {
+                MarkAction::Add {
+                    proto,
+                    local,
+                    remote,
+                    experiment,
+                    activity,
+                    entropy,
+                } => Request::MarkAdd {
+                    flow: FlowSpec {
+                        proto,
+                        local,
+                        remote,
+                    },
+                    experiment,
+                    activity,
+                    entropy,
+                },
+                MarkAction::Del {
+                    proto,
+                    local,
+                    remote,
+                } => Request::MarkDel {
+                    flow: FlowSpec {
+                        proto,
+                        local,
+                        remote,
+                    },
+                },
+            };
+            let result = control::request(&cfg.control_socket(), &req)?;
+            println!("{result}");
+            Ok(())
+        }
+    }
+}

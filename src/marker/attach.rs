@@ -1,0 +1,388 @@
+//! Putting the marker on interfaces and taking it off again, leaving each interface
+//! exactly as it was found.
+//!
+//! TCX links (kernel >= 6.6) belong to a file descriptor: they vanish with the
+//! process, even after SIGKILL. The clsact fallback outlives the process, so every
+//! clsact attachment is recorded in `<state_dir>/attachments.json` before it is
+//! made; `flowd-rs clean` (and every start) uses that record to remove what a
+//! crashed instance left, and only removes a clsact qdisc that flowd-rs created.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::{AsRawLibbpf, Link, Program};
+use rtnetlink::Handle;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::config::AttachMode;
+use crate::marker::netif::{self, Interface};
+
+/// Our clsact filter's handle and priority: fixed, so a restart replaces a leftover
+/// filter instead of stacking a second one, and `clean` finds it.
+pub const TC_HANDLE: u32 = 0xf10d;
+pub const TC_PRIORITY: u32 = 0xf10d;
+/// The marker program's name as the kernel reports it (first 15 bytes).
+pub const PROG_NAME: &str = "flowd_mark";
+
+#[derive(Debug)]
+pub enum Attachment {
+    Tcx {
+        iface: Interface,
+        link: Link,
+    },
+    Clsact {
+        iface: Interface,
+        created_qdisc: bool,
+    },
+}
+
+impl Attachment {
+    pub fn iface(&self) -> &Interface {
+        match self {
+            Attachment::Tcx { iface, .. } | Attachment::Clsact { iface, .. } => iface,
+        }
+    }
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Attachment::Tcx { .. } => "tcx",
+            Attachment::Clsact { .. } => "clsact",
+        }
+    }
+}
+
+/// One clsact attachment as remembered on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClsactRecord {
+    pub ifname: String,
+    pub ifindex: u32,
+    /// Whether flowd-rs created the clsact qdisc (then it may remove it).
+    pub created_qdisc: bool,
+}
+
+/// `<state_dir>/attachments.json`.
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(state_dir: &Path) -> Self {
+        StateFile {
+            path: state_dir.join("attachments.json"),
+        }
+    }
+
+    pub fn load(&self) -> Result<Vec<ClsactRecord>> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).with_context(|| {
+                format!("{}: not a flowd-rs attachment record", self.path.display())
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+        }
+    }
+
+    /// Writes atomically (temp file + rename) so a crash never leaves half a record.
+    pub fn save(&self, records: &[ClsactRecord]) -> Result<()> {
+        if records.is_empty() {
+            return match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("removing {}", self.path.display()))
+                }
+                _ => Ok(()),
+            };
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(records)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Vec<ClsactRecord>)) -> Result<()> {
+        let mut r = self.load()?;
+        f(&mut r);
+        self.save(&r)
+    }
+}
+
+/// Attaches `prog` to every interface, or to none: on any failure what was already
+/// attached is removed again before the error is returned.
+pub async fn attach_all(
+    prog: &Program<'_>,
+    ifaces: &[Interface],
+    mode: AttachMode,
+    h: &Handle,
+    state: &StateFile,
+) -> Result<Vec<Attachment>> {
+    let mut done = Vec::new();
+    for iface in ifaces {
+        match attach_one(prog, iface, mode, h, state).await {
+            Ok(a) => {
+                info!(interface = %iface.name, mode = a.mode(), "marker attached");
+                done.push(a);
+            }
+            Err(e) => {
+                detach_all(done, h, state).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+async fn attach_one(
+    prog: &Program<'_>,
+    iface: &Interface,
+    mode: AttachMode,
+    h: &Handle,
+    state: &StateFile,
+) -> Result<Attachment> {
+    if mode != AttachMode::Clsact {
+        match attach_tcx(prog, iface.index) {
+            Ok(link) => {
+                return Ok(Attachment::Tcx {
+                    iface: iface.clone(),
+                    link,
+                })
+            }
+            // Kernels before 6.6 do not know the TCX attach type.
+            Err(e) if mode == AttachMode::Auto && e.raw_os_error() == Some(libc::EINVAL) => {
+                warn!(interface = %iface.name, "TCX not supported by this kernel, using a clsact qdisc");
+            }
+            Err(e) => return Err(os_error(e, "attaching TCX egress program", &iface.name)),
+        }
+    }
+    let created_qdisc = !netif::has_clsact(h, iface.index).await?;
+    // Record first: if we die between creating the qdisc and saving, the next start
+    // must still know the qdisc is ours.
+    let record = ClsactRecord {
+        ifname: iface.name.clone(),
+        ifindex: iface.index,
+        created_qdisc,
+    };
+    state.update(|r| {
+        r.retain(|x| x.ifindex != iface.index);
+        r.push(record);
+    })?;
+    if created_qdisc {
+        tc_create_clsact(iface.index)
+            .map_err(|e| os_error(e, "creating clsact qdisc", &iface.name))?;
+    }
+    if let Err(e) = tc_attach_egress(iface.index, prog.as_fd().as_raw_fd()) {
+        if created_qdisc {
+            let _ = tc_destroy_clsact(iface.index);
+        }
+        state.update(|r| r.retain(|x| x.ifindex != iface.index))?;
+        return Err(os_error(e, "attaching clsact egress filter", &iface.name));
+    }
+    Ok(Attachment::Clsact {
+        iface: iface.clone(),
+        created_qdisc,
+    })
+}
+
+/// Removes every attachment; errors are logged, and the rest still removed.
+pub async fn detach_all(atts: Vec<Attachment>, h: &Handle, state: &StateFile) {
+    for a in atts {
+        let name = a.iface().name.clone();
+        match detach(a, h, state).await {
+            Ok(()) => info!(interface = %name, "marker detached"),
+            Err(e) => {
+                warn!(interface = %name, error = %format!("{e:#}"), "detaching marker failed")
+            }
+        }
+    }
+}
+
+pub async fn detach(a: Attachment, h: &Handle, state: &StateFile) -> Result<()> {
+    match a {
+        Attachment::Tcx { link, .. } => {
+            drop(link);
+            Ok(())
+        }
+        Attachment::Clsact {
+            iface,
+            created_qdisc,
+        } => {
+            remove_clsact_filter(&iface, created_qdisc, h).await?;
+            state.update(|r| r.retain(|x| x.ifindex != iface.index))
+        }
+    }
+}
+
+/// Removes our egress filter from `iface` and, when we created the clsact qdisc and
+/// nothing else uses it now, the qdisc as well.
+async fn remove_clsact_filter(iface: &Interface, created_qdisc: bool, h: &Handle) -> Result<()> {
+    match tc_detach_egress(iface.index) {
+        Ok(()) => {}
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::EINVAL) => {
+        }
+        Err(e) => return Err(os_error(e, "removing clsact egress filter", &iface.name)),
+    }
+    if created_qdisc && netif::has_clsact(h, iface.index).await? {
+        if netif::clsact_filter_count(h, iface.index).await? == 0 {
+            tc_destroy_clsact(iface.index)
+                .map_err(|e| os_error(e, "removing clsact qdisc", &iface.name))?;
+        } else {
+            warn!(interface = %iface.name, "leaving the clsact qdisc flowd-rs created: other filters use it now");
+        }
+    }
+    Ok(())
+}
+
+/// What `clean` did.
+#[derive(Debug, Default)]
+pub struct CleanReport {
+    pub filters_removed: Vec<String>,
+    pub qdiscs_removed: Vec<String>,
+}
+
+/// Removes what a crashed instance left: our clsact egress filter on any interface
+/// (recognised by handle, priority and program name) and the clsact qdiscs the
+/// record says we created. TCX links need nothing: they died with their process.
+pub async fn clean(h: &Handle, state: &StateFile) -> Result<CleanReport> {
+    let records = state.load()?;
+    let mut report = CleanReport::default();
+    for (index, name) in netif::links(h).await? {
+        if !netif::has_clsact(h, index).await? {
+            continue;
+        }
+        let iface = Interface { name, index };
+        let ours = match tc_query_egress(index) {
+            Ok(id) => prog_name(id).is_some_and(|n| n == PROG_NAME),
+            Err(_) => false,
+        };
+        let created = records
+            .iter()
+            .any(|r| r.ifindex == index && r.created_qdisc);
+        if ours {
+            report.filters_removed.push(iface.name.clone());
+        }
+        if ours || created {
+            remove_clsact_filter(&iface, created, h).await?;
+            if created && !netif::has_clsact(h, index).await? {
+                report.qdiscs_removed.push(iface.name.clone());
+            }
+        }
+    }
+    state.save(&[])?;
+    Ok(report)
+}
+
+fn prog_name(id: u32) -> Option<String> {
+    libbpf_rs::query::ProgInfoIter::default()
+        .find(|p| p.id == id)
+        .map(|p| p.name.to_string_lossy().into_owned())
+}
+
+fn os_error(e: io::Error, what: &str, ifname: &str) -> anyhow::Error {
+    let hint = match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            ": run as root (CAP_BPF and CAP_NET_ADMIN needed)"
+        }
+        Some(libc::ENODEV) => ": the interface is gone",
+        _ => "",
+    };
+    anyhow::anyhow!("{what} on interface {ifname}: {e}{hint}")
+}
+
+fn attach_tcx(prog: &Program<'_>, ifindex: u32) -> io::Result<Link> {
+    let opts = libbpf_sys::bpf_tcx_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_tcx_opts>() as _,
+        ..Default::default()
+    };
+    // SAFETY: the program is loaded and outlives this call; libbpf copies opts.
+    let ptr = unsafe {
+        libbpf_sys::bpf_program__attach_tcx(prog.as_libbpf_object().as_ptr(), ifindex as i32, &opts)
+    };
+    match NonNull::new(ptr) {
+        // SAFETY: a non-null link returned by libbpf is owned by us from here on.
+        Some(p) => Ok(unsafe { Link::from_ptr(p) }),
+        None => Err(io::Error::last_os_error()),
+    }
+}
+
+fn tc_hook(ifindex: u32, point: libbpf_sys::bpf_tc_attach_point) -> libbpf_sys::bpf_tc_hook {
+    libbpf_sys::bpf_tc_hook {
+        sz: std::mem::size_of::<libbpf_sys::bpf_tc_hook>() as _,
+        ifindex: ifindex as i32,
+        attach_point: point,
+        ..Default::default()
+    }
+}
+
+fn tc_opts(prog_fd: i32, flags: u32) -> libbpf_sys::bpf_tc_opts {
+    libbpf_sys::bpf_tc_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_tc_opts>() as _,
+        prog_fd,
+        flags,
+        handle: TC_HANDLE,
+        priority: TC_PRIORITY,
+        ..Default::default()
+    }
+}
+
+fn ret(rc: i32) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(-rc))
+    }
+}
+
+fn tc_create_clsact(ifindex: u32) -> io::Result<()> {
+    let mut hook = tc_hook(ifindex, libbpf_sys::BPF_TC_EGRESS);
+    // SAFETY: hook is a valid, sized bpf_tc_hook.
+    match ret(unsafe { libbpf_sys::bpf_tc_hook_create(&mut hook) }) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        r => r,
+    }
+}
+
+fn tc_destroy_clsact(ifindex: u32) -> io::Result<()> {
+    // Ingress|egress is what makes libbpf delete the qdisc itself.
+    let mut hook = tc_hook(
+        ifindex,
+        libbpf_sys::BPF_TC_EGRESS | libbpf_sys::BPF_TC_INGRESS,
+    );
+    // SAFETY: as above.
+    ret(unsafe { libbpf_sys::bpf_tc_hook_destroy(&mut hook) })
+}
+
+fn tc_attach_egress(ifindex: u32, prog_fd: i32) -> io::Result<()> {
+    let hook = tc_hook(ifindex, libbpf_sys::BPF_TC_EGRESS);
+    let mut opts = tc_opts(prog_fd, libbpf_sys::BPF_TC_F_REPLACE);
+    // SAFETY: hook and opts are valid for the call.
+    ret(unsafe { libbpf_sys::bpf_tc_attach(&hook, &mut opts) })
+}
+
+fn tc_detach_egress(ifindex: u32) -> io::Result<()> {
+    let hook = tc_hook(ifindex, libbpf_sys::BPF_TC_EGRESS);
+    let opts = tc_opts(0, 0);
+    // SAFETY: as above.
+    ret(unsafe { libbpf_sys::bpf_tc_detach(&hook, &opts) })
+}
+
+fn tc_query_egress(ifindex: u32) -> io::Result<u32> {
+    let hook = tc_hook(ifindex, libbpf_sys::BPF_TC_EGRESS);
+    let mut opts = tc_opts(0, 0);
+    // SAFETY: as above.
+    ret(unsafe { libbpf_sys::bpf_tc_query(&hook, &mut opts) })?;
+    Ok(opts.prog_id)
+}
+
+/// Fails early, with the cause named, when the kernel cannot run flowd-rs at all.
+pub fn check_kernel() -> Result<()> {
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): flowd-rs needs a kernel built with CONFIG_DEBUG_INFO_BTF=y");
+    }
+    Ok(())
+}

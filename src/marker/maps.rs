@@ -1,0 +1,309 @@
+//! Userspace side of the marker's maps: flow marks in, counters out.
+//!
+//! Only this module writes `flowd_marks`. It works on `MapHandle`s (duplicated map
+//! fds), so it can live in any task while the skeleton stays with the attachments.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use crate::bpf::marker::types::{flowd_flow_key, flowd_flow_mark, flowd_tag_counter};
+use crate::discovery::types::FlowKey;
+use crate::marker::label::Tag;
+
+/// Tag counter slots in the BPF map (FLOWD_TAG_SLOTS in bpf/flowd.h).
+pub const TAG_SLOTS: u32 = 1024;
+
+/// Outcome counter names, indexed as `enum flowd_outcome` in bpf/flowd.h.
+pub const OUTCOMES: [&str; 7] = [
+    "marked",
+    "unmarked",
+    "skipped_mtu",
+    "not_ipv6",
+    "not_tcp_udp",
+    "malformed",
+    "skipped_header",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("marker map is full ({capacity} flows): flow {flow} left unmarked")]
+    Full { capacity: u32, flow: String },
+    #[error("flow {0} is IPv4: IPv4 has no flow label, it is tagged by fireflies only")]
+    NotIpv6(String),
+    #[error("all {TAG_SLOTS} tag counter slots are in use: cannot count tag {0}")]
+    SlotsExhausted(Tag),
+    #[error("BPF map {map}: {source}")]
+    Bpf {
+        map: &'static str,
+        source: libbpf_rs::Error,
+    },
+}
+
+/// What the TC program counted, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Packets per outcome, in the order of [`OUTCOMES`].
+    pub outcomes: [u64; 7],
+    pub per_tag: Vec<TagCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TagCount {
+    pub experiment: u16,
+    pub activity: u8,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub struct MarkMaps {
+    marks: MapHandle,
+    outcomes: MapHandle,
+    tag_counters: MapHandle,
+    capacity: u32,
+    slots: Mutex<HashMap<Tag, u32>>,
+}
+
+impl MarkMaps {
+    pub fn new(
+        marks: MapHandle,
+        outcomes: MapHandle,
+        tag_counters: MapHandle,
+        capacity: u32,
+    ) -> Self {
+        MarkMaps {
+            marks,
+            outcomes,
+            tag_counters,
+            capacity,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Marks `flow` with `tag`; `entropy` (5 bits) must be drawn once per flow and
+    /// passed again on every update so the label stays the same.
+    pub fn insert(&self, flow: &FlowKey, tag: Tag, entropy: u8) -> Result<(), MapError> {
+        let key = bpf_key(flow).ok_or_else(|| MapError::NotIpv6(flow_text(flow)))?;
+        let value = flowd_flow_mark {
+            label: tag.label(entropy),
+            experiment: tag.experiment,
+            activity: tag.activity,
+            flags: 0,
+            counter_slot: self.slot(tag)?,
+        };
+        self.marks
+            .update(as_bytes(&key), as_bytes(&value), MapFlags::ANY)
+            .map_err(|e| {
+                // A hash map at max_entries refuses new keys with E2BIG.
+                if e.kind() == libbpf_rs::ErrorKind::TooBig {
+                    MapError::Full {
+                        capacity: self.capacity,
+                        flow: flow_text(flow),
+                    }
+                } else {
+                    MapError::Bpf {
+                        map: "flowd_marks",
+                        source: e,
+                    }
+                }
+            })
+    }
+
+    /// Removes the mark of `flow`; `Ok(false)` if it had none.
+    pub fn remove(&self, flow: &FlowKey) -> Result<bool, MapError> {
+        let Some(key) = bpf_key(flow) else {
+            return Ok(false);
+        };
+        match self.marks.delete(as_bytes(&key)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(MapError::Bpf {
+                map: "flowd_marks",
+                source: e,
+            }),
+        }
+    }
+
+    /// The mark stored for `flow`, if any.
+    pub fn get(&self, flow: &FlowKey) -> Result<Option<flowd_flow_mark>, MapError> {
+        let Some(key) = bpf_key(flow) else {
+            return Ok(None);
+        };
+        let raw = self
+            .marks
+            .lookup(as_bytes(&key), MapFlags::ANY)
+            .map_err(|e| MapError::Bpf {
+                map: "flowd_marks",
+                source: e,
+            })?;
+        Ok(raw.map(|b| from_bytes::<flowd_flow_mark>(&b)))
+    }
+
+    /// Number of flows in the map (walks the keys: for status, not per packet).
+    pub fn len(&self) -> usize {
+        self.marks.keys().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn counters(&self) -> Result<Counters, MapError> {
+        let mut out = Counters::default();
+        for (i, total) in out.outcomes.iter_mut().enumerate() {
+            *total = self
+                .percpu(&self.outcomes, "flowd_outcomes", i as u32)?
+                .iter()
+                .map(|b| from_bytes::<u64>(b))
+                .sum();
+        }
+        let slots: Vec<(Tag, u32)> = self
+            .slots
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, s)| (*t, *s))
+            .collect();
+        for (tag, slot) in slots {
+            let mut c = TagCount {
+                experiment: tag.experiment,
+                activity: tag.activity,
+                packets: 0,
+                bytes: 0,
+            };
+            for b in self.percpu(&self.tag_counters, "flowd_tag_counters", slot)? {
+                let v = from_bytes::<flowd_tag_counter>(&b);
+                c.packets += v.packets;
+                c.bytes += v.bytes;
+            }
+            out.per_tag.push(c);
+        }
+        out.per_tag.sort_by_key(|c| (c.experiment, c.activity));
+        Ok(out)
+    }
+
+    fn percpu(
+        &self,
+        map: &MapHandle,
+        name: &'static str,
+        index: u32,
+    ) -> Result<Vec<Vec<u8>>, MapError> {
+        map.lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| MapError::Bpf {
+                map: name,
+                source: e,
+            })
+            .map(Option::unwrap_or_default)
+    }
+
+    /// Slot of `tag` in `flowd_tag_counters`, given out on first use and kept: counts
+    /// stay cumulative for the daemon's life, as Prometheus counters must.
+    fn slot(&self, tag: Tag) -> Result<u32, MapError> {
+        let mut slots = self.slots.lock().unwrap();
+        if let Some(s) = slots.get(&tag) {
+            return Ok(*s);
+        }
+        let next = slots.len() as u32;
+        if next >= TAG_SLOTS {
+            return Err(MapError::SlotsExhausted(tag));
+        }
+        slots.insert(tag, next);
+        Ok(next)
+    }
+}
+
+fn flow_text(f: &FlowKey) -> String {
+    format!("{} {} -> {}", f.proto.as_str(), f.local, f.remote)
+}
+
+/// The BPF map key for an IPv6 flow, in network byte order as the packet carries it.
+/// `None` for IPv4: the marker never sees a reason to look those up.
+pub fn bpf_key(f: &FlowKey) -> Option<flowd_flow_key> {
+    let (IpAddr::V6(src), IpAddr::V6(dst)) = (f.local.ip(), f.remote.ip()) else {
+        return None;
+    };
+    Some(flowd_flow_key {
+        family: 10,
+        proto: f.proto.ip_proto(),
+        pad: 0,
+        sport: f.local.port().to_be(),
+        dport: f.remote.port().to_be(),
+        saddr: src.octets(),
+        daddr: dst.octets(),
+    })
+}
+
+/// Marker for the plain-old-data structs the skeleton generates for map keys and
+/// values: `repr(C)`, no padding (checked by the layout test below), any bit pattern valid.
+///
+/// # Safety
+/// Implement only for such types.
+pub unsafe trait Pod: Copy + Default {}
+unsafe impl Pod for flowd_flow_key {}
+unsafe impl Pod for flowd_flow_mark {}
+unsafe impl Pod for flowd_tag_counter {}
+unsafe impl Pod for u64 {}
+
+pub fn as_bytes<T: Pod>(v: &T) -> &[u8] {
+    // SAFETY: T is Pod (no padding, no pointers), so all its bytes are initialised.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+pub fn from_bytes<T: Pod>(b: &[u8]) -> T {
+    let mut v = T::default();
+    let n = b.len().min(std::mem::size_of::<T>());
+    // SAFETY: T is Pod, so any byte pattern is a valid T; n is within both buffers.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), n) };
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::types::Protocol;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn shared_struct_layouts_match_flowd_h() {
+        assert_eq!(size_of::<flowd_flow_key>(), 40);
+        assert_eq!(offset_of!(flowd_flow_key, sport), 4);
+        assert_eq!(offset_of!(flowd_flow_key, dport), 6);
+        assert_eq!(offset_of!(flowd_flow_key, saddr), 8);
+        assert_eq!(offset_of!(flowd_flow_key, daddr), 24);
+        assert_eq!(size_of::<flowd_flow_mark>(), 12);
+        assert_eq!(offset_of!(flowd_flow_mark, counter_slot), 8);
+        assert_eq!(size_of::<flowd_tag_counter>(), 16);
+    }
+
+    #[test]
+    fn key_bytes_are_in_wire_order() {
+        let f = FlowKey::new(
+            Protocol::Tcp,
+            "[fd00::1]:40000".parse().unwrap(),
+            "[fd00::2]:5201".parse().unwrap(),
+        );
+        let k = bpf_key(&f).unwrap();
+        let b = as_bytes(&k);
+        assert_eq!(&b[..4], &[10, 6, 0, 0]);
+        assert_eq!(&b[4..8], &[0x9c, 0x40, 0x14, 0x51]);
+        assert_eq!(b[8], 0xfd);
+        assert_eq!(b[23], 1);
+        assert_eq!(b[39], 2);
+    }
+
+    #[test]
+    fn ipv4_and_mapped_flows_have_no_key() {
+        let f = FlowKey::new(
+            Protocol::Tcp,
+            "[::ffff:10.0.0.1]:1".parse().unwrap(),
+            "[::ffff:10.0.0.2]:2".parse().unwrap(),
+        );
+        assert!(bpf_key(&f).is_none());
+    }
+}

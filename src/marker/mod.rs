@@ -1,0 +1,150 @@
+//! The marker: the TC egress program that writes SciTags marks into packets, the
+//! maps that tell it which flows to mark, and its attachment to interfaces.
+//!
+//! Only this module touches the marker's BPF objects; the rest of the daemon hands it
+//! flows and tags.
+
+pub mod attach;
+pub mod label;
+pub mod maps;
+pub mod netif;
+
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapHandle, OpenObject};
+use tracing::info;
+
+use crate::bpf::marker::{MarkerSkel, MarkerSkelBuilder};
+use crate::config::{Config, Strategy};
+use attach::{Attachment, StateFile};
+use maps::MarkMaps;
+use netif::Interface;
+
+/// How to load the marker program.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub strategy: Strategy,
+    pub map_capacity: u32,
+    /// Also load `flowd_empty`, the do-nothing program benchmarks use as a floor.
+    pub with_empty_program: bool,
+}
+
+/// Opens, configures (rodata, map sizes) and loads the marker object.
+///
+/// The skeleton borrows its `OpenObject` for as long as it lives; the daemon loads
+/// once and keeps it until exit, so the few bytes of that object are leaked on
+/// purpose rather than tying every owner to a stack frame.
+pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
+    crate::bpf::route_libbpf_logs();
+    let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+    let mut open = MarkerSkelBuilder::default()
+        .open(storage)
+        .context("opening the marker BPF object")?;
+    if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+        ro.flowd_strategy = opts.strategy.bits();
+    }
+    open.maps
+        .flowd_marks
+        .set_max_entries(opts.map_capacity)
+        .context("sizing the marker map")?;
+    open.progs.flowd_empty.set_autoload(opts.with_empty_program);
+    // TCX links want the attach type at load time; cls_bpf (the clsact fallback)
+    // ignores it, so one program serves both.
+    open.progs
+        .flowd_mark
+        .set_attach_type(libbpf_rs::ProgramAttachType::TcxEgress);
+    open.load().map_err(|e| {
+        let hint = match e.kind() {
+            libbpf_rs::ErrorKind::PermissionDenied => {
+                ": permission denied, run as root (CAP_BPF and CAP_NET_ADMIN are needed)"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!("loading the marker BPF program: {e}{hint}")
+    })
+}
+
+/// Handles on the loaded object's maps for userspace use.
+pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
+    let h =
+        |m: &libbpf_rs::MapMut<'_>| MapHandle::try_from(m).context("duplicating a marker map fd");
+    Ok(MarkMaps::new(
+        h(&skel.maps.flowd_marks)?,
+        h(&skel.maps.flowd_outcomes)?,
+        h(&skel.maps.flowd_tag_counters)?,
+        capacity,
+    ))
+}
+
+/// The running marker: loaded program, its maps, and where it is attached.
+pub struct Marker {
+    skel: MarkerSkel<'static>,
+    attachments: Vec<Attachment>,
+    maps: Arc<MarkMaps>,
+    rtnl: rtnetlink::Handle,
+    state: StateFile,
+    strategy: Strategy,
+}
+
+impl Marker {
+    /// Cleans up after any crashed instance, loads the program and attaches it to the
+    /// configured interfaces (all or nothing).
+    pub async fn start(cfg: &Config) -> Result<Marker> {
+        attach::check_kernel()?;
+        let rtnl = netif::connect()?;
+        let state = StateFile::new(&cfg.state_dir);
+        let leftovers = attach::clean(&rtnl, &state).await?;
+        if !leftovers.filters_removed.is_empty() {
+            info!(interfaces = ?leftovers.filters_removed, "removed filters left by an earlier instance");
+        }
+        let ifaces: Vec<Interface> = netif::resolve(&rtnl, &cfg.marker.interfaces).await?;
+        let opts = LoadOptions {
+            strategy: cfg.marker.strategy,
+            map_capacity: cfg.marker.map_capacity,
+            with_empty_program: false,
+        };
+        let skel = load(&opts)?;
+        let maps = Arc::new(maps_of(&skel, opts.map_capacity)?);
+        let attachments = attach::attach_all(
+            &skel.progs.flowd_mark,
+            &ifaces,
+            cfg.marker.attach,
+            &rtnl,
+            &state,
+        )
+        .await?;
+        Ok(Marker {
+            skel,
+            attachments,
+            maps,
+            rtnl,
+            state,
+            strategy: cfg.marker.strategy,
+        })
+    }
+
+    pub fn maps(&self) -> Arc<MarkMaps> {
+        self.maps.clone()
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// (interface, attach mode) for each attachment.
+    pub fn attachments(&self) -> Vec<(String, &'static str)> {
+        self.attachments
+            .iter()
+            .map(|a| (a.iface().name.clone(), a.mode()))
+            .collect()
+    }
+
+    /// Detaches everywhere, leaving each interface as it was found.
+    pub async fn stop(self) {
+        attach::detach_all(self.attachments, &self.rtnl, &self.state).await;
+        drop(self.skel);
+    }
+}
