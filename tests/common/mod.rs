@@ -1,0 +1,338 @@
+//! Shared helpers for the privileged integration tests: gating, network namespaces,
+//! packet captures, and running the daemon.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sched::{setns, CloneFlags};
+
+/// Whether privileged tests run. In CI (`FLOWD_PRIVILEGED_TESTS=1`) they must: a
+/// missing privilege is then a failure, not a skip.
+pub fn privileged() -> bool {
+    let required = std::env::var("FLOWD_PRIVILEGED_TESTS").is_ok_and(|v| v == "1");
+    let root = nix::unistd::geteuid().is_root();
+    if required {
+        assert!(root, "FLOWD_PRIVILEGED_TESTS=1 but the tests do not run as root");
+        return true;
+    }
+    if !root {
+        eprintln!("skipped: needs root (CI sets FLOWD_PRIVILEGED_TESTS=1 to make this a failure)");
+    }
+    root
+}
+
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace of our own, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("fl{tag}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        sh(&format!("ip netns add {name}"));
+        sh(&format!("ip -n {name} link set lo up"));
+        Netns { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a thread that lives in this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("open netns");
+            setns(ns, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+    }
+
+    /// `ip netns exec <ns> <program>`.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn sh(&self, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Two hosts joined by a veth pair: `a` (fd00:f1::1 on `veth_a`) and `b`
+/// (fd00:f1::2 on `veth_b`), plus 10.201.0.1/2 for IPv4.
+pub struct Pair {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+pub const IF_A: &str = "vfa";
+pub const IF_B: &str = "vfb";
+pub const ADDR_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xf1, 0, 0, 0, 0, 0, 1);
+pub const ADDR_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xf1, 0, 0, 0, 0, 0, 2);
+
+impl Pair {
+    pub fn new() -> Pair {
+        let a = Netns::new("a");
+        let b = Netns::new("b");
+        sh(&format!(
+            "ip link add {IF_A} netns {} type veth peer name {IF_B} netns {}",
+            a.name, b.name
+        ));
+        for (ns, ifname, v6, v4) in [(&a, IF_A, ADDR_A, "10.201.0.1"), (&b, IF_B, ADDR_B, "10.201.0.2")] {
+            sh(&format!("ip -n {} addr add {v6}/64 dev {ifname} nodad", ns.name));
+            sh(&format!("ip -n {} addr add {v4}/24 dev {ifname}", ns.name));
+            sh(&format!("ip -n {} link set {ifname} up", ns.name));
+        }
+        Pair { a, b }
+    }
+}
+
+/// A tcpdump capture running in a namespace until `finish`.
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    pub fn start(ns: &Netns, ifname: &str, filter: &str, dir: &Path) -> Capture {
+        let file = dir.join(format!("{ifname}-{}.pcap", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let mut child = ns
+            .command("tcpdump")
+            .args(["-i", ifname, "-U", "-n", "-s", "512", "-w"])
+            .arg(&file)
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump)");
+        // tcpdump says "listening on" once the capture is live.
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            line.clear();
+            if err.read_line(&mut line).unwrap_or(0) == 0 || line.contains("listening on") {
+                break;
+            }
+        }
+        assert!(line.contains("listening on"), "tcpdump did not start: {line}");
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = err.read_to_string(&mut sink);
+        });
+        Capture { child, file }
+    }
+
+    /// Stops tcpdump (SIGINT flushes the file) and returns the captured packets.
+    pub fn finish(mut self) -> Vec<Packet> {
+        // Give packets in flight a moment to reach the capture.
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        // ip netns exec forwards the signal to tcpdump by exec'ing it.
+        let _ = self.child.wait();
+        read_pcap(&self.file)
+    }
+}
+
+/// One captured IPv6 packet, decoded as far as the tests need.
+#[derive(Debug, Clone)]
+pub struct Packet {
+    pub flow_label: u32,
+    /// The IPv6 header's next-header field.
+    pub next_header: u8,
+    pub payload_len: u16,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// Bytes from the start of the IPv6 header.
+    pub l3: Vec<u8>,
+}
+
+/// Reads IPv6 packets (Ethernet link type) from a pcap file; skips everything else.
+pub fn read_pcap(path: &Path) -> Vec<Packet> {
+    let f = File::open(path).expect("pcap file");
+    let mut r = pcap_file::pcap::PcapReader::new(f).expect("pcap header");
+    let mut out = Vec::new();
+    while let Some(pkt) = r.next_packet() {
+        let pkt = pkt.expect("pcap record");
+        let d = &pkt.data;
+        if d.len() < 14 + 40 || d[12..14] != [0x86, 0xdd] {
+            continue;
+        }
+        let ip = &d[14..];
+        let flow_label = u32::from_be_bytes([0, ip[1] & 0x0f, ip[2], ip[3]]);
+        let src_ip = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+        let dst_ip = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+        // Skip our own option headers (8 bytes each) to find the ports.
+        let mut next = ip[6];
+        let mut off = 40;
+        while (next == 0 || next == 60) && ip.len() >= off + 8 {
+            next = ip[off];
+            off += (ip[off + 1] as usize + 1) * 8;
+        }
+        let (sp, dp) = if ip.len() >= off + 4 {
+            (
+                u16::from_be_bytes([ip[off], ip[off + 1]]),
+                u16::from_be_bytes([ip[off + 2], ip[off + 3]]),
+            )
+        } else {
+            (0, 0)
+        };
+        out.push(Packet {
+            flow_label,
+            next_header: ip[6],
+            payload_len: u16::from_be_bytes([ip[4], ip[5]]),
+            src: SocketAddr::new(src_ip.into(), sp),
+            dst: SocketAddr::new(dst_ip.into(), dp),
+            l3: ip.to_vec(),
+        });
+    }
+    out
+}
+
+/// A running `flowd-rs run` inside a namespace, with its own state directory.
+pub struct Daemon {
+    pub child: Child,
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub ns: String,
+    log: PathBuf,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_flowd-rs")
+}
+
+impl Daemon {
+    /// Starts the daemon in `ns` with `extra` TOML appended to the config, and waits
+    /// for its control socket.
+    pub fn start(ns: &Netns, dir: &Path, marker_toml: &str) -> Daemon {
+        let state_dir = dir.join(format!("state-{}", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let config = dir.join(format!("flowd-{}.toml", SEQ.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(
+            &config,
+            format!("state_dir = \"{}\"\n[marker]\n{marker_toml}\n", state_dir.display()),
+        )
+        .unwrap();
+        let log = dir.join(format!("daemon-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let child = ns
+            .command(bin())
+            .args(["--log-level", "debug", "-c"])
+            .arg(&config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn flowd-rs");
+        let d = Daemon {
+            child,
+            config,
+            state_dir,
+            ns: ns.name.clone(),
+            log,
+        };
+        let sock = d.state_dir.join("control.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "daemon did not start:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `flowd-rs -c <config> <args>` in the daemon's namespace.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, bin(), "-c"])
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "flowd-rs {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> String {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.child.wait().unwrap();
+        let log = self.log();
+        assert!(status.success(), "daemon exited with {status}:\n{log}");
+        log
+    }
+}
+
+/// Sends `payload` over TCP from `client_ns` ([ADDR_A]:`sport`) to a listener in
+/// `server_ns` on [ADDR_B]:`dport`; returns once the server has read it all.
+pub fn tcp_transfer(client_ns: &Netns, server_ns: &Netns, sport: u16, dport: u16, payload: usize) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = server_ns.run(move || {
+        let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), dport)).expect("bind server");
+        tx.send(()).unwrap();
+        let (mut c, _) = l.accept().expect("accept");
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).expect("read");
+        buf.len()
+    });
+    rx.recv().unwrap();
+    let client = client_ns.run(move || {
+        use std::io::Write;
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&SocketAddr::new(ADDR_A.into(), sport).into()).expect("bind client");
+        s.connect(&SocketAddr::new(ADDR_B.into(), dport).into()).expect("connect");
+        let mut s: std::net::TcpStream = s.into();
+        s.write_all(&vec![0x5a; payload]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        // Wait for the server's FIN so the whole exchange is on the wire.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    client.join().unwrap();
+    assert_eq!(server.join().unwrap(), payload);
+}
