@@ -36,7 +36,11 @@ fn marker(strategy: &str) -> Marker {
 }
 
 fn flow(proto: Protocol) -> FlowKey {
-    FlowKey::new(proto, SocketAddr::new(SRC.into(), SPORT), SocketAddr::new(DST.into(), DPORT))
+    FlowKey::new(
+        proto,
+        SocketAddr::new(SRC.into(), SPORT),
+        SocketAddr::new(DST.into(), DPORT),
+    )
 }
 
 impl Marker {
@@ -45,16 +49,20 @@ impl Marker {
     /// such frames never reach a TC program).
     fn try_run_ctx(&self, frame: &[u8], ctx: Option<&mut [u8]>) -> Option<Vec<u8>> {
         let mut out = vec![0u8; frame.len() + 64];
-        let mut input = ProgramInput::default();
-        input.data_in = Some(frame);
-        input.data_out = Some(&mut out);
-        input.context_in = ctx;
+        let input = ProgramInput {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            context_in: ctx,
+            ..Default::default()
+        };
         match self.skel.progs.flowd_mark.test_run(input) {
             Ok(o) => {
                 assert_eq!(o.return_value, 0, "the marker must always return TC_ACT_OK");
                 Some(o.data.expect("data out").to_vec())
             }
-            Err(e) if e.kind() == libbpf_rs::ErrorKind::InvalidInput && frame.len() < 14 + 40 => None,
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::InvalidInput && frame.len() < 14 + 40 => {
+                None
+            }
             Err(e) => panic!("test_run of {} bytes: {e}", frame.len()),
         }
     }
@@ -91,7 +99,9 @@ fn ipv6_packet(next: u8, label: u32, payload: usize) -> Vec<u8> {
             let mut t = Vec::new();
             t.extend_from_slice(&SPORT.to_be_bytes());
             t.extend_from_slice(&DPORT.to_be_bytes());
-            t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0xab, 0xcd, 0, 0]);
+            t.extend_from_slice(&[
+                0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0xab, 0xcd, 0, 0,
+            ]);
             t
         }
         17 => {
@@ -166,7 +176,10 @@ fn label_strategy_writes_exactly_the_label_of_a_matched_tcp_flow() {
     assert_eq!(m.outcome("marked"), 1);
     let c = m.maps.counters().unwrap();
     assert_eq!(c.per_tag.len(), 1);
-    assert_eq!((c.per_tag[0].packets, c.per_tag[0].bytes), (1, f.len() as u64));
+    assert_eq!(
+        (c.per_tag[0].packets, c.per_tag[0].bytes),
+        (1, f.len() as u64)
+    );
 }
 
 #[test]
@@ -204,8 +217,12 @@ fn ipv4_passes_untouched_and_is_counted() {
     let m = marker("label+hop-by-hop");
     m.maps.insert(&flow(Protocol::Tcp), TAG, 0).unwrap();
     let mut f = eth(&[], 0x0800);
-    f.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
-    f.extend_from_slice(&[0x9c, 0x40, 0x04, 0x46, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    f.extend_from_slice(&[
+        0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ]);
+    f.extend_from_slice(&[
+        0x9c, 0x40, 0x04, 0x46, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
     assert_eq!(m.run(&f), f);
     assert_eq!(m.outcome("not_ipv6"), 1);
 }
@@ -218,7 +235,10 @@ fn vlan_and_qinq_frames_get_the_label() {
     let m = marker("label");
     m.maps.insert(&flow(Protocol::Tcp), TAG, 31).unwrap();
     let single = frame(&[0x8100], 6, 0, 20);
-    assert_eq!(m.run(&single), with_label(single.clone(), 18, TAG.label(31)));
+    assert_eq!(
+        m.run(&single),
+        with_label(single.clone(), 18, TAG.label(31))
+    );
     let qinq = frame(&[0x88a8, 0x8100], 6, 0, 20);
     assert_eq!(m.run(&qinq), with_label(qinq.clone(), 22, TAG.label(31)));
     assert_eq!(m.outcome("marked"), 2);
@@ -344,7 +364,11 @@ fn packet_too_big_for_the_header_is_sent_unmarked_not_dropped() {
     // a dummy link with MTU 1280 in a namespace of our own.
     let ns = common::Netns::new("mtu");
     ns.sh("ip link add fmtu mtu 1280 type veth peer name fmtup && ip link set fmtu up");
-    let ifindex: i32 = ns.sh("cat /sys/class/net/fmtu/ifindex").trim().parse().unwrap();
+    let ifindex: i32 = ns
+        .sh("cat /sys/class/net/fmtu/ifindex")
+        .trim()
+        .parse()
+        .unwrap();
     let m = std::sync::Arc::new(marker("label+hop-by-hop"));
     m.maps.insert(&flow(Protocol::Tcp), TAG, 0).unwrap();
     let m2 = m.clone();
@@ -371,7 +395,10 @@ fn packet_too_big_for_the_header_is_sent_unmarked_not_dropped() {
         })
         .join()
         .unwrap();
-    assert_eq!(fits.1, with_label(with_headers(&fits.0, &[0], TAG), 14, 0x1000c));
+    assert_eq!(
+        fits.1,
+        with_label(with_headers(&fits.0, &[0], TAG), 14, 0x1000c)
+    );
     assert_eq!(too_big.1, with_label(too_big.0.clone(), 14, 0x1000c));
     assert_eq!(m.outcome("skipped_mtu"), 1);
     assert_eq!(m.outcome("marked"), 1);

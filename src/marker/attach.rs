@@ -386,3 +386,32 @@ pub fn check_kernel() -> Result<()> {
     }
     Ok(())
 }
+
+/// Names of the programs attached to `ifindex` through TCX egress (in the caller's
+/// network namespace), in run order. Empty on kernels without TCX.
+pub fn tcx_egress_programs(ifindex: u32) -> io::Result<Vec<String>> {
+    let mut ids = [0u32; 64];
+    let mut opts = libbpf_sys::bpf_prog_query_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_prog_query_opts>() as _,
+        prog_ids: ids.as_mut_ptr(),
+        ..Default::default()
+    };
+    opts.__bindgen_anon_1.count = ids.len() as u32;
+    // SAFETY: prog_ids points at `count` writable u32s for the duration of the call.
+    let rc = unsafe {
+        libbpf_sys::bpf_prog_query_opts(ifindex as i32, libbpf_sys::BPF_TCX_EGRESS, &mut opts)
+    };
+    if rc != 0 {
+        let e = io::Error::from_raw_os_error(-rc);
+        return match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(Vec::new()),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: the kernel wrote `count`.
+    let n = unsafe { opts.__bindgen_anon_1.count } as usize;
+    Ok(ids[..n.min(ids.len())]
+        .iter()
+        .map(|id| prog_name(*id).unwrap_or_else(|| format!("prog#{id}")))
+        .collect())
+}

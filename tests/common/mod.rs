@@ -18,7 +18,10 @@ pub fn privileged() -> bool {
     let required = std::env::var("FLOWD_PRIVILEGED_TESTS").is_ok_and(|v| v == "1");
     let root = nix::unistd::geteuid().is_root();
     if required {
-        assert!(root, "FLOWD_PRIVILEGED_TESTS=1 but the tests do not run as root");
+        assert!(
+            root,
+            "FLOWD_PRIVILEGED_TESTS=1 but the tests do not run as root"
+        );
         return true;
     }
     if !root {
@@ -46,7 +49,11 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
-        let name = format!("fl{tag}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "fl{tag}{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         sh(&format!("ip netns add {name}"));
         sh(&format!("ip -n {name} link set lo up"));
         Netns { name }
@@ -57,7 +64,10 @@ impl Netns {
     }
 
     /// Runs `f` on a thread that lives in this namespace.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = self.path();
         std::thread::spawn(move || {
             let ns = File::open(&path).expect("open netns");
@@ -80,7 +90,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -104,8 +116,14 @@ impl Pair {
             "ip link add {IF_A} netns {} type veth peer name {IF_B} netns {}",
             a.name, b.name
         ));
-        for (ns, ifname, v6, v4) in [(&a, IF_A, ADDR_A, "10.201.0.1"), (&b, IF_B, ADDR_B, "10.201.0.2")] {
-            sh(&format!("ip -n {} addr add {v6}/64 dev {ifname} nodad", ns.name));
+        for (ns, ifname, v6, v4) in [
+            (&a, IF_A, ADDR_A, "10.201.0.1"),
+            (&b, IF_B, ADDR_B, "10.201.0.2"),
+        ] {
+            sh(&format!(
+                "ip -n {} addr add {v6}/64 dev {ifname} nodad",
+                ns.name
+            ));
             sh(&format!("ip -n {} addr add {v4}/24 dev {ifname}", ns.name));
             sh(&format!("ip -n {} link set {ifname} up", ns.name));
         }
@@ -121,10 +139,24 @@ pub struct Capture {
 
 impl Capture {
     pub fn start(ns: &Netns, ifname: &str, filter: &str, dir: &Path) -> Capture {
-        let file = dir.join(format!("{ifname}-{}.pcap", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let file = dir.join(format!(
+            "{ifname}-{}.pcap",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut child = ns
             .command("tcpdump")
-            .args(["-i", ifname, "-U", "-n", "-s", "512", "-w"])
+            .args([
+                "-i",
+                ifname,
+                "-Z",
+                "root",
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-w",
+            ])
             .arg(&file)
             .arg(filter)
             .stdout(Stdio::null())
@@ -141,7 +173,10 @@ impl Capture {
                 break;
             }
         }
-        assert!(line.contains("listening on"), "tcpdump did not start: {line}");
+        assert!(
+            line.contains("listening on"),
+            "tcpdump did not start: {line}"
+        );
         std::thread::spawn(move || {
             let mut sink = String::new();
             let _ = err.read_to_string(&mut sink);
@@ -236,13 +271,22 @@ impl Daemon {
     /// for its control socket.
     pub fn start(ns: &Netns, dir: &Path, marker_toml: &str) -> Daemon {
         let state_dir = dir.join(format!("state-{}", SEQ.fetch_add(1, Ordering::Relaxed)));
-        let config = dir.join(format!("flowd-{}.toml", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let config = dir.join(format!(
+            "flowd-{}.toml",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::write(
             &config,
-            format!("state_dir = \"{}\"\n[marker]\n{marker_toml}\n", state_dir.display()),
+            format!(
+                "state_dir = \"{}\"\n[marker]\n{marker_toml}\n",
+                state_dir.display()
+            ),
         )
         .unwrap();
-        let log = dir.join(format!("daemon-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let log = dir.join(format!(
+            "daemon-{}.log",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let child = ns
             .command(bin())
             .args(["--log-level", "debug", "-c"])
@@ -262,7 +306,11 @@ impl Daemon {
         let sock = d.state_dir.join("control.sock");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
-            assert!(Instant::now() < deadline, "daemon did not start:\n{}", d.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start:\n{}",
+                d.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         d
@@ -307,6 +355,16 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// A failing test must not leave a daemon behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Sends `payload` over TCP from `client_ns` ([ADDR_A]:`sport`) to a listener in
 /// `server_ns` on [ADDR_B]:`dport`; returns once the server has read it all.
 pub fn tcp_transfer(client_ns: &Netns, server_ns: &Netns, sport: u16, dport: u16, payload: usize) {
@@ -324,8 +382,10 @@ pub fn tcp_transfer(client_ns: &Netns, server_ns: &Netns, sport: u16, dport: u16
         use std::io::Write;
         let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
         s.set_reuse_address(true).unwrap();
-        s.bind(&SocketAddr::new(ADDR_A.into(), sport).into()).expect("bind client");
-        s.connect(&SocketAddr::new(ADDR_B.into(), dport).into()).expect("connect");
+        s.bind(&SocketAddr::new(ADDR_A.into(), sport).into())
+            .expect("bind client");
+        s.connect(&SocketAddr::new(ADDR_B.into(), dport).into())
+            .expect("connect");
         let mut s: std::net::TcpStream = s.into();
         s.write_all(&vec![0x5a; payload]).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
