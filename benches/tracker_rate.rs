@@ -1,0 +1,123 @@
+//! Tracker throughput: N loopback TCP connections (connect, accept, close) in a
+//! private network namespace while a dedicated thread drains the ring buffer with
+//! `Tracker::run_until` (the daemon's wiring). Reports, per ring size, the
+//! connection rate reached, observations received vs. expected, and drops.
+//!
+//! `cargo bench --bench tracker_rate [-- CONNECTIONS]` as root (skips otherwise).
+
+#[path = "../tests/common/tracker.rs"]
+mod common;
+
+use std::{
+    net::{TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use common::NetNs;
+use flowd::discovery::tracker::{Tracker, TrackerConfig};
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP tracker_rate: needs root");
+        return;
+    }
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5000);
+    let ns = NetNs::new();
+    println!("tracker_rate: {n} connections per run, netns {}", ns.name);
+    println!("-- as fast as possible, by ring size");
+    header();
+    for ring in [4096u32, 16 << 10, 64 << 10, 256 << 10, 1 << 20] {
+        run(&ns, ring, n, None);
+    }
+    for ring in [64u32 << 10, 256 << 10] {
+        println!("-- paced, ring {ring} bytes: where do drops start?");
+        header();
+        for rate in [1000.0, 2000.0, 5000.0, 10000.0, 15000.0, 20000.0] {
+            run(&ns, ring, n, Some(rate));
+        }
+    }
+}
+
+fn header() {
+    println!(
+        "{:>10} {:>10} {:>12} {:>10} {:>10} {:>8} {:>10}",
+        "ring", "conn/s", "obs/s", "obs", "expected", "drops", "obs/conn"
+    );
+}
+
+fn run(ns: &NetNs, ring_bytes: u32, n: usize, rate: Option<f64>) {
+    let mut t = Tracker::start(&TrackerConfig {
+        ring_bytes,
+        ..TrackerConfig::default()
+    })
+    .expect("Tracker::start");
+    let stop = Arc::new(AtomicBool::new(false));
+    let netns = ns.inode;
+    let poller = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut seen = 0u64;
+            t.run_until(&stop, Duration::from_millis(20), &mut |o| {
+                if o.netns == netns {
+                    seen += 1;
+                }
+            })
+            .expect("run_until");
+            // Drain what is left after the producer stopped.
+            while t
+                .poll(Duration::from_millis(50), &mut |o| {
+                    if o.netns == netns {
+                        seen += 1;
+                    }
+                })
+                .expect("poll")
+                > 0
+            {}
+            (seen, t.drops().expect("drops"))
+        })
+    };
+    let elapsed = ns.run(move || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = l.local_addr().unwrap();
+        let start = Instant::now();
+        for i in 0..n {
+            if let Some(r) = rate {
+                let due = start + Duration::from_secs_f64(i as f64 / r);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            let c = TcpStream::connect(to).unwrap();
+            let (a, _) = l.accept().unwrap();
+            drop((c, a));
+        }
+        start.elapsed()
+    });
+    // Let the last closes (FIN handshakes) happen before stopping.
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let (seen, drops) = poller.join().expect("poller thread");
+    // Full-tuple observations per graceful connection: sockops connect, active
+    // and passive established (3), tracepoint SYN_SENT->EST, LISTEN->SYN_RECV,
+    // SYN_RECV->EST, EST->FIN_WAIT1, EST->CLOSE_WAIT, FIN_WAIT1->FIN_WAIT2,
+    // CLOSE_WAIT->LAST_ACK, FIN_WAIT2->CLOSE, LAST_ACK->CLOSE (9): 12.
+    let expected = 12 * n as u64;
+    let secs = elapsed.as_secs_f64();
+    println!(
+        "{:>10} {:>10.0} {:>12.0} {:>10} {:>10} {:>8} {:>10.2}",
+        ring_bytes,
+        n as f64 / secs,
+        seen as f64 / secs,
+        seen,
+        expected,
+        drops,
+        seen as f64 / n as f64
+    );
+}

@@ -1,0 +1,445 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+/*
+ * flowd socket tracker: reports TCP and connected-UDP sockets to userspace through
+ * one ring buffer, without help from applications and without kprobes/fentry
+ * (refused on the target hosts, see shared/notes/ebpf-here.md).
+ *
+ *   tp_btf/inet_sock_set_state   every TCP state change (opens, closes, RST, timeouts)
+ *   tp_btf/softirq_entry, _exit  per-CPU "in softirq" flag: are pid/comm the owner's?
+ *   sockops (cgroup2 root)       TCP_CONNECT_CB with the bound tuple before the SYN,
+ *                                ACTIVE/PASSIVE_ESTABLISHED_CB
+ *   cgroup/connect4, connect6    only makes the kernel assign a UDP socket's cookie
+ *   tp_btf/sys_exit              connect() on a UDP socket (connect and disconnect)
+ *   cgroup/sock_release          release of a UDP socket whose connect was seen
+ *
+ * Each program is loaded or not by userspace (autoload), so a host lacking a hook
+ * still runs the others.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
+#include "flowd.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define AF_UNSPEC 0
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define SOCK_DGRAM 2
+#define PF_KTHREAD 0x00200000
+
+/* Ring buffer of struct flowd_sock_event. Size set by userspace before load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} flowd_events SEC(".maps");
+
+/* Records lost because the ring buffer was full: one u64 per CPU, summed by
+ * userspace (Tracker::drops). Per-CPU so the hot path needs no atomic. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} flowd_drops SEC(".maps");
+
+/* Connected UDP sockets seen by the sys_exit hook, by cookie, with the record that
+ * announced them. cgroup/sock_release may read neither the tuple (the bpf_sock src_ and dst_ fields
+ * are only readable from post_bind hooks: __sock_filter_check_attach_type() in
+ * net/core/filter.c) nor netns/inode/uid, only the cookie: the release event is
+ * rebuilt from this entry. LRU, so a missed release cannot leak an entry; 32768 *
+ * ~130 bytes ~ 4 MiB. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 32768);
+	__type(key, __u64);
+	__type(value, struct flowd_sock_event);
+} flowd_udp_socks SEC(".maps");
+
+/* Per CPU: 1 while a softirq handler runs (tp_btf/softirq_entry..softirq_exit).
+ * TCP's softirq work (packet receive, timers) runs on top of whatever task was
+ * current, so `current` says nothing about the socket's owner there. The kernel's
+ * own preempt_count (what in_serving_softirq() reads) is not reachable: the per-CPU
+ * __preempt_count ksym is not in kallsyms here (no CONFIG_KALLSYMS_ALL) and the
+ * bpf_in_interrupt() helper of newer selftests builds on it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} flowd_in_softirq SEC(".maps");
+
+/* Set to 1 by userspace once both softirq programs are attached; until then owner
+ * fields are trusted only for transitions that happen in a syscall. */
+__u32 flowd_softirq_tracking = 0;
+
+/* Not used by the programs: makes libbpf-cargo emit types::flowd_sock_event (it only
+ * generates types that appear in maps or globals). */
+struct flowd_sock_event flowd_event_layout = {};
+
+
+static __always_inline void flowd_count_drop(void)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&flowd_drops, &zero);
+
+	if (n)
+		*n += 1;
+}
+
+static __always_inline struct flowd_sock_event *flowd_reserve(void)
+{
+	struct flowd_sock_event *e = bpf_ringbuf_reserve(&flowd_events, sizeof(*e), 0);
+
+	if (!e) {
+		flowd_count_drop();
+		return NULL;
+	}
+	/* ringbuf memory is not zeroed: clear it (padding, unused address bytes). */
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_ns();
+	return e;
+}
+
+static __always_inline bool flowd_is_kthread(void)
+{
+	return bpf_get_current_task_btf()->flags & PF_KTHREAD;
+}
+
+/* True when `current` is the task operating on the socket: a user task, not in a
+ * softirq. Needs flowd_softirq_tracking. */
+static __always_inline bool flowd_task_context(void)
+{
+	__u32 zero = 0, *in_softirq;
+
+	if (flowd_is_kthread())
+		return false;
+	in_softirq = bpf_map_lookup_elem(&flowd_in_softirq, &zero);
+	return in_softirq && *in_softirq == 0;
+}
+
+/* Without softirq tracking: transitions only ever made by a syscall of the owner
+ * (connect, listen, close/shutdown of an established or close-wait socket). */
+static __always_inline bool flowd_syscall_transition(int oldstate, int newstate)
+{
+	return (oldstate == FLOWD_TCP_CLOSE && newstate == FLOWD_TCP_SYN_SENT) ||
+	       (oldstate == FLOWD_TCP_CLOSE && newstate == FLOWD_TCP_LISTEN) ||
+	       (oldstate == FLOWD_TCP_ESTABLISHED && newstate == 4 /* FIN_WAIT1 */) ||
+	       (oldstate == 8 /* CLOSE_WAIT */ && newstate == 9 /* LAST_ACK */);
+}
+
+static __always_inline void flowd_set_softirq(__u32 v)
+{
+	__u32 zero = 0, *in_softirq = bpf_map_lookup_elem(&flowd_in_softirq, &zero);
+
+	if (in_softirq)
+		*in_softirq = v;
+}
+
+SEC("tp_btf/softirq_entry")
+int BPF_PROG(flowd_softirq_entry, unsigned int vec_nr)
+{
+	flowd_set_softirq(1);
+	return 0;
+}
+
+/* Softirqs do not nest on a CPU (hardirqs may interrupt them but never change TCP
+ * state), so a flag is enough. */
+SEC("tp_btf/softirq_exit")
+int BPF_PROG(flowd_softirq_exit, unsigned int vec_nr)
+{
+	flowd_set_softirq(0);
+	return 0;
+}
+
+static __always_inline void flowd_fill_task(struct flowd_sock_event *e, bool owner)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	if (owner)
+		e->flags |= FLOWD_F_OWNER_VALID;
+}
+
+static __always_inline __u64 flowd_sock_inode(const struct sock *sk)
+{
+	struct socket *sock = BPF_CORE_READ(sk, sk_socket);
+	struct socket_alloc *sa;
+
+	/* Child sockets before accept() and orphans have no struct socket. */
+	if (!sock)
+		return 0;
+	/* SOCK_INODE(): the inode is allocated right after the socket. */
+	sa = (void *)sock - bpf_core_field_offset(struct socket_alloc, socket);
+	return BPF_CORE_READ(sa, vfs_inode.i_ino);
+}
+
+/* netns, inode, uid: read with CO-RE probe reads so any sock pointer will do. */
+static __always_inline void flowd_fill_sock_info(struct flowd_sock_event *e, const struct sock *sk)
+{
+	e->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	e->inode = flowd_sock_inode(sk);
+	e->uid = BPF_CORE_READ(sk, sk_uid.val);
+	e->flags |= FLOWD_F_SOCK_INFO;
+}
+
+/* Family, protocol and both endpoints from the sock. */
+static __always_inline void flowd_fill_tuple(struct flowd_sock_event *e, const struct sock *sk)
+{
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->protocol = BPF_CORE_READ(sk, sk_protocol);
+	/* skc_num is the bound local port in host order, skc_dport network order.
+	 * At ->CLOSE, inet_put_port() has already zeroed skc_num (tcp_set_state()
+	 * unhashes before the tracepoint fires); inet_sport, network order, is kept. */
+	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (!e->sport)
+		e->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (e->family == AF_INET6) {
+		BPF_CORE_READ_INTO(&e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&e->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	} else {
+		BPF_CORE_READ_INTO((__u32 *)e->saddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)e->daddr, sk, __sk_common.skc_daddr);
+	}
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(flowd_tcp_state, const struct sock *sk, int oldstate, int newstate)
+{
+	struct flowd_sock_event *e;
+
+	/* The tracepoint also fires for other inet protocols (MPTCP subflows are TCP,
+	 * SCTP/DCCP are not tracked). */
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	e = flowd_reserve();
+	if (!e)
+		return 0;
+	e->kind = FLOWD_EV_TCP_STATE;
+	e->oldstate = oldstate;
+	e->newstate = newstate;
+	flowd_fill_tuple(e, sk);
+	flowd_fill_sock_info(e, sk);
+	/* A server-side LISTEN->SYN_RECV, a SYN_SENT->ESTABLISHED or an RST runs in
+	 * softirq under whatever task was interrupted: owner fields are then not the
+	 * socket's. */
+	flowd_fill_task(e, flowd_softirq_tracking ? flowd_task_context()
+						   : !flowd_is_kthread() &&
+							     flowd_syscall_transition(oldstate, newstate));
+	/* bpf_get_socket_cookie on a tp_btf sock allocates the cookie if needed; it is
+	 * the value SO_COOKIE and sock_diag report. */
+	e->cookie = bpf_get_socket_cookie((void *)sk);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("sockops")
+int flowd_sockops(struct bpf_sock_ops *skops)
+{
+	struct flowd_sock_event *e;
+	struct bpf_sock *bsk;
+	struct tcp_sock *tp;
+	__u32 op = skops->op;
+	__u8 kind;
+
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		kind = FLOWD_EV_TCP_CONNECT;
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		kind = FLOWD_EV_TCP_ACTIVE_ESTABLISHED;
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		kind = FLOWD_EV_TCP_PASSIVE_ESTABLISHED;
+		break;
+	default:
+		return 1;
+	}
+	bsk = skops->sk;
+	if (!bsk)
+		return 1;
+	tp = bpf_skc_to_tcp_sock(bsk);
+	if (!tp)
+		return 1;
+	e = flowd_reserve();
+	if (!e)
+		return 1;
+	e->kind = kind;
+	e->newstate = kind == FLOWD_EV_TCP_CONNECT ? FLOWD_TCP_SYN_SENT : FLOWD_TCP_ESTABLISHED;
+	e->family = skops->family;
+	e->protocol = IPPROTO_TCP;
+	/* local_port is host order; remote_port holds the network-order port in its
+	 * upper 16 bits on little endian (sock_ops_convert_ctx_access shifts it), so
+	 * bpf_ntohl() yields the host-order port. */
+	e->sport = skops->local_port;
+	e->dport = bpf_ntohl(skops->remote_port);
+	if (e->family == AF_INET6) {
+		/* The verifier only accepts 4-byte loads of remote_ip6[]/local_ip6[]
+		 * (no memcpy of the ctx): copy word by word. */
+		__u32 *s = (__u32 *)e->saddr, *d = (__u32 *)e->daddr;
+
+		s[0] = skops->local_ip6[0];
+		s[1] = skops->local_ip6[1];
+		s[2] = skops->local_ip6[2];
+		s[3] = skops->local_ip6[3];
+		d[0] = skops->remote_ip6[0];
+		d[1] = skops->remote_ip6[1];
+		d[2] = skops->remote_ip6[2];
+		d[3] = skops->remote_ip6[3];
+	} else {
+		*(__u32 *)e->saddr = skops->local_ip4;
+		*(__u32 *)e->daddr = skops->remote_ip4;
+	}
+	flowd_fill_sock_info(e, (const struct sock *)tp);
+	/* TCP_CONNECT_CB runs inside connect()/sendmsg(MSG_FASTOPEN); the ESTABLISHED
+	 * callbacks usually in softirq. */
+	flowd_fill_task(e, kind == FLOWD_EV_TCP_CONNECT);
+	e->cookie = bpf_get_socket_cookie(skops);
+	bpf_ringbuf_submit(e, 0);
+	return 1;
+}
+
+/* UDP sockets get a cookie only when someone asks for one; asking here, before the
+ * connect, makes the cookie that sys_exit reads (sk_cookie) the final one. */
+SEC("cgroup/connect4")
+int flowd_connect4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol == IPPROTO_UDP)
+		bpf_get_socket_cookie(ctx);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int flowd_connect6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol == IPPROTO_UDP)
+		bpf_get_socket_cookie(ctx);
+	return 1;
+}
+
+#if defined(__TARGET_ARCH_x86)
+#define FLOWD_NR_CONNECT 42
+#define FLOWD_SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#define FLOWD_SYSCALL_ARG1(regs) BPF_CORE_READ(regs, di)
+#elif defined(__TARGET_ARCH_arm64)
+#define FLOWD_NR_CONNECT 203
+#define FLOWD_SYSCALL_NR(regs) BPF_CORE_READ(regs, syscallno)
+#define FLOWD_SYSCALL_ARG1(regs) BPF_CORE_READ(regs, orig_x0)
+#endif
+
+/*
+ * UDP connect: no tracepoint sits in ip4/ip6_datagram_connect (they store sk_state
+ * directly), and kprobes/fentry are refused, so catch the return of connect(2).
+ * Runs on every syscall exit of the host: the first test is a single load+compare.
+ * The fd is walked to its sock with probe reads (the resulting pointer is not a
+ * trusted BTF pointer, hence no bpf_get_socket_cookie here: sk_cookie is read,
+ * which the connect4/6 hooks made sure exists).
+ */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
+{
+#ifdef FLOWD_NR_CONNECT
+	struct task_struct *task;
+	struct flowd_sock_event *e;
+	struct file **fds, *file;
+	struct socket *sock;
+	struct sock *sk;
+	unsigned int fd, max_fds;
+	__u64 cookie;
+
+	if (ret != 0 || FLOWD_SYSCALL_NR(regs) != FLOWD_NR_CONNECT)
+		return 0;
+	fd = FLOWD_SYSCALL_ARG1(regs);
+	task = bpf_get_current_task_btf();
+	max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
+	if (fd >= max_fds)
+		return 0;
+	fds = BPF_CORE_READ(task, files, fdt, fd);
+	if (bpf_core_read(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	/* connect() succeeded on this fd, so it is a socket; the back pointer guards
+	 * against the fd having been replaced by another thread meanwhile. */
+	if (!sock || BPF_CORE_READ(sock, file) != file)
+		return 0;
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_UDP ||
+	    BPF_CORE_READ(sk, sk_type) != SOCK_DGRAM)
+		return 0;
+	e = flowd_reserve();
+	if (!e)
+		return 0;
+	e->kind = FLOWD_EV_UDP_CONNECT;
+	e->newstate = BPF_CORE_READ(sk, __sk_common.skc_state);
+	flowd_fill_tuple(e, sk);
+	flowd_fill_sock_info(e, sk);
+	flowd_fill_task(e, true);
+	cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	e->cookie = cookie;
+	if (e->newstate == FLOWD_TCP_ESTABLISHED) {
+		if (cookie)
+			bpf_map_update_elem(&flowd_udp_socks, &cookie, e, BPF_ANY);
+	} else {
+		/* connect(AF_UNSPEC): udp_disconnect() has cleared the remote end (and
+		 * the port unless bound explicitly); report the tuple that was connected,
+		 * if its connect was seen, else nothing (no tuple to name). */
+		struct flowd_sock_event *seen =
+			cookie ? bpf_map_lookup_elem(&flowd_udp_socks, &cookie) : NULL;
+
+		if (!seen) {
+			bpf_ringbuf_discard(e, 0);
+			return 0;
+		}
+		__builtin_memcpy(e->saddr, seen->saddr, sizeof(e->saddr));
+		__builtin_memcpy(e->daddr, seen->daddr, sizeof(e->daddr));
+		e->sport = seen->sport;
+		e->dport = seen->dport;
+		e->oldstate = FLOWD_TCP_ESTABLISHED;
+		bpf_map_delete_elem(&flowd_udp_socks, &cookie);
+	}
+	bpf_ringbuf_submit(e, 0);
+#endif
+	return 0;
+}
+
+/* Release (last close) of a UDP socket whose connect() was seen (entry in
+ * flowd_udp_socks); others have no known tuple here, sock_diag covers them. */
+SEC("cgroup/sock_release")
+int flowd_sock_release(struct bpf_sock *ctx)
+{
+	struct flowd_sock_event *e, *seen;
+	__u64 cookie;
+
+	if (ctx->protocol != IPPROTO_UDP)
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	seen = bpf_map_lookup_elem(&flowd_udp_socks, &cookie);
+	if (!seen)
+		return 1;
+	e = bpf_ringbuf_reserve(&flowd_events, sizeof(*e), 0);
+	if (!e) {
+		flowd_count_drop();
+		return 1;
+	}
+	__builtin_memcpy(e, seen, sizeof(*e));
+	bpf_map_delete_elem(&flowd_udp_socks, &cookie);
+	e->ts_ns = bpf_ktime_get_ns();
+	e->kind = FLOWD_EV_UDP_RELEASE;
+	e->oldstate = FLOWD_TCP_ESTABLISHED;
+	e->newstate = FLOWD_TCP_CLOSE;
+	e->flags = FLOWD_F_SOCK_INFO;
+	__builtin_memset(e->comm, 0, sizeof(e->comm));
+	/* Release runs from close()/exit() of the last holder, or from a deferred fput
+	 * in a kernel thread: the task is the owner unless it is a kthread. */
+	flowd_fill_task(e, !flowd_is_kthread());
+	bpf_ringbuf_submit(e, 0);
+	return 1;
+}

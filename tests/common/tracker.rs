@@ -1,0 +1,343 @@
+//! Helpers for the privileged tracker tests: gating, a throw-away network
+//! namespace, running code inside it, and waiting for tracker events.
+#![allow(dead_code)]
+
+use std::{
+    fs::File,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::OwnedFd,
+};
+
+use flowd::discovery::tracker::{Tracker, TrackerConfig};
+use flowd::discovery::tracker_event::{EventKind, TrackerEvent};
+use flowd::discovery::types::SockState;
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
+
+/// True when the privileged tests must run. Prints a skip line and returns false
+/// when not root and FLOWD_PRIVILEGED_TESTS is not 1; panics when it is 1 but we
+/// are not root (the run must fail, not skip).
+pub fn privileged(test: &str) -> bool {
+    let forced = std::env::var("FLOWD_PRIVILEGED_TESTS").as_deref() == Ok("1");
+    let root = nix::unistd::geteuid().is_root();
+    if !root && forced {
+        panic!("{test}: FLOWD_PRIVILEGED_TESTS=1 but not running as root");
+    }
+    if !root {
+        println!("SKIP {test}: needs root (set FLOWD_PRIVILEGED_TESTS=1 to require it)");
+    }
+    root
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace named flowdtrk-PID-N with lo up, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+    pub path: PathBuf,
+    /// Inode of the namespace: what the tracker reports as `netns`.
+    pub inode: u64,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        let name = format!(
+            "flowdtrk-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run(&["ip", "netns", "add", &name]);
+        let path = PathBuf::from(format!("/var/run/netns/{name}"));
+        let ns = NetNs {
+            inode: std::fs::metadata(&path).expect("netns file").ino(),
+            name,
+            path,
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn ip(&self, args: &[&str]) {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        run(&v);
+    }
+
+    /// Routes 10.201.0.0/24 to a veth peer that silently discards: SYNs sent there
+    /// get no answer (connect timeout) without firewall rules.
+    pub fn add_black_hole(&self) {
+        self.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        self.ip(&["link", "set", "v0", "up"]);
+        self.ip(&["link", "set", "v1", "up"]);
+        self.ip(&["addr", "add", "10.200.0.1/24", "dev", "v0"]);
+        self.ip(&[
+            "neigh",
+            "add",
+            "10.200.0.2",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "v0",
+            "nud",
+            "permanent",
+        ]);
+        self.ip(&["route", "add", "10.201.0.0/24", "via", "10.200.0.2"]);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (setns affects only the
+    /// calling thread).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = self.path.clone();
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("open netns");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+    }
+
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("netns thread panicked")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn start(cfg: &TrackerConfig) -> Tracker {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    Tracker::start(cfg).expect("Tracker::start")
+}
+
+/// A named condition on one event.
+pub type Expect<'a> = (&'a str, &'a dyn Fn(&TrackerEvent) -> bool);
+
+/// A tracker watched for one namespace's events. It keeps polling while test code
+/// runs in the namespace: the ring buffer is host-wide, and other activity on the
+/// host would fill it (and drop our records) if nobody read it meanwhile.
+pub struct Probe {
+    pub tracker: Tracker,
+    netns: u64,
+    seen: Vec<TrackerEvent>,
+}
+
+impl std::ops::Deref for Probe {
+    type Target = Tracker;
+    fn deref(&self) -> &Tracker {
+        &self.tracker
+    }
+}
+
+impl Probe {
+    pub fn new(cfg: &TrackerConfig, ns: &NetNs) -> Probe {
+        Probe {
+            tracker: start(cfg),
+            netns: ns.inode,
+            seen: Vec::new(),
+        }
+    }
+
+    fn poll_once(&mut self) {
+        let (netns, seen) = (self.netns, &mut self.seen);
+        self.tracker
+            .poll_events(Duration::from_millis(10), &mut |ev| {
+                if ev.observation.netns == netns {
+                    seen.push(ev);
+                }
+            })
+            .expect("poll_events");
+    }
+
+    /// Runs `f` in the namespace (see [`NetNs::run`]) while polling.
+    pub fn run<T: Send + 'static>(
+        &mut self,
+        ns: &NetNs,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let h = ns.spawn(f);
+        while !h.is_finished() {
+            self.poll_once();
+        }
+        h.join().expect("netns thread panicked")
+    }
+
+    /// Polls until every predicate matched some event of the namespace (each may
+    /// match a different one) or the deadline passes; returns all of them.
+    pub fn wait_for(&mut self, deadline: Duration, preds: &[Expect<'_>]) -> Vec<TrackerEvent> {
+        let end = Instant::now() + deadline;
+        let done = |seen: &[TrackerEvent]| preds.iter().all(|(_, p)| seen.iter().any(p));
+        while !done(&self.seen) && Instant::now() < end {
+            self.poll_once();
+        }
+        for (name, p) in preds {
+            assert!(
+                self.seen.iter().any(p),
+                "no event matched `{name}` (drops: {:?}); events of the netns: {:#?}",
+                self.tracker.drops(),
+                self.seen
+            );
+        }
+        self.seen.clone()
+    }
+}
+
+/// SO_COOKIE of a socket.
+pub fn cookie(fd: &impl AsRawFd) -> u64 {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, output buffer of the size passed.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "getsockopt(SO_COOKIE): {}",
+        std::io::Error::last_os_error()
+    );
+    v
+}
+
+/// Inode of a socket fd (what /proc/PID/fd shows as socket:[N]).
+pub fn inode(fd: &impl std::os::fd::AsFd) -> u64 {
+    nix::sys::stat::fstat(fd).expect("fstat").st_ino
+}
+
+pub fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, v: i32) {
+    // SAFETY: valid fd, pointer to an int of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&v as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setsockopt({level},{name}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Changes uid of the calling thread only (raw syscall: glibc's setresuid would
+/// change every thread of the test process).
+pub fn thread_setuid(uid: u32) {
+    // SAFETY: plain syscall, arguments are integers.
+    let r = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+    assert_eq!(
+        r,
+        0,
+        "setresuid({uid}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+pub fn default_cfg() -> TrackerConfig {
+    TrackerConfig::default()
+}
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub fn is(ev: &TrackerEvent, kind: EventKind, cookie: u64) -> bool {
+    ev.kind == kind && ev.observation.cookie == cookie
+}
+
+pub fn tcp_change(ev: &TrackerEvent, cookie: u64, old: SockState, new: SockState) -> bool {
+    is(ev, EventKind::TcpState, cookie) && ev.old_state == Some(old) && ev.observation.state == new
+}
+
+pub fn raw_socket(family: AddressFamily, ty: SockType) -> OwnedFd {
+    socket::socket(family, ty, SockFlag::empty(), None).expect("socket()")
+}
+
+pub fn raw_connect(fd: &OwnedFd, to: SocketAddr) -> io::Result<()> {
+    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(to)).map_err(io::Error::from)
+}
+
+pub fn local_of(fd: &OwnedFd) -> SocketAddr {
+    let ss: SockaddrStorage = socket::getsockname(fd.as_raw_fd()).expect("getsockname");
+    if let Some(v4) = ss.as_sockaddr_in() {
+        SocketAddr::from((v4.ip(), v4.port()))
+    } else {
+        let v6 = ss.as_sockaddr_in6().expect("inet socket");
+        SocketAddr::from((v6.ip(), v6.port()))
+    }
+}
+
+pub struct TcpPair {
+    pub client_cookie: u64,
+    pub server_cookie: u64,
+    pub client_inode: u64,
+    pub client_local: SocketAddr,
+    pub server_local: SocketAddr,
+}
+
+/// connect + accept in the namespace; `finish` decides how both ends are closed.
+pub fn tcp_pair(
+    t: &mut Probe,
+    ns: &NetNs,
+    listen: &'static str,
+    connect_ip: &'static str,
+    finish: fn(TcpStream, TcpStream),
+) -> TcpPair {
+    t.run(ns, move || {
+        let l = TcpListener::bind(listen).expect("bind");
+        let to = SocketAddr::new(
+            connect_ip.parse().expect("ip"),
+            l.local_addr().unwrap().port(),
+        );
+        let c = TcpStream::connect(to).expect("connect");
+        let (a, _) = l.accept().expect("accept");
+        let p = TcpPair {
+            client_cookie: cookie(&c),
+            server_cookie: cookie(&a),
+            client_inode: inode(&c),
+            client_local: c.local_addr().unwrap(),
+            server_local: a.local_addr().unwrap(),
+        };
+        finish(c, a);
+        p
+    })
+}
+
+pub fn graceful(c: TcpStream, a: TcpStream) {
+    drop(c);
+    std::thread::sleep(Duration::from_millis(20));
+    drop(a);
+}

@@ -1,0 +1,327 @@
+//! Privileged tests of the eBPF tracker, UDP, identity, loss, modes and detach: each builds its own network
+//! namespace, runs clients/servers inside it on a setns'd thread, and checks what
+//! the tracker (loaded from the root namespace) reports. Gate: root, or
+//! FLOWD_PRIVILEGED_TESTS=1 to make a missing privilege a failure.
+
+#[path = "common/tracker.rs"]
+mod common;
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    process::Command,
+    time::Duration,
+};
+
+use common::*;
+use flowd::discovery::{
+    tracker::{Tracker, TrackerConfig, TrackerMode},
+    tracker_event::EventKind,
+    types::{Protocol, SockState},
+};
+use nix::sys::socket::{AddressFamily, SockType};
+
+#[test]
+fn privileged_udp_connect_and_close_v4_v6_and_disconnect() {
+    if !privileged("udp") {
+        return;
+    }
+    let ns = NetNs::new();
+    let mut t = Probe::new(&default_cfg(), &ns);
+    let f = t.features().clone();
+    assert!(f.udp_connect && f.udp_cookie && f.udp_release, "{f:?}");
+    let (c4, l4, i4, c6, l6, c6d) = t.run(&ns, || {
+        // Bound to the wildcard first, then connected.
+        let u4 = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u4.connect("127.0.0.1:9").unwrap();
+        let r4 = (cookie(&u4), u4.local_addr().unwrap(), inode(&u4));
+        drop(u4);
+        // Not bound: connect() autobinds.
+        let u6 = raw_socket(AddressFamily::Inet6, SockType::Datagram);
+        raw_connect(&u6, "[::1]:9".parse().unwrap()).unwrap();
+        let r6 = (cookie(&u6), local_of(&u6));
+        drop(u6);
+        // Connected, then disconnected with AF_UNSPEC.
+        let d = UdpSocket::bind("[::1]:0").unwrap();
+        d.connect("[::1]:9").unwrap();
+        let unspec = libc::sockaddr {
+            sa_family: libc::AF_UNSPEC as u16,
+            sa_data: [0; 14],
+        };
+        // SAFETY: valid fd, sockaddr of the size passed.
+        let r = unsafe {
+            libc::connect(
+                d.as_raw_fd(),
+                &unspec,
+                std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "disconnect: {}", io::Error::last_os_error());
+        (r4.0, r4.1, r4.2, r6.0, r6.1, cookie(&d))
+    });
+    let pid = Some(std::process::id());
+    let evs = t.wait_for(
+        WAIT,
+        &[
+            ("v4 connect", &|e| is(e, EventKind::UdpConnect, c4)),
+            ("v4 release", &|e| is(e, EventKind::UdpRelease, c4)),
+            ("v6 connect", &|e| is(e, EventKind::UdpConnect, c6)),
+            ("v6 release", &|e| is(e, EventKind::UdpRelease, c6)),
+            ("disconnect", &|e| {
+                is(e, EventKind::UdpConnect, c6d) && e.observation.state == SockState::Close
+            }),
+        ],
+    );
+    let get = |k, c| {
+        evs.iter()
+            .find(|e| is(e, k, c))
+            .unwrap()
+            .observation
+            .clone()
+    };
+    let o = get(EventKind::UdpConnect, c4);
+    assert_eq!(o.key.proto, Protocol::Udp);
+    assert_eq!(
+        o.key.local,
+        SocketAddr::new("127.0.0.1".parse().unwrap(), l4.port())
+    );
+    assert_eq!(o.key.remote, "127.0.0.1:9".parse().unwrap());
+    assert_eq!(
+        (o.state, o.pid, o.uid, o.inode),
+        (SockState::Established, pid, Some(0), i4)
+    );
+    let r = get(EventKind::UdpRelease, c4);
+    assert_eq!(
+        (r.key, r.state, r.pid, r.inode),
+        (o.key, SockState::Close, pid, i4)
+    );
+    let o6 = get(EventKind::UdpConnect, c6);
+    assert_eq!(o6.key.local, l6);
+    assert_eq!(o6.key.remote, "[::1]:9".parse().unwrap());
+    assert_eq!(get(EventKind::UdpRelease, c6).key, o6.key);
+    // The disconnect names the tuple that was connected.
+    let d = evs
+        .iter()
+        .find(|e| is(e, EventKind::UdpConnect, c6d) && e.observation.state == SockState::Close)
+        .unwrap();
+    assert!(d.has_full_tuple(), "{d:?}");
+    assert_eq!(d.observation.key.remote, "[::1]:9".parse().unwrap());
+    // A disconnected socket is not released as connected.
+    assert!(!evs.iter().any(|e| is(e, EventKind::UdpRelease, c6d)));
+}
+
+#[test]
+fn privileged_uid_and_pid_of_a_client_running_as_nobody() {
+    if !privileged("uid") {
+        return;
+    }
+    let ns = NetNs::new();
+    let mut t = Probe::new(&default_cfg(), &ns);
+    let (tc, uc, lc) = t.run(&ns, || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = l.local_addr().unwrap();
+        thread_setuid(65534);
+        let c = TcpStream::connect(to).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.connect("127.0.0.1:9").unwrap();
+        let r = (cookie(&c), cookie(&u), cookie(&a));
+        drop((c, a, u));
+        r
+    });
+    let evs = t.wait_for(
+        WAIT,
+        &[
+            ("tcp connect", &|e| is(e, EventKind::TcpConnect, tc)),
+            ("udp connect", &|e| is(e, EventKind::UdpConnect, uc)),
+            ("passive", &|e| is(e, EventKind::TcpPassiveEstablished, lc)),
+        ],
+    );
+    let pid = Some(std::process::id());
+    for (k, c) in [(EventKind::TcpConnect, tc), (EventKind::UdpConnect, uc)] {
+        let o = &evs.iter().find(|e| is(e, k, c)).unwrap().observation;
+        assert_eq!((o.uid, o.pid), (Some(65534), pid), "{k:?}");
+    }
+    // The accepted socket inherits the listener's uid (created before setuid).
+    let o = &evs
+        .iter()
+        .find(|e| is(e, EventKind::TcpPassiveEstablished, lc))
+        .unwrap()
+        .observation;
+    assert_eq!(o.uid, Some(0));
+}
+
+fn burst(ns: &NetNs, n: usize) {
+    ns.run(move || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = l.local_addr().unwrap();
+        for _ in 0..n {
+            let c = TcpStream::connect(to).unwrap();
+            let (a, _) = l.accept().unwrap();
+            drop((c, a));
+        }
+    });
+}
+
+#[test]
+fn privileged_ring_buffer_overflow_counts_drops_without_panic() {
+    if !privileged("overflow") {
+        return;
+    }
+    let ns = NetNs::new();
+    // One page: ~34 records.
+    let mut t = start(&TrackerConfig {
+        ring_bytes: 4096,
+        ..default_cfg()
+    });
+    burst(&ns, 200); // ~10 records per connection, nobody reading.
+    let drops = t.drops().unwrap();
+    assert!(drops > 0, "no drops counted");
+    let mut got = 0;
+    while t
+        .poll_events(Duration::from_millis(100), &mut |_| got += 1)
+        .unwrap()
+        > 0
+    {}
+    assert!(got > 0);
+    assert!(t.drops().unwrap() >= drops);
+    assert_eq!(t.decode_errors(), 0);
+}
+
+#[test]
+fn privileged_tracepoint_only_mode_still_sees_tcp() {
+    if !privileged("tracepoint_only") {
+        return;
+    }
+    let ns = NetNs::new();
+    let mut t = Probe::new(
+        &TrackerConfig {
+            mode: TrackerMode::TracepointOnly,
+            ..default_cfg()
+        },
+        &ns,
+    );
+    let f = t.features().clone();
+    assert!(
+        f.tcp_state && !f.sockops && !f.udp_connect && f.cgroup2.is_none(),
+        "{f:?}"
+    );
+    assert!(t.attached_programs().iter().all(|p| !p.cgroup));
+    let p = tcp_pair(&mut t, &ns, "127.0.0.1:0", "127.0.0.1", graceful);
+    let cc = p.client_cookie;
+    let evs = t.wait_for(
+        WAIT,
+        &[("SYN_SENT->EST", &|e| {
+            tcp_change(e, cc, SockState::SynSent, SockState::Established)
+        })],
+    );
+    assert!(!evs.iter().any(|e| e.kind == EventKind::TcpConnect));
+}
+
+#[test]
+fn privileged_disabled_mode_loads_nothing() {
+    if !privileged("disabled") {
+        return;
+    }
+    let mut t = Tracker::start(&TrackerConfig {
+        mode: TrackerMode::Disabled,
+        ..default_cfg()
+    })
+    .unwrap();
+    assert!(!t.is_active());
+    assert!(t.attached_programs().is_empty());
+    assert_eq!(t.poll(Duration::from_millis(10), &mut |_| {}).unwrap(), 0);
+    assert_eq!(t.drops().unwrap(), 0);
+}
+
+fn prog_exists(id: u32) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn privileged_drop_detaches_every_program() {
+    if !privileged("detach") {
+        return;
+    }
+    let t = start(&default_cfg());
+    let cg = t.features().cgroup2.clone().expect("cgroup2");
+    let progs = t.attached_programs().to_vec();
+    assert!(progs.iter().any(|p| p.cgroup));
+    let show = || {
+        let o = Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&cg)
+            .output()
+            .expect("bpftool cgroup show");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let before = show();
+    for p in progs.iter().filter(|p| p.cgroup) {
+        assert!(
+            before
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&p.id.to_string())),
+            "{p:?} not in:\n{before}"
+        );
+    }
+    drop(t);
+    // Programs are freed after an RCU grace period: poll with a deadline.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    for p in &progs {
+        assert_ne!(p.id, 0);
+        while prog_exists(p.id) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!prog_exists(p.id), "{p:?} still loaded 5 s after drop");
+    }
+    let after = show();
+    for p in progs.iter().filter(|p| p.cgroup) {
+        assert!(
+            !after
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&p.id.to_string())),
+            "{p:?} still attached"
+        );
+    }
+}
+
+#[test]
+fn privileged_non_cgroup2_path_degrades_to_tracepoints_with_a_warning() {
+    if !privileged("bad_cgroup") {
+        return;
+    }
+    // A directory that is not a cgroup: every cgroup attach fails, the
+    // tracepoints still run.
+    let t = start(&TrackerConfig {
+        cgroup2_path: Some("/tmp".into()),
+        ..default_cfg()
+    });
+    let f = t.features().clone();
+    assert!(f.tcp_state && f.udp_connect && f.owner_context, "{f:?}");
+    assert!(
+        !f.sockops && !f.udp_cookie && !f.udp_release && f.cgroup2.is_none(),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn privileged_missing_configured_cgroup_path_is_an_error_naming_it() {
+    if !privileged("missing_cgroup") {
+        return;
+    }
+    let err = Tracker::start(&TrackerConfig {
+        cgroup2_path: Some("/nonexistent/flowd-cgroup".into()),
+        ..default_cfg()
+    })
+    .err()
+    .expect("start must fail");
+    assert!(
+        err.to_string().contains("/nonexistent/flowd-cgroup"),
+        "{err}"
+    );
+}
