@@ -1,0 +1,288 @@
+//! Bench: dump + diff cost of the sock_diag poller and flow table at 5 000, 10 000,
+//! 50 000 and 100 000 established loopback TCP connections (each has two sockets in
+//! the dump, so 5 000 / 50 000 connections are 10 000 / 100 000 sockets), with
+//! `ss -tan` / `ss -tin` timed in the same namespace for comparison.
+//!
+//! Run as root: `cargo bench --bench sockdiag` (`-- --max 10000` for the small case
+//! only). Everything lives in a private network namespace that dies with the process.
+
+#[path = "../tests/common/sockdiag.rs"]
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use flowd::discovery::sockdiag::SockDiag;
+use flowd::flows::{FlowTable, FlowTableConfig};
+
+/// Counts heap allocations so the dump's allocation cost can be reported.
+struct Counting;
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator; only adds relaxed counters.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        BYTES.fetch_add(l.size() as u64, Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Relaxed);
+        BYTES.fetch_add(n as u64, Relaxed);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const RUNS: usize = 9;
+
+fn allocs() -> (u64, u64) {
+    (ALLOCS.load(Relaxed), BYTES.load(Relaxed))
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn stats(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[0], v[v.len() / 2])
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn time_cmd(args: &[&str]) -> (Duration, Duration) {
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let st = Command::new(args[0])
+            .args(&args[1..])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run ss");
+        assert!(st.success());
+        v.push(t.elapsed());
+    }
+    stats(v)
+}
+
+fn measure(conns: usize, sd: &mut SockDiag) {
+    let mut buf = Vec::new();
+    sd.dump(&mut buf).expect("warm-up dump");
+    let sockets = buf.len();
+    let mut dumps = Vec::new();
+    let mut diffs = Vec::new();
+    let mut table = FlowTable::new(FlowTableConfig {
+        netns: sd.netns(),
+        ..FlowTableConfig::default()
+    });
+    let t = Instant::now();
+    let ev = table.reconcile(&buf, Instant::now());
+    let first_diff = t.elapsed();
+    assert_eq!(ev.len(), sockets);
+    drop(ev);
+    let (a0, b0) = allocs();
+    let hwm0 = vm_hwm_kib();
+    let mut dump_allocs = (0, 0);
+    for i in 0..RUNS {
+        let started = Instant::now();
+        let (a, b) = allocs();
+        sd.dump(&mut buf).expect("dump");
+        let d = started.elapsed();
+        let (a2, b2) = allocs();
+        if i == 0 {
+            dump_allocs = (a2 - a, b2 - b);
+        }
+        let t = Instant::now();
+        let ev = table.reconcile(&buf, started);
+        diffs.push(t.elapsed());
+        dumps.push(d);
+        assert!(ev.is_empty(), "steady state: no events, got {}", ev.len());
+        assert_eq!(buf.len(), sockets);
+    }
+    let (a1, b1) = allocs();
+    let st = *sd.stats();
+    let mut noinfo = Vec::new();
+    sd.set_tcp_info(false);
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        sd.dump(&mut buf).expect("dump");
+        noinfo.push(t.elapsed());
+    }
+    sd.set_tcp_info(true);
+    let (nmin, nmed) = stats(noinfo);
+    let totals: Vec<Duration> = dumps.iter().zip(&diffs).map(|(a, b)| *a + *b).collect();
+    let (dmin, dmed) = stats(dumps);
+    let (fmin, fmed) = stats(diffs);
+    let (tmin, tmed) = stats(totals);
+    let (ss_min, ss_med) = time_cmd(&["ss", "-tan"]);
+    let (ssi_min, ssi_med) = time_cmd(&["ss", "-tin"]);
+    println!("== {conns} established connections ({sockets} sockets in the dump) ==");
+    println!(
+        "  dump (TCP+UDP, v4+v6, tcp_info): min {} median {}",
+        ms(dmin),
+        ms(dmed)
+    );
+    println!(
+        "    of which in recv (kernel): {} over {} recvs, {} KiB",
+        ms(st.last_dump_io),
+        st.last_dump_recvs,
+        st.last_dump_bytes / 1024
+    );
+    println!(
+        "  dump without tcp_info:            min {} median {}",
+        ms(nmin),
+        ms(nmed)
+    );
+    println!(
+        "  diff (steady-state reconcile):    min {} median {}",
+        ms(fmin),
+        ms(fmed)
+    );
+    println!(
+        "  dump + diff:                      min {} median {}",
+        ms(tmin),
+        ms(tmed)
+    );
+    println!(
+        "  first reconcile (adopt all, {sockets} Started events): {}",
+        ms(first_diff)
+    );
+    println!(
+        "  ss -tan: min {} median {}   ss -tin: min {} median {}",
+        ms(ss_min),
+        ms(ss_med),
+        ms(ssi_min),
+        ms(ssi_med)
+    );
+    println!(
+        "  allocations in one steady dump: {} ({} bytes); in {RUNS} dumps+diffs: {} ({} bytes)",
+        dump_allocs.0,
+        dump_allocs.1,
+        a1 - a0,
+        b1 - b0
+    );
+    println!(
+        "  observation Vec: {} bytes ({} B each); VmHWM {} -> {} KiB",
+        buf.capacity() * std::mem::size_of_val(&buf[0]),
+        std::mem::size_of_val(&buf[0]),
+        hwm0,
+        vm_hwm_kib()
+    );
+}
+
+/// Connections per helper process: the hard RLIMIT_NOFILE here is 20 000 and
+/// CAP_SYS_RESOURCE is not granted, so sockets are spread over helper processes (each
+/// holds both ends of its connections) in the same namespace.
+const PER_HELPER: usize = 9_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .skip_while(|a| *a != name)
+            .nth(1)
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    if let Some(n) = arg("--hold") {
+        return hold(n);
+    }
+    let max = arg("--max").unwrap_or(100_000);
+    if !common::should_run("sockdiag bench") {
+        return;
+    }
+    common::in_new_netns(move || run(max));
+}
+
+/// Helper mode: open `n` loopback connections to a private listener, say "ready",
+/// hold them until stdin closes.
+fn hold(n: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise RLIMIT_NOFILE");
+    let l = TcpListener::bind("127.0.0.1:0").expect("helper listener");
+    let dst = l.local_addr().unwrap();
+    let mut conns = Vec::with_capacity(n);
+    while conns.len() < n {
+        // std listens with a backlog of 128: stay below it.
+        let batch = (n - conns.len()).min(100);
+        let clients: Vec<TcpStream> = (0..batch)
+            .map(|_| TcpStream::connect(dst).expect("connect"))
+            .collect();
+        for c in clients {
+            conns.push((c, l.accept().expect("accept").0));
+        }
+    }
+    println!("ready");
+    let mut sink = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut sink);
+}
+
+fn run(max: usize) {
+    use std::io::BufRead;
+    // Per-namespace sysctls: a wide ephemeral range and a deep accept queue.
+    std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "10000 65000").expect("port range");
+    let _ = std::fs::write("/proc/sys/net/core/somaxconn", "8192");
+    let exe = std::env::current_exe().expect("own path");
+    let mut helpers = Vec::new();
+    let mut total = 0;
+    let mut sd = SockDiag::new().expect("sock_diag socket");
+    for target in [5_000, 10_000, 50_000, 100_000]
+        .into_iter()
+        .filter(|t| *t <= max)
+    {
+        let t = Instant::now();
+        let mut started = Vec::new();
+        while total < target {
+            let n = (target - total).min(PER_HELPER);
+            // Spawned from this thread, so the child starts in this namespace.
+            let mut child = Command::new(&exe)
+                .args(["--hold", &n.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn helper");
+            let out = child.stdout.take().unwrap();
+            started.push((child, out));
+            total += n;
+        }
+        for (child, out) in started {
+            let mut line = String::new();
+            std::io::BufReader::new(out)
+                .read_line(&mut line)
+                .expect("helper output");
+            assert_eq!(line.trim(), "ready", "helper failed");
+            helpers.push(child);
+        }
+        eprintln!(
+            "set up {target} connections in {:?} ({} helpers)",
+            t.elapsed(),
+            helpers.len()
+        );
+        measure(target, &mut sd);
+    }
+    let t = Instant::now();
+    for mut h in helpers {
+        drop(h.stdin.take());
+        let _ = h.wait();
+    }
+    eprintln!("teardown in {:?}", t.elapsed());
+}

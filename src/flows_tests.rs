@@ -1,0 +1,338 @@
+use super::*;
+use crate::discovery::types::Protocol;
+use proptest::prelude::*;
+use std::collections::BTreeSet;
+
+const NS: u64 = 4026531840;
+
+fn obs(cookie: u64, state: SockState, source: Source) -> SocketObservation {
+    let port = 10_000 + (cookie % 50_000) as u16;
+    SocketObservation {
+        key: FlowKey::new(
+            Protocol::Tcp,
+            format!("10.0.0.1:{port}").parse().unwrap(),
+            "10.0.0.2:443".parse().unwrap(),
+        ),
+        cookie,
+        netns: NS,
+        state,
+        direction: match source {
+            Source::Tracker => Direction::Outbound,
+            Source::SockDiag => Direction::Unknown,
+        },
+        inode: 1000 + cookie,
+        uid: Some(1000),
+        pid: None,
+        comm: None,
+        cgroup_id: Some(7),
+        tcp: None,
+        source,
+    }
+}
+
+fn table() -> FlowTable {
+    FlowTable::new(FlowTableConfig {
+        netns: NS,
+        ..FlowTableConfig::default()
+    })
+}
+
+fn kinds(events: &[FlowEvent]) -> Vec<&'static str> {
+    events
+        .iter()
+        .map(|e| match e {
+            FlowEvent::Started(_) => "started",
+            FlowEvent::Updated(_) => "updated",
+            FlowEvent::Ended(_, EndReason::Closed) => "closed",
+            FlowEvent::Ended(_, EndReason::Vanished) => "vanished",
+            FlowEvent::Ended(_, EndReason::TimeWaitExpired) => "tw-expired",
+        })
+        .collect()
+}
+
+#[test]
+fn tracker_lifecycle_new_established_closing_gone() {
+    let mut t = table();
+    let ev = t.apply_observation(obs(1, SockState::SynSent, Source::Tracker));
+    assert_eq!(kinds(&ev), ["started"]);
+    assert_eq!(t.get(1).unwrap().lifecycle, Lifecycle::New);
+    let ev = t.apply_observation(obs(1, SockState::Established, Source::Tracker));
+    assert_eq!(kinds(&ev), ["updated"]);
+    assert_eq!(t.get(1).unwrap().lifecycle, Lifecycle::Established);
+    let ev = t.apply_observation(obs(1, SockState::FinWait1, Source::Tracker));
+    assert_eq!(kinds(&ev), ["updated"]);
+    assert_eq!(t.get(1).unwrap().lifecycle, Lifecycle::Closing);
+    let ev = t.apply_observation(obs(1, SockState::Close, Source::Tracker));
+    assert_eq!(kinds(&ev), ["closed"]);
+    let FlowEvent::Ended(f, _) = &ev[0] else {
+        unreachable!()
+    };
+    assert_eq!(f.lifecycle, Lifecycle::Gone);
+    assert!(t.is_empty());
+    let c = t.counters();
+    assert_eq!((c.flows_started, c.flows_ended), (1, 1));
+}
+
+#[test]
+fn lifecycle_never_goes_backwards() {
+    let mut t = table();
+    t.apply_observation(obs(1, SockState::Established, Source::Tracker));
+    let ev = t.apply_observation(obs(1, SockState::SynSent, Source::Tracker));
+    assert!(ev.is_empty());
+    assert_eq!(t.get(1).unwrap().state, SockState::Established);
+}
+
+#[test]
+fn listen_sockets_are_not_flows() {
+    let mut t = table();
+    assert!(t
+        .apply_observation(obs(1, SockState::Listen, Source::Tracker))
+        .is_empty());
+    assert!(t
+        .reconcile(
+            &[obs(2, SockState::Listen, Source::SockDiag)],
+            Instant::now()
+        )
+        .is_empty());
+    assert!(t.is_empty());
+}
+
+#[test]
+fn tracker_and_dump_of_same_socket_make_one_flow() {
+    let mut t = table();
+    t.apply_observation(obs(1, SockState::Established, Source::Tracker));
+    let started = Instant::now();
+    let ev = t.reconcile(&[obs(1, SockState::Established, Source::SockDiag)], started);
+    assert_eq!(kinds(&ev), ["updated"], "first confirmation by sock_diag");
+    let ev = t.reconcile(
+        &[obs(1, SockState::Established, Source::SockDiag)],
+        Instant::now(),
+    );
+    assert!(ev.is_empty(), "nothing changed: no event");
+    assert_eq!(t.len(), 1);
+    let f = t.get(1).unwrap();
+    assert_eq!(
+        f.seen_by,
+        SeenBy {
+            tracker: true,
+            sockdiag: true
+        }
+    );
+    assert_eq!(
+        f.direction,
+        Direction::Outbound,
+        "the tracker's direction wins"
+    );
+    assert_eq!(t.counters().reconcile_added, 0);
+}
+
+#[test]
+fn reconcile_adopts_sockets_the_tracker_missed() {
+    let mut t = table();
+    let mut o = obs(5, SockState::Established, Source::SockDiag);
+    o.direction = Direction::Inbound;
+    o.tcp = Some(TcpStats {
+        rtt_us: 42,
+        ..TcpStats::default()
+    });
+    let ev = t.reconcile(&[o], Instant::now());
+    assert_eq!(kinds(&ev), ["started"]);
+    let f = t.get(5).unwrap();
+    assert_eq!(f.direction, Direction::Inbound);
+    assert_eq!(f.tcp.unwrap().rtt_us, 42);
+    assert_eq!(f.owner.uid, Some(1000));
+    assert_eq!(t.counters().reconcile_added, 1);
+}
+
+#[test]
+fn reconcile_ends_flows_missing_from_the_dump() {
+    let mut t = table();
+    t.apply_observation(obs(1, SockState::Established, Source::Tracker));
+    t.apply_observation(obs(2, SockState::Established, Source::Tracker));
+    let started = Instant::now();
+    let ev = t.reconcile(&[obs(2, SockState::Established, Source::SockDiag)], started);
+    assert!(kinds(&ev).contains(&"vanished"));
+    assert!(t.get(1).is_none() && t.get(2).is_some());
+    assert_eq!(t.counters().reconcile_ended, 1);
+}
+
+#[test]
+fn flow_born_during_the_dump_is_not_ended() {
+    let mut t = table();
+    let started = Instant::now();
+    // The tracker reports a socket created after the kernel walked its bucket.
+    t.apply_observation(obs(1, SockState::SynSent, Source::Tracker));
+    let ev = t.reconcile(&[], started);
+    assert!(ev.is_empty());
+    assert!(t.get(1).is_some());
+    // Next round, dump started after the event: absence now means it is gone.
+    let ev = t.reconcile(&[], Instant::now());
+    assert_eq!(kinds(&ev), ["vanished"]);
+}
+
+#[test]
+fn close_reported_after_the_dump_is_not_undone_by_it() {
+    let mut t = table();
+    t.apply_observation(obs(1, SockState::Established, Source::Tracker));
+    let started = Instant::now();
+    let dump = [obs(1, SockState::Established, Source::SockDiag)];
+    t.apply_observation(obs(1, SockState::Close, Source::Tracker));
+    let ev = t.reconcile(&dump, started);
+    assert!(ev.is_empty(), "{:?}", kinds(&ev));
+    assert!(t.is_empty());
+}
+
+#[test]
+fn time_wait_is_closing_and_ends_after_grace() {
+    let mut t = FlowTable::new(FlowTableConfig {
+        netns: NS,
+        time_wait_grace: Duration::from_secs(3600),
+        ..FlowTableConfig::default()
+    });
+    t.apply_observation(obs(1, SockState::Established, Source::Tracker));
+    let ev = t.reconcile(
+        &[obs(1, SockState::TimeWait, Source::SockDiag)],
+        Instant::now(),
+    );
+    assert_eq!(kinds(&ev), ["updated"]);
+    assert_eq!(t.get(1).unwrap().lifecycle, Lifecycle::Closing);
+    // Gone from the dump: ended.
+    let ev = t.reconcile(&[], Instant::now());
+    assert_eq!(kinds(&ev), ["vanished"]);
+
+    let mut t = FlowTable::new(FlowTableConfig {
+        netns: NS,
+        time_wait_grace: Duration::ZERO,
+        ..FlowTableConfig::default()
+    });
+    t.apply_observation(obs(1, SockState::Established, Source::Tracker));
+    let ev = t.reconcile(
+        &[obs(1, SockState::TimeWait, Source::SockDiag)],
+        Instant::now(),
+    );
+    assert_eq!(kinds(&ev), ["updated", "tw-expired"]);
+    // Its TIME_WAIT remnant keeps the cookie: not brought back.
+    let ev = t.reconcile(
+        &[obs(1, SockState::TimeWait, Source::SockDiag)],
+        Instant::now(),
+    );
+    assert!(ev.is_empty());
+}
+
+#[test]
+fn unknown_time_wait_sockets_are_not_adopted() {
+    let mut t = table();
+    assert!(t
+        .reconcile(
+            &[obs(9, SockState::TimeWait, Source::SockDiag)],
+            Instant::now()
+        )
+        .is_empty());
+    assert!(t.is_empty());
+}
+
+#[test]
+fn flows_of_other_namespaces_survive_a_local_reconcile() {
+    let mut t = table();
+    let mut o = obs(1, SockState::Established, Source::Tracker);
+    o.netns = 12345;
+    t.apply_observation(o);
+    assert!(t.reconcile(&[], Instant::now()).is_empty());
+    assert_eq!(t.get(1).unwrap().netns, 12345);
+    let ev = t.reconcile_scoped(&[], &[12345], Instant::now());
+    assert_eq!(kinds(&ev), ["vanished"]);
+}
+
+#[test]
+fn unbound_client_key_is_completed_by_later_event() {
+    let mut t = table();
+    let mut o = obs(1, SockState::SynSent, Source::Tracker);
+    o.key.local.set_port(0);
+    t.apply_observation(o);
+    let ev = t.apply_observation(obs(1, SockState::Established, Source::Tracker));
+    assert_eq!(kinds(&ev), ["updated"]);
+    assert_ne!(t.get(1).unwrap().key.local.port(), 0);
+}
+
+#[test]
+fn many_open_close_leave_nothing_behind() {
+    let mut t = FlowTable::new(FlowTableConfig {
+        netns: NS,
+        tombstone_ttl: Duration::ZERO,
+        ..FlowTableConfig::default()
+    });
+    for c in 1..=20_000 {
+        t.apply_observation(obs(c, SockState::SynSent, Source::Tracker));
+        t.apply_observation(obs(c, SockState::Established, Source::Tracker));
+        t.apply_observation(obs(c, SockState::Close, Source::Tracker));
+        if c % 1000 == 0 {
+            t.reconcile(&[], Instant::now());
+        }
+    }
+    t.reconcile(&[], Instant::now());
+    assert!(t.is_empty());
+    assert_eq!(t.tombstones(), 0);
+    let c = t.counters();
+    assert_eq!((c.flows_started, c.flows_ended), (20_000, 20_000));
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Open,
+    MissedOpen,
+    Close,
+    MissedClose,
+    Reconcile,
+}
+
+fn op() -> impl Strategy<Value = (u64, Op)> {
+    (
+        1u64..40,
+        prop_oneof![
+            Just(Op::Open),
+            Just(Op::MissedOpen),
+            Just(Op::Close),
+            Just(Op::MissedClose),
+            Just(Op::Reconcile)
+        ],
+    )
+}
+
+proptest! {
+    /// Whatever the tracker missed, a complete dump taken after the last event leaves
+    /// the table holding exactly the live sockets.
+    #[test]
+    fn complete_dump_converges_to_live_set(ops in proptest::collection::vec(op(), 0..200)) {
+        let mut t = table();
+        let mut live = BTreeSet::new();
+        let mut dead = BTreeSet::new();
+        let dump_of = |live: &BTreeSet<u64>| -> Vec<SocketObservation> {
+            live.iter().map(|&c| obs(c, SockState::Established, Source::SockDiag)).collect()
+        };
+        for (c, op) in ops {
+            match op {
+                Op::Open | Op::MissedOpen if !live.contains(&c) && !dead.contains(&c) => {
+                    live.insert(c);
+                    if matches!(op, Op::Open) {
+                        t.apply_observation(obs(c, SockState::Established, Source::Tracker));
+                    }
+                }
+                Op::Close | Op::MissedClose if live.remove(&c) => {
+                    dead.insert(c);
+                    if matches!(op, Op::Close) {
+                        t.apply_observation(obs(c, SockState::Close, Source::Tracker));
+                    }
+                }
+                Op::Reconcile => {
+                    let started = Instant::now();
+                    t.reconcile(&dump_of(&live), started);
+                }
+                _ => {}
+            }
+        }
+        let started = Instant::now();
+        t.reconcile(&dump_of(&live), started);
+        let got: BTreeSet<u64> = t.iter().map(|f| f.cookie).collect();
+        prop_assert_eq!(got, live);
+    }
+}
