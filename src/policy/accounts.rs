@@ -1,0 +1,55 @@
+//! User and group name resolution, behind a trait so that tests and offline validation
+//! (`flowd-rs check` on a build host) do not depend on the machine's accounts.
+
+use std::collections::HashMap;
+
+/// Resolves account names to ids at policy load time.
+pub trait Accounts {
+    fn uid_of(&self, name: &str) -> Option<u32>;
+    fn gid_of(&self, name: &str) -> Option<u32>;
+}
+
+/// The host's accounts through NSS (`getpwnam_r`/`getgrnam_r`), so that LDAP or SSSD
+/// accounts common on storage nodes resolve like local ones.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemAccounts;
+
+impl Accounts for SystemAccounts {
+    fn uid_of(&self, name: &str) -> Option<u32> {
+        nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    }
+    fn gid_of(&self, name: &str) -> Option<u32> {
+        nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    }
+}
+
+/// A fixed table of accounts.
+#[derive(Debug, Clone, Default)]
+pub struct StaticAccounts {
+    pub users: HashMap<String, u32>,
+    pub groups: HashMap<String, u32>,
+}
+
+impl StaticAccounts {
+    pub fn new(users: &[(&str, u32)], groups: &[(&str, u32)]) -> Self {
+        StaticAccounts {
+            users: users.iter().map(|(n, i)| (n.to_string(), *i)).collect(),
+            groups: groups.iter().map(|(n, i)| (n.to_string(), *i)).collect(),
+        }
+    }
+}
+
+impl Accounts for StaticAccounts {
+    fn uid_of(&self, name: &str) -> Option<u32> {
+        self.users.get(name).copied()
+    }
+    fn gid_of(&self, name: &str) -> Option<u32> {
+        self.groups.get(name).copied()
+    }
+}
