@@ -55,8 +55,8 @@ impl FlowSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    Status,
-    Counters,
+    Status {},
+    Counters {},
     MarkAdd {
         flow: FlowSpec,
         experiment: u16,
@@ -207,12 +207,12 @@ pub fn handle_line(line: &[u8], maps: &MarkMaps, info: &DaemonInfo) -> Value {
 
 fn execute(req: Request, maps: &MarkMaps, info: &DaemonInfo) -> Result<Value, String> {
     match req {
-        Request::Status => Ok(json!({
+        Request::Status {} => Ok(json!({
             "daemon": info,
             "marks": maps.len(),
             "map_capacity": maps.capacity(),
         })),
-        Request::Counters => {
+        Request::Counters {} => {
             let c = maps.counters().map_err(|e| e.to_string())?;
             let outcomes: serde_json::Map<String, Value> = OUTCOMES
                 .iter()
@@ -297,7 +297,7 @@ mod tests {
             }
         ));
         let r: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
-        assert_eq!(r, Request::Status);
+        assert_eq!(r, Request::Status {});
         assert!(serde_json::from_str::<Request>(r#"{"op":"status","x":1}"#).is_err());
     }
 

@@ -1,9 +1,14 @@
 //! flowd-rs: tags the network traffic of scientific data transfers (SciTags) with no
 //! help from the applications that make it.
+//!
+//! Data flows one way: [`discovery`] -> [`flows`] -> [`policy`] -> [`marker`] /
+//! [`control`].
 
 pub mod bpf;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
+pub mod flows;
 pub mod marker;
+pub mod policy;

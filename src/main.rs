@@ -115,8 +115,8 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Clean => runtime()?.block_on(flowd::daemon::clean(cfg)),
         Command::Status => {
             let path = cfg.control_socket();
-            let status = control::request(&path, &Request::Status)?;
-            let counters = control::request(&path, &Request::Counters)?;
+            let status = control::request(&path, &Request::Status {})?;
+            let counters = control::request(&path, &Request::Counters {})?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(
