@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/flowd-rs/flowd-rs.toml";
 pub const DEFAULT_STATE_DIR: &str = "/run/flowd-rs";
 pub const DEFAULT_MAP_CAPACITY: u32 = 65_536;
+pub const DEFAULT_POLICY_DIR: &str = "/etc/flowd-rs/policies.d";
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -21,6 +22,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub marker: MarkerConfig,
     pub control: ControlConfig,
+    pub policy: PolicyConfig,
+    pub discovery: DiscoveryConfig,
 }
 
 impl Default for Config {
@@ -29,8 +32,66 @@ impl Default for Config {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             marker: MarkerConfig::default(),
             control: ControlConfig::default(),
+            policy: PolicyConfig::default(),
+            discovery: DiscoveryConfig::default(),
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// One TOML file per experiment; a missing directory means "mark nothing" (with a warning).
+    pub dir: PathBuf,
+    /// A SciTags registry JSON file replacing the bundled snapshot.
+    pub registry: Option<PathBuf>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            dir: PathBuf::from(DEFAULT_POLICY_DIR),
+            registry: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    pub tracker: TrackerSetting,
+    /// Ring buffer between the tracker and the daemon, bytes (power of two, >= 4096).
+    pub ring_buffer_bytes: u32,
+    /// Track connected UDP sockets with the tracker (a tp_btf on sys_exit).
+    pub udp: bool,
+    /// How often a full sock_diag dump reconciles the flow table, milliseconds.
+    pub reconcile_interval_ms: u64,
+    /// Where cgroup2 is mounted; found in /proc/self/mountinfo when absent.
+    pub cgroup2: Option<PathBuf>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            tracker: TrackerSetting::Full,
+            ring_buffer_bytes: 1 << 20,
+            udp: true,
+            reconcile_interval_ms: 5_000,
+            cgroup2: None,
+        }
+    }
+}
+
+/// Which eBPF socket tracker programs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackerSetting {
+    /// Tracepoints and cgroup programs (sockops, UDP hooks).
+    Full,
+    /// Tracepoints only (no cgroup2 needed).
+    TracepointOnly,
+    /// No tracker: sock_diag polling alone finds sockets, within one interval.
+    Disabled,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -82,6 +143,9 @@ impl Config {
         let cfg: Config = toml::from_str(text).map_err(|e| located(text, &e))?;
         if cfg.marker.map_capacity == 0 {
             return Err("marker.map_capacity must be at least 1".into());
+        }
+        if cfg.discovery.reconcile_interval_ms < 100 {
+            return Err("discovery.reconcile_interval_ms must be at least 100".into());
         }
         Ok(cfg)
     }

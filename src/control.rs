@@ -16,7 +16,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -24,11 +23,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::discovery::types::{FlowKey, Protocol};
-use crate::marker::label::Tag;
-use crate::marker::maps::{MarkMaps, OUTCOMES};
+use crate::engine::{Command, ControlCall};
+use crate::view::FlowFilter;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted; longer ones get an error and the connection closes.
@@ -68,9 +68,20 @@ pub enum Request {
     MarkDel {
         flow: FlowSpec,
     },
+    /// Every live flow, optionally filtered.
+    Flows {
+        #[serde(default)]
+        filter: Option<FlowFilter>,
+    },
+    /// One flow by socket cookie.
+    Flow {
+        cookie: u64,
+    },
+    /// Reload the policy directory (as SIGHUP does).
+    Reload {},
 }
 
-/// What the daemon reports in `status`, fixed at start.
+/// What the daemon reports about itself in `status`, fixed at start.
 #[derive(Debug, Clone, Serialize)]
 pub struct DaemonInfo {
     pub version: &'static str,
@@ -119,14 +130,15 @@ impl Server {
         })
     }
 
-    /// Serves connections until the task is dropped.
-    pub async fn serve(self, maps: Arc<MarkMaps>, info: Arc<DaemonInfo>) {
+    /// Serves connections until the task is dropped; each request is answered by the
+    /// engine behind `engine`.
+    pub async fn serve(self, engine: mpsc::Sender<Command>) {
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
-                    let (maps, info) = (maps.clone(), info.clone());
+                    let engine = engine.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_conn(stream, &maps, &info).await {
+                        if let Err(e) = serve_conn(stream, &engine).await {
                             debug!(error = %e, "control connection ended");
                         }
                     });
@@ -144,7 +156,7 @@ impl Server {
     }
 }
 
-async fn serve_conn(stream: UnixStream, maps: &MarkMaps, info: &DaemonInfo) -> std::io::Result<()> {
+async fn serve_conn(stream: UnixStream, engine: &mpsc::Sender<Command>) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut rd = AsyncBufReader::new(rd);
     let mut line = Vec::new();
@@ -161,7 +173,10 @@ async fn serve_conn(stream: UnixStream, maps: &MarkMaps, info: &DaemonInfo) -> s
         let reply = if too_long {
             error_reply(format!("request longer than {MAX_LINE} bytes"))
         } else {
-            handle_line(&line, maps, info)
+            match parse_request(&line) {
+                Err(e) => error_reply(e),
+                Ok(request) => ask(engine, request).await,
+            }
         };
         let mut out = serde_json::to_vec(&reply).unwrap_or_default();
         out.push(b'\n');
@@ -172,77 +187,43 @@ async fn serve_conn(stream: UnixStream, maps: &MarkMaps, info: &DaemonInfo) -> s
     }
 }
 
+async fn ask(engine: &mpsc::Sender<Command>, request: Request) -> Value {
+    let (reply, answer) = oneshot::channel();
+    if engine
+        .send(Command::Control(ControlCall { request, reply }))
+        .await
+        .is_err()
+    {
+        return error_reply("the daemon is shutting down".into());
+    }
+    match answer.await {
+        Ok(Ok(result)) => json!({"v": PROTOCOL_VERSION, "ok": true, "result": result}),
+        Ok(Err(e)) => error_reply(e),
+        Err(_) => error_reply("the daemon is shutting down".into()),
+    }
+}
+
 fn error_reply(msg: String) -> Value {
     json!({"v": PROTOCOL_VERSION, "ok": false, "error": msg})
 }
 
-/// Answers one request line; never panics on what a client sends.
-pub fn handle_line(line: &[u8], maps: &MarkMaps, info: &DaemonInfo) -> Value {
-    let v: Value = match serde_json::from_slice(line) {
-        Ok(v) => v,
-        Err(e) => return error_reply(format!("not a JSON request: {e}")),
-    };
+/// Parses one request line; every way a client can get it wrong is an error string.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| format!("not a JSON request: {e}"))?;
     match v.get("v").and_then(Value::as_u64) {
         Some(1) => {}
         Some(other) => {
-            return error_reply(format!(
+            return Err(format!(
                 "unsupported protocol version {other}: this daemon speaks 1"
             ))
         }
-        None => return error_reply("missing protocol version: send {\"v\":1,...}".into()),
+        None => return Err("missing protocol version: send {\"v\":1,...}".into()),
     }
     let mut body = v;
     if let Some(o) = body.as_object_mut() {
         o.remove("v");
     }
-    let req: Request = match serde_json::from_value(body) {
-        Ok(r) => r,
-        Err(e) => return error_reply(format!("bad request: {e}")),
-    };
-    match execute(req, maps, info) {
-        Ok(result) => json!({"v": PROTOCOL_VERSION, "ok": true, "result": result}),
-        Err(e) => error_reply(e),
-    }
-}
-
-fn execute(req: Request, maps: &MarkMaps, info: &DaemonInfo) -> Result<Value, String> {
-    match req {
-        Request::Status {} => Ok(json!({
-            "daemon": info,
-            "marks": maps.len(),
-            "map_capacity": maps.capacity(),
-        })),
-        Request::Counters {} => {
-            let c = maps.counters().map_err(|e| e.to_string())?;
-            let outcomes: serde_json::Map<String, Value> = OUTCOMES
-                .iter()
-                .zip(c.outcomes)
-                .map(|(n, v)| (n.to_string(), json!(v)))
-                .collect();
-            Ok(json!({"outcomes": outcomes, "per_tag": c.per_tag}))
-        }
-        Request::MarkAdd {
-            flow,
-            experiment,
-            activity,
-            entropy,
-        } => {
-            let key = flow.key()?;
-            let tag = Tag::new(experiment, activity).map_err(|e| e.to_string())?;
-            let entropy = entropy.unwrap_or_else(|| rand::random::<u8>() & 0x1f);
-            if entropy > 0x1f {
-                return Err(format!("entropy {entropy} does not fit 5 bits (0..=31)"));
-            }
-            maps.insert(&key, tag, entropy).map_err(|e| e.to_string())?;
-            info!(flow = %format!("{} {} -> {}", flow.proto, key.local, key.remote), tag = %tag, "flow marked by request");
-            Ok(json!({"label": tag.label(entropy)}))
-        }
-        Request::MarkDel { flow } => {
-            let key = flow.key()?;
-            let removed = maps.remove(&key).map_err(|e| e.to_string())?;
-            Ok(json!({"removed": removed}))
-        }
-    }
+    serde_json::from_value(body).map_err(|e| format!("bad request: {e}"))
 }
 
 /// Sends one request to the daemon at `path` and returns its `result`.

@@ -10,9 +10,17 @@ use nix::fcntl::{Flock, FlockArg};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
-use crate::config::Config;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::config::{Config, TrackerSetting};
 use crate::control::{DaemonInfo, Server};
+use crate::discovery::feeds::{self, Feed, TrackerStatus};
+use crate::discovery::tracker::{TrackerConfig, TrackerMode};
+use crate::engine::{load_policy, Command, Engine};
 use crate::marker::Marker;
+use crate::policy::Registry;
 
 /// Holds `<state_dir>/lock` for the daemon's life: one daemon per state directory,
 /// and `clean` can tell whether one is running.
@@ -45,34 +53,116 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _lock = InstanceLock::acquire(&cfg.state_dir)?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+
+    // Everything that can be refused is checked before anything is attached.
+    let registry = match &cfg.policy.registry {
+        Some(p) => Registry::from_file(p).with_context(|| format!("registry {}", p.display()))?,
+        None => Registry::bundled(),
+    };
+    let policy = load_policy(&cfg.policy.dir, &registry).map_err(|e| anyhow::anyhow!("{e}"))?;
+    info!(dir = %cfg.policy.dir.display(), rules = policy.rules().len(), version = policy.version(), "policy loaded");
 
     let marker = Marker::start(&cfg).await?;
+    match start_engine(&cfg, &marker, policy, registry).await {
+        Ok(running) => {
+            tokio::select! {
+                _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+                _ = sigint.recv() => info!("SIGINT: shutting down"),
+                _ = async { loop { sighup.recv().await; let _ = running.commands.send(Command::Reload).await; } } => {}
+            }
+            running.stop().await;
+        }
+        Err(e) => {
+            marker.stop().await;
+            return Err(e);
+        }
+    }
+    let _ = std::fs::remove_file(cfg.control_socket());
+    marker.stop().await;
+    info!("flowd-rs stopped; interfaces left as found");
+    Ok(())
+}
+
+struct Running {
+    commands: mpsc::Sender<Command>,
+    engine: tokio::task::JoinHandle<()>,
+    control: tokio::task::JoinHandle<()>,
+    feeds: Vec<Feed>,
+}
+
+impl Running {
+    /// Stops the feeds first (so the engine sees its input end), then lets the engine
+    /// remove every mark it wrote.
+    async fn stop(self) {
+        self.control.abort();
+        let feeds = self.feeds;
+        let _ = tokio::task::spawn_blocking(move || drop(feeds)).await;
+        drop(self.commands);
+        let _ = self.engine.await;
+    }
+}
+
+async fn start_engine(
+    cfg: &Config,
+    marker: &Marker,
+    policy: crate::policy::Policy,
+    registry: Registry,
+) -> Result<Running> {
+    let (disc_tx, disc_rx) = mpsc::channel(8192);
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let tracker_status = Arc::new(TrackerStatus::default());
+    let mut feeds = Vec::new();
+    let (poller, netns) = feeds::spawn_poller(
+        Duration::from_millis(cfg.discovery.reconcile_interval_ms),
+        disc_tx.clone(),
+    )?;
+    feeds.push(poller);
+    let mode = match cfg.discovery.tracker {
+        TrackerSetting::Full => TrackerMode::Full,
+        TrackerSetting::TracepointOnly => TrackerMode::TracepointOnly,
+        TrackerSetting::Disabled => TrackerMode::Disabled,
+    };
+    if mode != TrackerMode::Disabled {
+        let tcfg = TrackerConfig {
+            mode,
+            ring_bytes: cfg.discovery.ring_buffer_bytes,
+            cgroup2_path: cfg.discovery.cgroup2.clone(),
+            udp: cfg.discovery.udp,
+        };
+        feeds.push(feeds::spawn_tracker(
+            &tcfg,
+            disc_tx,
+            tracker_status.clone(),
+        )?);
+    } else {
+        info!("socket tracker disabled: sock_diag polling alone finds sockets");
+    }
     let info = Arc::new(DaemonInfo {
         version: env!("CARGO_PKG_VERSION"),
         pid: std::process::id(),
         strategy: marker.strategy().to_string(),
         attached: marker.attachments(),
     });
-    let socket = cfg.control_socket();
-    let server = match Server::bind(&socket, cfg.control.group.as_deref()) {
-        Ok(s) => s,
-        Err(e) => {
-            marker.stop().await;
-            return Err(e);
-        }
-    };
-    let control = tokio::spawn(server.serve(marker.maps(), info.clone()));
+    let server = Server::bind(&cfg.control_socket(), cfg.control.group.as_deref())?;
+    let engine = Engine::new(
+        netns,
+        policy,
+        &cfg.policy.dir,
+        registry,
+        marker.maps(),
+        info.clone(),
+        tracker_status,
+    );
+    let engine = tokio::spawn(engine.run(disc_rx, cmd_rx));
+    let control = tokio::spawn(server.serve(cmd_tx.clone()));
     info!(strategy = %info.strategy, interfaces = ?info.attached, "flowd-rs running");
-
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
-        _ = sigint.recv() => info!("SIGINT: shutting down"),
-    }
-    control.abort();
-    let _ = std::fs::remove_file(&socket);
-    marker.stop().await;
-    info!("flowd-rs stopped; interfaces left as found");
-    Ok(())
+    Ok(Running {
+        commands: cmd_tx,
+        engine,
+        control,
+        feeds,
+    })
 }
 
 /// `flowd-rs clean`: removes what a crashed instance left on the interfaces.

@@ -3,6 +3,7 @@
 //! talks to netlink and the tracker's BPF objects.
 
 pub mod cgroup2;
+pub mod feeds;
 pub mod procfs;
 pub mod sockdiag;
 pub mod tracker;

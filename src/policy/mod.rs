@@ -193,6 +193,12 @@ impl Policy {
         &self.version
     }
 
+    /// Whether some rule needs facts only /proc can give (process name, executable,
+    /// cgroup, group): only then is the owner of a socket looked up.
+    pub fn needs_process_facts(&self) -> bool {
+        self.rules.iter().any(|r| !r.kernel_decidable())
+    }
+
     /// Rules in precedence order.
     pub fn rules(&self) -> impl ExactSizeIterator<Item = &Rule> {
         self.rules.iter()

@@ -1,0 +1,141 @@
+//! The discovery sources as running feeds: the tracker's ring buffer and the periodic
+//! sock_diag dump each run on a thread of their own (both block in the kernel) and
+//! send what they find down one bounded channel to the flow table's owner.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc::Sender;
+use tracing::{info, warn};
+
+use super::sockdiag::{PollerStats, SockDiag, SockDiagError};
+use super::tracker::{Features, Tracker, TrackerConfig};
+use super::types::SocketObservation;
+
+/// What the feeds send.
+pub enum Discovery {
+    /// One tracker event.
+    Observed(SocketObservation),
+    /// One complete (or failed) sock_diag dump, to reconcile against.
+    Dumped(Dump),
+}
+
+pub struct Dump {
+    pub sockets: Vec<SocketObservation>,
+    /// Taken before the first request: the race rule of `FlowTable::reconcile`.
+    pub started: Instant,
+    pub result: Result<(), SockDiagError>,
+    pub stats: PollerStats,
+}
+
+/// A running feed thread; stopped and joined on drop.
+pub struct Feed {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The tracker's live state for status displays.
+#[derive(Debug, Default)]
+pub struct TrackerStatus {
+    pub drops: AtomicU64,
+    pub features: std::sync::Mutex<Option<Features>>,
+}
+
+/// Starts the tracker (in the caller, so a failure is reported at once) and a thread
+/// that drains its ring buffer without pause: the ring carries every socket of the
+/// host, and a consumer that stalls loses events (counted in `drops`).
+pub fn spawn_tracker(
+    cfg: &TrackerConfig,
+    tx: Sender<Discovery>,
+    status: Arc<TrackerStatus>,
+) -> Result<Feed> {
+    let mut tracker = Tracker::start(cfg).context("starting the socket tracker")?;
+    info!(features = ?tracker.features(), "socket tracker running");
+    *status.features.lock().unwrap() = Some(tracker.features().clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("flowd-tracker".into())
+        .spawn(move || {
+            let mut last_drops = 0;
+            while !stop2.load(Ordering::Relaxed) {
+                let r = tracker.poll(Duration::from_millis(100), &mut |obs| {
+                    // Blocks when the flow table lags: backpressure into the ring,
+                    // where losses are counted rather than hidden.
+                    let _ = tx.blocking_send(Discovery::Observed(obs));
+                });
+                if let Err(e) = r {
+                    warn!(error = %e, "polling the tracker ring buffer failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if let Ok(d) = tracker.drops() {
+                    if d > last_drops {
+                        warn!(
+                            lost = d - last_drops,
+                            total = d,
+                            "tracker ring buffer overflowed: the next dump will reconcile"
+                        );
+                        last_drops = d;
+                    }
+                    status.drops.store(d, Ordering::Relaxed);
+                }
+            }
+        })
+        .context("spawning the tracker thread")?;
+    Ok(Feed {
+        stop,
+        handle: Some(handle),
+    })
+}
+
+/// Opens the sock_diag socket (here, so a failure is reported at once) and dumps every
+/// `interval`, first at once: sockets that existed before the daemon are adopted
+/// from the first dump. Returns the feed and the inode of the dumped netns.
+pub fn spawn_poller(interval: Duration, tx: Sender<Discovery>) -> Result<(Feed, u64)> {
+    let mut sd = SockDiag::new().context("opening the sock_diag netlink socket")?;
+    let netns = sd.netns();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("flowd-sockdiag".into())
+        .spawn(move || {
+            let mut buf = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let result = sd.dump(&mut buf);
+                let dump = Dump {
+                    sockets: std::mem::take(&mut buf),
+                    started,
+                    result,
+                    stats: *sd.stats(),
+                };
+                if tx.blocking_send(Discovery::Dumped(dump)).is_err() {
+                    return;
+                }
+                let until = Instant::now() + interval;
+                while Instant::now() < until && !stop2.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50).min(interval));
+                }
+            }
+        })
+        .context("spawning the sock_diag thread")?;
+    Ok((
+        Feed {
+            stop,
+            handle: Some(handle),
+        },
+        netns,
+    ))
+}
