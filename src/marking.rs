@@ -5,7 +5,6 @@
 //! and kept across policy reloads: a label that changed mid-flow could move the flow
 //! to another ECMP path (shared/spec/scitags.md).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
@@ -108,7 +107,7 @@ impl Marking {
                 .comm
                 .clone()
                 .or_else(|| proc.map(|p| p.comm.clone())),
-            exe: proc.and_then(|p| p.exe.clone()).map(PathBuf::from),
+            exe: proc.and_then(|p| p.exe.clone()),
             cgroup: proc.and_then(|p| p.cgroup.clone()),
         }
     }
