@@ -302,6 +302,7 @@ impl Engine {
             "policy_first_packet_exact_rules": self.policy.rules().filter(|r| r.kernel_decidable()).count(),
             "flows_total": self.table.len(),
             "flows_tagged": mc.tagged,
+            "flows_tagged_total": mc.tagged_total,
             "map_entries": self.maps.len(),
             "map_capacity": self.maps.capacity(),
             "map_full_total": mc.map_full,

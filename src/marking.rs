@@ -55,6 +55,8 @@ impl Decision {
 pub struct MarkingCounters {
     /// Flows currently tagged by policy.
     pub tagged: usize,
+    /// Flows ever tagged.
+    pub tagged_total: u64,
     /// Tags that could not be written because the marker map was full.
     pub map_full: u64,
     /// Other map write failures.
@@ -182,7 +184,9 @@ impl Marking {
             }
         }
         info!(flow = %flow_text(flow), tag = %tag, rule = %v.rule, label = ?next.label().map(|l| format!("{l:#07x}")), "flow tagged");
-        self.decisions.insert(flow.cookie, next);
+        if self.decisions.insert(flow.cookie, next).is_none() {
+            self.counters.tagged_total += 1;
+        }
     }
 
     /// Removes the mark of an ended flow.

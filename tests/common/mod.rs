@@ -267,9 +267,27 @@ pub fn bin() -> &'static str {
 }
 
 impl Daemon {
-    /// Starts the daemon in `ns` with `extra` TOML appended to the config, and waits
-    /// for its control socket.
+    /// Starts the daemon in `ns` with `marker_toml` as its [marker] section (no
+    /// policy: marks come from `mark add`), and waits for its control socket.
     pub fn start(ns: &Netns, dir: &Path, marker_toml: &str) -> Daemon {
+        let policies = dir.join(format!(
+            "no-policies-{}",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        Daemon::start_with(
+            ns,
+            dir,
+            &format!(
+                "[policy]\ndir = \"{}\"\n[marker]\n{marker_toml}\n",
+                policies.display()
+            ),
+        )
+    }
+
+    /// Starts the daemon in `ns` with `config_toml` (sections) after its state_dir.
+    /// It runs through nsenter rather than `ip netns exec`, which would hide the
+    /// host's cgroup2 mount the tracker attaches to.
+    pub fn start_with(ns: &Netns, dir: &Path, config_toml: &str) -> Daemon {
         let state_dir = dir.join(format!("state-{}", SEQ.fetch_add(1, Ordering::Relaxed)));
         let config = dir.join(format!(
             "flowd-{}.toml",
@@ -277,18 +295,16 @@ impl Daemon {
         ));
         std::fs::write(
             &config,
-            format!(
-                "state_dir = \"{}\"\n[marker]\n{marker_toml}\n",
-                state_dir.display()
-            ),
+            format!("state_dir = \"{}\"\n{config_toml}\n", state_dir.display()),
         )
         .unwrap();
         let log = dir.join(format!(
             "daemon-{}.log",
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let child = ns
-            .command(bin())
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg(bin())
             .args(["--log-level", "debug", "-c"])
             .arg(&config)
             .arg("run")
@@ -363,6 +379,14 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Switches the calling thread (only) to `uid`: the raw syscall, unlike libc's
+/// setresuid, does not propagate to the other threads of the test process.
+pub fn become_uid(uid: u32) {
+    // SAFETY: plain syscall with integer arguments.
+    let rc = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+    assert_eq!(rc, 0, "setresuid({uid}) failed");
 }
 
 /// Sends `payload` over TCP from `client_ns` ([ADDR_A]:`sport`) to a listener in
