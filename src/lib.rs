@@ -5,6 +5,7 @@
 //! [`control`].
 
 pub mod bpf;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use flowd::cli;
 use flowd::config::{Config, DEFAULT_CONFIG_PATH};
 use flowd::control::{self, FlowSpec, Request};
 
@@ -34,11 +35,96 @@ enum Command {
     Clean,
     /// Show the running daemon's status and counters.
     Status,
+    /// Validate and explain policy files.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+    /// Encode and decode SciTags flow labels.
+    Label {
+        #[command(subcommand)]
+        action: LabelAction,
+    },
+    /// Manage the SciTags registry of experiment and activity names.
+    Registry {
+        #[command(subcommand)]
+        action: RegistryAction,
+    },
     /// Mark or unmark one flow by hand (internal: for tests until discovery decides marks).
     #[command(hide = true)]
     Mark {
         #[command(subcommand)]
         action: MarkAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyAction {
+    /// Validate every policy file; errors name file:line:column. Exit code 1 on errors.
+    Check {
+        /// Policy directory (default: policy.dir of the configuration).
+        dir: Option<PathBuf>,
+        /// Accept user and group names this host does not know (checking a policy
+        /// repository on a build machine).
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Show which rule would tag a socket, and why each other rule did not.
+    Explain {
+        /// tcp or udp
+        proto: String,
+        /// Local address:port (this host's end).
+        local: SocketAddr,
+        /// Remote address:port.
+        remote: SocketAddr,
+        /// outbound (we connected) or inbound (we accepted).
+        #[arg(long)]
+        direction: Option<String>,
+        /// Owner: user name or uid.
+        #[arg(long)]
+        uid: Option<String>,
+        /// Process name (comm).
+        #[arg(long)]
+        comm: Option<String>,
+        /// Executable path.
+        #[arg(long)]
+        exe: Option<PathBuf>,
+        /// cgroup v2 path, e.g. /system.slice/xrootd@data.service
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Policy directory (default: policy.dir of the configuration).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LabelAction {
+    /// Decode flow labels (decimal or 0x-hex) into experiment, activity and entropy.
+    Decode {
+        #[arg(required = true)]
+        labels: Vec<String>,
+    },
+    /// The flow label for EXPERIMENT and ACTIVITY (names or ids).
+    Encode {
+        experiment: String,
+        activity: String,
+        /// The 5 entropy bits (0..=31).
+        #[arg(long, default_value_t = 0)]
+        entropy: u8,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryAction {
+    /// Download the registry, validate it, and replace OUTPUT atomically.
+    Update {
+        /// Where the published registry lives.
+        #[arg(long, default_value = "https://www.scitags.org/api.json")]
+        url: String,
+        /// The file to write (point policy.registry at it).
+        #[arg(long)]
+        output: PathBuf,
     },
 }
 
@@ -125,6 +211,62 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Policy { action } => {
+            let reg = cli::registry(&cfg)?;
+            let mut out = std::io::stdout().lock();
+            match action {
+                PolicyAction::Check { dir, offline } => {
+                    let dir = dir.unwrap_or(cfg.policy.dir.clone());
+                    if !cli::policy_check(&dir, &reg, offline, &mut out)? {
+                        std::process::exit(1);
+                    }
+                    Ok(())
+                }
+                PolicyAction::Explain {
+                    proto,
+                    local,
+                    remote,
+                    direction,
+                    uid,
+                    comm,
+                    exe,
+                    cgroup,
+                    dir,
+                } => {
+                    let args = cli::ExplainArgs {
+                        proto,
+                        local,
+                        remote,
+                        direction,
+                        uid,
+                        comm,
+                        exe,
+                        cgroup,
+                    };
+                    cli::policy_explain(
+                        &dir.unwrap_or(cfg.policy.dir.clone()),
+                        &reg,
+                        &args,
+                        &mut out,
+                    )
+                }
+            }
+        }
+        Command::Label { action } => {
+            let reg = cli::registry(&cfg)?;
+            let mut out = std::io::stdout().lock();
+            match action {
+                LabelAction::Decode { labels } => cli::label_decode(&labels, &reg, &mut out),
+                LabelAction::Encode {
+                    experiment,
+                    activity,
+                    entropy,
+                } => cli::label_encode(&experiment, &activity, entropy, &reg, &mut out),
+            }
+        }
+        Command::Registry {
+            action: RegistryAction::Update { url, output },
+        } => cli::registry_update(&url, &output, &mut std::io::stdout().lock()),
         Command::Mark { action } => {
             let req = match action {
                 MarkAction::Add {

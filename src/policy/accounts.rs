@@ -53,3 +53,33 @@ impl Accounts for StaticAccounts {
         self.groups.get(name).copied()
     }
 }
+
+/// For checking policies on a machine that lacks the accounts they name (a CI job
+/// of a policy repository): names the host knows resolve as usual, unknown names get
+/// a synthetic id from the top of the id space, the same for the same name, so
+/// overlap and conflict checks still work.
+#[derive(Debug, Default)]
+pub struct OfflineAccounts {
+    synthetic: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl OfflineAccounts {
+    fn synthetic(&self, kind: &str, name: &str) -> u32 {
+        let mut m = self.synthetic.lock().unwrap();
+        let next = u32::MAX - 1 - m.len() as u32;
+        *m.entry(format!("{kind}:{name}")).or_insert(next)
+    }
+}
+
+impl Accounts for OfflineAccounts {
+    fn uid_of(&self, name: &str) -> Option<u32> {
+        SystemAccounts
+            .uid_of(name)
+            .or_else(|| Some(self.synthetic("u", name)))
+    }
+    fn gid_of(&self, name: &str) -> Option<u32> {
+        SystemAccounts
+            .gid_of(name)
+            .or_else(|| Some(self.synthetic("g", name)))
+    }
+}

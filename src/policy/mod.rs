@@ -19,7 +19,7 @@ mod sets;
 
 use std::path::{Path, PathBuf};
 
-pub use accounts::{Accounts, StaticAccounts, SystemAccounts};
+pub use accounts::{Accounts, OfflineAccounts, StaticAccounts, SystemAccounts};
 pub use error::{ErrorKind, PolicyError, PolicyErrors};
 pub use explain::{ExplainEntry, Explanation, Outcome};
 pub use file::{FILE_FIELDS, RULE_FIELDS};
