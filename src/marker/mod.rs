@@ -30,6 +30,26 @@ pub struct LoadOptions {
     pub map_capacity: u32,
     /// Also load `flowd_empty`, the do-nothing program benchmarks use as a floor.
     pub with_empty_program: bool,
+    /// Decide the policy in the kernel for first packets (config
+    /// `marker.in_kernel_decisions`): the TC miss path and the sockops program.
+    pub in_kernel: bool,
+    /// Inode of the network namespace whose connects the sockops program decides.
+    pub netns_ino: u32,
+    /// Also load `flowd_kdecide_test` (the agreement tests run it).
+    pub with_test_program: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            strategy: Strategy::LABEL,
+            map_capacity: crate::config::DEFAULT_MAP_CAPACITY,
+            with_empty_program: false,
+            in_kernel: false,
+            netns_ino: 0,
+            with_test_program: false,
+        }
+    }
 }
 
 /// Opens, configures (rodata, map sizes) and loads the marker object.
@@ -45,12 +65,18 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         .context("opening the marker BPF object")?;
     if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
         ro.flowd_strategy = opts.strategy.bits();
+        ro.flowd_in_kernel = u32::from(opts.in_kernel);
+        ro.flowd_netns_ino = opts.netns_ino;
     }
     open.maps
         .flowd_marks
         .set_max_entries(opts.map_capacity)
         .context("sizing the marker map")?;
     open.progs.flowd_empty.set_autoload(opts.with_empty_program);
+    open.progs.flowd_kconnect.set_autoload(opts.in_kernel);
+    open.progs
+        .flowd_kdecide_test
+        .set_autoload(opts.with_test_program);
     // TCX links want the attach type at load time; cls_bpf (the clsact fallback)
     // ignores it, so one program serves both.
     open.progs
@@ -65,6 +91,16 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         };
         anyhow::anyhow!("loading the marker BPF program: {e}{hint}")
     })
+}
+
+/// Inode of the calling thread's network namespace (what the tracker and sock_diag
+/// report as a socket's netns).
+pub fn own_netns_ino() -> Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata("/proc/thread-self/ns/net")
+        .context("reading /proc/thread-self/ns/net")?
+        .ino();
+    Ok(ino as u32)
 }
 
 /// Handles on the loaded object's maps for userspace use.
@@ -104,7 +140,9 @@ impl Marker {
         let opts = LoadOptions {
             strategy: cfg.marker.strategy,
             map_capacity: cfg.marker.map_capacity,
-            with_empty_program: false,
+            in_kernel: cfg.marker.in_kernel_decisions,
+            netns_ino: own_netns_ino()?,
+            ..Default::default()
         };
         let skel = load(&opts)?;
         let maps = Arc::new(maps_of(&skel, opts.map_capacity)?);
