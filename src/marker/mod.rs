@@ -5,6 +5,7 @@
 //! flows and tags.
 
 pub mod attach;
+pub mod compiled;
 pub mod label;
 pub mod maps;
 pub mod netif;
@@ -107,12 +108,21 @@ pub fn own_netns_ino() -> Result<u32> {
 pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
     let h =
         |m: &libbpf_rs::MapMut<'_>| MapHandle::try_from(m).context("duplicating a marker map fd");
+    let m = &skel.maps;
     Ok(MarkMaps::new(
-        h(&skel.maps.flowd_marks)?,
-        h(&skel.maps.flowd_outcomes)?,
-        h(&skel.maps.flowd_tag_counters)?,
+        h(&m.flowd_marks)?,
+        h(&m.flowd_outcomes)?,
+        h(&m.flowd_tag_counters)?,
         capacity,
-    ))
+    )
+    .with_kernel(compiled::KernelMaps {
+        state: h(&m.flowd_kstate_map)?,
+        policy: h(&m.flowd_kpolicy_map)?,
+        rules: h(&m.flowd_krules)?,
+        addrs: h(&m.flowd_kaddrs)?,
+        ports: h(&m.flowd_kports)?,
+        uids: h(&m.flowd_kuids)?,
+    }))
 }
 
 /// The running marker: loaded program, its maps, and where it is attached.

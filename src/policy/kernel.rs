@@ -177,11 +177,8 @@ impl KernelPolicy {
                     Side::Remote => r.matcher.remote_cidrs.as_ref(),
                 })
                 .collect();
-            k.addrs.extend(
-                addr_entries(&cidrs)
-                    .into_iter()
-                    .map(|(n, b)| (side, n, b)),
-            );
+            k.addrs
+                .extend(addr_entries(&cidrs).into_iter().map(|(n, b)| (side, n, b)));
             let ports: Vec<Option<&PortSet>> = compiled
                 .iter()
                 .map(|r| match side {
@@ -372,7 +369,11 @@ fn port_entries(ports: &[Option<&PortSet>]) -> Vec<(u16, u8, RuleBits)> {
 fn blocks(mut lo: u32, end: u32) -> Vec<(u16, u8)> {
     let mut out = Vec::new();
     while lo < end {
-        let align = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        let align = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
         let mut size_log = align;
         while (1u32 << size_log) > end - lo {
             size_log -= 1;

@@ -7,7 +7,10 @@ use crate::policy::{Policy, Registry, StaticAccounts};
 fn policy(text: &str) -> Policy {
     let accounts = StaticAccounts::new(&[("root", 0), ("xrootd", 996)], &[("root", 0)]);
     Policy::from_sources_with(
-        &[(PathBuf::from("atlas.toml"), format!("experiment = \"atlas\"\n{text}"))],
+        &[(
+            PathBuf::from("atlas.toml"),
+            format!("experiment = \"atlas\"\n{text}"),
+        )],
         &Registry::bundled(),
         &accounts,
     )
@@ -47,7 +50,10 @@ fn addr_entry(k: &KernelPolicy, side: Side, net: &str) -> RuleBits {
 fn negated_cidr_inside_a_positive_one_removes_the_rule_from_that_region_only() {
     let p = policy(&format!(
         "{}{}",
-        rule("wide", "remote_cidrs = [\"2001:db8::/32\", \"!2001:db8:1::/48\"]"),
+        rule(
+            "wide",
+            "remote_cidrs = [\"2001:db8::/32\", \"!2001:db8:1::/48\"]"
+        ),
         rule("hole", "remote_cidrs = [\"2001:db8:1::/48\"]\npriority = 1"),
     ));
     let k = KernelPolicy::compile(p.rules());
@@ -63,9 +69,18 @@ fn negated_cidr_inside_a_positive_one_removes_the_rule_from_that_region_only() {
 fn nested_positive_prefixes_accumulate_and_a_negation_only_list_covers_the_rest() {
     let p = policy(&format!(
         "{}{}{}",
-        rule("outer", "remote_cidrs = [\"2001:db8::/32\"]\nremote_ports = [1]"),
-        rule("inner", "remote_cidrs = [\"2001:db8:5::/48\"]\nremote_ports = [2]"),
-        rule("not-inner", "remote_cidrs = [\"!2001:db8:5::/48\"]\nremote_ports = [3]"),
+        rule(
+            "outer",
+            "remote_cidrs = [\"2001:db8::/32\"]\nremote_ports = [1]"
+        ),
+        rule(
+            "inner",
+            "remote_cidrs = [\"2001:db8:5::/48\"]\nremote_ports = [2]"
+        ),
+        rule(
+            "not-inner",
+            "remote_cidrs = [\"!2001:db8:5::/48\"]\nremote_ports = [3]"
+        ),
     ));
     let k = KernelPolicy::compile(p.rules());
     let (o, i, n) = (b(&p, "outer"), b(&p, "inner"), b(&p, "not-inner"));
@@ -117,13 +132,24 @@ fn port_blocks_partition_the_port_space_and_carry_the_rules_of_each_port() {
         (65535, any),
     ] {
         assert_eq!(k.port_bits(Side::Local, port), want, "port {port}");
-        assert_eq!(k.port_bits(Side::Remote, port), range | any, "remote {port}");
+        assert_eq!(
+            k.port_bits(Side::Remote, port),
+            range | any,
+            "remote {port}"
+        );
     }
 }
 
 #[test]
 fn blocks_are_aligned_and_exact() {
-    for (lo, end) in [(0, 65536), (1, 65536), (1000, 2001), (5, 6), (65535, 65536), (0, 1)] {
+    for (lo, end) in [
+        (0, 65536),
+        (1, 65536),
+        (1000, 2001),
+        (5, 6),
+        (65535, 65536),
+        (0, 1),
+    ] {
         let bl = blocks(lo, end);
         let mut next = lo;
         for (start, len) in bl {
@@ -142,7 +168,10 @@ fn the_lowest_matching_bit_is_the_rule_of_highest_precedence() {
         "{}{}{}",
         rule("low", "remote_ports = [\"1-65535\"]"),
         rule("high", "remote_ports = [443]\npriority = 5"),
-        rule("udp", "protocol = \"udp\"\nremote_ports = [443]\npriority = 9"),
+        rule(
+            "udp",
+            "protocol = \"udp\"\nremote_ports = [443]\npriority = 9"
+        ),
     ));
     let k = KernelPolicy::compile(p.rules());
     let pos = |n: &str| p.rules().position(|r| &*r.id.name == n).unwrap();
@@ -158,7 +187,10 @@ fn the_lowest_matching_bit_is_the_rule_of_highest_precedence() {
 fn a_userspace_rule_that_could_win_stops_the_kernel_and_one_that_cannot_does_not() {
     let p = policy(&format!(
         "{}{}",
-        rule("proc", "process = [\"xrootd\"]\nremote_ports = [1094]\npriority = 5"),
+        rule(
+            "proc",
+            "process = [\"xrootd\"]\nremote_ports = [1094]\npriority = 5"
+        ),
         rule("port", "remote_ports = [\"1000-2000\"]"),
     ));
     let k = KernelPolicy::compile(p.rules());
@@ -206,7 +238,14 @@ fn rules_past_the_limit_stay_in_userspace_and_say_so() {
     assert!(k.exactness[..MAX_RULES].iter().all(Exactness::is_exact));
     assert_eq!(k.exactness[MAX_RULES], Exactness::BeyondLimit);
     // A socket only rule MAX_RULES matches: the kernel finds nothing, userspace decides.
-    let port = p.rules().nth(MAX_RULES).unwrap().matcher.remote_ports.clone().unwrap();
+    let port = p
+        .rules()
+        .nth(MAX_RULES)
+        .unwrap()
+        .matcher
+        .remote_ports
+        .clone()
+        .unwrap();
     let s = sock(
         Protocol::Tcp,
         "[fd00::1]:4000",
@@ -214,16 +253,17 @@ fn rules_past_the_limit_stay_in_userspace_and_say_so() {
         Some(0),
     );
     assert_eq!(k.evaluate(&s), KernelVerdict::NoMatch);
-    assert!(p.evaluate(&crate::policy::SocketAttrs {
-        proto: Protocol::Tcp,
-        local: s.local.into(),
-        remote: s.remote.into(),
-        direction: Direction::Outbound,
-        uid: Some(0),
-        gid: None,
-        comm: None,
-        exe: None,
-        cgroup: None,
-    })
-    .is_some());
+    assert!(p
+        .evaluate(&crate::policy::SocketAttrs {
+            proto: Protocol::Tcp,
+            local: s.local.into(),
+            remote: s.remote.into(),
+            direction: Direction::Outbound,
+            uid: Some(0),
+            gid: None,
+            comm: None,
+            exe: None,
+            cgroup: None,
+        })
+        .is_some());
 }
