@@ -49,13 +49,19 @@ pub fn policy_check(
                 p.rules().len(),
                 p.version()
             )?;
-            for r in p.rules() {
+            // With marker.in_kernel_decisions (the default): which rules the kernel
+            // decides before a flow's first packet leaves.
+            let compiled = crate::policy::kernel::KernelPolicy::compile(p.rules());
+            let exact = compiled.exactness.iter().filter(|e| e.is_exact()).count();
+            writeln!(
+                out,
+                "  {exact} of {} rules first-packet exact (in-kernel decisions, limit {} rules)",
+                p.rules().len(),
+                crate::policy::kernel::MAX_RULES
+            )?;
+            for (r, ex) in p.rules().zip(&compiled.exactness) {
                 let tag = reg.name_of(r.experiment, r.activity);
-                let exact = if r.kernel_decidable() {
-                    "kernel-decidable"
-                } else {
-                    "needs process facts: decided in userspace"
-                };
+                let exact = ex.describe();
                 writeln!(
                     out,
                     "  {}  priority {}  -> {}  [{}]",

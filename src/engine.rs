@@ -22,6 +22,7 @@ use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
 use crate::marker::label::Tag;
 use crate::marker::maps::{MarkMaps, OUTCOMES};
 use crate::marking::{MarkSink, Marking};
+use crate::policy::kernel::{Exactness, KernelPolicy};
 use crate::policy::{Policy, Registry};
 
 /// A control request and where its answer goes.
@@ -52,6 +53,10 @@ pub struct Engine {
     reloads_failed: u64,
     last_poll: Duration,
     users: HashMap<u32, Option<String>>,
+    /// Config marker.in_kernel_decisions: compile each policy into the kernel.
+    in_kernel: bool,
+    /// Per rule (precedence order) of the current policy: decided in the kernel?
+    exactness: Vec<Exactness>,
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
@@ -73,8 +78,9 @@ impl Engine {
         maps: Arc<MarkMaps>,
         info: Arc<DaemonInfo>,
         tracker: Arc<TrackerStatus>,
+        in_kernel: bool,
     ) -> Self {
-        Engine {
+        let mut engine = Engine {
             table: FlowTable::new(FlowTableConfig {
                 netns: local_netns,
                 ..Default::default()
@@ -92,6 +98,39 @@ impl Engine {
             reloads_failed: 0,
             last_poll: Duration::ZERO,
             users: HashMap::new(),
+            in_kernel,
+            exactness: Vec::new(),
+        };
+        engine.install_kernel_policy();
+        engine
+    }
+
+    /// Compiles the current policy into the kernel's decision maps (when in-kernel
+    /// decisions are on). On failure the kernel stops deciding and userspace
+    /// decides every flow, as with the switch off.
+    fn install_kernel_policy(&mut self) {
+        if !self.in_kernel {
+            self.exactness.clear();
+            return;
+        }
+        let k = KernelPolicy::compile(self.policy.rules());
+        match self.maps.install_policy(&k) {
+            Ok(()) => {
+                let exact = k.exactness.iter().filter(|e| e.is_exact()).count();
+                info!(
+                    rules = k.exactness.len(),
+                    first_packet_exact = exact,
+                    "policy compiled into the kernel"
+                );
+                self.exactness = k.exactness;
+            }
+            Err(e) => {
+                warn!(error = %e, "compiling the policy into the kernel failed: userspace decides every flow");
+                if let Some(km) = self.maps.kernel() {
+                    let _ = km.disable();
+                }
+                self.exactness.clear();
+            }
         }
     }
 
@@ -128,7 +167,14 @@ impl Engine {
                 match dump.result {
                     Ok(()) => {
                         self.table.note_dump_duration(dump.stats.last_dump_duration);
-                        self.table.reconcile(&dump.sockets, dump.started)
+                        let events = self.table.reconcile(&dump.sockets, dump.started);
+                        self.apply(events);
+                        // After the table has caught up with a complete dump: any
+                        // kernel mark still unclaimed belongs to no live flow we know.
+                        if self.in_kernel {
+                            self.marking.sweep(self.maps.as_ref());
+                        }
+                        Vec::new()
                     }
                     Err(e) => {
                         self.table.note_dump_error();
@@ -184,6 +230,7 @@ impl Engine {
         match load_policy(&self.policy_dir, &self.registry) {
             Ok(p) => {
                 self.policy = Arc::new(p);
+                self.install_kernel_policy();
                 self.reloads_ok += 1;
                 let flows: Vec<Arc<Flow>> =
                     self.table.iter().map(|f| Arc::new(f.clone())).collect();
@@ -204,9 +251,15 @@ impl Engine {
     }
 
     fn remove_all_marks(&mut self) {
+        if let Some(km) = self.maps.kernel() {
+            let _ = km.disable();
+        }
         let flows: Vec<Flow> = self.table.iter().cloned().collect();
         for f in flows {
             self.marking.on_end(&f, self.maps.as_ref());
+        }
+        for key in self.maps.kernel_marked() {
+            let _ = self.maps.remove(&key);
         }
     }
 
@@ -299,7 +352,12 @@ impl Engine {
             "attached": self.info.attached,
             "policy_version": self.policy.version(),
             "policy_rules": self.policy.rules().len(),
-            "policy_first_packet_exact_rules": self.policy.rules().filter(|r| r.kernel_decidable()).count(),
+            "in_kernel_decisions": self.in_kernel,
+            "policy_first_packet_exact_rules": self.exactness.iter().filter(|e| e.is_exact()).count(),
+            "flows_first_packet_exact": self.table.iter().filter(|f| self.marking.decision(f.cookie).is_some_and(|d| d.first_packet_exact)).count(),
+            "kernel_decided_total": mc.kernel_decided_total,
+            "kernel_overridden": mc.kernel_overridden,
+            "kernel_swept": mc.kernel_swept,
             "flows_total": self.table.len(),
             "flows_tagged": mc.tagged,
             "flows_tagged_total": mc.tagged_total,

@@ -63,6 +63,7 @@ pub fn flow(
         "activity_name": names.as_ref().map(|n| n.activity.clone()),
         "label": d.and_then(|d| d.label()),
         "rule": d.map(|d| d.rule.to_string()),
+        "first_packet_exact": d.is_some_and(|d| d.first_packet_exact),
         "age_secs": f.first_seen.elapsed().as_secs_f64(),
         "tcp": f.tcp.map(|t| json!({
             "rtt_us": t.rtt_us, "rttvar_us": t.rttvar_us, "snd_cwnd": t.snd_cwnd,

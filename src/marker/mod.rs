@@ -127,6 +127,9 @@ pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
 
 /// The running marker: loaded program, its maps, and where it is attached.
 pub struct Marker {
+    /// The sockops program deciding active opens, on the cgroup2 root; detached
+    /// when dropped.
+    kconnect: Option<libbpf_rs::Link>,
     skel: MarkerSkel<'static>,
     attachments: Vec<Attachment>,
     maps: Arc<MarkMaps>,
@@ -164,7 +167,13 @@ impl Marker {
             &state,
         )
         .await?;
+        let kconnect = if opts.in_kernel {
+            attach_kconnect(&skel, cfg.discovery.cgroup2.as_deref())
+        } else {
+            None
+        };
         Ok(Marker {
+            kconnect,
             skel,
             attachments,
             maps,
@@ -190,9 +199,49 @@ impl Marker {
             .collect()
     }
 
+    /// Whether active opens are decided at connect() (sockops attached).
+    pub fn decides_at_connect(&self) -> bool {
+        self.kconnect.is_some()
+    }
+
     /// Detaches everywhere, leaving each interface as it was found.
     pub async fn stop(self) {
+        drop(self.kconnect);
         attach::detach_all(self.attachments, &self.rtnl, &self.state).await;
         drop(self.skel);
+    }
+}
+
+/// Attaches `flowd_kconnect` to the cgroup2 root so that every connect() of the host
+/// passes it (it decides only those of our network namespace). Without it the TC
+/// program still decides active opens, from the SYN on a map miss.
+fn attach_kconnect(
+    skel: &MarkerSkel<'_>,
+    configured: Option<&std::path::Path>,
+) -> Option<libbpf_rs::Link> {
+    use std::os::fd::AsRawFd;
+    let path = match configured {
+        Some(p) => p.to_path_buf(),
+        None => std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|mi| crate::discovery::cgroup2::find_cgroup2_mount(&mi))?,
+    };
+    let result = std::fs::File::open(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            skel.progs
+                .flowd_kconnect
+                .attach_cgroup(f.as_raw_fd())
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(link) => {
+            info!(cgroup2 = %path.display(), "in-kernel decisions at connect() attached");
+            Some(link)
+        }
+        Err(e) => {
+            tracing::warn!(cgroup2 = %path.display(), error = %e, "cannot attach the connect() decision: active opens are decided from their SYN instead");
+            None
+        }
     }
 }
