@@ -153,8 +153,8 @@ async fn start_engine(
         marker.maps(),
         info.clone(),
         tracker_status,
-        cfg.marker.in_kernel_decisions,
-    );
+    )
+    .with_in_kernel_decisions(cfg.marker.in_kernel_decisions);
     let engine = tokio::spawn(engine.run(disc_rx, cmd_rx));
     let control = tokio::spawn(server.serve(cmd_tx.clone()));
     info!(strategy = %info.strategy, interfaces = ?info.attached, "flowd-rs running");

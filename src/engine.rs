@@ -78,9 +78,8 @@ impl Engine {
         maps: Arc<MarkMaps>,
         info: Arc<DaemonInfo>,
         tracker: Arc<TrackerStatus>,
-        in_kernel: bool,
     ) -> Self {
-        let mut engine = Engine {
+        Engine {
             table: FlowTable::new(FlowTableConfig {
                 netns: local_netns,
                 ..Default::default()
@@ -98,11 +97,17 @@ impl Engine {
             reloads_failed: 0,
             last_poll: Duration::ZERO,
             users: HashMap::new(),
-            in_kernel,
+            in_kernel: false,
             exactness: Vec::new(),
-        };
-        engine.install_kernel_policy();
-        engine
+        }
+    }
+
+    /// Config marker.in_kernel_decisions: when on, the policy (now and after every
+    /// reload) is compiled into the kernel's decision maps.
+    pub fn with_in_kernel_decisions(mut self, on: bool) -> Self {
+        self.in_kernel = on;
+        self.install_kernel_policy();
+        self
     }
 
     /// Compiles the current policy into the kernel's decision maps (when in-kernel
