@@ -350,3 +350,7 @@ pub fn flow_text(f: &Flow) -> String {
         f.key.remote
     )
 }
+
+#[cfg(test)]
+#[path = "marking_tests.rs"]
+mod tests;
