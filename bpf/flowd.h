@@ -63,7 +63,9 @@ struct flowd_flow_key {
 /* The mark for one flow. */
 struct flowd_flow_mark {
 	/* The 20-bit flow label (host order), entropy bits included: drawn once per
-	 * flow by userspace so that the label never changes mid-flow. */
+	 * flow, by whichever side writes the flow's entry first (userspace, or the
+	 * in-kernel decision with bpf_get_prandom_u32), and kept by the other, so
+	 * that the label never changes mid-flow. */
 	__u32 label;
 	__u16 experiment;
 	__u8 activity;
