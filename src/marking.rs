@@ -296,7 +296,8 @@ impl Marking {
         if let Some(old) = self.decisions.remove(&flow.cookie) {
             remove_from_map(&old, sink, &mut self.counters);
             debug!(flow = %flow_text(flow), "flow ended: mark removed");
-        } else if flow.key.is_ipv6() {
+        } else if flow.key.is_ipv6() && flow.netns == self.local_netns {
+            // Only our namespace's flows can have a kernel mark in our map.
             if let Ok(Some(m)) = sink.existing(&flow.key) {
                 if m.kernel {
                     let _ = sink.remove(&flow.key);
