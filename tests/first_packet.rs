@@ -136,6 +136,47 @@ fn udp(pair: &Pair) -> u16 {
     port
 }
 
+/// Holds a matched connection (A -> B:5201) open until the daemon's `flows` view has
+/// tagged it; returns that view's `first_packet_exact`.
+fn first_packet_exact_in_view(pair: &Pair, d: &Daemon) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = pair.b.run(move || {
+        let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), 5201)).unwrap();
+        tx.send(()).unwrap();
+        let (mut c, _) = l.accept().unwrap();
+        let _ = c.read_to_end(&mut Vec::new());
+    });
+    rx.recv().unwrap();
+    let (ptx, prx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let cli = pair.a.run(move || {
+        let s = TcpStream::connect(SocketAddr::new(ADDR_B.into(), 5201)).unwrap();
+        ptx.send(s.local_addr().unwrap().port()).unwrap();
+        let _ = done_rx.recv();
+    });
+    let port = prx.recv().unwrap();
+    let sock = d.state_dir.join("control.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exact = loop {
+        let v = flowd::control::request(&sock, &flowd::control::Request::Flows { filter: None })
+            .unwrap();
+        let flow = v["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["local"] == format!("[{ADDR_A}]:{port}") && !f["experiment"].is_null());
+        if let Some(f) = flow {
+            break f["first_packet_exact"].as_bool().unwrap();
+        }
+        assert!(Instant::now() < deadline, "flow never tagged: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    done_tx.send(()).unwrap();
+    cli.join().unwrap();
+    srv.join().unwrap();
+    exact
+}
+
 fn from_a(pkts: &[Packet], port: u16) -> Vec<&Packet> {
     pkts.iter()
         .filter(|p| p.src == SocketAddr::new(ADDR_A.into(), port))
@@ -224,6 +265,10 @@ fn in_kernel_decisions_mark_every_packet_from_the_first() {
             .all(|t| *t != Some(tag("Debug"))),
         "uid 0 on 5202 matches no rule"
     );
+    assert!(
+        first_packet_exact_in_view(&pair, &d),
+        "flows view: first_packet_exact"
+    );
     let st = settle(&d);
     d.stop();
     assert!(st["kernel_decided_total"].as_u64().unwrap() >= 3, "{st}");
@@ -246,6 +291,10 @@ fn without_in_kernel_decisions_the_first_packets_leave_unmarked() {
     let out = active(&pair, None, 5201);
     passive(&pair);
     let pkts = cap.finish();
+    assert!(
+        !first_packet_exact_in_view(&pair, &d),
+        "flows view: first_packet_exact"
+    );
     let st = settle(&d);
     d.stop();
     // Userspace hears of the socket only after connect() has sent the SYN (and the
