@@ -282,6 +282,19 @@ static __always_inline struct flowd_flow_mark *kdecide_and_insert(const struct f
 #define TCP_FLAG_ACK 0x10
 #define FLOWD_TCP_ESTABLISHED_STATE 1
 
+/* Cheap pre-filter of the miss path: UDP, or TCP with SYN set. */
+static __always_inline bool may_decide(struct __sk_buff *skb, const struct flowd_flow_key *key,
+				       __u32 l4)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u8 *flags = data + (l4 & 0x3ff) + 13;
+
+	if (key->proto != IPPROTO_TCP)
+		return true;
+	return (void *)(flags + 1) <= end && (*flags & TCP_FLAG_SYN);
+}
+
 /*
  * TC miss path: a packet of a flow with no mark. Decided here:
  *  - a TCP SYN-ACK (passive open: the request socket's listener gives the uid),
@@ -560,8 +573,10 @@ int flowd_mark(struct __sk_buff *skb)
 	struct flowd_flow_mark *m = bpf_map_lookup_elem(&flowd_marks, &key);
 
 	if (!m) {
-		/* The miss path: only here may the policy be evaluated. */
-		if (flowd_in_kernel)
+		/* The miss path: only here may the policy be evaluated. The common
+		 * miss (a TCP segment without SYN of an unmarked flow) is filtered
+		 * inline, before any call. */
+		if (flowd_in_kernel && may_decide(skb, &key, p.l4))
 			m = decide_on_miss(skb, &key, p.l4);
 		if (!m) {
 			count(FLOWD_OUT_UNMARKED);
