@@ -98,7 +98,7 @@ fn main() {
     row("unmatched IPv6 TCP, 1 flow in map", cost(mark, &v6_miss));
     row("IPv4 TCP", cost(mark, &v4));
     // A full-ish map: hash buckets with neighbours, as on a busy node.
-    for p in 1..(capacity as u32 - 1) {
+    for p in 1..(capacity - 1) {
         let k = FlowKey::new(
             Protocol::Tcp,
             SocketAddr::new(
