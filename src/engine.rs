@@ -128,7 +128,10 @@ impl Engine {
                 match dump.result {
                     Ok(()) => {
                         self.table.note_dump_duration(dump.stats.last_dump_duration);
-                        self.table.reconcile(&dump.sockets, dump.started)
+                        let events = self.table.reconcile(&dump.sockets, dump.started);
+                        self.apply(events);
+                        self.marking.retry_unmapped(self.maps.as_ref());
+                        return;
                     }
                     Err(e) => {
                         self.table.note_dump_error();
