@@ -332,3 +332,14 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod packaged {
+    use super::*;
+
+    #[test]
+    fn the_packaged_config_parses_to_the_defaults() {
+        let text = include_str!("../packaging/flowd-rs.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+    }
+}
