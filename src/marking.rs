@@ -1,8 +1,8 @@
 //! From flows to marks: evaluates the policy for each live flow and keeps the marker
 //! map in step with the flow table, so a mark never outlives its socket.
 //!
-//! The entropy bits of a flow's label are drawn once, the first time it is tagged,
-//! and kept across policy reloads: a label that changed mid-flow could move the flow
+//! The entropy bits of a flow's label are drawn once, when it is tagged, and kept
+//! across policy reloads: a label that changed mid-flow could move the flow
 //! to another ECMP path (shared/spec/scitags.md).
 
 use std::sync::Arc;
@@ -70,7 +70,6 @@ pub struct Marking {
     /// The daemon's own network namespace: only its flows pass our TC program.
     local_netns: u64,
     decisions: FxHashMap<u64, Decision>,
-    entropy: FxHashMap<u64, u8>,
     counters: MarkingCounters,
 }
 
@@ -79,7 +78,6 @@ impl Marking {
         Marking {
             local_netns,
             decisions: FxHashMap::default(),
-            entropy: FxHashMap::default(),
             counters: MarkingCounters::default(),
         }
     }
@@ -148,10 +146,12 @@ impl Marking {
             experiment: v.experiment,
             activity: v.activity,
         };
-        let entropy = *self
-            .entropy
-            .entry(flow.cookie)
-            .or_insert_with(|| rand::random::<u8>() & 0x1f);
+        // Kept for as long as the flow stays tagged; a flow that stops matching and
+        // matches again later was unlabelled in between, so a new draw changes nothing.
+        let entropy = self
+            .decisions
+            .get(&flow.cookie)
+            .map_or_else(|| rand::random::<u8>() & 0x1f, |d| d.entropy);
         let mut next = Decision {
             tag,
             rule: v.rule.clone(),
@@ -210,7 +210,6 @@ impl Marking {
 
     /// Removes the mark of an ended flow.
     pub fn on_end(&mut self, flow: &Flow, sink: &dyn MarkSink) {
-        self.entropy.remove(&flow.cookie);
         if let Some(old) = self.decisions.remove(&flow.cookie) {
             remove_from_map(&old, sink, &mut self.counters);
             debug!(flow = %flow_text(flow), "flow ended: mark removed");
@@ -243,7 +242,7 @@ mod tests {
     use crate::flows::{Owner, SeenBy};
     use crate::policy::{Registry, StaticAccounts};
     use std::cell::RefCell;
-    use std::time::{Instant, SystemTime};
+    use std::time::Instant;
 
     /// Records map writes; refuses inserts beyond `capacity`.
     #[derive(Default)]
@@ -296,9 +295,7 @@ mod tests {
             inode: 0,
             owner: Owner::default(),
             first_seen: Instant::now(),
-            first_seen_wall: SystemTime::now(),
             last_seen: Instant::now(),
-            last_seen_wall: SystemTime::now(),
             tcp: None,
             seen_by: SeenBy::default(),
         }
