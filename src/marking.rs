@@ -43,6 +43,10 @@ pub struct Decision {
     /// Whether the marker map holds it. IPv4 flows are tagged but never in the map;
     /// a full map leaves IPv6 flows out too (counted).
     pub in_map: bool,
+    pub tagged_at: std::time::Instant,
+    /// Whether the mark was in place before the flow's first packet left (decided
+    /// in the kernel); userspace decisions come after the first packets.
+    pub first_packet_exact: bool,
 }
 
 impl Decision {
@@ -57,6 +61,8 @@ pub struct MarkingCounters {
     pub tagged: usize,
     /// Flows ever tagged.
     pub tagged_total: u64,
+    /// Tagged flows whose mark is in the marker map now.
+    pub in_map: usize,
     /// Tags that could not be written because the marker map was full.
     pub map_full: u64,
     /// Other map write failures.
@@ -82,6 +88,10 @@ impl Marking {
         }
     }
 
+    pub fn decisions(&self) -> impl Iterator<Item = &Decision> {
+        self.decisions.values()
+    }
+
     pub fn decision(&self, cookie: u64) -> Option<&Decision> {
         self.decisions.get(&cookie)
     }
@@ -89,6 +99,7 @@ impl Marking {
     pub fn counters(&self) -> MarkingCounters {
         MarkingCounters {
             tagged: self.decisions.len(),
+            in_map: self.decisions.values().filter(|d| d.in_map).count(),
             ..self.counters
         }
     }
@@ -158,10 +169,14 @@ impl Marking {
             entropy,
             key: flow.key,
             in_map: false,
+            tagged_at: std::time::Instant::now(),
+            first_packet_exact: false,
         };
         if let Some(old) = self.decisions.get(&flow.cookie) {
             if old.tag == next.tag && old.key == next.key && old.in_map {
                 if old.rule != next.rule {
+                    next.in_map = true;
+                    next.tagged_at = old.tagged_at;
                     self.decisions.insert(flow.cookie, next);
                 }
                 return;
