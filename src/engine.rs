@@ -252,10 +252,11 @@ impl Engine {
             Request::Flows { filter } => {
                 self.cache_user_names();
                 let filter = filter.unwrap_or_default();
+                let counts = self.maps.flow_counts().unwrap_or_default();
                 let flows: Vec<FlowView> = self
                     .table
                     .iter()
-                    .map(|f| self.flow_view(f, false))
+                    .map(|f| self.flow_view(f, counts.get(&f.key).copied(), false))
                     .filter(|v| filter.matches(v))
                     .collect();
                 raw(&json!({ "flows": flows }))
@@ -265,7 +266,15 @@ impl Engine {
                 let v = self
                     .table
                     .get(cookie)
-                    .map(|f| self.flow_view(f, true))
+                    .map(|f| {
+                        let counts = self
+                            .maps
+                            .get(&f.key)
+                            .ok()
+                            .flatten()
+                            .map(|m| (m.packets, m.bytes));
+                        self.flow_view(f, counts, true)
+                    })
                     .ok_or_else(|| format!("no flow with cookie {cookie}"))?;
                 raw(&v)
             }
@@ -316,19 +325,15 @@ impl Engine {
         }
     }
 
-    fn flow_view(&self, f: &Flow, with_events: bool) -> FlowView {
+    fn flow_view(&self, f: &Flow, counts: Option<(u64, u64)>, with_events: bool) -> FlowView {
         let user = f
             .owner
             .uid
             .and_then(|u| self.users.get(&u).cloned().flatten());
-        view::flow(
-            f,
-            self.marking.decision(f.cookie),
-            &self.registry,
-            self.shape,
-            user,
-            with_events,
-        )
+        let d = self.marking.decision(f.cookie);
+        // Counts belong to the mark: a flow whose mark is gone shows none.
+        let counts = counts.filter(|_| d.is_some_and(|d| d.in_map));
+        view::flow(f, d, &self.registry, self.shape, user, counts, with_events)
     }
 
     /// Per tag: names, flows holding it now, and the marker's cumulative counts.

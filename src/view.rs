@@ -47,6 +47,7 @@ pub fn flow(
     reg: &Registry,
     shape: MarkerShape,
     user: Option<String>,
+    counts: Option<(u64, u64)>,
     with_events: bool,
 ) -> FlowView {
     let names = d.map(|d| reg.name_of(d.tag.experiment, d.tag.activity));
@@ -88,8 +89,8 @@ pub fn flow(
         header: d.filter(|d| d.in_map).and(shape.header).map(str::to_string),
         rule: d.map(|d| d.rule.to_string()),
         first_packet_exact: d.map(|d| d.first_packet_exact),
-        packets: 0,
-        bytes: 0,
+        packets: counts.map_or(0, |c| c.0),
+        bytes: counts.map_or(0, |c| c.1),
         age_secs: f.first_seen.elapsed().as_secs_f64(),
         tcp: f.tcp.map(|t| TcpView {
             rtt_us: t.rtt_us,
