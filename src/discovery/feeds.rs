@@ -119,7 +119,7 @@ pub fn spawn_poller(interval: Duration, tx: Sender<Discovery>) -> Result<(Feed, 
             while !stop2.load(Ordering::Relaxed) {
                 // tcp_info is for display only, and asking for it makes the kernel
                 // fill ~250 bytes per socket: every 4th dump is fresh enough.
-                sd.set_tcp_info(round % TCP_INFO_EVERY == 0);
+                sd.set_tcp_info(round.is_multiple_of(TCP_INFO_EVERY));
                 round += 1;
                 let started = Instant::now();
                 let result = sd.dump(&mut buf);
