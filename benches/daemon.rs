@@ -6,7 +6,6 @@
 //! `cargo bench --bench daemon -- [N]` (default 10 000).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::io::{BufRead, Read, Write};
