@@ -72,6 +72,12 @@ struct flowd_flow_mark {
 	__u8 flags; /* FLOWD_MARK_F_* */
 	/* Index into flowd_tag_counters: userspace gives each tag in use a slot. */
 	__u32 counter_slot;
+	__u32 pad; /* zero; keeps the counters 8-byte aligned with no hidden padding */
+	/* Packets and bytes marked for this flow, for display (see marker.bpf.c on why
+	 * they are not atomic). Userspace carries them over when it rewrites the entry
+	 * (a new tag after a reload). */
+	__u64 packets;
+	__u64 bytes;
 };
 
 /* flowd_flow_mark.flags: the entry was written by the in-kernel decision (sockops

@@ -24,6 +24,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub policy: PolicyConfig,
     pub discovery: DiscoveryConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -34,6 +35,26 @@ impl Default for Config {
             control: ControlConfig::default(),
             policy: PolicyConfig::default(),
             discovery: DiscoveryConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Loopback by default: per-experiment flow counts are not for the whole network.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: crate::metrics::DEFAULT_LISTEN
+                .parse()
+                .expect("valid default"),
         }
     }
 }
@@ -337,5 +358,16 @@ mod tests {
         ] {
             assert_eq!(s.parse::<Strategy>().unwrap().to_string(), s);
         }
+    }
+}
+
+#[cfg(test)]
+mod packaged {
+    use super::*;
+
+    #[test]
+    fn the_packaged_config_parses_to_the_defaults() {
+        let text = include_str!("../packaging/flowd-rs.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
     }
 }

@@ -12,7 +12,6 @@
 //! discovery and policy decide marks themselves. The socket is mode 0660, owned by
 //! root and the configured group: nobody else can connect.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,7 +27,8 @@ use tracing::{debug, info, warn};
 
 use crate::discovery::types::{FlowKey, Protocol};
 use crate::engine::{Command, ControlCall};
-use crate::view::FlowFilter;
+use crate::inspect::client::Client;
+use crate::inspect::view::FlowFilter;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted; longer ones get an error and the connection closes.
@@ -87,6 +87,8 @@ pub struct DaemonInfo {
     pub version: &'static str,
     pub pid: u32,
     pub strategy: String,
+    /// Option headers written besides the label, if any (`hop-by-hop`, ...).
+    pub header: Option<&'static str>,
     /// (interface, attach mode)
     pub attached: Vec<(String, &'static str)>,
 }
@@ -170,15 +172,14 @@ async fn serve_conn(stream: UnixStream, engine: &mpsc::Sender<Command>) -> std::
             return Ok(());
         }
         let too_long = line.len() > MAX_LINE;
-        let reply = if too_long {
-            error_reply(format!("request longer than {MAX_LINE} bytes"))
+        let mut out = if too_long {
+            error_line(format!("request longer than {MAX_LINE} bytes"))
         } else {
             match parse_request(&line) {
-                Err(e) => error_reply(e),
+                Err(e) => error_line(e),
                 Ok(request) => ask(engine, request).await,
             }
         };
-        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
         out.push(b'\n');
         wr.write_all(&out).await?;
         if too_long {
@@ -187,24 +188,40 @@ async fn serve_conn(stream: UnixStream, engine: &mpsc::Sender<Command>) -> std::
     }
 }
 
-async fn ask(engine: &mpsc::Sender<Command>, request: Request) -> Value {
+async fn ask(engine: &mpsc::Sender<Command>, request: Request) -> Vec<u8> {
     let (reply, answer) = oneshot::channel();
     if engine
         .send(Command::Control(ControlCall { request, reply }))
         .await
         .is_err()
     {
-        return error_reply("the daemon is shutting down".into());
+        return error_line("the daemon is shutting down".into());
     }
     match answer.await {
-        Ok(Ok(result)) => json!({"v": PROTOCOL_VERSION, "ok": true, "result": result}),
-        Ok(Err(e)) => error_reply(e),
-        Err(_) => error_reply("the daemon is shutting down".into()),
+        Ok(Ok(result)) => {
+            // The result arrives serialized: a listing of 10 000 flows goes straight
+            // from typed views to bytes, without a serde_json::Value in between.
+            #[derive(serde::Serialize)]
+            struct Reply {
+                v: u32,
+                ok: bool,
+                result: Box<serde_json::value::RawValue>,
+            }
+            serde_json::to_vec(&Reply {
+                v: PROTOCOL_VERSION,
+                ok: true,
+                result,
+            })
+            .unwrap_or_else(|e| error_line(e.to_string()))
+        }
+        Ok(Err(e)) => error_line(e),
+        Err(_) => error_line("the daemon is shutting down".into()),
     }
 }
 
-fn error_reply(msg: String) -> Value {
-    json!({"v": PROTOCOL_VERSION, "ok": false, "error": msg})
+fn error_line(msg: String) -> Vec<u8> {
+    serde_json::to_vec(&json!({"v": PROTOCOL_VERSION, "ok": false, "error": msg}))
+        .unwrap_or_default()
 }
 
 /// Parses one request line; every way a client can get it wrong is an error string.
@@ -226,36 +243,10 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     serde_json::from_value(body).map_err(|e| format!("bad request: {e}"))
 }
 
-/// Sends one request to the daemon at `path` and returns its `result`.
+/// Sends one request to the daemon at `path` and returns its `result`; the errors
+/// (not running, permission denied, refused) read the same for every command.
 pub fn request(path: &Path, req: &Request) -> Result<Value> {
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the flowd-rs daemon at {}: {e}. Is it running? Start it with `flowd-rs run` (or `systemctl start flowd-rs`).",
-            path.display()
-        )
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut body = serde_json::to_value(req)?;
-    body.as_object_mut()
-        .expect("requests are objects")
-        .insert("v".into(), json!(PROTOCOL_VERSION));
-    let mut line = serde_json::to_vec(&body)?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
-    let v: Value = serde_json::from_str(&reply)
-        .with_context(|| format!("daemon sent a malformed reply: {reply:?}"))?;
-    if v.get("ok") == Some(&Value::Bool(true)) {
-        Ok(v.get("result").cloned().unwrap_or(Value::Null))
-    } else {
-        bail!(
-            "daemon refused: {}",
-            v.get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason given")
-        )
-    }
+    Ok(Client::new(path).request(serde_json::to_value(req)?)?)
 }
 
 #[cfg(test)]

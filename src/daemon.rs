@@ -14,12 +14,14 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::config::{Config, TrackerSetting};
+use crate::config::{Config, Strategy, TrackerSetting};
 use crate::control::{DaemonInfo, Server};
 use crate::discovery::feeds::{self, Feed, TrackerStatus};
 use crate::discovery::tracker::{TrackerConfig, TrackerMode};
 use crate::engine::{load_policy, Command, Engine};
+use crate::marker::maps::OUTCOMES;
 use crate::marker::Marker;
+use crate::metrics::{BuildInfo, Metrics, MetricsSource, Published};
 use crate::policy::Registry;
 
 /// Holds `<state_dir>/lock` for the daemon's life: one daemon per state directory,
@@ -87,7 +89,8 @@ pub async fn run(cfg: Config) -> Result<()> {
 struct Running {
     commands: mpsc::Sender<Command>,
     engine: tokio::task::JoinHandle<()>,
-    control: tokio::task::JoinHandle<()>,
+    /// Control socket and metrics endpoint.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     feeds: Vec<Feed>,
 }
 
@@ -95,7 +98,9 @@ impl Running {
     /// Stops the feeds first (so the engine sees its input end), then lets the engine
     /// remove every mark it wrote.
     async fn stop(self) {
-        self.control.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
         let feeds = self.feeds;
         let _ = tokio::task::spawn_blocking(move || drop(feeds)).await;
         drop(self.commands);
@@ -142,10 +147,11 @@ async fn start_engine(
         version: env!("CARGO_PKG_VERSION"),
         pid: std::process::id(),
         strategy: marker.strategy().to_string(),
+        header: header_name(cfg.marker.strategy),
         attached: marker.attachments(),
     });
     let server = Server::bind(&cfg.control_socket(), cfg.control.group.as_deref())?;
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         netns,
         policy,
         &cfg.policy.dir,
@@ -155,15 +161,81 @@ async fn start_engine(
         tracker_status,
     )
     .with_in_kernel_decisions(cfg.marker.in_kernel_decisions);
+    let mut tasks = Vec::new();
+    if cfg.metrics.enabled {
+        let (metrics, published) = metrics_for(cfg, marker);
+        let listener = tokio::net::TcpListener::bind(cfg.metrics.listen)
+            .await
+            .with_context(|| format!("metrics.listen {}: cannot listen", cfg.metrics.listen))?;
+        tasks.push(tokio::spawn({
+            let metrics = metrics.clone();
+            async move {
+                if let Err(e) =
+                    crate::metrics::serve_on(listener, metrics, std::future::pending()).await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "metrics endpoint stopped");
+                }
+            }
+        }));
+        engine = engine.with_metrics(metrics, published);
+    }
     let engine = tokio::spawn(engine.run(disc_rx, cmd_rx));
-    let control = tokio::spawn(server.serve(cmd_tx.clone()));
+    tasks.push(tokio::spawn(server.serve(cmd_tx.clone())));
     info!(strategy = %info.strategy, interfaces = ?info.attached, "flowd-rs running");
     Ok(Running {
         commands: cmd_tx,
         engine,
-        control,
+        tasks,
         feeds,
     })
+}
+
+fn header_name(s: Strategy) -> Option<&'static str> {
+    match (
+        s.contains(Strategy::HOP_BY_HOP),
+        s.contains(Strategy::DESTINATION),
+    ) {
+        (true, true) => Some("hop-by-hop+destination"),
+        (true, false) => Some("hop-by-hop"),
+        (false, true) => Some("destination"),
+        (false, false) => None,
+    }
+}
+
+/// The metrics registry: flow-table facts come from the snapshot the engine
+/// publishes; the BPF counters are read at scrape time (on a blocking thread).
+fn metrics_for(cfg: &Config, marker: &Marker) -> (Arc<Metrics>, Arc<Published>) {
+    let published = Arc::new(Published::default());
+    let maps = marker.maps();
+    let source = {
+        let published = published.clone();
+        move || {
+            let mut s = published.snapshot();
+            if let Ok(c) = maps.counters() {
+                s.outcomes = OUTCOMES
+                    .iter()
+                    .map(|n| n.to_string())
+                    .zip(c.outcomes)
+                    .collect();
+                for t in c.per_tag {
+                    if let Some(row) = s
+                        .tags
+                        .iter_mut()
+                        .find(|r| (r.experiment, r.activity) == (t.experiment, t.activity))
+                    {
+                        row.packets = t.packets;
+                        row.bytes = t.bytes;
+                    }
+                }
+            }
+            s
+        }
+    };
+    let build = BuildInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        strategy: cfg.marker.strategy.to_string(),
+    };
+    (Arc::new(Metrics::new(build, source)), published)
 }
 
 /// `flowd-rs clean`: removes what a crashed instance left on the interfaces.

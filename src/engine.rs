@@ -4,14 +4,15 @@
 //! Everything that changes the flow table or the marks happens on this one task, so
 //! no lock guards them and no update is half applied.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use serde_json::{json, Value};
+use serde_json::json;
+use serde_json::value::{to_raw_value, RawValue};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -19,16 +20,20 @@ use crate::control::{DaemonInfo, Request};
 use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::ProcResolver;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
+use crate::inspect::view::{FlowView, StatusView, TagTotals};
 use crate::marker::label::Tag;
 use crate::marker::maps::{MarkMaps, OUTCOMES};
 use crate::marking::{MarkSink, Marking};
+use crate::metrics::{Metrics, Published, Snapshot};
 use crate::policy::kernel::{Exactness, KernelPolicy};
 use crate::policy::{Policy, Registry};
+use crate::view::{self, MarkerShape};
 
 /// A control request and where its answer goes.
 pub struct ControlCall {
     pub request: Request,
-    pub reply: oneshot::Sender<Result<Value, String>>,
+    /// The serialized `result`, or the error text.
+    pub reply: oneshot::Sender<Result<Box<RawValue>, String>>,
 }
 
 /// Inputs of the engine besides discovery.
@@ -47,12 +52,14 @@ pub struct Engine {
     maps: Arc<MarkMaps>,
     procs: ProcResolver,
     info: Arc<DaemonInfo>,
+    shape: MarkerShape,
     tracker: Arc<TrackerStatus>,
     started: Instant,
     reloads_ok: u64,
     reloads_failed: u64,
     last_poll: Duration,
     users: HashMap<u32, Option<String>>,
+    metrics: Option<(Arc<Metrics>, Arc<Published>)>,
     /// Config marker.in_kernel_decisions: compile each policy into the kernel.
     in_kernel: bool,
     /// Per rule (precedence order) of the current policy: decided in the kernel?
@@ -90,6 +97,9 @@ impl Engine {
             registry,
             maps,
             procs: ProcResolver::new(65_536),
+            shape: MarkerShape {
+                header: info.header,
+            },
             info,
             tracker,
             started: Instant::now(),
@@ -97,6 +107,7 @@ impl Engine {
             reloads_failed: 0,
             last_poll: Duration::ZERO,
             users: HashMap::new(),
+            metrics: None,
             in_kernel: false,
             exactness: Vec::new(),
         }
@@ -139,6 +150,12 @@ impl Engine {
         }
     }
 
+    /// Publishes a snapshot for `/metrics` after every batch, and poll durations.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>, published: Arc<Published>) -> Self {
+        self.metrics = Some((metrics, published));
+        self
+    }
+
     /// Runs until both channels close; returns so the caller can tear down.
     pub async fn run(
         mut self,
@@ -153,7 +170,10 @@ impl Engine {
                 },
                 c = commands.recv() => match c {
                     Some(Command::Control(call)) => {
+                        let t0 = Instant::now();
+                        let op = format!("{:?}", call.request).split([' ', '{']).next().unwrap_or("").to_string();
                         let answer = self.answer(call.request);
+                        tracing::debug!(op, elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0, "control request answered");
                         let _ = call.reply.send(answer);
                     }
                     Some(Command::Reload) => { let _ = self.reload(); }
@@ -169,17 +189,21 @@ impl Engine {
             Discovery::Observed(obs) => self.table.apply_observation(obs),
             Discovery::Dumped(dump) => {
                 self.last_poll = dump.stats.last_dump_duration;
+                if let Some((m, _)) = &self.metrics {
+                    m.observe_poll(self.last_poll);
+                }
                 match dump.result {
                     Ok(()) => {
                         self.table.note_dump_duration(dump.stats.last_dump_duration);
                         let events = self.table.reconcile(&dump.sockets, dump.started);
                         self.apply(events);
+                        self.marking.retry_unmapped(self.maps.as_ref());
                         // After the table has caught up with a complete dump: any
                         // kernel mark still unclaimed belongs to no live flow we know.
                         if self.in_kernel {
                             self.marking.sweep(self.maps.as_ref());
                         }
-                        Vec::new()
+                        return;
                     }
                     Err(e) => {
                         self.table.note_dump_error();
@@ -196,6 +220,13 @@ impl Engine {
         if events.is_empty() {
             return;
         }
+        self.apply_events(events);
+        if let Some((_, published)) = &self.metrics {
+            published.set(self.snapshot());
+        }
+    }
+
+    fn apply_events(&mut self, events: Vec<FlowEvent>) {
         let policy = self.policy.clone();
         let needs_proc = policy.needs_process_facts();
         if needs_proc {
@@ -268,34 +299,54 @@ impl Engine {
         }
     }
 
-    fn answer(&mut self, req: Request) -> Result<Value, String> {
+    fn answer(&mut self, req: Request) -> Result<Box<RawValue>, String> {
         match req {
-            Request::Status {} => Ok(self.status()),
+            Request::Status {} => raw(&self.status()),
             Request::Counters {} => {
                 let c = self.maps.counters().map_err(|e| e.to_string())?;
-                let outcomes: serde_json::Map<String, Value> = OUTCOMES
-                    .iter()
-                    .zip(c.outcomes)
-                    .map(|(n, v)| (n.to_string(), json!(v)))
-                    .collect();
-                Ok(json!({"outcomes": outcomes, "per_tag": c.per_tag}))
+                let outcomes: BTreeMap<&str, u64> =
+                    OUTCOMES.iter().copied().zip(c.outcomes).collect();
+                raw(&json!({"outcomes": outcomes, "per_tag": c.per_tag}))
             }
             Request::Flows { filter } => {
-                let mut flows: Vec<Value> = Vec::with_capacity(self.table.len());
-                for f in self.table.iter() {
-                    let v = self.flow_view(f);
-                    if filter.as_ref().is_none_or(|flt| flt.matches(&v)) {
-                        flows.push(v);
-                    }
+                self.cache_user_names();
+                let filter = filter.unwrap_or_default();
+                let counts = self.maps.flow_counts().unwrap_or_default();
+                let flows: Vec<FlowView> = self
+                    .table
+                    .iter()
+                    .map(|f| self.flow_view(f, counts.get(&f.key).copied(), false))
+                    .filter(|v| filter.matches(v))
+                    .collect();
+                // A struct, not json!(): json! would first build a Value of every
+                // flow, which costs ten times the serialization itself.
+                #[derive(serde::Serialize)]
+                struct Flows<'a> {
+                    flows: &'a [FlowView],
                 }
-                Ok(json!({ "flows": flows }))
+                raw(&Flows { flows: &flows })
             }
-            Request::Flow { cookie } => self
-                .table
-                .get(cookie)
-                .map(|f| self.flow_view(f))
-                .ok_or_else(|| format!("no flow with cookie {cookie}")),
-            Request::Reload {} => self.reload().map(|v| json!({ "policy_version": v })),
+            Request::Flow { cookie } => {
+                self.cache_user_names();
+                let v = self
+                    .table
+                    .get(cookie)
+                    .map(|f| {
+                        let counts = self
+                            .maps
+                            .get(&f.key)
+                            .ok()
+                            .flatten()
+                            .map(|m| (m.packets, m.bytes));
+                        self.flow_view(f, counts, true)
+                    })
+                    .ok_or_else(|| format!("no flow with cookie {cookie}"))?;
+                raw(&v)
+            }
+            Request::Reload {} => {
+                let v = self.reload()?;
+                raw(&json!({ "policy_version": v }))
+            }
             Request::MarkAdd {
                 flow,
                 experiment,
@@ -310,79 +361,170 @@ impl Engine {
                 }
                 MarkSink::insert(self.maps.as_ref(), &key, tag, entropy)
                     .map_err(|e| e.to_string())?;
-                Ok(json!({"label": tag.label(entropy)}))
+                raw(&json!({"label": tag.label(entropy)}))
             }
             Request::MarkDel { flow } => {
                 let key = flow.key()?;
                 let removed =
                     MarkSink::remove(self.maps.as_ref(), &key).map_err(|e| e.to_string())?;
-                Ok(json!({ "removed": removed }))
+                raw(&json!({ "removed": removed }))
             }
         }
     }
 
-    fn user_name(&mut self, uid: u32) -> Option<String> {
-        self.users
-            .entry(uid)
-            .or_insert_with(|| {
-                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-                    .ok()
-                    .flatten()
-                    .map(|u| u.name)
-            })
-            .clone()
-    }
-
-    fn flow_view(&self, f: &Flow) -> Value {
-        crate::view::flow(f, self.marking.decision(f.cookie), &self.registry, |uid| {
-            // Status output must not block on NSS for every row: names come from
-            // the cache the engine fills on status requests.
-            self.users.get(&uid).cloned().flatten()
-        })
-    }
-
-    fn status(&mut self) -> Value {
-        let uids: Vec<u32> = self.table.iter().filter_map(|f| f.owner.uid).collect();
+    /// Fills the uid -> name cache for the owners in the table, so that building
+    /// views never waits on NSS per row.
+    fn cache_user_names(&mut self) {
+        let uids: Vec<u32> = self
+            .table
+            .iter()
+            .filter_map(|f| f.owner.uid)
+            .filter(|u| !self.users.contains_key(u))
+            .collect();
         for uid in uids {
-            self.user_name(uid);
+            let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|u| u.name);
+            self.users.insert(uid, name);
+        }
+    }
+
+    fn flow_view(&self, f: &Flow, counts: Option<(u64, u64)>, with_events: bool) -> FlowView {
+        let user = f
+            .owner
+            .uid
+            .and_then(|u| self.users.get(&u).cloned().flatten());
+        let d = self.marking.decision(f.cookie);
+        // Counts belong to the mark: a flow whose mark is gone shows none.
+        let counts = counts.filter(|_| d.is_some_and(|d| d.in_map));
+        view::flow(f, d, &self.registry, self.shape, user, counts, with_events)
+    }
+
+    /// Per tag: names, flows holding it now, and the marker's cumulative counts.
+    pub fn tag_totals(&self) -> Vec<TagTotals> {
+        let mut rows: BTreeMap<(u16, u8), TagTotals> = BTreeMap::new();
+        let mut row = |e: u16, a: u8| {
+            rows.entry((e, a)).or_insert_with(|| {
+                let n = self.registry.name_of(e, a);
+                TagTotals {
+                    experiment: e,
+                    experiment_name: Some(n.experiment),
+                    activity: a,
+                    activity_name: Some(n.activity),
+                    ..Default::default()
+                }
+            });
+        };
+        for d in self.marking.decisions() {
+            row(d.tag.experiment, d.tag.activity);
         }
         let counters = self.maps.counters().ok();
+        if let Some(c) = &counters {
+            for t in &c.per_tag {
+                row(t.experiment, t.activity);
+            }
+        }
+        for d in self.marking.decisions() {
+            if let Some(r) = rows.get_mut(&(d.tag.experiment, d.tag.activity)) {
+                r.flows += 1;
+            }
+        }
+        if let Some(c) = counters {
+            for t in c.per_tag {
+                if let Some(r) = rows.get_mut(&(t.experiment, t.activity)) {
+                    r.packets = t.packets;
+                    r.bytes = t.bytes;
+                }
+            }
+        }
+        rows.into_values().collect()
+    }
+
+    fn status(&self) -> StatusView {
         let fc = self.table.counters();
         let mc = self.marking.counters();
-        json!({
-            "version": self.info.version,
-            "pid": self.info.pid,
-            "uptime_secs": self.started.elapsed().as_secs_f64(),
-            "strategy": self.info.strategy,
-            "attached": self.info.attached,
-            "policy_version": self.policy.version(),
-            "policy_rules": self.policy.rules().len(),
-            "in_kernel_decisions": self.in_kernel,
-            "policy_first_packet_exact_rules": self.exactness.iter().filter(|e| e.is_exact()).count(),
-            "flows_first_packet_exact": self.table.iter().filter(|f| self.marking.decision(f.cookie).is_some_and(|d| d.first_packet_exact)).count(),
-            "kernel_decided_total": mc.kernel_decided_total,
-            "kernel_overridden": mc.kernel_overridden,
-            "kernel_swept": mc.kernel_swept,
-            "flows_total": self.table.len(),
-            "flows_tagged": mc.tagged,
-            "flows_tagged_total": mc.tagged_total,
-            "map_entries": self.maps.len(),
-            "map_capacity": self.maps.capacity(),
-            "map_full_total": mc.map_full,
-            "outcomes": counters.as_ref().map(|c| {
-                OUTCOMES.iter().zip(c.outcomes).map(|(n, v)| (n.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()
-            }),
-            "per_tag": counters.map(|c| c.per_tag),
-            "ringbuf_drops": self.tracker.drops.load(Ordering::Relaxed),
-            "tracker_features": format!("{:?}", self.tracker.features.lock().unwrap()),
-            "reconcile_added": fc.reconcile_added,
-            "reconcile_ended": fc.reconcile_ended,
-            "flows_started": fc.flows_started,
-            "flows_ended": fc.flows_ended,
-            "dump_errors": fc.dump_errors,
-            "last_poll_ms": self.last_poll.as_secs_f64() * 1000.0,
-            "policy_reloads_ok": self.reloads_ok,
-            "policy_reloads_failed": self.reloads_failed,
-        })
+        let outcomes = self
+            .maps
+            .counters()
+            .map(|c| {
+                OUTCOMES
+                    .iter()
+                    .map(|n| n.to_string())
+                    .zip(c.outcomes)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let files: std::collections::BTreeSet<_> =
+            self.policy.rules().map(|r| r.id.file.clone()).collect();
+        StatusView {
+            version: self.info.version.to_string(),
+            pid: self.info.pid,
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            strategy: self.info.strategy.clone(),
+            attached: self
+                .info
+                .attached
+                .iter()
+                .map(|(i, m)| (i.clone(), m.to_string()))
+                .collect(),
+            policy_version: self.policy.version().to_string(),
+            policy_files: files.len(),
+            policy_rules: self.policy.rules().len(),
+            flows_total: self.table.len(),
+            flows_tagged: mc.tagged,
+            map_entries: mc.in_map,
+            map_capacity: self.maps.capacity(),
+            outcomes,
+            per_tag: self.tag_totals(),
+            ringbuf_drops: self.tracker.drops.load(Ordering::Relaxed),
+            reconcile_added: fc.reconcile_added,
+            reconcile_ended: fc.reconcile_ended,
+            last_poll_ms: self.last_poll.as_secs_f64() * 1000.0,
+            policy_reloads_ok: self.reloads_ok,
+            policy_reloads_failed: self.reloads_failed,
+            flows_started: fc.flows_started,
+            flows_ended: fc.flows_ended,
+            flows_tagged_total: mc.tagged_total,
+            map_full_total: mc.map_full,
+            dump_errors: fc.dump_errors,
+            in_kernel_decisions: self.in_kernel,
+            policy_first_packet_exact_rules: self.exactness.iter().filter(|e| e.is_exact()).count(),
+            flows_first_packet_exact: self
+                .marking
+                .decisions()
+                .filter(|d| d.first_packet_exact)
+                .count(),
+            kernel_marks: if self.in_kernel {
+                self.maps.kernel_marked().len()
+            } else {
+                0
+            },
+            kernel_decided_total: mc.kernel_decided_total,
+            kernel_overridden: mc.kernel_overridden,
+            kernel_swept: mc.kernel_swept,
+        }
     }
+
+    /// The facts metrics need from this task, published after each batch.
+    pub fn snapshot(&self) -> Snapshot {
+        let fc = self.table.counters();
+        let mc = self.marking.counters();
+        Snapshot {
+            flows_tracked: self.table.len() as u64,
+            tags: self.tag_totals(),
+            outcomes: Vec::new(),
+            map_entries: mc.in_map as u64,
+            map_capacity: u64::from(self.maps.capacity()),
+            ringbuf_drops: self.tracker.drops.load(Ordering::Relaxed),
+            reconcile_added: fc.reconcile_added,
+            reconcile_ended: fc.reconcile_ended,
+            policy_reloads_ok: self.reloads_ok,
+            policy_reloads_failed: self.reloads_failed,
+        }
+    }
+}
+
+fn raw<T: serde::Serialize>(v: &T) -> Result<Box<RawValue>, String> {
+    to_raw_value(v).map_err(|e| e.to_string())
 }

@@ -69,11 +69,19 @@ pub struct Flow {
     pub inode: u64,
     pub owner: Owner,
     pub first_seen: Instant,
-    pub first_seen_wall: SystemTime,
     pub last_seen: Instant,
-    pub last_seen_wall: SystemTime,
     pub tcp: Option<TcpStats>,
     pub seen_by: SeenBy,
+}
+
+impl Flow {
+    /// Wall-clock time of `first_seen` (for fireflies and displays); derived rather
+    /// than stored, to keep the per-flow footprint small.
+    pub fn first_seen_wall(&self) -> SystemTime {
+        SystemTime::now()
+            .checked_sub(self.first_seen.elapsed())
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
 }
 
 /// Why a flow ended.
@@ -145,7 +153,8 @@ struct Entry {
 pub struct FlowTable {
     config: FlowTableConfig,
     /// Fx hashing: cookies come from a kernel counter, not from peers.
-    flows: FxHashMap<u64, Entry>,
+    /// Boxed: the map's spare capacity then costs a pointer per slot, not a flow.
+    flows: FxHashMap<u64, Box<Entry>>,
     /// Recently ended cookies -> when they ended.
     tombstones: FxHashMap<u64, Instant>,
     generation: u64,
@@ -241,12 +250,12 @@ impl FlowTable {
                 self.counters.flows_started += 1;
                 self.flows.insert(
                     obs.cookie,
-                    Entry {
+                    Box::new(Entry {
                         flow,
                         generation: self.generation,
                         tracker_at: from_tracker.then_some(now),
                         time_wait_since: (obs.state == SockState::TimeWait).then_some(now),
-                    },
+                    }),
                 );
             }
         }
@@ -315,12 +324,12 @@ impl FlowTable {
             tracing::debug!(cookie = obs.cookie, key = ?obs.key, "reconcile: adopted socket the tracker missed");
             self.flows.insert(
                 obs.cookie,
-                Entry {
+                Box::new(Entry {
                     flow,
                     generation,
                     tracker_at: None,
                     time_wait_since: None,
-                },
+                }),
             );
         }
 
@@ -375,20 +384,18 @@ impl FlowTable {
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     mono: Instant,
-    wall: SystemTime,
 }
 
 impl Clock {
     fn now() -> Self {
         Clock {
             mono: Instant::now(),
-            wall: SystemTime::now(),
         }
     }
 }
 
 fn new_flow(obs: &SocketObservation, lifecycle: Lifecycle, clock: Clock) -> Flow {
-    let (now, wall) = (clock.mono, clock.wall);
+    let now = clock.mono;
     Flow {
         key: obs.key,
         cookie: obs.cookie,
@@ -404,9 +411,7 @@ fn new_flow(obs: &SocketObservation, lifecycle: Lifecycle, clock: Clock) -> Flow
             cgroup_id: obs.cgroup_id,
         },
         first_seen: now,
-        first_seen_wall: wall,
         last_seen: now,
-        last_seen_wall: wall,
         tcp: obs.tcp,
         seen_by: SeenBy {
             tracker: obs.source == Source::Tracker,
@@ -419,7 +424,6 @@ fn new_flow(obs: &SocketObservation, lifecycle: Lifecycle, clock: Clock) -> Flow
 fn merge(flow: &mut Flow, obs: &SocketObservation, clock: Clock) -> bool {
     let mut changed = false;
     flow.last_seen = clock.mono;
-    flow.last_seen_wall = clock.wall;
     if obs.tcp.is_some() {
         flow.tcp = obs.tcp;
     }

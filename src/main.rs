@@ -35,6 +35,10 @@ enum Command {
     Clean,
     /// Show the running daemon's status and counters.
     Status,
+    /// Show every socket the daemon tracks, its tag and why: live, or once for scripts.
+    Inspect(flowd::inspect::InspectArgs),
+    /// Reload the policy directory (as SIGHUP does); prints the new policy version.
+    Reload,
     /// Validate and explain policy files.
     Policy {
         #[command(subcommand)]
@@ -210,6 +214,15 @@ fn dispatch(cli: Cli) -> Result<()> {
                 serde_json::to_string_pretty(
                     &serde_json::json!({"status": status, "counters": counters})
                 )?
+            );
+            Ok(())
+        }
+        Command::Inspect(args) => flowd::inspect::run(args, &cfg.control_socket()),
+        Command::Reload => {
+            let r = control::request(&cfg.control_socket(), &Request::Reload {})?;
+            println!(
+                "policy reloaded: version {}",
+                r["policy_version"].as_str().unwrap_or("?")
             );
             Ok(())
         }

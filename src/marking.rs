@@ -1,8 +1,8 @@
 //! From flows to marks: evaluates the policy for each live flow and keeps the marker
 //! map in step with the flow table, so a mark never outlives its socket.
 //!
-//! The entropy bits of a flow's label are drawn once, the first time it is tagged,
-//! and kept across policy reloads: a label that changed mid-flow could move the flow
+//! The entropy bits of a flow's label are drawn once, when it is tagged, and kept
+//! across policy reloads: a label that changed mid-flow could move the flow
 //! to another ECMP path (shared/spec/scitags.md).
 //!
 //! With in-kernel decisions the kernel may have marked a flow before userspace hears
@@ -25,17 +25,24 @@ use crate::policy::{Policy, RuleRef, SocketAttrs};
 pub trait MarkSink {
     /// Writes (or replaces) the mark of `key`.
     fn insert(&self, key: &FlowKey, tag: Tag, entropy: u8) -> Result<(), MapError>;
-    /// Writes the mark of `key` unless it has one; then returns that one.
+    fn remove(&self, key: &FlowKey) -> Result<bool, MapError>;
+    /// Writes the mark of `key` unless it has one; then returns that one. (The
+    /// defaults describe a sink no kernel writes to.)
     fn insert_new(
         &self,
         key: &FlowKey,
         tag: Tag,
         entropy: u8,
-    ) -> Result<Option<ExistingMark>, MapError>;
-    fn existing(&self, key: &FlowKey) -> Result<Option<ExistingMark>, MapError>;
-    fn remove(&self, key: &FlowKey) -> Result<bool, MapError>;
+    ) -> Result<Option<ExistingMark>, MapError> {
+        self.insert(key, tag, entropy).map(|()| None)
+    }
+    fn existing(&self, _key: &FlowKey) -> Result<Option<ExistingMark>, MapError> {
+        Ok(None)
+    }
     /// Flows whose current mark the kernel wrote.
-    fn kernel_marked(&self) -> Vec<FlowKey>;
+    fn kernel_marked(&self) -> Vec<FlowKey> {
+        Vec::new()
+    }
 }
 
 impl MarkSink for MarkMaps {
@@ -72,8 +79,9 @@ pub struct Decision {
     /// Whether the marker map holds it. IPv4 flows are tagged but never in the map;
     /// a full map leaves IPv6 flows out too (counted).
     pub in_map: bool,
-    /// The kernel had already marked the flow with this tag when userspace first
-    /// decided it: its packets carried the tag from the first one.
+    pub tagged_at: std::time::Instant,
+    /// Whether the mark was in place before the flow's first packet left (decided
+    /// in the kernel); userspace decisions come after the first packets.
     pub first_packet_exact: bool,
 }
 
@@ -89,6 +97,8 @@ pub struct MarkingCounters {
     pub tagged: usize,
     /// Flows ever tagged.
     pub tagged_total: u64,
+    /// Tagged flows whose mark is in the marker map now.
+    pub in_map: usize,
     /// Tags that could not be written because the marker map was full.
     pub map_full: u64,
     /// Other map write failures.
@@ -109,7 +119,6 @@ pub struct Marking {
     /// The daemon's own network namespace: only its flows pass our TC program.
     local_netns: u64,
     decisions: FxHashMap<u64, Decision>,
-    entropy: FxHashMap<u64, u8>,
     counters: MarkingCounters,
     /// Kernel marks no decision covered at the last sweep: removed if still so at
     /// the next (two strikes, so a flow born between a dump and its sweep stays).
@@ -121,10 +130,13 @@ impl Marking {
         Marking {
             local_netns,
             decisions: FxHashMap::default(),
-            entropy: FxHashMap::default(),
             counters: MarkingCounters::default(),
             unclaimed: Default::default(),
         }
+    }
+
+    pub fn decisions(&self) -> impl Iterator<Item = &Decision> {
+        self.decisions.values()
     }
 
     pub fn decision(&self, cookie: u64) -> Option<&Decision> {
@@ -134,6 +146,7 @@ impl Marking {
     pub fn counters(&self) -> MarkingCounters {
         MarkingCounters {
             tagged: self.decisions.len(),
+            in_map: self.decisions.values().filter(|d| d.in_map).count(),
             ..self.counters
         }
     }
@@ -146,7 +159,7 @@ impl Marking {
             remote: flow.key.remote,
             direction: flow.direction,
             uid: flow.owner.uid,
-            gid: None,
+            gid: proc.and_then(|p| p.gid),
             comm: flow
                 .owner
                 .comm
@@ -193,16 +206,19 @@ impl Marking {
             experiment: v.experiment,
             activity: v.activity,
         };
-        let entropy = *self
-            .entropy
-            .entry(flow.cookie)
-            .or_insert_with(|| rand::random::<u8>() & 0x1f);
+        // Kept for as long as the flow stays tagged; a flow that stops matching and
+        // matches again later was unlabelled in between, so a new draw changes nothing.
+        let entropy = self
+            .decisions
+            .get(&flow.cookie)
+            .map_or_else(|| rand::random::<u8>() & 0x1f, |d| d.entropy);
         let mut next = Decision {
             tag,
             rule: v.rule.clone(),
             entropy,
             key: flow.key,
             in_map: false,
+            tagged_at: std::time::Instant::now(),
             first_packet_exact: false,
         };
         // Whether we already own this key's entry; if not, the kernel may have
@@ -212,6 +228,8 @@ impl Marking {
             next.first_packet_exact = old.first_packet_exact;
             if old.tag == next.tag && old.key == next.key && old.in_map {
                 if old.rule != next.rule {
+                    next.in_map = true;
+                    next.tagged_at = old.tagged_at;
                     self.decisions.insert(flow.cookie, next);
                 }
                 return;
@@ -250,6 +268,25 @@ impl Marking {
         }
     }
 
+    /// Retries the IPv6 flows a full map left out (called after each reconcile), so
+    /// that room made by ended flows is used without waiting for their next event.
+    pub fn retry_unmapped(&mut self, sink: &dyn MarkSink) {
+        if self.counters.map_full == 0 {
+            return;
+        }
+        for d in self
+            .decisions
+            .values_mut()
+            .filter(|d| !d.in_map && d.key.is_ipv6())
+        {
+            match sink.insert(&d.key, d.tag, d.entropy) {
+                Ok(()) => d.in_map = true,
+                Err(MapError::Full { .. }) => return,
+                Err(e) => warn!(error = %e, "writing mark failed"),
+            }
+        }
+    }
+
     /// The flow already had a mark when userspace came to write one (the kernel's
     /// first-packet decision, or a racing write): keep its entropy, so the label
     /// never changes, and its tag unless userspace decided otherwise.
@@ -261,7 +298,6 @@ impl Marking {
         sink: &dyn MarkSink,
     ) -> Result<(), MapError> {
         next.entropy = existing.entropy;
-        self.entropy.insert(flow.cookie, existing.entropy);
         if existing.tag == Some(next.tag) {
             next.first_packet_exact = existing.kernel;
             if existing.kernel {
@@ -292,7 +328,6 @@ impl Marking {
 
     /// Removes the mark of an ended flow, including one only the kernel wrote.
     pub fn on_end(&mut self, flow: &Flow, sink: &dyn MarkSink) {
-        self.entropy.remove(&flow.cookie);
         if let Some(old) = self.decisions.remove(&flow.cookie) {
             remove_from_map(&old, sink, &mut self.counters);
             debug!(flow = %flow_text(flow), "flow ended: mark removed");
@@ -353,5 +388,175 @@ pub fn flow_text(f: &Flow) -> String {
 }
 
 #[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::types::{Direction, Protocol, SockState};
+    use crate::flows::{Owner, SeenBy};
+    use crate::policy::{Registry, StaticAccounts};
+    use std::cell::RefCell;
+    use std::time::Instant;
+
+    /// Records map writes; refuses inserts beyond `capacity`.
+    #[derive(Default)]
+    struct Recorder {
+        map: RefCell<std::collections::HashMap<FlowKey, (Tag, u8)>>,
+        capacity: usize,
+    }
+
+    impl MarkSink for Recorder {
+        fn insert(&self, key: &FlowKey, tag: Tag, entropy: u8) -> Result<(), MapError> {
+            let mut m = self.map.borrow_mut();
+            if !m.contains_key(key) && m.len() >= self.capacity {
+                return Err(MapError::Full {
+                    capacity: self.capacity as u32,
+                    flow: "x".into(),
+                });
+            }
+            m.insert(*key, (tag, entropy));
+            Ok(())
+        }
+        fn remove(&self, key: &FlowKey) -> Result<bool, MapError> {
+            Ok(self.map.borrow_mut().remove(key).is_some())
+        }
+    }
+
+    fn policy(activity: &str) -> Policy {
+        let text = format!(
+            "experiment = \"atlas\"\n[[rule]]\nname = \"r\"\nactivity = \"{activity}\"\nremote_ports = [1094]\n"
+        );
+        Policy::from_sources_with(
+            &[("atlas.toml".into(), text)],
+            &Registry::bundled(),
+            &StaticAccounts::default(),
+        )
+        .unwrap()
+    }
+
+    fn flow(cookie: u64, local: &str, remote: &str) -> Flow {
+        Flow {
+            key: FlowKey::new(
+                Protocol::Tcp,
+                local.parse().unwrap(),
+                remote.parse().unwrap(),
+            ),
+            cookie,
+            netns: 1,
+            state: SockState::Established,
+            lifecycle: Lifecycle::Established,
+            direction: Direction::Outbound,
+            inode: 0,
+            owner: Owner::default(),
+            first_seen: Instant::now(),
+            last_seen: Instant::now(),
+            tcp: None,
+            seen_by: SeenBy::default(),
+        }
+    }
+
+    fn none(_: &Flow) -> Option<Arc<ProcessInfo>> {
+        None
+    }
+
+    #[test]
+    fn tags_matching_ipv6_flows_and_removes_the_mark_when_they_end() {
+        let sink = Recorder {
+            capacity: 10,
+            ..Default::default()
+        };
+        let mut m = Marking::new(1);
+        let p = policy("Data Consolidation");
+        let f = flow(7, "[fd00::1]:40000", "[fd00::2]:1094");
+        m.on_flow(&f, &p, &sink, &mut none);
+        let d = m.decision(7).unwrap().clone();
+        assert_eq!(d.tag, Tag::new(2, 4).unwrap());
+        assert!(d.in_map);
+        assert_eq!(sink.map.borrow()[&f.key], (d.tag, d.entropy));
+        assert_eq!(d.rule.to_string(), "atlas.toml:r");
+        m.on_end(&f, &sink);
+        assert!(sink.map.borrow().is_empty());
+        assert_eq!(m.counters().tagged, 0);
+        assert_eq!(m.counters().tagged_total, 1);
+    }
+
+    #[test]
+    fn a_reload_changes_the_tag_but_never_the_entropy() {
+        let sink = Recorder {
+            capacity: 10,
+            ..Default::default()
+        };
+        let mut m = Marking::new(1);
+        let f = flow(7, "[fd00::1]:40000", "[fd00::2]:1094");
+        m.on_flow(&f, &policy("Data Consolidation"), &sink, &mut none);
+        let before = m.decision(7).unwrap().entropy;
+        m.on_flow(&f, &policy("Debug"), &sink, &mut none);
+        let after = m.decision(7).unwrap();
+        assert_eq!(after.tag, Tag::new(2, 9).unwrap());
+        assert_eq!(after.entropy, before);
+        assert_eq!(sink.map.borrow()[&f.key], (after.tag, before));
+        // A policy that no longer matches removes the mark.
+        m.on_flow(
+            &flow(7, "[fd00::1]:40000", "[fd00::2]:2811"),
+            &policy("Debug"),
+            &sink,
+            &mut none,
+        );
+        assert!(m.decision(7).is_none());
+    }
+
+    #[test]
+    fn ipv4_and_foreign_namespace_flows_never_reach_the_map() {
+        let sink = Recorder {
+            capacity: 10,
+            ..Default::default()
+        };
+        let mut m = Marking::new(1);
+        let p = policy("Debug");
+        m.on_flow(
+            &flow(1, "10.0.0.1:40000", "10.0.0.2:1094"),
+            &p,
+            &sink,
+            &mut none,
+        );
+        assert!(
+            !m.decision(1).unwrap().in_map,
+            "IPv4 is tagged, not labelled"
+        );
+        let mut other = flow(2, "[fd00::1]:40001", "[fd00::2]:1094");
+        other.netns = 99;
+        m.on_flow(&other, &p, &sink, &mut none);
+        assert!(m.decision(2).is_none());
+        assert!(sink.map.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_full_map_is_counted_and_the_flow_stays_known() {
+        let sink = Recorder {
+            capacity: 1,
+            ..Default::default()
+        };
+        let mut m = Marking::new(1);
+        let p = policy("Debug");
+        m.on_flow(
+            &flow(1, "[fd00::1]:1", "[fd00::2]:1094"),
+            &p,
+            &sink,
+            &mut none,
+        );
+        m.on_flow(
+            &flow(2, "[fd00::1]:2", "[fd00::2]:1094"),
+            &p,
+            &sink,
+            &mut none,
+        );
+        assert_eq!(m.counters().map_full, 1);
+        assert!(!m.decision(2).unwrap().in_map);
+        // Once room is made, the retry after the next reconcile gets it in.
+        m.on_end(&flow(1, "[fd00::1]:1", "[fd00::2]:1094"), &sink);
+        m.retry_unmapped(&sink);
+        assert!(m.decision(2).unwrap().in_map);
+    }
+}
+
+#[cfg(test)]
 #[path = "marking_tests.rs"]
-mod tests;
+mod kernel_tests;

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use super::*;
 use crate::discovery::types::{Direction, Protocol, SockState};
@@ -82,9 +82,7 @@ fn flow(cookie: u64, key: FlowKey, lifecycle: Lifecycle) -> Flow {
         inode: 0,
         owner: Owner::default(),
         first_seen: now,
-        first_seen_wall: SystemTime::now(),
         last_seen: now,
-        last_seen_wall: SystemTime::now(),
         tcp: None,
         seen_by: SeenBy::default(),
     }

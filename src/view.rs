@@ -1,13 +1,10 @@
-//! How flows look to the outside (control socket, `inspect`): one JSON object per
-//! flow with stable field names, and the filter scripts and `inspect` apply.
-
-use std::net::IpAddr;
-
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+//! How the daemon's state looks from outside: builds the typed views of
+//! [`crate::inspect::view`] (the stable, documented shapes of the control protocol)
+//! from flows and decisions.
 
 use crate::discovery::types::{Direction, SockState};
 use crate::flows::Flow;
+use crate::inspect::view::{FlowEventView, FlowView, TcpView};
 use crate::marking::Decision;
 use crate::policy::Registry;
 
@@ -37,160 +34,74 @@ pub fn direction_name(d: Direction) -> &'static str {
     }
 }
 
-/// The view of one flow (field names documented in the README, "Control protocol").
+/// What the marker writes besides the label, for display.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MarkerShape {
+    pub header: Option<&'static str>,
+}
+
+/// The view of one flow; `events` only when asked for one flow.
 pub fn flow(
     f: &Flow,
     d: Option<&Decision>,
     reg: &Registry,
-    user: impl Fn(u32) -> Option<String>,
-) -> Value {
+    shape: MarkerShape,
+    user: Option<String>,
+    counts: Option<(u64, u64)>,
+    with_events: bool,
+) -> FlowView {
     let names = d.map(|d| reg.name_of(d.tag.experiment, d.tag.activity));
-    json!({
-        "cookie": f.cookie,
-        "proto": f.key.proto.as_str(),
-        "local": f.key.local,
-        "remote": f.key.remote,
-        "state": state_name(f.state),
-        "direction": direction_name(f.direction),
-        "netns": f.netns,
-        "pid": f.owner.pid,
-        "comm": f.owner.comm,
-        "uid": f.owner.uid,
-        "user": f.owner.uid.and_then(&user),
-        "experiment": d.map(|d| d.tag.experiment),
-        "experiment_name": names.as_ref().map(|n| n.experiment.clone()),
-        "activity": d.map(|d| d.tag.activity),
-        "activity_name": names.as_ref().map(|n| n.activity.clone()),
-        "label": d.and_then(|d| d.label()),
-        "rule": d.map(|d| d.rule.to_string()),
-        "first_packet_exact": d.is_some_and(|d| d.first_packet_exact),
-        "age_secs": f.first_seen.elapsed().as_secs_f64(),
-        "tcp": f.tcp.map(|t| json!({
-            "rtt_us": t.rtt_us, "rttvar_us": t.rttvar_us, "snd_cwnd": t.snd_cwnd,
-            "total_retrans": t.total_retrans, "bytes_acked": t.bytes_acked,
-            "bytes_received": t.bytes_received, "segs_out": t.segs_out, "segs_in": t.segs_in,
-        })),
-    })
-}
-
-/// Which flows a `flows` request wants.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FlowFilter {
-    /// Experiment name or id.
-    pub experiment: Option<String>,
-    /// User name or uid.
-    pub user: Option<String>,
-    /// Substring of the process name.
-    pub process: Option<String>,
-    /// An address or CIDR matching either end.
-    pub address: Option<String>,
-    pub tagged_only: bool,
-}
-
-impl FlowFilter {
-    pub fn matches(&self, v: &Value) -> bool {
-        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        let n = |k: &str| v.get(k).and_then(Value::as_u64);
-        if self.tagged_only && n("experiment").is_none() {
-            return false;
+    let mut events = Vec::new();
+    if with_events {
+        let by = match (f.seen_by.tracker, f.seen_by.sockdiag) {
+            (true, true) => "the tracker, confirmed by sock_diag",
+            (true, false) => "the tracker",
+            _ => "a sock_diag dump",
+        };
+        events.push(FlowEventView {
+            at_secs_ago: f.first_seen.elapsed().as_secs_f64(),
+            what: format!("seen by {by}"),
+        });
+        if let (Some(d), Some(n)) = (d, &names) {
+            events.push(FlowEventView {
+                at_secs_ago: d.tagged_at.elapsed().as_secs_f64(),
+                what: format!("tagged {n} by {}", d.rule),
+            });
         }
-        if let Some(e) = &self.experiment {
-            let by_id = e
-                .parse::<u64>()
-                .ok()
-                .is_some_and(|id| n("experiment") == Some(id));
-            let by_name = s("experiment_name").is_some_and(|x| x.eq_ignore_ascii_case(e));
-            if !by_id && !by_name {
-                return false;
-            }
-        }
-        if let Some(u) = &self.user {
-            let by_id = u.parse::<u64>().ok().is_some_and(|id| n("uid") == Some(id));
-            if !by_id && s("user").as_deref() != Some(u.as_str()) {
-                return false;
-            }
-        }
-        if let Some(p) = &self.process {
-            if !s("comm").is_some_and(|c| c.contains(p.as_str())) {
-                return false;
-            }
-        }
-        if let Some(a) = &self.address {
-            let net: Option<ipnet::IpNet> = a
-                .parse()
-                .ok()
-                .or_else(|| a.parse::<IpAddr>().ok().map(ipnet::IpNet::from));
-            let Some(net) = net else { return false };
-            let hit = |k: &str| {
-                s(k).and_then(|x| x.parse::<std::net::SocketAddr>().ok())
-                    .is_some_and(|sa| net.contains(&sa.ip()))
-            };
-            if !hit("local") && !hit("remote") {
-                return false;
-            }
-        }
-        true
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn v() -> Value {
-        json!({"experiment": 2, "experiment_name": "atlas", "uid": 1000, "user": "xrootd",
-               "comm": "xrootd", "local": "[fd00::1]:1094", "remote": "10.0.0.7:40000"})
-    }
-
-    #[test]
-    fn filter_matches_each_field() {
-        let f = |x: FlowFilter| x.matches(&v());
-        assert!(f(FlowFilter::default()));
-        assert!(f(FlowFilter {
-            experiment: Some("ATLAS".into()),
-            ..Default::default()
-        }));
-        assert!(f(FlowFilter {
-            experiment: Some("2".into()),
-            ..Default::default()
-        }));
-        assert!(!f(FlowFilter {
-            experiment: Some("cms".into()),
-            ..Default::default()
-        }));
-        assert!(f(FlowFilter {
-            user: Some("1000".into()),
-            ..Default::default()
-        }));
-        assert!(f(FlowFilter {
-            user: Some("xrootd".into()),
-            ..Default::default()
-        }));
-        assert!(!f(FlowFilter {
-            user: Some("root".into()),
-            ..Default::default()
-        }));
-        assert!(f(FlowFilter {
-            process: Some("xroot".into()),
-            ..Default::default()
-        }));
-        assert!(f(FlowFilter {
-            address: Some("10.0.0.0/8".into()),
-            ..Default::default()
-        }));
-        assert!(f(FlowFilter {
-            address: Some("fd00::1".into()),
-            ..Default::default()
-        }));
-        assert!(!f(FlowFilter {
-            address: Some("192.168.0.0/16".into()),
-            ..Default::default()
-        }));
-        assert!(!FlowFilter {
-            tagged_only: true,
-            ..Default::default()
-        }
-        .matches(&json!({"experiment": null})));
+    FlowView {
+        cookie: f.cookie,
+        proto: f.key.proto.as_str().to_string(),
+        local: f.key.local,
+        remote: f.key.remote,
+        state: state_name(f.state).to_string(),
+        direction: direction_name(f.direction).to_string(),
+        netns: f.netns,
+        pid: f.owner.pid,
+        comm: f.owner.comm.clone(),
+        uid: f.owner.uid,
+        user,
+        experiment: d.map(|d| d.tag.experiment),
+        experiment_name: names.as_ref().map(|n| n.experiment.clone()),
+        activity: d.map(|d| d.tag.activity),
+        activity_name: names.as_ref().map(|n| n.activity.clone()),
+        label: d.and_then(|d| d.label()),
+        header: d.filter(|d| d.in_map).and(shape.header).map(str::to_string),
+        rule: d.map(|d| d.rule.to_string()),
+        first_packet_exact: d.map(|d| d.first_packet_exact),
+        packets: counts.map_or(0, |c| c.0),
+        bytes: counts.map_or(0, |c| c.1),
+        age_secs: f.first_seen.elapsed().as_secs_f64(),
+        tcp: f.tcp.map(|t| TcpView {
+            rtt_us: t.rtt_us,
+            rttvar_us: t.rttvar_us,
+            snd_cwnd: t.snd_cwnd,
+            total_retrans: t.total_retrans,
+            bytes_acked: t.bytes_acked,
+            bytes_received: t.bytes_received,
+            segs_out: t.segs_out,
+            segs_in: t.segs_in,
+        }),
+        events,
     }
 }

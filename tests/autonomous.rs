@@ -322,7 +322,7 @@ fn churn_of_ten_thousand_connections_leaves_no_flow_and_no_mark_behind() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let sock = d.state_dir.join("control.sock");
     let ours = flowd::control::Request::Flows {
-        filter: Some(flowd::view::FlowFilter {
+        filter: Some(flowd::inspect::view::FlowFilter {
             address: Some("fd00:f1::/64".into()),
             ..Default::default()
         }),

@@ -196,7 +196,7 @@ fn settle(d: &Daemon) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let st = status(d);
-        if st["map_entries"] == 0 {
+        if st["map_entries"] == 0 && st["kernel_marks"] == 0 {
             return st;
         }
         assert!(Instant::now() < deadline, "marks left behind: {st}");

@@ -15,6 +15,9 @@ use super::sockdiag::{PollerStats, SockDiag, SockDiagError};
 use super::tracker::{Features, Tracker, TrackerConfig};
 use super::types::SocketObservation;
 
+/// One sock_diag dump in this many asks the kernel for tcp_info.
+const TCP_INFO_EVERY: u64 = 4;
+
 /// What the feeds send.
 pub enum Discovery {
     /// One tracker event.
@@ -112,7 +115,12 @@ pub fn spawn_poller(interval: Duration, tx: Sender<Discovery>) -> Result<(Feed, 
         .name("flowd-sockdiag".into())
         .spawn(move || {
             let mut buf = Vec::new();
+            let mut round: u64 = 0;
             while !stop2.load(Ordering::Relaxed) {
+                // tcp_info is for display only, and asking for it makes the kernel
+                // fill ~250 bytes per socket: every 4th dump is fresh enough.
+                sd.set_tcp_info(round.is_multiple_of(TCP_INFO_EVERY));
+                round += 1;
                 let started = Instant::now();
                 let result = sd.dump(&mut buf);
                 let dump = Dump {

@@ -20,6 +20,8 @@ pub struct ProcessInfo {
     pub exe: Option<PathBuf>,
     /// cgroup v2 path (the `0::` line of /proc/PID/cgroup).
     pub cgroup: Option<String>,
+    /// Effective gid (the second field of `Gid:` in /proc/PID/status).
+    pub gid: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,12 +216,22 @@ fn process_info(pid_dir: &Path, pid: u32) -> ProcessInfo {
     let cgroup = fs::read_to_string(pid_dir.join("cgroup"))
         .ok()
         .and_then(|s| cgroup_v2_path(&s).map(str::to_owned));
+    let gid = fs::read_to_string(pid_dir.join("status"))
+        .ok()
+        .and_then(|s| effective_gid(&s));
     ProcessInfo {
         pid,
         comm,
         exe,
         cgroup,
+        gid,
     }
+}
+
+/// `Gid:\treal\teffective\tsaved\tfs` -> effective.
+pub fn effective_gid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Gid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The unified-hierarchy line of /proc/PID/cgroup (`0::/path`); hybrid hosts also
@@ -322,6 +334,11 @@ mod tests {
         assert_eq!(socket_inode(Path::new("socket:[x]")), None);
         assert_eq!(cgroup_v2_path("0::/user.slice\n"), Some("/user.slice"));
         assert_eq!(cgroup_v2_path("3:cpu:/a\n"), None);
+        assert_eq!(
+            effective_gid("Name:\tx\nGid:\t10\t20\t10\t10\nGroups:\n"),
+            Some(20)
+        );
+        assert_eq!(effective_gid("Name:\tx\n"), None);
     }
 
     #[test]

@@ -92,6 +92,7 @@ impl KernelMaps {
                     activity: tag.activity,
                     flags: 0,
                     counter_slot,
+                    ..Default::default()
                 },
                 Err(_) => {
                     stop |= 1 << i;
@@ -210,7 +211,7 @@ mod tests {
         assert_eq!(size_of::<flowd_kstate>(), 16);
         assert_eq!(size_of::<flowd_ksock>(), 44);
         assert_eq!(offset_of!(flowd_ksock, uid), 40);
-        assert_eq!(size_of::<flowd_ktest>(), 64);
+        assert_eq!(size_of::<flowd_ktest>(), 88);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use crate::bpf::marker::types::{flowd_flow_key, flowd_flow_mark, flowd_tag_counter};
-use crate::discovery::types::{FlowKey, Protocol};
+use crate::discovery::types::FlowKey;
 use crate::marker::compiled::{KernelMaps, MARK_F_KERNEL};
 use crate::marker::label::{decode, Tag};
 use crate::policy::kernel::KernelPolicy;
@@ -141,6 +141,7 @@ impl MarkMaps {
             activity: tag.activity,
             flags: 0,
             counter_slot: self.slot(tag)?,
+            ..Default::default()
         };
         match self
             .marks
@@ -179,7 +180,7 @@ impl MarkMaps {
                 if from_bytes::<flowd_flow_mark>(&v).flags & MARK_F_KERNEL == 0 {
                     return None;
                 }
-                flow_of(&from_bytes::<flowd_flow_key>(&k))
+                flow_key(&from_bytes::<flowd_flow_key>(&k))
             })
             .collect()
     }
@@ -192,12 +193,18 @@ impl MarkMaps {
     /// passed again on every update so the label stays the same.
     pub fn insert(&self, flow: &FlowKey, tag: Tag, entropy: u8) -> Result<(), MapError> {
         let key = bpf_key(flow).ok_or_else(|| MapError::NotIpv6(flow_text(flow)))?;
+        // A rewrite (new tag after a reload) keeps the flow's counts; the packets
+        // counted between this read and the update are the only ones lost.
+        let (packets, bytes) = self.get(flow)?.map_or((0, 0), |m| (m.packets, m.bytes));
         let value = flowd_flow_mark {
             label: tag.label(entropy),
             experiment: tag.experiment,
             activity: tag.activity,
             flags: 0,
             counter_slot: self.slot(tag)?,
+            packets,
+            bytes,
+            ..Default::default()
         };
         self.marks
             .update(as_bytes(&key), as_bytes(&value), MapFlags::ANY)
@@ -245,6 +252,27 @@ impl MarkMaps {
                 source: e,
             })?;
         Ok(raw.map(|b| from_bytes::<flowd_flow_mark>(&b)))
+    }
+
+    /// Packets and bytes marked per flow, for every flow in the map, read in batches
+    /// (one syscall per few thousand flows rather than one per flow).
+    pub fn flow_counts(&self) -> Result<HashMap<FlowKey, (u64, u64)>, MapError> {
+        let mut out = HashMap::new();
+        let iter = self
+            .marks
+            .lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)
+            .map_err(|e| MapError::Bpf {
+                map: "flowd_marks",
+                source: e,
+            })?;
+        for (k, v) in iter {
+            let key = from_bytes::<flowd_flow_key>(&k);
+            let mark = from_bytes::<flowd_flow_mark>(&v);
+            if let Some(flow) = flow_key(&key) {
+                out.insert(flow, (mark.packets, mark.bytes));
+            }
+        }
+        Ok(out)
     }
 
     /// Number of flows in the map (walks the keys: for status, not per packet).
@@ -341,15 +369,21 @@ pub fn bpf_key(f: &FlowKey) -> Option<flowd_flow_key> {
     })
 }
 
-/// The flow of a map key (the inverse of [`bpf_key`]).
-pub fn flow_of(k: &flowd_flow_key) -> Option<FlowKey> {
-    let proto = Protocol::from_ip_proto(k.proto)?;
-    let ip = |a: [u8; 16]| IpAddr::V6(std::net::Ipv6Addr::from(a));
-    Some(FlowKey::new(
-        proto,
-        std::net::SocketAddr::new(ip(k.saddr), u16::from_be(k.sport)),
-        std::net::SocketAddr::new(ip(k.daddr), u16::from_be(k.dport)),
-    ))
+/// The flow a BPF key stands for (IPv6 TCP/UDP only).
+pub fn flow_key(k: &flowd_flow_key) -> Option<FlowKey> {
+    let proto = crate::discovery::types::Protocol::from_ip_proto(k.proto)?;
+    if k.family != 10 {
+        return None;
+    }
+    let local = std::net::SocketAddr::new(
+        std::net::Ipv6Addr::from(k.saddr).into(),
+        u16::from_be(k.sport),
+    );
+    let remote = std::net::SocketAddr::new(
+        std::net::Ipv6Addr::from(k.daddr).into(),
+        u16::from_be(k.dport),
+    );
+    Some(FlowKey::new(proto, local, remote))
 }
 
 /// Marker for the plain-old-data structs the skeleton generates for map keys and
@@ -389,8 +423,10 @@ mod tests {
         assert_eq!(offset_of!(flowd_flow_key, dport), 6);
         assert_eq!(offset_of!(flowd_flow_key, saddr), 8);
         assert_eq!(offset_of!(flowd_flow_key, daddr), 24);
-        assert_eq!(size_of::<flowd_flow_mark>(), 12);
+        assert_eq!(size_of::<flowd_flow_mark>(), 32);
         assert_eq!(offset_of!(flowd_flow_mark, counter_slot), 8);
+        assert_eq!(offset_of!(flowd_flow_mark, packets), 16);
+        assert_eq!(offset_of!(flowd_flow_mark, bytes), 24);
         assert_eq!(size_of::<flowd_tag_counter>(), 16);
     }
 
@@ -402,7 +438,7 @@ mod tests {
             "[fd00::2]:5201".parse().unwrap(),
         );
         let k = bpf_key(&f).unwrap();
-        assert_eq!(flow_of(&k), Some(f));
+        assert_eq!(flow_key(&k), Some(f));
         let b = as_bytes(&k);
         assert_eq!(&b[..4], &[10, 6, 0, 0]);
         assert_eq!(&b[4..8], &[0x9c, 0x40, 0x14, 0x51]);

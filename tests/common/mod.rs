@@ -135,6 +135,7 @@ impl Pair {
 pub struct Capture {
     child: Child,
     file: PathBuf,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Capture {
@@ -154,7 +155,7 @@ impl Capture {
                 "-U",
                 "-n",
                 "-s",
-                "0",
+                "256",
                 "-w",
             ])
             .arg(&file)
@@ -177,11 +178,16 @@ impl Capture {
             line.contains("listening on"),
             "tcpdump did not start: {line}"
         );
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            let _ = err.read_to_string(&mut sink);
+        let stderr = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = err.read_to_string(&mut rest);
+            rest
         });
-        Capture { child, file }
+        Capture {
+            child,
+            file,
+            stderr: Some(stderr),
+        }
     }
 
     /// Stops tcpdump (SIGINT flushes the file) and returns the captured packets.
@@ -194,6 +200,21 @@ impl Capture {
         );
         // ip netns exec forwards the signal to tcpdump by exec'ing it.
         let _ = self.child.wait();
+        let summary = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        // "N packets dropped by kernel": a capture that lost packets proves nothing.
+        let dropped = summary
+            .lines()
+            .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        assert_eq!(
+            dropped,
+            Some(0),
+            "tcpdump lost packets or did not report: {summary}"
+        );
         read_pcap(&self.file)
     }
 }
@@ -211,14 +232,46 @@ pub struct Packet {
     pub l3: Vec<u8>,
 }
 
-/// Reads IPv6 packets (Ethernet link type) from a pcap file; skips everything else.
-pub fn read_pcap(path: &Path) -> Vec<Packet> {
-    let f = File::open(path).expect("pcap file");
-    let mut r = pcap_file::pcap::PcapReader::new(f).expect("pcap header");
+/// The records of a classic pcap file (what tcpdump -w writes): the bytes captured
+/// of each packet. Any byte order, micro- or nanosecond stamps.
+fn pcap_records(bytes: &[u8]) -> Vec<&[u8]> {
+    assert!(bytes.len() >= 24, "pcap file too short");
+    let magic = u32::from_le_bytes(bytes[..4].try_into().unwrap());
+    let le = match magic {
+        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
+        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
+        m => panic!("not a pcap file (magic {m:#x})"),
+    };
+    let u32_at = |o: usize| {
+        let b: [u8; 4] = bytes[o..o + 4].try_into().unwrap();
+        if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
+    };
     let mut out = Vec::new();
-    while let Some(pkt) = r.next_packet() {
-        let pkt = pkt.expect("pcap record");
-        let d = &pkt.data;
+    let mut off = 24;
+    while off + 16 <= bytes.len() {
+        let incl = u32_at(off + 8) as usize;
+        let start = off + 16;
+        assert!(
+            start + incl <= bytes.len(),
+            "pcap record cut short at {off}"
+        );
+        out.push(&bytes[start..start + incl]);
+        off = start + incl;
+    }
+    out
+}
+
+/// Reads IPv6 packets (Ethernet link type) from a pcap file; skips everything else.
+/// Captures are cut at 256 bytes: headers only, so tcpdump's buffer holds many
+/// packets and a burst of GSO packets is not dropped.
+pub fn read_pcap(path: &Path) -> Vec<Packet> {
+    let bytes = std::fs::read(path).expect("pcap file");
+    let mut out = Vec::new();
+    for d in pcap_records(&bytes) {
         if d.len() < 14 + 40 || d[12..14] != [0x86, 0xdd] {
             continue;
         }
@@ -387,6 +440,20 @@ pub fn become_uid(uid: u32) {
     // SAFETY: plain syscall with integer arguments.
     let rc = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
     assert_eq!(rc, 0, "setresuid({uid}) failed");
+}
+
+/// Like [`become_uid`], but also drops the root group and supplementary groups:
+/// an outsider in every respect (for permission tests).
+pub fn become_outsider(uid: u32) {
+    // SAFETY: plain syscalls with integer arguments and an empty group list.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+            0
+        );
+        assert_eq!(libc::syscall(libc::SYS_setresgid, uid, uid, uid), 0);
+    }
+    become_uid(uid);
 }
 
 /// Sends `payload` over TCP from `client_ns` ([ADDR_A]:`sport`) to a listener in

@@ -1,0 +1,360 @@
+//! What `inspect` shows, as the daemon sends it over the control socket.
+//!
+//! These types are the contract between the daemon and the CLI, and they are also
+//! what `flowd-rs inspect --json` prints for scripts, so they only ever grow: a field
+//! is never renamed or removed within protocol version 1, and readers ignore members
+//! they do not know (no `deny_unknown_fields` here, on purpose). Every member is
+//! always written (`null` when unknown), so a script can rely on the keys.
+//!
+//! Reading is lenient the other way too: members a daemon does not send (an older
+//! one, or one that cannot count something) read as their default (`0`, `null`,
+//! empty), so a version-skewed `inspect` still shows what it can.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// One socket the daemon knows about, with the tag policy gave it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowView {
+    /// The kernel's socket cookie: the id to ask for one flow with `{"op":"flow"}`.
+    pub cookie: u64,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// Our end (the source of the packets we send); IPv4-mapped addresses are shown as IPv4.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Kernel socket state in kebab case: `established`, `syn-sent`, `time-wait`, ...
+    pub state: String,
+    /// `outbound` (we connected), `inbound` (we accepted) or `unknown`.
+    pub direction: String,
+    /// Inode of the socket's network namespace.
+    pub netns: u64,
+    pub pid: Option<u32>,
+    /// The owning process's command name (`/proc/PID/comm`, at most 15 bytes).
+    pub comm: Option<String>,
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+    /// SciTags experiment id (1..=511); `None` when no rule tagged the flow.
+    pub experiment: Option<u16>,
+    pub experiment_name: Option<String>,
+    /// SciTags activity id (0..=63).
+    pub activity: Option<u8>,
+    pub activity_name: Option<String>,
+    /// The 20-bit flow label written on the flow's packets, entropy included.
+    pub label: Option<u32>,
+    /// Extension header written besides (or instead of) the label: `hop-by-hop`,
+    /// `destination` or `hop-by-hop+destination`.
+    pub header: Option<String>,
+    /// The rule that decided the tag, `FILE:RULE` (e.g. `atlas.toml:xrootd-data`).
+    pub rule: Option<String>,
+    /// Whether the flow's first packet already carried the tag (known when the tracker
+    /// saw the connect; `None` for sockets adopted from a dump).
+    pub first_packet_exact: Option<bool>,
+    /// Packets and bytes the marker counted for this flow (tagged flows only; 0 when
+    /// the daemon does not count per flow).
+    #[serde(default)]
+    pub packets: u64,
+    #[serde(default)]
+    pub bytes: u64,
+    /// Seconds since the daemon first saw the socket.
+    pub age_secs: f64,
+    /// TCP statistics from the kernel's `tcp_info` (TCP only, when available).
+    pub tcp: Option<TcpView>,
+    /// The flow's history, newest last; only filled in the reply to `{"op":"flow"}`,
+    /// empty in `flows` listings.
+    #[serde(default)]
+    pub events: Vec<FlowEventView>,
+}
+
+/// A subset of the kernel's `struct tcp_info` (the daemon's `TcpStats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpView {
+    pub rtt_us: u32,
+    pub rttvar_us: u32,
+    pub snd_cwnd: u32,
+    pub total_retrans: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub segs_out: u32,
+    pub segs_in: u32,
+}
+
+/// One thing that happened to a flow (seen, tagged, retagged, ended, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowEventView {
+    pub at_secs_ago: f64,
+    /// Free text for people, e.g. `tagged atlas/datachallenge by atlas.toml:dc`.
+    pub what: String,
+}
+
+/// The daemon as a whole: the reply to `{"op":"status"}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatusView {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: f64,
+    /// Marking strategy: `flow-label`, `hop-by-hop`, ...
+    pub strategy: String,
+    /// (interface, attach mode), e.g. `("eth0", "tcx")`.
+    pub attached: Vec<(String, String)>,
+    /// Identifies the compiled policy in force (changes on every successful reload).
+    pub policy_version: String,
+    pub policy_files: usize,
+    pub policy_rules: usize,
+    pub flows_total: usize,
+    pub flows_tagged: usize,
+    /// Flows in the marker's BPF map, and the map's size.
+    pub map_entries: usize,
+    pub map_capacity: u32,
+    /// Packets per marker outcome (`marked`, `unmarked`, `skipped_mtu`, ...), cumulative.
+    #[serde(deserialize_with = "null_as_default")]
+    pub outcomes: BTreeMap<String, u64>,
+    /// Cumulative marker counters per tag, plus the flows currently holding the tag.
+    #[serde(deserialize_with = "null_as_default")]
+    pub per_tag: Vec<TagTotals>,
+    pub ringbuf_drops: u64,
+    /// Corrections the sock_diag reconciliation made to what the tracker reported.
+    pub reconcile_added: u64,
+    pub reconcile_ended: u64,
+    /// Duration of the last sock_diag poll, in milliseconds.
+    pub last_poll_ms: f64,
+    pub policy_reloads_ok: u64,
+    pub policy_reloads_failed: u64,
+    /// Flows the table ever started and ended, tags ever given.
+    pub flows_started: u64,
+    pub flows_ended: u64,
+    pub flows_tagged_total: u64,
+    /// Tags that found the marker map full (raise `marker.map_capacity`).
+    pub map_full_total: u64,
+    /// sock_diag dumps that failed (not reconciled).
+    pub dump_errors: u64,
+    /// Config `marker.in_kernel_decisions`.
+    pub in_kernel_decisions: bool,
+    /// Rules of the policy the kernel decides before a flow's first packet leaves.
+    pub policy_first_packet_exact_rules: usize,
+    /// Live flows the kernel had already marked, with userspace's tag, when
+    /// userspace first decided them.
+    pub flows_first_packet_exact: usize,
+    /// Entries of the marker map written by the kernel's decision (walks the map).
+    pub kernel_marks: usize,
+    /// Flows whose first-packet kernel mark userspace adopted, replaced (its
+    /// decision differed) or swept (no live flow), cumulative.
+    pub kernel_decided_total: u64,
+    pub kernel_overridden: u64,
+    pub kernel_swept: u64,
+}
+
+/// Counters of one tag.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TagTotals {
+    pub experiment: u16,
+    pub experiment_name: Option<String>,
+    pub activity: u8,
+    pub activity_name: Option<String>,
+    /// Flows holding this tag now.
+    pub flows: u64,
+    /// Packets and bytes marked with this tag since the daemon started.
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `null` reads as the default: a daemon whose BPF counters could not be read sends
+/// `"outcomes": null`.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Which flows to show. Every set member must match (AND); an empty filter matches all.
+///
+/// Sent as the `filter` of `{"op":"flows"}`; the daemon answers with the flows for
+/// which [`FlowFilter::matches`] is true, and the CLI applies it again locally.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlowFilter {
+    /// Experiment name (case-insensitive) or id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+    /// User name or uid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Substring of the process command name (case-insensitive).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+    /// An IP address or a CIDR prefix, matched against both ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Free text, case-insensitive, found in any shown column (process, user,
+    /// experiment, activity, addresses, state, rule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Only flows that carry a tag.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tagged_only: bool,
+}
+
+/// Why a filter cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    #[error(
+        "address filter `{0}` is neither an IP address nor a CIDR prefix (e.g. 2001:db8::/32)"
+    )]
+    Address(String),
+    #[error("unknown filter key `{0}:`: use exp:, user:, proc:, addr: or tagged")]
+    Key(String),
+}
+
+impl FlowFilter {
+    /// Parses the TUI's filter line: `exp:atlas user:xrootd proc:xrd addr:2001:db8::/32
+    /// tagged`, with any other words taken as free text (all must match).
+    pub fn parse(line: &str) -> Result<FlowFilter, FilterError> {
+        let mut f = FlowFilter::default();
+        let mut text = Vec::new();
+        for word in line.split_whitespace() {
+            // `addr:` values contain colons themselves: split at the first one only.
+            match word.split_once(':') {
+                Some(("exp" | "experiment", v)) => f.experiment = Some(v.to_string()),
+                Some(("user" | "uid", v)) => f.user = Some(v.to_string()),
+                Some(("proc" | "process" | "comm", v)) => f.process = Some(v.to_string()),
+                Some(("addr" | "address", v)) => f.address = Some(v.to_string()),
+                Some((k, _)) if k.chars().all(|c| c.is_ascii_alphabetic()) && !k.is_empty() => {
+                    return Err(FilterError::Key(k.to_string()))
+                }
+                _ if word == "tagged" => f.tagged_only = true,
+                _ => text.push(word),
+            }
+        }
+        if !text.is_empty() {
+            f.text = Some(text.join(" "));
+        }
+        f.validate()?;
+        Ok(f)
+    }
+
+    /// Checks what [`FlowFilter::matches`] would otherwise treat as "matches nothing".
+    pub fn validate(&self) -> Result<(), FilterError> {
+        match &self.address {
+            Some(a) if parse_net(a).is_none() => Err(FilterError::Address(a.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == FlowFilter::default()
+    }
+
+    /// Whether `flow` passes every condition set. Pure; an invalid address matches nothing.
+    pub fn matches(&self, flow: &FlowView) -> bool {
+        if self.tagged_only && flow.experiment.is_none() {
+            return false;
+        }
+        if let Some(e) = &self.experiment {
+            let ok = match e.parse::<u16>() {
+                Ok(id) => flow.experiment == Some(id),
+                Err(_) => flow
+                    .experiment_name
+                    .as_deref()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(e)),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(u) = &self.user {
+            let ok = match u.parse::<u32>() {
+                Ok(uid) => flow.uid == Some(uid),
+                Err(_) => flow.user.as_deref() == Some(u.as_str()),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(p) = &self.process {
+            if !flow.comm.as_deref().is_some_and(|c| contains_ci(c, p)) {
+                return false;
+            }
+        }
+        if let Some(a) = &self.address {
+            let Some(net) = parse_net(a) else {
+                return false;
+            };
+            if !net.contains(&flow.local.ip()) && !net.contains(&flow.remote.ip()) {
+                return false;
+            }
+        }
+        if let Some(t) = &self.text {
+            if !t.split_whitespace().all(|w| text_matches(flow, w)) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// An address (as a host prefix) or a CIDR prefix.
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn contains_ci(haystack: &str, needle: &str) -> bool {
+    haystack
+        .to_ascii_lowercase()
+        .contains(&needle.to_ascii_lowercase())
+}
+
+fn text_matches(f: &FlowView, word: &str) -> bool {
+    let opt = |o: &Option<String>| o.as_deref().is_some_and(|s| contains_ci(s, word));
+    opt(&f.comm)
+        || opt(&f.user)
+        || opt(&f.experiment_name)
+        || opt(&f.activity_name)
+        || opt(&f.rule)
+        || contains_ci(&f.state, word)
+        || contains_ci(&f.proto, word)
+        || contains_ci(&f.local.to_string(), word)
+        || contains_ci(&f.remote.to_string(), word)
+}
+
+impl FlowView {
+    /// `atlas/datachallenge`, falling back to ids where names are unknown; `-` untagged.
+    pub fn tag_text(&self) -> String {
+        match (self.experiment, self.activity) {
+            (Some(e), a) => {
+                let exp = self
+                    .experiment_name
+                    .clone()
+                    .unwrap_or_else(|| e.to_string());
+                let act = match (&self.activity_name, a) {
+                    (Some(n), _) => n.clone(),
+                    (None, Some(a)) => a.to_string(),
+                    (None, None) => "?".into(),
+                };
+                format!("{exp}/{act}")
+            }
+            (None, _) => "-".into(),
+        }
+    }
+
+    /// The experiment's display name, `untagged` when there is none.
+    pub fn experiment_text(&self) -> String {
+        match (self.experiment, &self.experiment_name) {
+            (_, Some(n)) => n.clone(),
+            (Some(e), None) => e.to_string(),
+            (None, None) => "untagged".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "view_tests.rs"]
+pub(crate) mod tests;

@@ -1,0 +1,449 @@
+//! Prometheus exposition: what the daemon counts, served on `GET /metrics`.
+//!
+//! Most values are read at scrape time from a [`MetricsSource`] the daemon provides
+//! (a custom prometheus-client collector turns one [`Snapshot`] into all series), so
+//! nothing is counted twice: the BPF per-CPU counters are already cumulative totals,
+//! and copying them into `inc()`-only counters would need last-seen bookkeeping in
+//! the hot path. The one value that is not a total, the sock_diag poll duration, is a
+//! histogram the daemon feeds with [`Metrics::observe_poll`].
+//!
+//! The endpoint listens on 127.0.0.1:9617 by default ([`DEFAULT_LISTEN`]): loopback
+//! only, because flow counts per experiment are not for the whole network; bind a
+//! routable address deliberately in the configuration to let a remote Prometheus in.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::inspect::view::TagTotals;
+
+/// Where `/metrics` listens unless configured otherwise. 9617 is in the exporters'
+/// range (9100-9999); not yet checked against, nor registered in, the Prometheus
+/// "default port allocations" wiki page.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9617";
+/// Upper bounds of the sock_diag poll duration histogram, in seconds.
+pub const POLL_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Scrapes served at once; more wait for a slot (backpressure, not an error).
+const MAX_CONNECTIONS: usize = 16;
+
+/// Everything the daemon reports at one scrape. Counters are cumulative since the
+/// daemon started; a value that goes down (a BPF map recreated) is treated as a reset
+/// and added on top of what was already exposed, so exposed counters never go down.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Flows in the flow table.
+    pub flows_tracked: u64,
+    /// Per tag: `flows` now holding it (gauge), `packets`/`bytes` marked (counters,
+    /// the BPF `flowd_tag_counters` totals). The same rows `status` reports.
+    pub tags: Vec<TagTotals>,
+    /// Packets per marker outcome, every name of `marker::maps::OUTCOMES` (zeros
+    /// included, so the series exist from the first scrape).
+    pub outcomes: Vec<(String, u64)>,
+    pub map_entries: u64,
+    pub map_capacity: u64,
+    /// Tracker ring buffer records lost.
+    pub ringbuf_drops: u64,
+    /// Sockets sock_diag found that the tracker had missed (`added`), and tracked
+    /// flows sock_diag no longer lists (`ended`).
+    pub reconcile_added: u64,
+    pub reconcile_ended: u64,
+    pub policy_reloads_ok: u64,
+    pub policy_reloads_failed: u64,
+}
+
+/// Gives the current [`Snapshot`]; called once per scrape, on a blocking thread.
+pub trait MetricsSource: Send + Sync + 'static {
+    fn snapshot(&self) -> Snapshot;
+}
+
+impl<F: Fn() -> Snapshot + Send + Sync + 'static> MetricsSource for F {
+    fn snapshot(&self) -> Snapshot {
+        self()
+    }
+}
+
+/// A snapshot the daemon publishes (e.g. after each poll) for scrapes to read, when
+/// the facts live in a task rather than behind something a closure can read.
+#[derive(Debug, Default)]
+pub struct Published(Mutex<Snapshot>);
+
+impl Published {
+    pub fn set(&self, s: Snapshot) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
+
+impl MetricsSource for Published {
+    fn snapshot(&self) -> Snapshot {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl<T: MetricsSource> MetricsSource for Arc<T> {
+    fn snapshot(&self) -> Snapshot {
+        (**self).snapshot()
+    }
+}
+
+/// Fixed at start: `flowd_build_info{version,strategy} 1`.
+#[derive(Debug, Clone)]
+pub struct BuildInfo {
+    pub version: String,
+    pub strategy: String,
+}
+
+/// The registry and the one metric fed directly.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    poll_duration: Histogram,
+}
+
+impl Metrics {
+    pub fn new(build: BuildInfo, source: impl MetricsSource) -> Metrics {
+        let mut registry = Registry::default();
+        let poll_duration = Histogram::new(POLL_BUCKETS);
+        registry.register(
+            "flowd_sockdiag_poll_duration_seconds",
+            "Time one sock_diag dump of all sockets took",
+            poll_duration.clone(),
+        );
+        registry.register_collector(Box::new(SnapshotCollector {
+            source: Box::new(source),
+            build,
+            totals: Mutex::new(Monotonic::default()),
+        }));
+        Metrics {
+            registry,
+            poll_duration,
+        }
+    }
+
+    /// Records one sock_diag poll.
+    pub fn observe_poll(&self, d: Duration) {
+        self.poll_duration.observe(d.as_secs_f64());
+    }
+
+    /// The Prometheus text format (0.0.4), what Prometheus asks for by default.
+    pub fn encode_prometheus(&self) -> Result<String, fmt::Error> {
+        let mut s = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut s, &self.registry)?;
+        Ok(s)
+    }
+
+    /// The OpenMetrics text format (1.0.0), for scrapers that ask for it.
+    pub fn encode_openmetrics(&self) -> Result<String, fmt::Error> {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)?;
+        Ok(s)
+    }
+}
+
+/// Keeps exposed counters monotonic across resets of their source.
+#[derive(Debug, Default)]
+struct Monotonic {
+    /// Per series: (last raw value read, sum of the values lost to resets).
+    seen: HashMap<String, (u64, u64)>,
+}
+
+impl Monotonic {
+    fn total(&mut self, series: String, raw: u64) -> u64 {
+        let (last, base) = self.seen.entry(series).or_insert((0, 0));
+        if raw < *last {
+            *base += *last;
+        }
+        *last = raw;
+        *base + raw
+    }
+}
+
+struct SnapshotCollector {
+    source: Box<dyn MetricsSource>,
+    build: BuildInfo,
+    totals: Mutex<Monotonic>,
+}
+
+impl fmt::Debug for SnapshotCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SnapshotCollector")
+            .field("build", &self.build)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Label values of a tag: names where the registry knows them, ids otherwise.
+fn tag_labels(t: &TagTotals) -> [(&'static str, String); 2] {
+    [
+        (
+            "experiment",
+            t.experiment_name
+                .clone()
+                .unwrap_or_else(|| t.experiment.to_string()),
+        ),
+        (
+            "activity",
+            t.activity_name
+                .clone()
+                .unwrap_or_else(|| t.activity.to_string()),
+        ),
+    ]
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(v as i64).encode(m)
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let s = self.source.snapshot();
+        let mut mono = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+
+        let mut m = enc.encode_descriptor(
+            "flowd_build_info",
+            "Build and marking strategy of the running daemon (always 1).",
+            None,
+            MetricType::Gauge,
+        )?;
+        let labels = [
+            ("version", self.build.version.as_str()),
+            ("strategy", self.build.strategy.as_str()),
+        ];
+        ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
+
+        gauge(
+            &mut enc,
+            "flowd_flows_tracked",
+            "Flows in the flow table.",
+            s.flows_tracked,
+        )?;
+        let mut m = enc.encode_descriptor(
+            "flowd_flows_tagged",
+            "Flows currently carrying a tag.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for t in &s.tags {
+            ConstGauge::new(t.flows as i64).encode(m.encode_family(&tag_labels(t))?)?;
+        }
+
+        // Counter names get `_total` from the encoder.
+        for (name, help, pick) in [
+            (
+                "flowd_marked_packets",
+                "Packets the marker tagged.",
+                (|t: &TagTotals| t.packets) as fn(&TagTotals) -> u64,
+            ),
+            (
+                "flowd_marked_bytes",
+                "Bytes of the packets the marker tagged.",
+                |t: &TagTotals| t.bytes,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for t in &s.tags {
+                let l = tag_labels(t);
+                let v = mono.total(
+                    format!("{name}{{{}/{}}}", t.experiment, t.activity),
+                    pick(t),
+                );
+                ConstCounter::new(v).encode(m.encode_family(&l)?)?;
+            }
+        }
+
+        let mut m = enc.encode_descriptor(
+            "flowd_packets",
+            "Packets the marker saw, by outcome.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, v) in &s.outcomes {
+            let v = mono.total(format!("outcome/{outcome}"), *v);
+            ConstCounter::new(v).encode(m.encode_family(&[("outcome", outcome.as_str())])?)?;
+        }
+
+        gauge(
+            &mut enc,
+            "flowd_marker_map_entries",
+            "Flows in the marker's BPF map.",
+            s.map_entries,
+        )?;
+        gauge(
+            &mut enc,
+            "flowd_marker_map_capacity",
+            "Size of the marker's BPF map.",
+            s.map_capacity,
+        )?;
+
+        let m = enc.encode_descriptor(
+            "flowd_ringbuf_drops",
+            "Tracker ring buffer records lost.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(mono.total("ringbuf_drops".into(), s.ringbuf_drops)).encode(m)?;
+
+        for (name, help, key, pairs) in [
+            (
+                "flowd_reconcile_corrections",
+                "Corrections sock_diag made to the tracker's view.",
+                "kind",
+                [("added", s.reconcile_added), ("ended", s.reconcile_ended)],
+            ),
+            (
+                "flowd_policy_reloads",
+                "Policy reloads, by result.",
+                "result",
+                [
+                    ("ok", s.policy_reloads_ok),
+                    ("failed", s.policy_reloads_failed),
+                ],
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (value, n) in pairs {
+                let v = mono.total(format!("{name}/{value}"), n);
+                ConstCounter::new(v).encode(m.encode_family(&[(key, value)])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Binds `listen` and serves `/metrics` until `shutdown` completes.
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {listen} (metrics.listen)"))?;
+    serve_on(listener, metrics, shutdown).await
+}
+
+/// Serves `/metrics` on an already bound listener until `shutdown` completes.
+pub async fn serve_on(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let addr = listener.local_addr().context("metrics listener address")?;
+    info!(listen = %addr, "metrics endpoint listening");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: wait rather than spin.
+                    warn!(error = %e, "metrics endpoint accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(req, metrics.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                debug!(peer = %peer, error = %e, "metrics connection ended");
+            }
+            drop(permit);
+        });
+    }
+    info!(listen = %addr, "metrics endpoint stopped");
+    Ok(())
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    metrics: Arc<Metrics>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let reply = |status: StatusCode, ctype: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+        Ok(r)
+    };
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    if req.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found: metrics are at /metrics\n".into(),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "use GET\n".into());
+    }
+    let openmetrics = req
+        .headers()
+        .get(ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    // The source may read BPF maps (syscalls): keep that off the async threads.
+    let encoded = tokio::task::spawn_blocking(move || {
+        if openmetrics {
+            metrics.encode_openmetrics()
+        } else {
+            metrics.encode_prometheus()
+        }
+    })
+    .await;
+    match encoded {
+        Ok(Ok(body)) if openmetrics => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        ),
+        Ok(Ok(body)) => reply(
+            StatusCode::OK,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            body,
+        ),
+        _ => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            PLAIN,
+            "encoding metrics failed\n".into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+#[path = "metrics_tests.rs"]
+mod tests;

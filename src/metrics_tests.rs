@@ -1,0 +1,219 @@
+use super::*;
+
+use std::collections::BTreeMap;
+
+use prometheus_parse::{Scrape, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn tag(exp: u16, name: Option<&str>, act: u8, flows: u64, packets: u64, bytes: u64) -> TagTotals {
+    TagTotals {
+        experiment: exp,
+        experiment_name: name.map(Into::into),
+        activity: act,
+        activity_name: name.map(|_| "datachallenge".to_string()),
+        flows,
+        packets,
+        bytes,
+    }
+}
+
+fn snapshot(scale: u64) -> Snapshot {
+    Snapshot {
+        flows_tracked: 40,
+        tags: vec![
+            tag(2, Some("atlas"), 3, 7, 100 * scale, 150_000 * scale),
+            tag(300, None, 1, 1, 5 * scale, 900 * scale),
+        ],
+        outcomes: [
+            "marked",
+            "unmarked",
+            "skipped_mtu",
+            "not_ipv6",
+            "not_tcp_udp",
+            "malformed",
+            "skipped_header",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.to_string(), i as u64 * scale))
+        .collect(),
+        map_entries: 8,
+        map_capacity: 65536,
+        ringbuf_drops: scale,
+        reconcile_added: 2 * scale,
+        reconcile_ended: 3 * scale,
+        policy_reloads_ok: 4,
+        policy_reloads_failed: 1,
+    }
+}
+
+fn metrics(source: Arc<Published>) -> Arc<Metrics> {
+    Arc::new(Metrics::new(
+        BuildInfo {
+            version: "0.1.0".into(),
+            strategy: "flow-label".into(),
+        },
+        source,
+    ))
+}
+
+/// One plain HTTP/1.1 request on loopback; (status line, headers+body).
+async fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (status, rest) = out.split_once("\r\n").unwrap();
+    (status.to_string(), rest.to_string())
+}
+
+fn body(resp: &str) -> &str {
+    resp.split_once("\r\n\r\n").unwrap().1
+}
+
+/// Sample value keyed by metric name and sorted labels.
+fn values(text: &str) -> BTreeMap<String, f64> {
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let mut out = BTreeMap::new();
+    for s in scrape.samples {
+        let mut labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let v = match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            Value::Histogram(h) => h.iter().map(|c| c.count).fold(0.0, f64::max),
+            Value::Summary(_) => f64::NAN,
+        };
+        out.insert(format!("{}{{{}}}", s.metric, labels.join(",")), v);
+    }
+    out
+}
+
+async fn with_server<F: Future<Output = ()>>(m: Arc<Metrics>, test: impl FnOnce(SocketAddr) -> F) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_on(listener, m, async {
+        let _ = stopped.await;
+    }));
+    test(addr).await;
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn scrape_over_http_exposes_every_series_with_its_labels() {
+    let source = Arc::new(Published::default());
+    source.set(snapshot(1));
+    let m = metrics(source);
+    m.observe_poll(Duration::from_millis(3));
+    with_server(m, |addr| async move {
+        let (status, resp) = http_get(addr, "/metrics", "text/plain").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(resp
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"));
+        let v = values(body(&resp));
+        let expect = [
+            ("flowd_build_info{strategy=flow-label,version=0.1.0}", 1.0),
+            ("flowd_flows_tracked{}", 40.0),
+            (
+                "flowd_flows_tagged{activity=datachallenge,experiment=atlas}",
+                7.0,
+            ),
+            ("flowd_flows_tagged{activity=1,experiment=300}", 1.0),
+            (
+                "flowd_marked_packets_total{activity=datachallenge,experiment=atlas}",
+                100.0,
+            ),
+            (
+                "flowd_marked_bytes_total{activity=datachallenge,experiment=atlas}",
+                150_000.0,
+            ),
+            ("flowd_marked_bytes_total{activity=1,experiment=300}", 900.0),
+            ("flowd_packets_total{outcome=marked}", 0.0),
+            ("flowd_packets_total{outcome=skipped_header}", 6.0),
+            ("flowd_marker_map_entries{}", 8.0),
+            ("flowd_marker_map_capacity{}", 65536.0),
+            ("flowd_ringbuf_drops_total{}", 1.0),
+            ("flowd_reconcile_corrections_total{kind=added}", 2.0),
+            ("flowd_reconcile_corrections_total{kind=ended}", 3.0),
+            ("flowd_policy_reloads_total{result=ok}", 4.0),
+            ("flowd_policy_reloads_total{result=failed}", 1.0),
+            ("flowd_sockdiag_poll_duration_seconds{}", 1.0),
+        ];
+        for (k, want) in expect {
+            assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
+        }
+        let outcomes = v
+            .keys()
+            .filter(|k| k.starts_with("flowd_packets_total{"))
+            .count();
+        assert_eq!(outcomes, 7);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn counters_follow_the_snapshot_without_double_counting_and_never_go_down() {
+    let source = Arc::new(Published::default());
+    source.set(snapshot(1));
+    let m = metrics(source.clone());
+    let key = "flowd_marked_packets_total{activity=datachallenge,experiment=atlas}";
+    let read = |m: &Metrics| values(&m.encode_prometheus().unwrap());
+    assert_eq!(read(&m)[key], 100.0);
+    // Scraping again with the same totals does not add anything.
+    assert_eq!(read(&m)[key], 100.0);
+    source.set(snapshot(3));
+    assert_eq!(read(&m)[key], 300.0);
+    assert_eq!(read(&m)["flowd_ringbuf_drops_total{}"], 3.0);
+    // The source restarts from a lower value (BPF map recreated): keep counting up.
+    source.set(snapshot(1));
+    assert_eq!(read(&m)[key], 400.0);
+    source.set(snapshot(2));
+    assert_eq!(read(&m)[key], 500.0);
+    // Gauges follow the snapshot as is.
+    assert_eq!(read(&m)["flowd_flows_tracked{}"], 40.0);
+}
+
+#[tokio::test]
+async fn other_paths_are_404_and_openmetrics_is_negotiated() {
+    let source = Arc::new(Published::default());
+    source.set(snapshot(1));
+    with_server(metrics(source), |addr| async move {
+        let (status, _) = http_get(addr, "/", "*/*").await;
+        assert_eq!(status, "HTTP/1.1 404 Not Found");
+        let (status, resp) = http_get(
+            addr,
+            "/metrics",
+            "application/openmetrics-text; version=1.0.0",
+        )
+        .await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(resp.contains("application/openmetrics-text"));
+        assert!(body(&resp).ends_with("# EOF\n"));
+        assert!(body(&resp).contains(
+            "flowd_marked_packets_total{experiment=\"atlas\",activity=\"datachallenge\"} 100"
+        ));
+    })
+    .await;
+}
+
+#[test]
+fn closures_are_sources() {
+    let m = Metrics::new(
+        BuildInfo {
+            version: "x".into(),
+            strategy: "hop-by-hop".into(),
+        },
+        || Snapshot {
+            flows_tracked: 9,
+            ..Default::default()
+        },
+    );
+    assert!(m
+        .encode_prometheus()
+        .unwrap()
+        .contains("flowd_flows_tracked 9\n"));
+}

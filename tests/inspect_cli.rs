@@ -1,0 +1,126 @@
+//! `flowd-rs inspect --once` / `--json` against a fake control socket, and the
+//! message when there is no daemon. No root needed.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use flowd::inspect::view::FlowView;
+use support::fake_daemon::{self, FakeDaemon};
+
+fn inspect(socket: &std::path::Path, args: &[&str]) -> Output {
+    let prefix = support::flowd_rs(socket);
+    let mut words = prefix.split_whitespace();
+    Command::new(words.next().unwrap())
+        .args(words)
+        .arg("inspect")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn no_daemon_prints_one_line_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    for args in [&["--once"][..], &["--json"], &[]] {
+        let out = inspect(&sock, args);
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "flowd-rs: the daemon is not running (no control socket at {}). Start it with: systemctl start flowd-rs (or flowd-rs run)\n",
+                sock.display()
+            )
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn once_prints_the_table_sorted_by_bytes_with_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let _d = FakeDaemon::start(&sock, fake_daemon::flows(6));
+    let out = inspect(&sock, &["--once"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("PROTO  LOCAL"), "{text}");
+    assert_eq!(lines.len(), 1 + 6 + 3, "{text}");
+    // Biggest first: flow 5 (sshd, 900 kB) down to flow 0.
+    assert!(
+        lines[1].contains("1236/sshd") && lines[1].contains("878.9 KiB"),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[6].contains("1234/xrootd") && lines[6].contains("0x1000c"),
+        "{}",
+        lines[6]
+    );
+    assert!(
+        lines[6].contains("atlas/datachallenge") && lines[6].contains("atlas.toml:xrootd-data")
+    );
+    assert_eq!(lines[7], "TOTAL cms 2 flows, 700 pkts, 1.0 MiB");
+    assert_eq!(lines[8], "TOTAL atlas 2 flows, 500 pkts, 732.4 KiB");
+    assert_eq!(lines[9], "TOTAL untagged 2 flows, 900 pkts, 1.3 MiB");
+}
+
+#[test]
+fn json_prints_one_flow_view_per_line_and_sends_the_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let d = FakeDaemon::start(&sock, fake_daemon::flows(9));
+    let out = inspect(
+        &sock,
+        &[
+            "--json",
+            "--experiment",
+            "CMS",
+            "--address",
+            "2001:db8::/32",
+            "--sort",
+            "age",
+            "--reverse",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flows: Vec<FlowView> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cookies: Vec<u64> = flows.iter().map(|f| f.cookie).collect();
+    // cms flows are 1, 4, 7; age sorts youngest first, so --reverse gives the oldest first.
+    assert_eq!(cookies, [1007, 1004, 1001]);
+    assert!(flows
+        .iter()
+        .all(|f| f.experiment_name.as_deref() == Some("cms")));
+    let reqs = d.requests.lock().unwrap();
+    assert_eq!(
+        reqs[0],
+        serde_json::json!({"v":1,"op":"flows","filter":{"experiment":"CMS","address":"2001:db8::/32"}})
+    );
+}
+
+#[test]
+fn a_bad_address_filter_is_refused_before_asking_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = inspect(&dir.path().join("s"), &["--once", "--address", "nowhere"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "flowd-rs: address filter `nowhere` is neither an IP address nor a CIDR prefix (e.g. 2001:db8::/32)\n"
+    );
+}
