@@ -82,6 +82,8 @@ impl Default for PolicyConfig {
 pub struct DiscoveryConfig {
     pub tracker: TrackerSetting,
     /// Ring buffer between the tracker and the daemon, bytes (power of two, >= 4096).
+    /// 4 MiB holds ~35 000 events: a burst of several thousand connections while the
+    /// daemon is busy elsewhere; every socket of the host passes through it.
     pub ring_buffer_bytes: u32,
     /// Track connected UDP sockets with the tracker (a tp_btf on sys_exit).
     pub udp: bool,
@@ -95,7 +97,7 @@ impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
             tracker: TrackerSetting::Full,
-            ring_buffer_bytes: 1 << 20,
+            ring_buffer_bytes: 4 << 20,
             udp: true,
             reconcile_interval_ms: 5_000,
             cgroup2: None,

@@ -186,7 +186,7 @@ impl Engine {
 
     fn on_discovery(&mut self, d: Discovery) {
         let events = match d {
-            Discovery::Observed(obs) => self.table.apply_observation(obs),
+            Discovery::Observed(obs, at) => self.table.apply_observation_at(obs, at),
             Discovery::Dumped(dump) => {
                 self.last_poll = dump.stats.last_dump_duration;
                 if let Some((m, _)) = &self.metrics {

@@ -208,8 +208,16 @@ impl FlowTable {
     /// Apply one event-driven observation (normally from the tracker). A transition to
     /// CLOSE ends the flow; LISTEN sockets are not flows and are ignored.
     pub fn apply_observation(&mut self, obs: SocketObservation) -> Vec<FlowEvent> {
+        self.apply_observation_at(obs, Instant::now())
+    }
+
+    /// Like [`Self::apply_observation`], for an event that happened at `at` (the
+    /// tracker's kernel timestamp). The reconcile race rule then compares when events
+    /// happened, not when a busy daemon got round to them: a backlog of old events
+    /// cannot keep a vanished socket alive.
+    pub fn apply_observation_at(&mut self, obs: SocketObservation, at: Instant) -> Vec<FlowEvent> {
         let mut events = Vec::new();
-        self.apply_at(&obs, Clock::now(), &mut events);
+        self.apply_at(&obs, Clock { mono: at }, &mut events);
         events
     }
 

@@ -20,8 +20,8 @@ const TCP_INFO_EVERY: u64 = 4;
 
 /// What the feeds send.
 pub enum Discovery {
-    /// One tracker event.
-    Observed(SocketObservation),
+    /// One tracker event, and when it happened.
+    Observed(SocketObservation, Instant),
     /// One complete (or failed) sock_diag dump, to reconcile against.
     Dumped(Dump),
 }
@@ -74,10 +74,15 @@ pub fn spawn_tracker(
         .spawn(move || {
             let mut last_drops = 0;
             while !stop2.load(Ordering::Relaxed) {
-                let r = tracker.poll(Duration::from_millis(100), &mut |obs| {
+                let clock = MonotonicClock::now();
+                let r = tracker.poll_events(Duration::from_millis(100), &mut |ev| {
+                    if !ev.has_full_tuple() {
+                        return;
+                    }
                     // Blocks when the flow table lags: backpressure into the ring,
                     // where losses are counted rather than hidden.
-                    let _ = tx.blocking_send(Discovery::Observed(obs));
+                    let at = clock.instant_of(ev.ts_ns);
+                    let _ = tx.blocking_send(Discovery::Observed(ev.observation, at));
                 });
                 if let Err(e) = r {
                     warn!(error = %e, "polling the tracker ring buffer failed");
@@ -101,6 +106,32 @@ pub fn spawn_tracker(
         stop,
         handle: Some(handle),
     })
+}
+
+/// Converts the kernel's CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) into
+/// `Instant`s, which on Linux count the same clock.
+struct MonotonicClock {
+    instant: Instant,
+    ns: u64,
+}
+
+impl MonotonicClock {
+    fn now() -> Self {
+        let ts =
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+        MonotonicClock {
+            instant: Instant::now(),
+            ns: ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
+        }
+    }
+
+    fn instant_of(&self, ts_ns: u64) -> Instant {
+        if ts_ns <= self.ns {
+            self.instant - Duration::from_nanos(self.ns - ts_ns)
+        } else {
+            self.instant + Duration::from_nanos(ts_ns - self.ns)
+        }
+    }
 }
 
 /// Opens the sock_diag socket (here, so a failure is reported at once) and dumps every

@@ -358,7 +358,7 @@ impl Daemon {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path().display()))
             .arg(bin())
-            .args(["--log-level", "debug", "-c"])
+            .args(["--log-level", "info", "-c"])
             .arg(&config)
             .arg("run")
             .stdout(Stdio::null())
