@@ -77,6 +77,10 @@ fn main() {
         strategy: Strategy::LABEL,
         map_capacity: capacity,
         with_empty_program: true,
+        // As the daemon runs by default (marker.in_kernel_decisions = true): the
+        // decision sits on the miss path only, the hit path must not pay for it.
+        in_kernel: true,
+        ..Default::default()
     })
     .expect("load marker");
     let maps = maps_of(&skel, capacity).unwrap();

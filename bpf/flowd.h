@@ -63,11 +63,13 @@ struct flowd_flow_key {
 /* The mark for one flow. */
 struct flowd_flow_mark {
 	/* The 20-bit flow label (host order), entropy bits included: drawn once per
-	 * flow by userspace so that the label never changes mid-flow. */
+	 * flow, by whichever side writes the flow's entry first (userspace, or the
+	 * in-kernel decision with bpf_get_prandom_u32), and kept by the other, so
+	 * that the label never changes mid-flow. */
 	__u32 label;
 	__u16 experiment;
 	__u8 activity;
-	__u8 flags; /* reserved, zero */
+	__u8 flags; /* FLOWD_MARK_F_* */
 	/* Index into flowd_tag_counters: userspace gives each tag in use a slot. */
 	__u32 counter_slot;
 	__u32 pad; /* zero; keeps the counters 8-byte aligned with no hidden padding */
@@ -78,6 +80,11 @@ struct flowd_flow_mark {
 	__u64 bytes;
 };
 
+/* flowd_flow_mark.flags: the entry was written by the in-kernel decision (sockops
+ * or the TC miss path), not by userspace. Userspace reads it to say whether a
+ * flow was marked from its first packet and adopts the entry's entropy bits. */
+#define FLOWD_MARK_F_KERNEL 0x1
+
 /* Packets and bytes marked for one tag (per CPU). */
 struct flowd_tag_counter {
 	__u64 packets;
@@ -85,6 +92,119 @@ struct flowd_tag_counter {
 };
 
 #define FLOWD_TAG_SLOTS 1024
+
+/* ---- In-kernel policy decisions (marker.bpf.c; src/policy/kernel.rs compiles,
+ * src/marker/compiled.rs writes) ----
+ *
+ * The kernel-decidable part of the policy (protocol, direction, local/remote
+ * CIDRs with negation, local/remote ports, uid) is compiled into bitmaps: rule i
+ * (in precedence order, i < FLOWD_KRULES_MAX) is bit i of every bitmap. Each map
+ * below answers, for one field value, "which rules accept this value"; the AND of
+ * all answers is the set of rules that match, and its lowest bit wins. Rules that
+ * need userspace facts (process, exe, cgroup, groups) keep their bit with their
+ * kernel-checkable fields and are also set in `stop`: if such a rule is the lowest
+ * set bit, userspace might match it, so the kernel does not decide.
+ *
+ * Every map is keyed by a slot (0 or 1): userspace fills the inactive slot, then
+ * flips flowd_kstate.active, so a program never sees half a policy.
+ */
+#define FLOWD_KRULES_MAX 128
+#define FLOWD_KWORDS 2
+#define FLOWD_KSLOTS 2
+#define FLOWD_KSIDE_LOCAL 0
+#define FLOWD_KSIDE_REMOTE 1
+#define FLOWD_KDIR_OUTBOUND 1
+#define FLOWD_KDIR_INBOUND 2
+
+/* A set of rules: bit i of w[i / 64] is rule i. */
+struct flowd_kbits {
+	__u64 w[FLOWD_KWORDS];
+};
+
+/* LPM key of flowd_kaddrs: slot and side are the first 16 bits of the prefix
+ * (prefixlen = 16 + address prefix length), then the IPv6 address. The entry of
+ * prefix length 16 is the default: addresses outside every listed prefix. */
+struct flowd_kaddr_key {
+	__u32 prefixlen;
+	__u8 slot;
+	__u8 side; /* FLOWD_KSIDE_* */
+	__u8 addr[16];
+	__u8 pad[2]; /* beyond any prefix; zero */
+};
+
+/* LPM key of flowd_kports: port ranges become aligned power-of-two blocks
+ * (prefixlen = 16 + block prefix length); the port is in network order so that
+ * its prefix bits come first. */
+struct flowd_kport_key {
+	__u32 prefixlen;
+	__u8 slot;
+	__u8 side;
+	__be16 port;
+};
+
+/* Key of flowd_kuids: rules listing this uid in `users`. */
+struct flowd_kuid_key {
+	__u32 slot;
+	__u32 uid;
+};
+
+/* Per slot: the masks of the fields with few values, and the stop bits. */
+struct flowd_kpolicy {
+	struct flowd_kbits tcp;      /* rules accepting TCP (protocol tcp or any) */
+	struct flowd_kbits udp;
+	struct flowd_kbits outbound; /* direction outbound or any */
+	struct flowd_kbits inbound;
+	struct flowd_kbits any_uid;  /* rules without `users` */
+	struct flowd_kbits stop;     /* rules needing userspace facts */
+};
+
+/* The one entry of flowd_kstate. */
+struct flowd_kstate {
+	__u32 enabled;    /* 0 until userspace has written a policy */
+	__u32 active;     /* slot the programs read */
+	__u32 generation; /* bumped on every policy switch (UDP sockets re-decide) */
+	__u32 pad;
+};
+
+/* What the decision sees of a socket. Addresses in network order (IPv6 only:
+ * IPv4 has no flow label), ports in host order. */
+struct flowd_ksock {
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u16 lport;
+	__u16 rport;
+	__u8 proto;     /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 direction; /* FLOWD_KDIR_* */
+	__u8 uid_known; /* 0: rules with `users` leave the decision to userspace */
+	__u8 pad;
+	__u32 uid;
+};
+
+enum flowd_kverdict {
+	/* No compiled rule matches (rules beyond FLOWD_KRULES_MAX may: userspace). */
+	FLOWD_KV_NONE = 0,
+	/* Rule `rule` wins: mark written. */
+	FLOWD_KV_MATCH = 1,
+	/* A rule needing userspace facts (or an unknown uid) could win. */
+	FLOWD_KV_USERSPACE = 2,
+	/* No policy loaded (or decisions disabled). */
+	FLOWD_KV_OFF = 3,
+};
+
+/* In/out record of the test program flowd_kdecide_test (tests only). */
+struct flowd_ktest {
+	struct flowd_ksock sock;
+	__u32 verdict; /* enum flowd_kverdict */
+	__u32 rule;
+	struct flowd_flow_mark mark;
+};
+
+/* Per UDP socket (sk_storage): the policy generation it was last decided under,
+ * so a connected socket whose flow matches no rule is evaluated once, not per
+ * datagram. */
+struct flowd_kseen {
+	__u32 generation;
+};
 
 /* ---- Socket tracker (tracker.bpf.c, src/discovery/tracker*.rs) ---- */
 

@@ -8,6 +8,7 @@
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "flowd.h"
 
@@ -31,6 +32,12 @@
 
 /* Strategy bits (FLOWD_STRATEGY_*), set by userspace before load. */
 const volatile __u32 flowd_strategy = FLOWD_STRATEGY_LABEL;
+/* Config marker.in_kernel_decisions: when false the verifier drops the whole
+ * miss-path decision as dead code. */
+const volatile __u32 flowd_in_kernel = 0;
+/* Inode of the daemon's network namespace: the sockops program sees connects of
+ * every namespace (cgroup hooks are not per namespace) and decides only ours. */
+const volatile __u32 flowd_netns_ino = 0;
 
 /* Flows to mark, written only by userspace (the daemon's marker module).
  * max_entries is resized by userspace before load (config marker.map_capacity). */
@@ -59,6 +66,322 @@ struct {
 	__type(value, struct flowd_tag_counter);
 } flowd_tag_counters SEC(".maps");
 
+/* ---- In-kernel decisions: the compiled policy (flowd.h, "In-kernel policy
+ * decisions"). Written only by userspace (src/marker/compiled.rs). ---- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flowd_kstate);
+} flowd_kstate_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FLOWD_KSLOTS);
+	__type(key, __u32);
+	__type(value, struct flowd_kpolicy);
+} flowd_kpolicy_map SEC(".maps");
+
+/* Rule i of slot s at s * FLOWD_KRULES_MAX + i: its mark with zero entropy. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FLOWD_KSLOTS * FLOWD_KRULES_MAX);
+	__type(key, __u32);
+	__type(value, struct flowd_flow_mark);
+} flowd_krules SEC(".maps");
+
+/* LPM tries are never preallocated: max_entries only bounds them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct flowd_kaddr_key);
+	__type(value, struct flowd_kbits);
+} flowd_kaddrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct flowd_kport_key);
+	__type(value, struct flowd_kbits);
+} flowd_kports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct flowd_kuid_key);
+	__type(value, struct flowd_kbits);
+} flowd_kuids SEC(".maps");
+
+/* Connected UDP sockets already evaluated under the current generation. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct flowd_kseen);
+} flowd_kseen_map SEC(".maps");
+
+/* Test input/output of flowd_kdecide_test. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flowd_ktest);
+} flowd_ktest_map SEC(".maps");
+
+static __always_inline void kand(struct flowd_kbits *acc, const struct flowd_kbits *b)
+{
+	acc->w[0] &= b->w[0];
+	acc->w[1] &= b->w[1];
+}
+
+/* Index of the single set bit of x (x a power of two); no ctz instruction in BPF. */
+static __always_inline __u32 bit_index(__u64 x)
+{
+	__u32 n = 0;
+
+	if (x >> 32) { n += 32; x >>= 32; }
+	if (x >> 16) { n += 16; x >>= 16; }
+	if (x >> 8) { n += 8; x >>= 8; }
+	if (x >> 4) { n += 4; x >>= 4; }
+	if (x >> 2) { n += 2; x >>= 2; }
+	if (x >> 1) n += 1;
+	return n;
+}
+
+static __always_inline const struct flowd_kbits *
+lookup_addr(__u32 slot, __u8 side, const __u8 *addr)
+{
+	struct flowd_kaddr_key k = { .prefixlen = 16 + 128, .slot = slot, .side = side };
+
+	__builtin_memcpy(k.addr, addr, 16);
+	return bpf_map_lookup_elem(&flowd_kaddrs, &k);
+}
+
+static __always_inline const struct flowd_kbits *lookup_port(__u32 slot, __u8 side, __u16 port)
+{
+	struct flowd_kport_key k = {
+		.prefixlen = 16 + 16, .slot = slot, .side = side, .port = bpf_htons(port)
+	};
+
+	return bpf_map_lookup_elem(&flowd_kports, &k);
+}
+
+/*
+ * The compiled policy applied to one socket (the kernel half of Policy::evaluate;
+ * tests/kernel_agreement.rs checks that both agree). On FLOWD_KV_MATCH, *out is
+ * the winning rule's mark with zero entropy and *rule its precedence index.
+ * Only the miss paths call this; the per-packet hit path never does.
+ */
+static __always_inline int kdecide(const struct flowd_ksock *s, struct flowd_flow_mark *out,
+				   __u32 *rule, __u32 *generation)
+{
+	__u32 zero = 0;
+	struct flowd_kstate *st = bpf_map_lookup_elem(&flowd_kstate_map, &zero);
+	const struct flowd_kbits *b;
+	struct flowd_kbits m, stop;
+
+	if (!st || !st->enabled)
+		return FLOWD_KV_OFF;
+	__u32 slot = st->active & 1;
+	*generation = st->generation;
+	struct flowd_kpolicy *pol = bpf_map_lookup_elem(&flowd_kpolicy_map, &slot);
+
+	if (!pol)
+		return FLOWD_KV_OFF;
+	m = s->proto == IPPROTO_TCP ? pol->tcp : pol->udp;
+	kand(&m, s->direction == FLOWD_KDIR_OUTBOUND ? &pol->outbound : &pol->inbound);
+	stop = pol->stop;
+	if (s->uid_known) {
+		struct flowd_kuid_key uk = { .slot = slot, .uid = s->uid };
+		struct flowd_kbits u = pol->any_uid;
+
+		b = bpf_map_lookup_elem(&flowd_kuids, &uk);
+		if (b) {
+			u.w[0] |= b->w[0];
+			u.w[1] |= b->w[1];
+		}
+		kand(&m, &u);
+	} else {
+		/* Rules with `users` cannot be checked here but could match in
+		 * userspace, which may know the uid: treat them as stop rules. */
+		stop.w[0] |= ~pol->any_uid.w[0];
+		stop.w[1] |= ~pol->any_uid.w[1];
+	}
+	/* Every trie holds a default entry per slot and side, so a miss means no
+	 * policy in this slot: leave it to userspace. */
+	b = lookup_port(slot, FLOWD_KSIDE_LOCAL, s->lport);
+	if (!b)
+		return FLOWD_KV_USERSPACE;
+	kand(&m, b);
+	b = lookup_port(slot, FLOWD_KSIDE_REMOTE, s->rport);
+	if (!b)
+		return FLOWD_KV_USERSPACE;
+	kand(&m, b);
+	b = lookup_addr(slot, FLOWD_KSIDE_LOCAL, s->laddr);
+	if (!b)
+		return FLOWD_KV_USERSPACE;
+	kand(&m, b);
+	b = lookup_addr(slot, FLOWD_KSIDE_REMOTE, s->raddr);
+	if (!b)
+		return FLOWD_KV_USERSPACE;
+	kand(&m, b);
+
+	__u32 word;
+	__u64 low;
+
+	if (m.w[0]) {
+		word = 0;
+		low = m.w[0] & -m.w[0];
+	} else if (m.w[1]) {
+		word = 1;
+		low = m.w[1] & -m.w[1];
+	} else {
+		return FLOWD_KV_NONE;
+	}
+	if (stop.w[word] & low)
+		return FLOWD_KV_USERSPACE;
+	__u32 idx = word * 64 + bit_index(low);
+	__u32 at = slot * FLOWD_KRULES_MAX + (idx & (FLOWD_KRULES_MAX - 1));
+	struct flowd_flow_mark *r = bpf_map_lookup_elem(&flowd_krules, &at);
+
+	if (!r)
+		return FLOWD_KV_USERSPACE;
+	*out = *r;
+	*rule = idx;
+	return FLOWD_KV_MATCH;
+}
+
+/* The 5 entropy bits of a label (19..18, 8, 1..0), drawn once per flow: the
+ * entry written here keeps them for the flow's life, and userspace adopts them. */
+#define FLOWD_ENTROPY_MASK 0xC0103
+
+/* Decides `s` and, on a match, writes the flow's mark (never replacing one that
+ * userspace or another CPU wrote first). Returns the mark now in the map, or
+ * NULL. */
+static __always_inline struct flowd_flow_mark *kdecide_and_insert(const struct flowd_ksock *s,
+								   const struct flowd_flow_key *key,
+								   __u32 *generation)
+{
+	struct flowd_flow_mark mark;
+	__u32 rule;
+
+	if (kdecide(s, &mark, &rule, generation) != FLOWD_KV_MATCH)
+		return NULL;
+	mark.label = (mark.label & ~FLOWD_ENTROPY_MASK) | (bpf_get_prandom_u32() & FLOWD_ENTROPY_MASK);
+	mark.flags |= FLOWD_MARK_F_KERNEL;
+	/* NOEXIST: if userspace (or a racing CPU) got there first, its entry and
+	 * its entropy stand. */
+	bpf_map_update_elem(&flowd_marks, key, &mark, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&flowd_marks, key);
+}
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+#define FLOWD_TCP_ESTABLISHED_STATE 1
+
+/* Cheap pre-filter of the miss path: UDP, or TCP with SYN set. */
+static __always_inline bool may_decide(struct __sk_buff *skb, const struct flowd_flow_key *key,
+				       __u32 l4)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u8 *flags = data + (l4 & 0x3ff) + 13;
+
+	if (key->proto != IPPROTO_TCP)
+		return true;
+	return (void *)(flags + 1) <= end && (*flags & TCP_FLAG_SYN);
+}
+
+/*
+ * TC miss path: a packet of a flow with no mark. Decided here:
+ *  - a TCP SYN-ACK (passive open: the request socket's listener gives the uid),
+ *  - a TCP SYN (active open; normally sockops has decided already, this covers
+ *    hosts where the sockops program could not be attached),
+ *  - a datagram of a connected UDP socket (once per socket and policy generation).
+ * Only packets owned by a local socket (skb->sk): forwarded packets and syncookie
+ * SYN-ACKs carry none, and are not ours to decide (userspace never marks them).
+ */
+static __noinline struct flowd_flow_mark *decide_on_miss(struct __sk_buff *skb,
+							  const struct flowd_flow_key *key,
+							  __u32 l4)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct flowd_ksock s = {};
+	__u32 generation = 0;
+
+	if (!sk)
+		return NULL;
+	if (key->proto == IPPROTO_TCP) {
+		void *data = (void *)(long)skb->data;
+		void *end = (void *)(long)skb->data_end;
+		__u8 *flags = data + (l4 & 0x3ff) + 13;
+
+		if ((void *)(flags + 1) > end || !(*flags & TCP_FLAG_SYN))
+			return NULL;
+		if (*flags & TCP_FLAG_ACK) {
+			struct tcp_request_sock *req = bpf_skc_to_tcp_request_sock(sk);
+			struct tcp_sock *tp;
+
+			s.direction = FLOWD_KDIR_INBOUND;
+			if (req) {
+				struct sock *listener = BPF_CORE_READ(req, req.req.__req_common.skc_listener);
+
+				if (listener) {
+					s.uid = BPF_CORE_READ(listener, sk_uid.val);
+					s.uid_known = 1;
+				}
+			} else if ((tp = bpf_skc_to_tcp_sock(sk))) {
+				/* TCP Fast Open: the SYN-ACK belongs to the child. */
+				s.uid = BPF_CORE_READ((struct sock *)tp, sk_uid.val);
+				s.uid_known = 1;
+			}
+		} else {
+			struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+
+			s.direction = FLOWD_KDIR_OUTBOUND;
+			if (tp) {
+				s.uid = BPF_CORE_READ((struct sock *)tp, sk_uid.val);
+				s.uid_known = 1;
+			}
+		}
+	} else {
+		struct bpf_sock *fsk = bpf_sk_fullsock(sk);
+		struct udp6_sock *u6;
+		struct flowd_kseen *seen;
+		__u32 zero = 0;
+		struct flowd_kstate *st;
+
+		/* Unconnected sockets send to many peers and userspace tracks none of
+		 * them: only connected ones are flows. */
+		if (!fsk || fsk->state != FLOWD_TCP_ESTABLISHED_STATE)
+			return NULL;
+		u6 = bpf_skc_to_udp6_sock(sk);
+		if (!u6)
+			return NULL;
+		st = bpf_map_lookup_elem(&flowd_kstate_map, &zero);
+		if (!st || !st->enabled)
+			return NULL;
+		seen = bpf_sk_storage_get(&flowd_kseen_map, fsk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!seen || seen->generation == st->generation + 1)
+			return NULL;
+		/* Stored as generation + 1 so that a fresh (zeroed) entry never
+		 * looks decided. */
+		seen->generation = st->generation + 1;
+		s.direction = FLOWD_KDIR_OUTBOUND;
+		s.uid = BPF_CORE_READ((struct sock *)u6, sk_uid.val);
+		s.uid_known = 1;
+	}
+	s.proto = key->proto;
+	__builtin_memcpy(s.laddr, key->saddr, 16);
+	__builtin_memcpy(s.raddr, key->daddr, 16);
+	s.lport = bpf_ntohs(key->sport);
+	s.rport = bpf_ntohs(key->dport);
+	return kdecide_and_insert(&s, key, &generation);
+}
+
 static __always_inline void count(__u32 outcome)
 {
 	__u64 *c = bpf_map_lookup_elem(&flowd_outcomes, &outcome);
@@ -71,6 +394,7 @@ static __always_inline void count(__u32 outcome)
  * survive helpers that may move the packet). */
 struct flowd_parsed {
 	__u32 l3;	 /* start of the IPv6 header */
+	__u32 l4;	 /* start of the TCP/UDP header */
 	__u8 vlan_tags;	 /* inline 802.1Q/802.1ad tags before it */
 	__u8 first_next; /* the IPv6 header's own next-header field */
 };
@@ -137,6 +461,7 @@ static __always_inline enum parse_result parse(struct __sk_buff *skb,
 	if ((void *)(ports + 2) > end)
 		return PARSE_SHORT;
 
+	p->l4 = l4 & 0x3ff;
 	key->family = FLOWD_AF_INET6;
 	key->proto = next;
 	key->pad = 0;
@@ -248,8 +573,15 @@ int flowd_mark(struct __sk_buff *skb)
 	struct flowd_flow_mark *m = bpf_map_lookup_elem(&flowd_marks, &key);
 
 	if (!m) {
-		count(FLOWD_OUT_UNMARKED);
-		return TC_ACT_OK;
+		/* The miss path: only here may the policy be evaluated. The common
+		 * miss (a TCP segment without SYN of an unmarked flow) is filtered
+		 * inline, before any call. */
+		if (flowd_in_kernel && may_decide(skb, &key, p.l4))
+			m = decide_on_miss(skb, &key, p.l4);
+		if (!m) {
+			count(FLOWD_OUT_UNMARKED);
+			return TC_ACT_OK;
+		}
 	}
 
 	/* Plain adds, not atomics: a flow's packets leave one at a time under its
@@ -287,6 +619,78 @@ int flowd_mark(struct __sk_buff *skb)
 		count(add_option_headers(skb, &p, &mark));
 	else
 		count(FLOWD_OUT_MARKED);
+	return TC_ACT_OK;
+}
+
+/*
+ * Active opens: BPF_SOCK_OPS_TCP_CONNECT_CB runs in connect() with the source
+ * port bound and before the SYN is built, so the mark written here labels the SYN
+ * itself (shared/notes/ebpf-here.md). Attached to the cgroup2 root by the marker
+ * module; it shares flowd_marks with flowd_mark by being in the same object.
+ */
+SEC("sockops")
+int flowd_kconnect(struct bpf_sock_ops *skops)
+{
+	struct flowd_ksock s = {};
+	struct flowd_flow_key key = {};
+	struct tcp_sock *tp;
+	__u32 generation;
+
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB || skops->family != FLOWD_AF_INET6)
+		return 1;
+	struct bpf_sock *bsk = skops->sk;
+
+	if (!bsk)
+		return 1;
+	tp = bpf_skc_to_tcp_sock(bsk);
+	if (!tp)
+		return 1;
+	if (BPF_CORE_READ((struct sock *)tp, __sk_common.skc_net.net, ns.inum) != flowd_netns_ino)
+		return 1;
+	/* 4-byte loads only (the verifier refuses a memcpy of the ctx). */
+	__u32 *l = (__u32 *)s.laddr, *r = (__u32 *)s.raddr;
+
+	l[0] = skops->local_ip6[0];
+	l[1] = skops->local_ip6[1];
+	l[2] = skops->local_ip6[2];
+	l[3] = skops->local_ip6[3];
+	r[0] = skops->remote_ip6[0];
+	r[1] = skops->remote_ip6[1];
+	r[2] = skops->remote_ip6[2];
+	r[3] = skops->remote_ip6[3];
+	/* A v4-mapped peer (::ffff:a.b.c.d) means IPv4 packets: no flow label. */
+	if (r[0] == 0 && r[1] == 0 && r[2] == bpf_htonl(0xffff))
+		return 1;
+	s.lport = skops->local_port;
+	s.rport = bpf_ntohl(skops->remote_port);
+	s.proto = IPPROTO_TCP;
+	s.direction = FLOWD_KDIR_OUTBOUND;
+	s.uid = BPF_CORE_READ((struct sock *)tp, sk_uid.val);
+	s.uid_known = 1;
+
+	key.family = FLOWD_AF_INET6;
+	key.proto = IPPROTO_TCP;
+	key.sport = bpf_htons(s.lport);
+	key.dport = bpf_htons(s.rport);
+	__builtin_memcpy(key.saddr, s.laddr, 16);
+	__builtin_memcpy(key.daddr, s.raddr, 16);
+	kdecide_and_insert(&s, &key, &generation);
+	return 1;
+}
+
+/* Tests only: runs kdecide on the socket description in flowd_ktest_map[0] and
+ * writes the verdict back (through BPF_PROG_TEST_RUN with any frame). */
+SEC("tc")
+int flowd_kdecide_test(struct __sk_buff *skb)
+{
+	__u32 zero = 0, generation;
+	struct flowd_ktest *t = bpf_map_lookup_elem(&flowd_ktest_map, &zero);
+
+	if (!t)
+		return TC_ACT_OK;
+	t->rule = 0;
+	__builtin_memset(&t->mark, 0, sizeof(t->mark));
+	t->verdict = kdecide(&t->sock, &t->mark, &t->rule, &generation);
 	return TC_ACT_OK;
 }
 

@@ -23,10 +23,13 @@ pub fn registry(cfg: &Config) -> Result<Registry> {
 /// `policy check`: validates every file; prints each error as `file:line:col: message`.
 /// Returns whether the directory is valid.
 /// With `offline`, user and group names this host does not know are accepted.
+/// `in_kernel` is the configuration's `marker.in_kernel_decisions`: whether any rule can
+/// be first-packet exact at all.
 pub fn policy_check(
     dir: &Path,
     reg: &Registry,
     offline: bool,
+    in_kernel: bool,
     out: &mut impl Write,
 ) -> Result<bool> {
     if !dir.is_dir() {
@@ -49,12 +52,29 @@ pub fn policy_check(
                 p.rules().len(),
                 p.version()
             )?;
-            for r in p.rules() {
+            // With marker.in_kernel_decisions (the default): which rules the kernel
+            // decides before a flow's first packet leaves.
+            let compiled = crate::policy::kernel::KernelPolicy::compile(p.rules());
+            if in_kernel {
+                let exact = compiled.exactness.iter().filter(|e| e.is_exact()).count();
+                writeln!(
+                    out,
+                    "  {exact} of {} rules first-packet exact (in-kernel decisions, limit {} rules)",
+                    p.rules().len(),
+                    crate::policy::kernel::MAX_RULES
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "  in-kernel decisions are off (marker.in_kernel_decisions = false): every rule is decided in userspace, first packets unmarked"
+                )?;
+            }
+            for (r, ex) in p.rules().zip(&compiled.exactness) {
                 let tag = reg.name_of(r.experiment, r.activity);
-                let exact = if r.kernel_decidable() {
-                    "kernel-decidable"
+                let exact = if in_kernel {
+                    ex.describe()
                 } else {
-                    "needs process facts: decided in userspace"
+                    "decided in userspace".to_owned()
                 };
                 writeln!(
                     out,

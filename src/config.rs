@@ -126,6 +126,11 @@ pub struct MarkerConfig {
     pub attach: AttachMode,
     /// Flows the marker map holds; a full map is reported and counted, never silent.
     pub map_capacity: u32,
+    /// Decide the kernel-decidable rules in the kernel (sockops at connect, the TC
+    /// program on a SYN-ACK or connected-UDP miss), so matched flows are marked from
+    /// their first packet. `false` leaves every decision to userspace, after the
+    /// tracker reports the socket (the first packets then go out unmarked).
+    pub in_kernel_decisions: bool,
 }
 
 impl Default for MarkerConfig {
@@ -135,6 +140,7 @@ impl Default for MarkerConfig {
             strategy: Strategy::LABEL,
             attach: AttachMode::Auto,
             map_capacity: DEFAULT_MAP_CAPACITY,
+            in_kernel_decisions: true,
         }
     }
 }
@@ -299,6 +305,7 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.marker.strategy, Strategy::LABEL);
         assert_eq!(c.marker.map_capacity, 65_536);
+        assert!(c.marker.in_kernel_decisions);
         assert_eq!(
             c.control_socket(),
             PathBuf::from("/run/flowd-rs/control.sock")

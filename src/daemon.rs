@@ -159,7 +159,8 @@ async fn start_engine(
         marker.maps(),
         info.clone(),
         tracker_status,
-    );
+    )
+    .with_in_kernel_decisions(cfg.marker.in_kernel_decisions);
     let mut tasks = Vec::new();
     if cfg.metrics.enabled {
         let (metrics, published) = metrics_for(cfg, marker);

@@ -25,6 +25,7 @@ use crate::marker::label::Tag;
 use crate::marker::maps::{MarkMaps, OUTCOMES};
 use crate::marking::{MarkSink, Marking};
 use crate::metrics::{Metrics, Published, Snapshot};
+use crate::policy::kernel::{Exactness, KernelPolicy};
 use crate::policy::{Policy, Registry};
 use crate::view::{self, MarkerShape};
 
@@ -59,6 +60,10 @@ pub struct Engine {
     last_poll: Duration,
     users: HashMap<u32, Option<String>>,
     metrics: Option<(Arc<Metrics>, Arc<Published>)>,
+    /// Config marker.in_kernel_decisions: compile each policy into the kernel.
+    in_kernel: bool,
+    /// Per rule (precedence order) of the current policy: decided in the kernel?
+    exactness: Vec<Exactness>,
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
@@ -103,6 +108,45 @@ impl Engine {
             last_poll: Duration::ZERO,
             users: HashMap::new(),
             metrics: None,
+            in_kernel: false,
+            exactness: Vec::new(),
+        }
+    }
+
+    /// Config marker.in_kernel_decisions: when on, the policy (now and after every
+    /// reload) is compiled into the kernel's decision maps.
+    pub fn with_in_kernel_decisions(mut self, on: bool) -> Self {
+        self.in_kernel = on;
+        self.install_kernel_policy();
+        self
+    }
+
+    /// Compiles the current policy into the kernel's decision maps (when in-kernel
+    /// decisions are on). On failure the kernel stops deciding and userspace
+    /// decides every flow, as with the switch off.
+    fn install_kernel_policy(&mut self) {
+        if !self.in_kernel {
+            self.exactness.clear();
+            return;
+        }
+        let k = KernelPolicy::compile(self.policy.rules());
+        match self.maps.install_policy(&k) {
+            Ok(()) => {
+                let exact = k.exactness.iter().filter(|e| e.is_exact()).count();
+                info!(
+                    rules = k.exactness.len(),
+                    first_packet_exact = exact,
+                    "policy compiled into the kernel"
+                );
+                self.exactness = k.exactness;
+            }
+            Err(e) => {
+                warn!(error = %e, "compiling the policy into the kernel failed: userspace decides every flow");
+                if let Some(km) = self.maps.kernel() {
+                    let _ = km.disable();
+                }
+                self.exactness.clear();
+            }
         }
     }
 
@@ -154,6 +198,11 @@ impl Engine {
                         let events = self.table.reconcile(&dump.sockets, dump.started);
                         self.apply(events);
                         self.marking.retry_unmapped(self.maps.as_ref());
+                        // After the table has caught up with a complete dump: any
+                        // kernel mark still unclaimed belongs to no live flow we know.
+                        if self.in_kernel {
+                            self.marking.sweep(self.maps.as_ref());
+                        }
                         return;
                     }
                     Err(e) => {
@@ -217,6 +266,7 @@ impl Engine {
         match load_policy(&self.policy_dir, &self.registry) {
             Ok(p) => {
                 self.policy = Arc::new(p);
+                self.install_kernel_policy();
                 self.reloads_ok += 1;
                 let flows: Vec<Arc<Flow>> =
                     self.table.iter().map(|f| Arc::new(f.clone())).collect();
@@ -237,9 +287,15 @@ impl Engine {
     }
 
     fn remove_all_marks(&mut self) {
+        if let Some(km) = self.maps.kernel() {
+            let _ = km.disable();
+        }
         let flows: Vec<Flow> = self.table.iter().cloned().collect();
         for f in flows {
             self.marking.on_end(&f, self.maps.as_ref());
+        }
+        for key in self.maps.kernel_marked() {
+            let _ = self.maps.remove(&key);
         }
     }
 
@@ -432,6 +488,21 @@ impl Engine {
             flows_tagged_total: mc.tagged_total,
             map_full_total: mc.map_full,
             dump_errors: fc.dump_errors,
+            in_kernel_decisions: self.in_kernel,
+            policy_first_packet_exact_rules: self.exactness.iter().filter(|e| e.is_exact()).count(),
+            flows_first_packet_exact: self
+                .marking
+                .decisions()
+                .filter(|d| d.first_packet_exact)
+                .count(),
+            kernel_marks: if self.in_kernel {
+                self.maps.kernel_marked().len()
+            } else {
+                0
+            },
+            kernel_decided_total: mc.kernel_decided_total,
+            kernel_overridden: mc.kernel_overridden,
+            kernel_swept: mc.kernel_swept,
         }
     }
 

@@ -232,7 +232,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             match action {
                 PolicyAction::Check { dir, offline } => {
                     let dir = dir.unwrap_or(cfg.policy.dir.clone());
-                    if !cli::policy_check(&dir, &reg, offline, &mut out)? {
+                    if !cli::policy_check(
+                        &dir,
+                        &reg,
+                        offline,
+                        cfg.marker.in_kernel_decisions,
+                        &mut out,
+                    )? {
                         std::process::exit(1);
                     }
                     Ok(())

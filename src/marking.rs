@@ -4,6 +4,10 @@
 //! The entropy bits of a flow's label are drawn once, when it is tagged, and kept
 //! across policy reloads: a label that changed mid-flow could move the flow
 //! to another ECMP path (shared/spec/scitags.md).
+//!
+//! With in-kernel decisions the kernel may have marked a flow before userspace hears
+//! of it (bpf/marker.bpf.c): userspace then adopts that mark's entropy, and keeps the
+//! map free of kernel-written marks nobody tracks (flow end, and [`Marking::sweep`]).
 
 use std::sync::Arc;
 
@@ -14,21 +18,53 @@ use crate::discovery::procfs::ProcessInfo;
 use crate::discovery::types::FlowKey;
 use crate::flows::{Flow, Lifecycle};
 use crate::marker::label::Tag;
-use crate::marker::maps::{MapError, MarkMaps};
+use crate::marker::maps::{ExistingMark, MapError, MarkMaps};
 use crate::policy::{Policy, RuleRef, SocketAttrs};
 
 /// Where marks go; the BPF map in the daemon, a recorder in tests.
 pub trait MarkSink {
+    /// Writes (or replaces) the mark of `key`.
     fn insert(&self, key: &FlowKey, tag: Tag, entropy: u8) -> Result<(), MapError>;
     fn remove(&self, key: &FlowKey) -> Result<bool, MapError>;
+    /// Writes the mark of `key` unless it has one; then returns that one. (The
+    /// defaults describe a sink no kernel writes to.)
+    fn insert_new(
+        &self,
+        key: &FlowKey,
+        tag: Tag,
+        entropy: u8,
+    ) -> Result<Option<ExistingMark>, MapError> {
+        self.insert(key, tag, entropy).map(|()| None)
+    }
+    fn existing(&self, _key: &FlowKey) -> Result<Option<ExistingMark>, MapError> {
+        Ok(None)
+    }
+    /// Flows whose current mark the kernel wrote.
+    fn kernel_marked(&self) -> Vec<FlowKey> {
+        Vec::new()
+    }
 }
 
 impl MarkSink for MarkMaps {
     fn insert(&self, key: &FlowKey, tag: Tag, entropy: u8) -> Result<(), MapError> {
         MarkMaps::insert(self, key, tag, entropy)
     }
+    fn insert_new(
+        &self,
+        key: &FlowKey,
+        tag: Tag,
+        entropy: u8,
+    ) -> Result<Option<ExistingMark>, MapError> {
+        MarkMaps::insert_new(self, key, tag, entropy)
+    }
+    fn existing(&self, key: &FlowKey) -> Result<Option<ExistingMark>, MapError> {
+        MarkMaps::existing(self, key)
+    }
     fn remove(&self, key: &FlowKey) -> Result<bool, MapError> {
         MarkMaps::remove(self, key)
+    }
+    fn kernel_marked(&self) -> Vec<FlowKey> {
+        MarkMaps::kernel_marked(self)
     }
 }
 
@@ -67,6 +103,13 @@ pub struct MarkingCounters {
     pub map_full: u64,
     /// Other map write failures.
     pub map_errors: u64,
+    /// Flows whose first packet the kernel had already marked, as userspace decided.
+    pub kernel_decided_total: u64,
+    /// Kernel marks userspace replaced because its decision (with facts the kernel
+    /// lacks, e.g. an unknown uid) differed.
+    pub kernel_overridden: u64,
+    /// Kernel marks of flows userspace never tracked, removed by the sweep.
+    pub kernel_swept: u64,
 }
 
 /// Process facts for policy rules that need them (process, exe, cgroup).
@@ -77,6 +120,9 @@ pub struct Marking {
     local_netns: u64,
     decisions: FxHashMap<u64, Decision>,
     counters: MarkingCounters,
+    /// Kernel marks no decision covered at the last sweep: removed if still so at
+    /// the next (two strikes, so a flow born between a dump and its sweep stays).
+    unclaimed: rustc_hash::FxHashSet<FlowKey>,
 }
 
 impl Marking {
@@ -85,6 +131,7 @@ impl Marking {
             local_netns,
             decisions: FxHashMap::default(),
             counters: MarkingCounters::default(),
+            unclaimed: Default::default(),
         }
     }
 
@@ -150,6 +197,8 @@ impl Marking {
             if let Some(old) = self.decisions.remove(&flow.cookie) {
                 remove_from_map(&old, sink, &mut self.counters);
                 info!(flow = %flow_text(flow), "flow no longer matches any rule: mark removed");
+            } else {
+                self.drop_kernel_mark(flow, sink);
             }
             return;
         };
@@ -172,7 +221,11 @@ impl Marking {
             tagged_at: std::time::Instant::now(),
             first_packet_exact: false,
         };
+        // Whether we already own this key's entry; if not, the kernel may have
+        // written one first.
+        let mut owned = false;
         if let Some(old) = self.decisions.get(&flow.cookie) {
+            next.first_packet_exact = old.first_packet_exact;
             if old.tag == next.tag && old.key == next.key && old.in_map {
                 if old.rule != next.rule {
                     next.in_map = true;
@@ -183,10 +236,21 @@ impl Marking {
             }
             if old.key != next.key {
                 remove_from_map(old, sink, &mut self.counters);
+            } else {
+                owned = old.in_map;
             }
         }
         if flow.key.is_ipv6() {
-            match sink.insert(&flow.key, tag, entropy) {
+            let written = if owned {
+                sink.insert(&flow.key, tag, entropy)
+            } else {
+                match sink.insert_new(&flow.key, tag, entropy) {
+                    Ok(None) => Ok(()),
+                    Ok(Some(existing)) => self.adopt(flow, &mut next, existing, sink),
+                    Err(e) => Err(e),
+                }
+            };
+            match written {
                 Ok(()) => next.in_map = true,
                 Err(e @ MapError::Full { .. }) => {
                     self.counters.map_full += 1;
@@ -223,12 +287,85 @@ impl Marking {
         }
     }
 
-    /// Removes the mark of an ended flow.
+    /// The flow already had a mark when userspace came to write one (the kernel's
+    /// first-packet decision, or a racing write): keep its entropy, so the label
+    /// never changes, and its tag unless userspace decided otherwise.
+    fn adopt(
+        &mut self,
+        flow: &Flow,
+        next: &mut Decision,
+        existing: ExistingMark,
+        sink: &dyn MarkSink,
+    ) -> Result<(), MapError> {
+        next.entropy = existing.entropy;
+        if existing.tag == Some(next.tag) {
+            next.first_packet_exact = existing.kernel;
+            if existing.kernel {
+                self.counters.kernel_decided_total += 1;
+            }
+            return Ok(());
+        }
+        if existing.kernel {
+            self.counters.kernel_overridden += 1;
+            info!(flow = %flow_text(flow), kernel_tag = ?existing.tag, tag = %next.tag, "userspace decision replaces the kernel's (entropy kept)");
+        }
+        sink.insert(&flow.key, next.tag, next.entropy)
+    }
+
+    /// A flow userspace does not tag must not keep a mark the kernel wrote.
+    fn drop_kernel_mark(&mut self, flow: &Flow, sink: &dyn MarkSink) {
+        if !flow.key.is_ipv6() {
+            return;
+        }
+        if let Ok(Some(m)) = sink.existing(&flow.key) {
+            if m.kernel {
+                let _ = sink.remove(&flow.key);
+                self.counters.kernel_overridden += 1;
+                info!(flow = %flow_text(flow), "kernel mark removed: userspace finds no matching rule");
+            }
+        }
+    }
+
+    /// Removes the mark of an ended flow, including one only the kernel wrote.
     pub fn on_end(&mut self, flow: &Flow, sink: &dyn MarkSink) {
         if let Some(old) = self.decisions.remove(&flow.cookie) {
             remove_from_map(&old, sink, &mut self.counters);
             debug!(flow = %flow_text(flow), "flow ended: mark removed");
+        } else if flow.key.is_ipv6() && flow.netns == self.local_netns {
+            // Only our namespace's flows can have a kernel mark in our map.
+            if let Ok(Some(m)) = sink.existing(&flow.key) {
+                if m.kernel {
+                    let _ = sink.remove(&flow.key);
+                }
+            }
         }
+    }
+
+    /// Removes kernel-written marks that no decision covers two sweeps in a row:
+    /// flows whose sockets userspace never saw (a handshake that never completed, a
+    /// missed tracker event). Run after each reconcile.
+    pub fn sweep(&mut self, sink: &dyn MarkSink) {
+        let owned: rustc_hash::FxHashSet<FlowKey> = self
+            .decisions
+            .values()
+            .filter(|d| d.in_map)
+            .map(|d| d.key)
+            .collect();
+        let mut unclaimed = rustc_hash::FxHashSet::default();
+        for key in sink.kernel_marked() {
+            if owned.contains(&key) {
+                continue;
+            }
+            if self.unclaimed.contains(&key) {
+                if let Ok(true) = sink.remove(&key) {
+                    self.counters.kernel_swept += 1;
+                    debug!(flow = %format!("{} {} -> {}", key.proto.as_str(), key.local, key.remote), "stale kernel mark swept");
+                }
+            } else {
+                unclaimed.insert(key);
+            }
+        }
+        self.unclaimed = unclaimed;
     }
 }
 
@@ -419,3 +556,7 @@ mod tests {
         assert!(m.decision(2).unwrap().in_map);
     }
 }
+
+#[cfg(test)]
+#[path = "marking_tests.rs"]
+mod kernel_tests;

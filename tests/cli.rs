@@ -35,6 +35,53 @@ fn shipped_example_policies_pass_check_offline() {
 }
 
 #[test]
+fn policy_check_says_per_rule_whether_it_is_first_packet_exact() {
+    let o = flowd(&[
+        "policy",
+        "check",
+        "--offline",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+    ]);
+    let out = stdout(&o);
+    assert!(out.contains("8 of 13 rules first-packet exact"), "{out}");
+    let line = |name: &str| out.lines().find(|l| l.contains(name)).unwrap().to_owned();
+    // Ports and addresses only: decided in the kernel.
+    assert!(
+        line("xrootd-tier0-export").contains("[first-packet exact (decided in the kernel)]"),
+        "{out}"
+    );
+    // Needs the process name.
+    assert!(
+        line("xrootd-tpc-pull").contains("needs process facts"),
+        "{out}"
+    );
+    // Kernel-decidable, but below rules needing process facts that overlap it.
+    assert!(
+        line("xrootd-fallback").contains("except for sockets atlas.toml:xrootd-tpc-pull"),
+        "{out}"
+    );
+
+    // With the switch off, nothing is.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("flowd.toml");
+    std::fs::write(&cfg, "[marker]\nin_kernel_decisions = false\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_flowd-rs"))
+        .arg("-c")
+        .arg(&cfg)
+        .args([
+            "policy",
+            "check",
+            "--offline",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+        ])
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert!(out.contains("in-kernel decisions are off"), "{out}");
+    assert!(!out.contains("first-packet exact ("), "{out}");
+}
+
+#[test]
 fn policy_check_reports_file_line_column_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(

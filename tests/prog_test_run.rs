@@ -28,7 +28,7 @@ fn marker(strategy: &str) -> Marker {
     let skel = load(&LoadOptions {
         strategy: strategy.parse::<Strategy>().unwrap(),
         map_capacity: 16,
-        with_empty_program: false,
+        ..Default::default()
     })
     .expect("load marker");
     let maps = maps_of(&skel, 16).unwrap();

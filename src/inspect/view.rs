@@ -132,6 +132,20 @@ pub struct StatusView {
     pub map_full_total: u64,
     /// sock_diag dumps that failed (not reconciled).
     pub dump_errors: u64,
+    /// Config `marker.in_kernel_decisions`.
+    pub in_kernel_decisions: bool,
+    /// Rules of the policy the kernel decides before a flow's first packet leaves.
+    pub policy_first_packet_exact_rules: usize,
+    /// Live flows the kernel had already marked, with userspace's tag, when
+    /// userspace first decided them.
+    pub flows_first_packet_exact: usize,
+    /// Entries of the marker map written by the kernel's decision (walks the map).
+    pub kernel_marks: usize,
+    /// Flows whose first-packet kernel mark userspace adopted, replaced (its
+    /// decision differed) or swept (no live flow), cumulative.
+    pub kernel_decided_total: u64,
+    pub kernel_overridden: u64,
+    pub kernel_swept: u64,
 }
 
 /// Counters of one tag.

@@ -11,7 +11,9 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use crate::bpf::marker::types::{flowd_flow_key, flowd_flow_mark, flowd_tag_counter};
 use crate::discovery::types::FlowKey;
-use crate::marker::label::Tag;
+use crate::marker::compiled::{KernelMaps, MARK_F_KERNEL};
+use crate::marker::label::{decode, Tag};
+use crate::policy::kernel::KernelPolicy;
 
 /// Tag counter slots in the BPF map (FLOWD_TAG_SLOTS in bpf/flowd.h).
 pub const TAG_SLOTS: u32 = 1024;
@@ -58,12 +60,33 @@ pub struct TagCount {
     pub bytes: u64,
 }
 
+/// A mark already in the map when userspace came to write one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExistingMark {
+    pub tag: Option<Tag>,
+    /// The 5 entropy bits of its label: kept, so the label never changes.
+    pub entropy: u8,
+    /// Written by the in-kernel decision (FLOWD_MARK_F_KERNEL).
+    pub kernel: bool,
+}
+
+impl ExistingMark {
+    fn of(m: &flowd_flow_mark) -> ExistingMark {
+        ExistingMark {
+            tag: Tag::new(m.experiment, m.activity).ok(),
+            entropy: decode(m.label).entropy,
+            kernel: m.flags & MARK_F_KERNEL != 0,
+        }
+    }
+}
+
 pub struct MarkMaps {
     marks: MapHandle,
     outcomes: MapHandle,
     tag_counters: MapHandle,
     capacity: u32,
     slots: Mutex<HashMap<Tag, u32>>,
+    kernel: Option<KernelMaps>,
 }
 
 impl MarkMaps {
@@ -79,7 +102,87 @@ impl MarkMaps {
             tag_counters,
             capacity,
             slots: Mutex::new(HashMap::new()),
+            kernel: None,
         }
+    }
+
+    /// Adds the in-kernel decision maps.
+    pub fn with_kernel(mut self, kernel: KernelMaps) -> Self {
+        self.kernel = Some(kernel);
+        self
+    }
+
+    pub fn kernel(&self) -> Option<&KernelMaps> {
+        self.kernel.as_ref()
+    }
+
+    /// Writes `k` into the decision maps and switches the programs to it; tags get
+    /// their counter slots now, so kernel-written marks are counted too.
+    pub fn install_policy(&self, k: &KernelPolicy) -> Result<(), MapError> {
+        match &self.kernel {
+            Some(km) => km.install(k, |t| self.slot(t)),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks `flow` unless it already has a mark: then returns that one untouched
+    /// (the kernel decides first packets and writes with BPF_NOEXIST too, so
+    /// whichever side writes first sets the entropy).
+    pub fn insert_new(
+        &self,
+        flow: &FlowKey,
+        tag: Tag,
+        entropy: u8,
+    ) -> Result<Option<ExistingMark>, MapError> {
+        let key = bpf_key(flow).ok_or_else(|| MapError::NotIpv6(flow_text(flow)))?;
+        let value = flowd_flow_mark {
+            label: tag.label(entropy),
+            experiment: tag.experiment,
+            activity: tag.activity,
+            flags: 0,
+            counter_slot: self.slot(tag)?,
+            ..Default::default()
+        };
+        match self
+            .marks
+            .update(as_bytes(&key), as_bytes(&value), MapFlags::NO_EXIST)
+        {
+            Ok(()) => Ok(None),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::AlreadyExists => {
+                match self.get(flow)? {
+                    Some(m) => Ok(Some(ExistingMark::of(&m))),
+                    // Deleted meanwhile: write ours.
+                    None => self.insert(flow, tag, entropy).map(|()| None),
+                }
+            }
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::TooBig => Err(MapError::Full {
+                capacity: self.capacity,
+                flow: flow_text(flow),
+            }),
+            Err(e) => Err(MapError::Bpf {
+                map: "flowd_marks",
+                source: e,
+            }),
+        }
+    }
+
+    /// The mark of `flow` as [`ExistingMark`], if any.
+    pub fn existing(&self, flow: &FlowKey) -> Result<Option<ExistingMark>, MapError> {
+        Ok(self.get(flow)?.as_ref().map(ExistingMark::of))
+    }
+
+    /// Flows whose mark the kernel wrote (walks the map: for the periodic sweep).
+    pub fn kernel_marked(&self) -> Vec<FlowKey> {
+        self.marks
+            .keys()
+            .filter_map(|k| {
+                let v = self.marks.lookup(&k, MapFlags::ANY).ok().flatten()?;
+                if from_bytes::<flowd_flow_mark>(&v).flags & MARK_F_KERNEL == 0 {
+                    return None;
+                }
+                flow_key(&from_bytes::<flowd_flow_key>(&k))
+            })
+            .collect()
     }
 
     pub fn capacity(&self) -> u32 {

@@ -5,6 +5,7 @@
 //! flows and tags.
 
 pub mod attach;
+pub mod compiled;
 pub mod label;
 pub mod maps;
 pub mod netif;
@@ -30,6 +31,26 @@ pub struct LoadOptions {
     pub map_capacity: u32,
     /// Also load `flowd_empty`, the do-nothing program benchmarks use as a floor.
     pub with_empty_program: bool,
+    /// Decide the policy in the kernel for first packets (config
+    /// `marker.in_kernel_decisions`): the TC miss path and the sockops program.
+    pub in_kernel: bool,
+    /// Inode of the network namespace whose connects the sockops program decides.
+    pub netns_ino: u32,
+    /// Also load `flowd_kdecide_test` (the agreement tests run it).
+    pub with_test_program: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            strategy: Strategy::LABEL,
+            map_capacity: crate::config::DEFAULT_MAP_CAPACITY,
+            with_empty_program: false,
+            in_kernel: false,
+            netns_ino: 0,
+            with_test_program: false,
+        }
+    }
 }
 
 /// Opens, configures (rodata, map sizes) and loads the marker object.
@@ -45,12 +66,18 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         .context("opening the marker BPF object")?;
     if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
         ro.flowd_strategy = opts.strategy.bits();
+        ro.flowd_in_kernel = u32::from(opts.in_kernel);
+        ro.flowd_netns_ino = opts.netns_ino;
     }
     open.maps
         .flowd_marks
         .set_max_entries(opts.map_capacity)
         .context("sizing the marker map")?;
     open.progs.flowd_empty.set_autoload(opts.with_empty_program);
+    open.progs.flowd_kconnect.set_autoload(opts.in_kernel);
+    open.progs
+        .flowd_kdecide_test
+        .set_autoload(opts.with_test_program);
     // TCX links want the attach type at load time; cls_bpf (the clsact fallback)
     // ignores it, so one program serves both.
     open.progs
@@ -67,20 +94,42 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
     })
 }
 
+/// Inode of the calling thread's network namespace (what the tracker and sock_diag
+/// report as a socket's netns).
+pub fn own_netns_ino() -> Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata("/proc/thread-self/ns/net")
+        .context("reading /proc/thread-self/ns/net")?
+        .ino();
+    Ok(ino as u32)
+}
+
 /// Handles on the loaded object's maps for userspace use.
 pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
     let h =
         |m: &libbpf_rs::MapMut<'_>| MapHandle::try_from(m).context("duplicating a marker map fd");
+    let m = &skel.maps;
     Ok(MarkMaps::new(
-        h(&skel.maps.flowd_marks)?,
-        h(&skel.maps.flowd_outcomes)?,
-        h(&skel.maps.flowd_tag_counters)?,
+        h(&m.flowd_marks)?,
+        h(&m.flowd_outcomes)?,
+        h(&m.flowd_tag_counters)?,
         capacity,
-    ))
+    )
+    .with_kernel(compiled::KernelMaps {
+        state: h(&m.flowd_kstate_map)?,
+        policy: h(&m.flowd_kpolicy_map)?,
+        rules: h(&m.flowd_krules)?,
+        addrs: h(&m.flowd_kaddrs)?,
+        ports: h(&m.flowd_kports)?,
+        uids: h(&m.flowd_kuids)?,
+    }))
 }
 
 /// The running marker: loaded program, its maps, and where it is attached.
 pub struct Marker {
+    /// The sockops program deciding active opens, on the cgroup2 root; detached
+    /// when dropped.
+    kconnect: Option<libbpf_rs::Link>,
     skel: MarkerSkel<'static>,
     attachments: Vec<Attachment>,
     maps: Arc<MarkMaps>,
@@ -104,7 +153,9 @@ impl Marker {
         let opts = LoadOptions {
             strategy: cfg.marker.strategy,
             map_capacity: cfg.marker.map_capacity,
-            with_empty_program: false,
+            in_kernel: cfg.marker.in_kernel_decisions,
+            netns_ino: own_netns_ino()?,
+            ..Default::default()
         };
         let skel = load(&opts)?;
         let maps = Arc::new(maps_of(&skel, opts.map_capacity)?);
@@ -116,7 +167,13 @@ impl Marker {
             &state,
         )
         .await?;
+        let kconnect = if opts.in_kernel {
+            attach_kconnect(&skel, cfg.discovery.cgroup2.as_deref())
+        } else {
+            None
+        };
         Ok(Marker {
+            kconnect,
             skel,
             attachments,
             maps,
@@ -142,9 +199,49 @@ impl Marker {
             .collect()
     }
 
+    /// Whether active opens are decided at connect() (sockops attached).
+    pub fn decides_at_connect(&self) -> bool {
+        self.kconnect.is_some()
+    }
+
     /// Detaches everywhere, leaving each interface as it was found.
     pub async fn stop(self) {
+        drop(self.kconnect);
         attach::detach_all(self.attachments, &self.rtnl, &self.state).await;
         drop(self.skel);
+    }
+}
+
+/// Attaches `flowd_kconnect` to the cgroup2 root so that every connect() of the host
+/// passes it (it decides only those of our network namespace). Without it the TC
+/// program still decides active opens, from the SYN on a map miss.
+fn attach_kconnect(
+    skel: &MarkerSkel<'_>,
+    configured: Option<&std::path::Path>,
+) -> Option<libbpf_rs::Link> {
+    use std::os::fd::AsRawFd;
+    let path = match configured {
+        Some(p) => p.to_path_buf(),
+        None => std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|mi| crate::discovery::cgroup2::find_cgroup2_mount(&mi))?,
+    };
+    let result = std::fs::File::open(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            skel.progs
+                .flowd_kconnect
+                .attach_cgroup(f.as_raw_fd())
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(link) => {
+            info!(cgroup2 = %path.display(), "in-kernel decisions at connect() attached");
+            Some(link)
+        }
+        Err(e) => {
+            tracing::warn!(cgroup2 = %path.display(), error = %e, "cannot attach the connect() decision: active opens are decided from their SYN instead");
+            None
+        }
     }
 }

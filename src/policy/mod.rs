@@ -13,6 +13,7 @@ mod explain;
 mod fields;
 mod file;
 mod index;
+pub mod kernel;
 pub mod registry;
 mod rule;
 mod sets;

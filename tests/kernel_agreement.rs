@@ -1,0 +1,439 @@
+//! One policy, two evaluators: the compiled policy as the kernel runs it
+//! (`flowd_kdecide_test`, the same `kdecide` the TC and sockops programs call,
+//! through BPF_PROG_TEST_RUN) agrees with `Policy::evaluate`. Privileged (loads BPF).
+
+mod common;
+#[path = "common/policy.rs"]
+mod policy_common;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+
+use flowd::bpf::marker::types::{flowd_ksock, flowd_ktest};
+use flowd::bpf::marker::MarkerSkel;
+use flowd::discovery::types::{Direction, Protocol};
+use flowd::marker::label::decode;
+use flowd::marker::maps::{as_bytes, from_bytes, MarkMaps};
+use flowd::marker::{load, maps_of, LoadOptions};
+use flowd::policy::kernel::{KernelPolicy, KernelSocket, KernelVerdict};
+use flowd::policy::{ErrorKind, Policy, SocketAttrs};
+use ipnet::IpNet;
+use libbpf_rs::{MapCore, MapFlags, ProgramInput};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+struct Kernel {
+    skel: MarkerSkel<'static>,
+    maps: MarkMaps,
+}
+
+fn kernel() -> Kernel {
+    let skel = load(&LoadOptions {
+        in_kernel: true,
+        with_test_program: true,
+        map_capacity: 16,
+        ..Default::default()
+    })
+    .expect("load marker with the decision test program");
+    let maps = maps_of(&skel, 16).unwrap();
+    Kernel { skel, maps }
+}
+
+/// The verdict of the kernel's `kdecide`, as rule index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Got {
+    NoMatch,
+    Rule(usize, u16, u8),
+    Userspace,
+    Off,
+}
+
+impl Kernel {
+    fn decide(&self, s: &KernelSocket) -> Got {
+        let t = flowd_ktest {
+            sock: flowd_ksock {
+                laddr: s.local.ip().octets(),
+                raddr: s.remote.ip().octets(),
+                lport: s.local.port(),
+                rport: s.remote.port(),
+                proto: match s.proto {
+                    Protocol::Tcp => 6,
+                    Protocol::Udp => 17,
+                },
+                direction: if s.direction == Direction::Outbound {
+                    1
+                } else {
+                    2
+                },
+                uid_known: u8::from(s.uid.is_some()),
+                pad: 0,
+                uid: s.uid.unwrap_or(0),
+            },
+            ..Default::default()
+        };
+        let map = &self.skel.maps.flowd_ktest_map;
+        map.update(&0u32.to_ne_bytes(), as_bytes(&t), MapFlags::ANY)
+            .unwrap();
+        // Any frame will do: the program reads its input from the map.
+        let mut frame = vec![0u8; 14 + 40];
+        frame[12] = 0x86;
+        frame[13] = 0xdd;
+        frame[14] = 0x60;
+        let out = self
+            .skel
+            .progs
+            .flowd_kdecide_test
+            .test_run(ProgramInput {
+                data_in: Some(&frame),
+                ..Default::default()
+            })
+            .expect("test_run");
+        assert_eq!(out.return_value, 0);
+        let raw = map
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .unwrap()
+            .unwrap();
+        let r = from_bytes::<flowd_ktest>(&raw);
+        match r.verdict {
+            0 => Got::NoMatch,
+            1 => {
+                assert_eq!(
+                    decode(r.mark.label).entropy,
+                    0,
+                    "rule marks carry no entropy"
+                );
+                Got::Rule(r.rule as usize, r.mark.experiment, r.mark.activity)
+            }
+            2 => Got::Userspace,
+            3 => Got::Off,
+            v => panic!("verdict {v}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Spec {
+    priority: i32,
+    activity: u8,
+    proto: Option<Protocol>,
+    direction: Option<Direction>,
+    local_ports: Option<Vec<(u16, u16)>>,
+    remote_ports: Option<Vec<(u16, u16)>>,
+    local_cidrs: Option<Vec<(bool, IpNet)>>,
+    remote_cidrs: Option<Vec<(bool, IpNet)>>,
+    users: Option<Vec<u32>>,
+    process: Option<Vec<String>>,
+}
+
+fn v6(x: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, x)
+}
+
+fn net() -> impl Strategy<Value = IpNet> {
+    prop_oneof![
+        // Nested IPv6 prefixes around a small address space, so that rules overlap.
+        6 => (0u16..32, 120u8..=128).prop_map(|(x, l)| IpNet::new(IpAddr::V6(v6(x)), l).unwrap().trunc()),
+        1 => (0u16..32).prop_map(|x| IpNet::new(IpAddr::V6(v6(x)), 64).unwrap().trunc()),
+        1 => (0u8..16, 28u8..=32).prop_map(|(x, l)| IpNet::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, x)), l).unwrap().trunc()),
+    ]
+}
+
+fn ports() -> impl Strategy<Value = Vec<(u16, u16)>> {
+    prop::collection::vec(
+        prop_oneof![
+            4 => (1u16..=8, 0u16..3).prop_map(|(lo, w)| (lo, lo + w)),
+            1 => (1u16..=65535).prop_map(|p| (p, p)),
+            1 => (1u16..=60000, 0u16..5000).prop_map(|(lo, w)| (lo, lo + w)),
+        ],
+        1..4,
+    )
+}
+
+fn spec() -> impl Strategy<Value = Spec> {
+    let cidrs = || prop::collection::vec((prop::bool::weighted(0.3), net()), 1..4);
+    let w = 0.35;
+    (
+        (-1i32..=1, 1u8..=4),
+        prop::option::weighted(w, prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)]),
+        prop::option::weighted(
+            w,
+            prop_oneof![Just(Direction::Inbound), Just(Direction::Outbound)],
+        ),
+        (
+            prop::option::weighted(w, ports()),
+            prop::option::weighted(w, ports()),
+        ),
+        (
+            prop::option::weighted(w, cidrs()),
+            prop::option::weighted(w, cidrs()),
+        ),
+        prop::option::weighted(w, prop::collection::vec(0u32..3, 1..3)),
+        prop::option::weighted(
+            0.15,
+            prop::collection::vec(
+                prop_oneof![Just("a".to_owned()), Just("b".to_owned())],
+                1..2,
+            ),
+        ),
+    )
+        .prop_map(
+            |((priority, activity), proto, direction, (lp, rp), (lc, rc), users, process)| Spec {
+                priority,
+                activity,
+                proto,
+                direction,
+                local_ports: lp,
+                remote_ports: rp,
+                local_cidrs: lc,
+                remote_cidrs: rc,
+                users,
+                process,
+            },
+        )
+}
+
+fn render(specs: &[Spec]) -> String {
+    let mut t = String::from("experiment = 2\n");
+    let ports = |v: &[(u16, u16)]| {
+        v.iter()
+            .map(|(a, b)| format!("\"{a}-{b}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let cidrs = |v: &[(bool, IpNet)]| {
+        v.iter()
+            .map(|(n, c)| format!("\"{}{c}\"", if *n { "!" } else { "" }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (i, s) in specs.iter().enumerate() {
+        t += &format!(
+            "[[rule]]\nname = \"r{i}\"\nactivity = {}\npriority = {}\n",
+            s.activity, s.priority
+        );
+        if let Some(p) = s.proto {
+            t += &format!("protocol = \"{}\"\n", p.as_str());
+        }
+        if let Some(d) = s.direction {
+            let d = if d == Direction::Inbound {
+                "inbound"
+            } else {
+                "outbound"
+            };
+            t += &format!("direction = \"{d}\"\n");
+        }
+        if let Some(v) = &s.local_ports {
+            t += &format!("local_ports = [{}]\n", ports(v));
+        }
+        if let Some(v) = &s.remote_ports {
+            t += &format!("remote_ports = [{}]\n", ports(v));
+        }
+        if let Some(v) = &s.local_cidrs {
+            t += &format!("local_cidrs = [{}]\n", cidrs(v));
+        }
+        if let Some(v) = &s.remote_cidrs {
+            t += &format!("remote_cidrs = [{}]\n", cidrs(v));
+        }
+        if let Some(v) = &s.users {
+            t += &format!("users = {v:?}\n");
+        }
+        if let Some(v) = &s.process {
+            t += &format!("process = {v:?}\n");
+        }
+    }
+    t
+}
+
+fn socket() -> impl Strategy<Value = (KernelSocket, Option<String>)> {
+    let port = || prop_oneof![4 => 1u16..=10, 1 => any::<u16>()];
+    (
+        prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)],
+        prop_oneof![Just(Direction::Inbound), Just(Direction::Outbound)],
+        (0u16..40, port(), 0u16..40, port()),
+        prop::option::weighted(0.8, 0u32..4),
+        prop::option::of(prop_oneof![Just("a".to_owned()), Just("b".to_owned())]),
+    )
+        .prop_map(|(proto, direction, (la, lp, ra, rp), uid, comm)| {
+            (
+                KernelSocket {
+                    proto,
+                    direction,
+                    local: SocketAddrV6::new(v6(la), lp, 0, 0),
+                    remote: SocketAddrV6::new(v6(ra), rp, 0, 0),
+                    uid,
+                },
+                comm,
+            )
+        })
+}
+
+fn attrs(s: &KernelSocket, comm: Option<String>) -> SocketAttrs {
+    SocketAttrs {
+        proto: s.proto,
+        local: SocketAddr::V6(s.local),
+        remote: SocketAddr::V6(s.remote),
+        direction: s.direction,
+        uid: s.uid,
+        gid: None,
+        comm,
+        exe: None,
+        cgroup: None,
+    }
+}
+
+/// Checks one policy against a batch of sockets; the error names what disagreed.
+fn check(
+    k: &Kernel,
+    policy: &Policy,
+    sockets: &[(KernelSocket, Option<String>)],
+) -> Result<(), String> {
+    let compiled = KernelPolicy::compile(policy.rules());
+    k.maps
+        .install_policy(&compiled)
+        .map_err(|e| e.to_string())?;
+    let rules: Vec<_> = policy.rules().collect();
+    let userspace_rules = rules.iter().any(|r| !r.kernel_decidable());
+    for (s, comm) in sockets {
+        let got = k.decide(s);
+        // 1. The BPF decision is the compiled tables' decision, bit for bit.
+        let model = match compiled.evaluate(s) {
+            KernelVerdict::NoMatch => Got::NoMatch,
+            KernelVerdict::Userspace => Got::Userspace,
+            KernelVerdict::Rule(i) => Got::Rule(i, rules[i].experiment, rules[i].activity),
+        };
+        if got != model {
+            return Err(format!(
+                "kernel {got:?} != compiled model {model:?} for {s:?}"
+            ));
+        }
+        // 2. Whatever the process facts, a kernel decision is the userspace one.
+        for c in [
+            None,
+            Some("a".to_owned()),
+            Some("b".to_owned()),
+            comm.clone(),
+        ] {
+            let want = policy.evaluate(&attrs(s, c.clone()));
+            let ok = match got {
+                Got::Rule(i, e, a) => want
+                    .as_ref()
+                    .is_some_and(|v| v.rule == rules[i].id && (v.experiment, v.activity) == (e, a)),
+                Got::NoMatch => want.is_none(),
+                Got::Userspace => true,
+                Got::Off => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "kernel {got:?} but userspace {want:?} for {s:?} comm {c:?}"
+                ));
+            }
+        }
+        // 3. And the kernel only defers when it must: with every rule decidable in
+        // the kernel and the uid known, it always decides.
+        if !userspace_rules && s.uid.is_some() && got == Got::Userspace {
+            return Err(format!("kernel deferred a decidable socket {s:?}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn kernel_decisions_agree_with_policy_evaluate_on_random_policies() {
+    if !common::privileged() {
+        return;
+    }
+    let k = kernel();
+    let mut runner = TestRunner::new(Config {
+        cases: 300,
+        ..Config::default()
+    });
+    let decided = std::cell::RefCell::new([0usize; 3]);
+    runner
+        .run(
+            &(
+                prop::collection::vec(spec(), 1..12),
+                prop::collection::vec(socket(), 1..24),
+            ),
+            |(specs, sockets)| {
+                let text = render(&specs);
+                let policy = match policy_common::load(&[("p/atlas.toml", &text)]) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        prop_assert!(
+                            e.0.iter().all(|e| e.kind == ErrorKind::Conflict),
+                            "{e}\n{text}"
+                        );
+                        return Ok(());
+                    }
+                };
+                if let Err(e) = check(&k, &policy, &sockets) {
+                    prop_assert!(false, "{e}\npolicy:\n{text}");
+                }
+                for (s, _) in &sockets {
+                    let i = match k.decide(s) {
+                        Got::Rule(..) => 0,
+                        Got::NoMatch => 1,
+                        _ => 2,
+                    };
+                    decided.borrow_mut()[i] += 1;
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    let decided = decided.into_inner();
+    eprintln!(
+        "kernel verdicts: {} rule, {} no match, {} userspace",
+        decided[0], decided[1], decided[2]
+    );
+    assert!(
+        decided[0] > 100 && decided[1] > 100 && decided[2] > 10,
+        "{decided:?}"
+    );
+}
+
+#[test]
+fn a_policy_reload_switches_slots_and_the_new_policy_alone_decides() {
+    if !common::privileged() {
+        return;
+    }
+    let k = kernel();
+    let s = KernelSocket {
+        proto: Protocol::Tcp,
+        direction: Direction::Outbound,
+        local: SocketAddrV6::new(v6(1), 40000, 0, 0),
+        remote: SocketAddrV6::new(v6(2), 1094, 0, 0),
+        uid: Some(0),
+    };
+    assert_eq!(k.decide(&s), Got::Off, "no policy yet");
+    let gen0 = k.maps.kernel().unwrap().generation().unwrap();
+    for (round, (ports, want_act)) in [
+        ("[1094]", 3u8),
+        ("[1095]", 0),
+        ("[\"1000-2000\"]", 7),
+        ("[1094]", 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let text = format!(
+            "experiment = 2\n[[rule]]\nname = \"x\"\nactivity = {}\nremote_ports = {ports}\n",
+            if want_act == 0 { 1 } else { want_act }
+        );
+        let p = policy_common::load(&[("p/atlas.toml", &text)]).unwrap();
+        k.maps
+            .install_policy(&KernelPolicy::compile(p.rules()))
+            .unwrap();
+        let got = k.decide(&s);
+        if want_act == 0 {
+            assert_eq!(got, Got::NoMatch, "round {round}");
+        } else {
+            assert_eq!(got, Got::Rule(0, 2, want_act), "round {round}");
+        }
+        assert_eq!(
+            k.maps.kernel().unwrap().generation().unwrap(),
+            gen0 + round as u32 + 1
+        );
+    }
+    k.maps.kernel().unwrap().disable().unwrap();
+    assert_eq!(k.decide(&s), Got::Off);
+}
