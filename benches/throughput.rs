@@ -28,12 +28,24 @@ fn iperf(pair: &Pair, secs: u32) -> f64 {
     let out = pair
         .a
         .command("iperf3")
-        .args(["-6", "-c", &ADDR_B.to_string(), "-p", "5201", "-J", "-t", &secs.to_string()])
+        .args([
+            "-6",
+            "-c",
+            &ADDR_B.to_string(),
+            "-p",
+            "5201",
+            "-J",
+            "-t",
+            &secs.to_string(),
+        ])
         .output()
         .unwrap();
     let _ = server.wait();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J output");
-    v["end"]["sum_received"]["bits_per_second"].as_f64().expect("bits_per_second") / 1e9
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e9
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -46,7 +58,10 @@ fn main() {
         println!("SKIP throughput: needs root");
         return;
     }
-    let secs: u32 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(5);
+    let secs: u32 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5);
     if Command::new("iperf3").arg("--version").output().is_err() {
         println!("SKIP throughput: iperf3 not installed (bash .ci/setup installs it)");
         return;
@@ -67,17 +82,39 @@ fn main() {
         let d = Daemon::start_with(
             &pair.a,
             dir.path(),
-            &format!("[policy]\ndir = \"{}\"\n[metrics]\nenabled = false\n", policies.display()),
+            &format!(
+                "[policy]\ndir = \"{}\"\n[metrics]\nenabled = false\n",
+                policies.display()
+            ),
         );
         with.push(iperf(&pair, secs));
         let st: serde_json::Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
         marked += st["status"]["outcomes"]["marked"].as_u64().unwrap_or(0);
         d.stop();
     }
-    assert!(marked > 0, "the daemon marked nothing: the comparison would be meaningless");
+    assert!(
+        marked > 0,
+        "the daemon marked nothing: the comparison would be meaningless"
+    );
     let (a, b) = (median(without.clone()), median(with.clone()));
     println!("iperf3 -6 single stream over veth, {secs} s per run, {RUNS} runs each (Gbit/s)");
-    println!("  without flowd-rs: {}", without.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join("  "));
-    println!("  with flowd-rs:    {}", with.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join("  "));
-    println!("  ratio of medians: {:.3} (target >= 0.98); {marked} packets marked", b / a);
+    println!(
+        "  without flowd-rs: {}",
+        without
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    println!(
+        "  with flowd-rs:    {}",
+        with.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    println!(
+        "  ratio of medians: {:.3} (target >= 0.98); {marked} packets marked",
+        b / a
+    );
 }

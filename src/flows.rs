@@ -105,6 +105,10 @@ pub enum FlowEvent {
     Ended(Arc<Flow>, EndReason),
 }
 
+/// How long a closing socket of another namespace may go without news before it is
+/// ended (the kernel's default tcp_fin_timeout).
+const FOREIGN_CLOSING_TTL: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct FlowTableConfig {
     /// Inode of the daemon's network namespace: the one [`FlowTable::reconcile`] covers.
@@ -348,9 +352,15 @@ impl FlowTable {
             let vanished = in_scope
                 && e.generation != generation
                 && e.tracker_at.is_none_or(|t| t < dump_started);
-            let expired = e
-                .time_wait_since
-                .is_some_and(|t| now.duration_since(t) >= grace);
+            // Other namespaces are never reconciled, so a lost close event would keep
+            // their closing sockets forever: a closing socket is gone within the
+            // kernel's FIN timeout (60 s), so end them after that much silence.
+            let foreign_closing = !in_scope
+                && e.flow.lifecycle == Lifecycle::Closing
+                && now.duration_since(e.flow.last_seen) >= FOREIGN_CLOSING_TTL;
+            let expired = foreign_closing
+                || e.time_wait_since
+                    .is_some_and(|t| now.duration_since(t) >= grace);
             if vanished || expired {
                 let reason = if vanished {
                     EndReason::Vanished

@@ -244,6 +244,27 @@ fn flows_of_other_namespaces_survive_a_local_reconcile() {
 }
 
 #[test]
+fn closing_flows_of_other_namespaces_end_after_a_minute_of_silence() {
+    let mut t = table();
+    let long_ago = Instant::now() - Duration::from_secs(61);
+    let mut closing = obs(1, SockState::FinWait1, Source::Tracker);
+    closing.netns = 12345;
+    t.apply_observation_at(closing, long_ago);
+    let mut open = obs(2, SockState::Established, Source::Tracker);
+    open.netns = 12345;
+    t.apply_observation_at(open, long_ago);
+    let mut recent = obs(3, SockState::FinWait1, Source::Tracker);
+    recent.netns = 12345;
+    t.apply_observation(recent);
+    // The close of socket 1 was lost: a minute later it is ended; an established
+    // socket and a recently closing one stay.
+    let ev = t.reconcile(&[], Instant::now());
+    assert_eq!(ev.len(), 1);
+    assert!(t.get(1).is_none());
+    assert!(t.get(2).is_some() && t.get(3).is_some());
+}
+
+#[test]
 fn unbound_client_key_is_completed_by_later_event() {
     let mut t = table();
     let mut o = obs(1, SockState::SynSent, Source::Tracker);
