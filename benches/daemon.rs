@@ -86,9 +86,11 @@ fn main() {
     let d = Daemon::start_with(
         &pair.a,
         dir.path(),
+        // FLOWD_BENCH_MARKER: extra [marker] keys, e.g. "in_kernel_decisions = false".
         &format!(
-            "[policy]\ndir = \"{}\"\n[metrics]\nenabled = false\n",
-            policies.display()
+            "[policy]\ndir = \"{}\"\n[metrics]\nenabled = false\n[marker]\n{}\n",
+            policies.display(),
+            std::env::var("FLOWD_BENCH_MARKER").unwrap_or_default()
         ),
     );
     let pid = d.child.id();
