@@ -44,6 +44,8 @@ impl Drop for Feed {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
+            // The poller parks between dumps: wake it rather than wait out the interval.
+            h.thread().unpark();
             let _ = h.join();
         }
     }
@@ -75,7 +77,9 @@ pub fn spawn_tracker(
             let mut last_drops = 0;
             while !stop2.load(Ordering::Relaxed) {
                 let clock = MonotonicClock::now();
-                let r = tracker.poll_events(Duration::from_millis(100), &mut |ev| {
+                // Events wake the poll at once; the timeout only bounds how long a
+                // stop request waits, so it can be long (idle wakeups cost CPU).
+                let r = tracker.poll_events(Duration::from_millis(500), &mut |ev| {
                     if !ev.has_full_tuple() {
                         return;
                     }
@@ -164,8 +168,13 @@ pub fn spawn_poller(interval: Duration, tx: Sender<Discovery>) -> Result<(Feed, 
                     return;
                 }
                 let until = Instant::now() + interval;
-                while Instant::now() < until && !stop2.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(50).min(interval));
+                while !stop2.load(Ordering::Relaxed) {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    // Unparked by Feed::drop; a spurious wake just loops.
+                    std::thread::park_timeout(left);
                 }
             }
         })
