@@ -21,6 +21,8 @@ use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
+use policy_common::{render, Spec};
+
 struct Kernel {
     skel: MarkerSkel<'static>,
     maps: MarkMaps,
@@ -110,20 +112,6 @@ impl Kernel {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Spec {
-    priority: i32,
-    activity: u8,
-    proto: Option<Protocol>,
-    direction: Option<Direction>,
-    local_ports: Option<Vec<(u16, u16)>>,
-    remote_ports: Option<Vec<(u16, u16)>>,
-    local_cidrs: Option<Vec<(bool, IpNet)>>,
-    remote_cidrs: Option<Vec<(bool, IpNet)>>,
-    users: Option<Vec<u32>>,
-    process: Option<Vec<String>>,
-}
-
 fn v6(x: u16) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, x)
 }
@@ -189,58 +177,6 @@ fn spec() -> impl Strategy<Value = Spec> {
                 process,
             },
         )
-}
-
-fn render(specs: &[Spec]) -> String {
-    let mut t = String::from("experiment = 2\n");
-    let ports = |v: &[(u16, u16)]| {
-        v.iter()
-            .map(|(a, b)| format!("\"{a}-{b}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let cidrs = |v: &[(bool, IpNet)]| {
-        v.iter()
-            .map(|(n, c)| format!("\"{}{c}\"", if *n { "!" } else { "" }))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    for (i, s) in specs.iter().enumerate() {
-        t += &format!(
-            "[[rule]]\nname = \"r{i}\"\nactivity = {}\npriority = {}\n",
-            s.activity, s.priority
-        );
-        if let Some(p) = s.proto {
-            t += &format!("protocol = \"{}\"\n", p.as_str());
-        }
-        if let Some(d) = s.direction {
-            let d = if d == Direction::Inbound {
-                "inbound"
-            } else {
-                "outbound"
-            };
-            t += &format!("direction = \"{d}\"\n");
-        }
-        if let Some(v) = &s.local_ports {
-            t += &format!("local_ports = [{}]\n", ports(v));
-        }
-        if let Some(v) = &s.remote_ports {
-            t += &format!("remote_ports = [{}]\n", ports(v));
-        }
-        if let Some(v) = &s.local_cidrs {
-            t += &format!("local_cidrs = [{}]\n", cidrs(v));
-        }
-        if let Some(v) = &s.remote_cidrs {
-            t += &format!("remote_cidrs = [{}]\n", cidrs(v));
-        }
-        if let Some(v) = &s.users {
-            t += &format!("users = {v:?}\n");
-        }
-        if let Some(v) = &s.process {
-            t += &format!("process = {v:?}\n");
-        }
-    }
-    t
 }
 
 fn socket() -> impl Strategy<Value = (KernelSocket, Option<String>)> {

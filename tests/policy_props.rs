@@ -12,6 +12,8 @@ use flowd::policy::{ErrorKind, SocketAttrs};
 use ipnet::IpNet;
 use proptest::prelude::*;
 
+use common::{render, Spec};
+
 const EXAMPLES: &[&str] = &[
     include_str!("../policies/atlas.toml"),
     include_str!("../policies/cms.toml"),
@@ -49,20 +51,6 @@ proptest! {
         let text: String = text.into_iter().collect();
         let _ = common::load(&[("p/x.toml", &text)]);
     }
-}
-
-#[derive(Debug, Clone)]
-struct Spec {
-    priority: i32,
-    activity: u8,
-    proto: Option<Protocol>,
-    direction: Option<Direction>,
-    local_ports: Option<Vec<(u16, u16)>>,
-    remote_ports: Option<Vec<(u16, u16)>>,
-    local_cidrs: Option<Vec<(bool, IpNet)>>,
-    remote_cidrs: Option<Vec<(bool, IpNet)>>,
-    users: Option<Vec<u32>>,
-    process: Option<Vec<String>>,
 }
 
 fn net() -> impl Strategy<Value = IpNet> {
@@ -129,60 +117,6 @@ fn spec() -> impl Strategy<Value = Spec> {
                 process,
             },
         )
-}
-
-fn render(specs: &[Spec]) -> String {
-    let mut t = String::from("experiment = 2\n");
-    let ports = |v: &[(u16, u16)]| {
-        v.iter()
-            .map(|(a, b)| format!("\"{a}-{b}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let cidrs = |v: &[(bool, IpNet)]| {
-        v.iter()
-            .map(|(n, c)| format!("\"{}{c}\"", if *n { "!" } else { "" }))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    for (i, s) in specs.iter().enumerate() {
-        t += &format!(
-            "[[rule]]\nname = \"r{i}\"\nactivity = {}\npriority = {}\n",
-            s.activity, s.priority
-        );
-        if let Some(p) = s.proto {
-            t += &format!("protocol = \"{}\"\n", p.as_str());
-        }
-        if let Some(d) = s.direction {
-            t += &format!(
-                "direction = \"{}\"\n",
-                if d == Direction::Inbound {
-                    "inbound"
-                } else {
-                    "outbound"
-                }
-            );
-        }
-        if let Some(v) = &s.local_ports {
-            t += &format!("local_ports = [{}]\n", ports(v));
-        }
-        if let Some(v) = &s.remote_ports {
-            t += &format!("remote_ports = [{}]\n", ports(v));
-        }
-        if let Some(v) = &s.local_cidrs {
-            t += &format!("local_cidrs = [{}]\n", cidrs(v));
-        }
-        if let Some(v) = &s.remote_cidrs {
-            t += &format!("remote_cidrs = [{}]\n", cidrs(v));
-        }
-        if let Some(v) = &s.users {
-            t += &format!("users = {v:?}\n");
-        }
-        if let Some(v) = &s.process {
-            t += &format!("process = {v:?}\n");
-        }
-    }
-    t
 }
 
 // The reference: the documented semantics, written the obvious way.
