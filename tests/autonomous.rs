@@ -12,21 +12,6 @@ use common::{Capture, Daemon, Netns, Packet, Pair, ADDR_A, ADDR_B, IF_B};
 use flowd::marker::label::{decode, Tag};
 use serde_json::Value;
 
-/// A server in `server` on [ADDR_B]:port that reads until EOF.
-fn serve(server: &Netns, port: u16) -> std::thread::JoinHandle<usize> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = server.run(move || {
-        let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), port)).expect("bind");
-        tx.send(()).unwrap();
-        let (mut c, _) = l.accept().expect("accept");
-        let mut buf = Vec::new();
-        c.read_to_end(&mut buf).expect("read");
-        buf.len()
-    });
-    rx.recv().unwrap();
-    h
-}
-
 /// Connects from `client` (as `uid`), waits `settle` for the daemon to tag the flow,
 /// then sends `chunks` of 1000 bytes `gap` apart, calling `between(i)` before chunk i.
 fn converse(
@@ -112,7 +97,7 @@ fn each_flow_carries_the_tag_its_policy_gives_and_unmatched_flows_none() {
         (None, 5202),
         (None, 5203),
     ] {
-        let srv = serve(&pair.b, port);
+        let srv = common::serve_once(&pair.b, port);
         ports.push(converse(
             &pair.a,
             uid,
@@ -176,7 +161,7 @@ fn reload_switches_the_tag_keeps_the_entropy_and_survives_a_broken_file() {
     let pair = Pair::new();
     let d = policy_daemon(&pair, dir.path(), &policies, "");
     let cap = Capture::start(&pair.b, IF_B, "ip6 and tcp", dir.path());
-    let srv = serve(&pair.b, 5201);
+    let srv = common::serve_once(&pair.b, 5201);
     let pol = policies.clone();
     let pid = d.child.id() as i32;
     let port = converse(
@@ -252,7 +237,7 @@ fn with_the_tracker_disabled_polling_finds_and_marks_a_flow_within_one_interval(
         &policies,
         "tracker = \"disabled\"\nreconcile_interval_ms = 500",
     );
-    let srv = serve(&pair.b, 5201);
+    let srv = common::serve_once(&pair.b, 5201);
     let sock = d.state_dir.join("control.sock");
     // Connect, then watch the daemon find the socket with no event to tell it.
     let watcher = std::thread::spawn(move || {

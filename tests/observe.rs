@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -61,16 +61,7 @@ fn inspect_and_metrics_count_exactly_the_packets_seen_on_the_wire() {
     let pair = Pair::new();
     let d = daemon(&pair, dir.path());
     let cap = Capture::start(&pair.b, IF_B, "ip6 and tcp", dir.path());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = pair.b.run(move || {
-        let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), 5201)).unwrap();
-        tx.send(()).unwrap();
-        let (mut c, _) = l.accept().unwrap();
-        let mut buf = Vec::new();
-        c.read_to_end(&mut buf).unwrap();
-        buf.len()
-    });
-    rx.recv().unwrap();
+    let server = common::serve_once(&pair.b, 5201);
     // Open, send, then hold the connection open and quiet while we look.
     let (go, wait) = std::sync::mpsc::channel::<()>();
     let (sent, port_rx) = std::sync::mpsc::channel();

@@ -434,6 +434,22 @@ impl Drop for Daemon {
     }
 }
 
+/// A server in `server` on [ADDR_B]:`port`, listening when this returns, that
+/// accepts one connection and reads it to EOF; joins to the byte count.
+pub fn serve_once(server: &Netns, port: u16) -> std::thread::JoinHandle<usize> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = server.run(move || {
+        let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), port)).expect("bind server");
+        tx.send(()).unwrap();
+        let (mut c, _) = l.accept().expect("accept");
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).expect("read");
+        buf.len()
+    });
+    rx.recv().unwrap();
+    h
+}
+
 /// Switches the calling thread (only) to `uid`: the raw syscall, unlike libc's
 /// setresuid, does not propagate to the other threads of the test process.
 pub fn become_uid(uid: u32) {
@@ -459,16 +475,7 @@ pub fn become_outsider(uid: u32) {
 /// Sends `payload` over TCP from `client_ns` ([ADDR_A]:`sport`) to a listener in
 /// `server_ns` on [ADDR_B]:`dport`; returns once the server has read it all.
 pub fn tcp_transfer(client_ns: &Netns, server_ns: &Netns, sport: u16, dport: u16, payload: usize) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = server_ns.run(move || {
-        let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), dport)).expect("bind server");
-        tx.send(()).unwrap();
-        let (mut c, _) = l.accept().expect("accept");
-        let mut buf = Vec::new();
-        c.read_to_end(&mut buf).expect("read");
-        buf.len()
-    });
-    rx.recv().unwrap();
+    let server = serve_once(server_ns, dport);
     let client = client_ns.run(move || {
         use std::io::Write;
         let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
