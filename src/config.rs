@@ -224,9 +224,17 @@ impl Strategy {
     pub fn contains(self, other: Strategy) -> bool {
         self.0 & other.0 == other.0
     }
-    /// Bytes each marked packet grows by.
-    pub fn header_bytes(self) -> u32 {
-        8 * ((self.0 >> 1) & 1) + 8 * ((self.0 >> 2) & 1)
+    /// The option headers written besides (or instead of) the label, for displays.
+    pub fn headers(self) -> Option<&'static str> {
+        match (
+            self.contains(Strategy::HOP_BY_HOP),
+            self.contains(Strategy::DESTINATION),
+        ) {
+            (true, true) => Some("hop-by-hop+destination"),
+            (true, false) => Some("hop-by-hop"),
+            (false, true) => Some("destination"),
+            (false, false) => None,
+        }
     }
 }
 
@@ -322,7 +330,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.marker.interfaces, ["eth0"]);
         assert_eq!(c.marker.strategy.bits(), 0x6);
-        assert_eq!(c.marker.strategy.header_bytes(), 16);
+        assert_eq!(c.marker.strategy.headers(), Some("hop-by-hop+destination"));
+        assert_eq!(Strategy::LABEL.headers(), None);
         assert_eq!(c.marker.attach, AttachMode::Clsact);
         assert_eq!(c.control_socket(), PathBuf::from("/tmp/s"));
     }

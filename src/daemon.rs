@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::config::{Config, Strategy, TrackerSetting};
+use crate::config::{Config, TrackerSetting};
 use crate::control::{DaemonInfo, Server};
 use crate::discovery::feeds::{self, Feed, TrackerStatus};
 use crate::discovery::tracker::{TrackerConfig, TrackerMode};
@@ -147,7 +147,7 @@ async fn start_engine(
         version: env!("CARGO_PKG_VERSION"),
         pid: std::process::id(),
         strategy: marker.strategy().to_string(),
-        header: header_name(cfg.marker.strategy),
+        header: cfg.marker.strategy.headers(),
         attached: marker.attachments(),
     });
     let server = Server::bind(&cfg.control_socket(), cfg.control.group.as_deref())?;
@@ -188,18 +188,6 @@ async fn start_engine(
         tasks,
         feeds,
     })
-}
-
-fn header_name(s: Strategy) -> Option<&'static str> {
-    match (
-        s.contains(Strategy::HOP_BY_HOP),
-        s.contains(Strategy::DESTINATION),
-    ) {
-        (true, true) => Some("hop-by-hop+destination"),
-        (true, false) => Some("hop-by-hop"),
-        (false, true) => Some("destination"),
-        (false, false) => None,
-    }
 }
 
 /// The metrics registry: flow-table facts come from the snapshot the engine
