@@ -135,14 +135,7 @@ impl MarkMaps {
         entropy: u8,
     ) -> Result<Option<ExistingMark>, MapError> {
         let key = bpf_key(flow).ok_or_else(|| MapError::NotIpv6(flow_text(flow)))?;
-        let value = flowd_flow_mark {
-            label: tag.label(entropy),
-            experiment: tag.experiment,
-            activity: tag.activity,
-            flags: 0,
-            counter_slot: self.slot(tag)?,
-            ..Default::default()
-        };
+        let value = self.mark_value(tag, entropy)?;
         match self
             .marks
             .update(as_bytes(&key), as_bytes(&value), MapFlags::NO_EXIST)
@@ -190,6 +183,17 @@ impl MarkMaps {
         self.capacity
     }
 
+    /// A userspace mark for `tag` with zero counts.
+    fn mark_value(&self, tag: Tag, entropy: u8) -> Result<flowd_flow_mark, MapError> {
+        Ok(flowd_flow_mark {
+            label: tag.label(entropy),
+            experiment: tag.experiment,
+            activity: tag.activity,
+            counter_slot: self.slot(tag)?,
+            ..Default::default()
+        })
+    }
+
     /// Marks `flow` with `tag`; `entropy` (5 bits) must be drawn once per flow and
     /// passed again on every update so the label stays the same.
     pub fn insert(&self, flow: &FlowKey, tag: Tag, entropy: u8) -> Result<(), MapError> {
@@ -198,14 +202,9 @@ impl MarkMaps {
         // counted between this read and the update are the only ones lost.
         let (packets, bytes) = self.get(flow)?.map_or((0, 0), |m| (m.packets, m.bytes));
         let value = flowd_flow_mark {
-            label: tag.label(entropy),
-            experiment: tag.experiment,
-            activity: tag.activity,
-            flags: 0,
-            counter_slot: self.slot(tag)?,
             packets,
             bytes,
-            ..Default::default()
+            ..self.mark_value(tag, entropy)?
         };
         self.marks
             .update(as_bytes(&key), as_bytes(&value), MapFlags::ANY)
