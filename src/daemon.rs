@@ -155,7 +155,7 @@ async fn start_engine(
         netns,
         policy,
         &cfg.policy.dir,
-        registry,
+        registry.clone(),
         marker.maps(),
         info.clone(),
         tracker_status,
@@ -163,7 +163,7 @@ async fn start_engine(
     .with_in_kernel_decisions(cfg.marker.in_kernel_decisions);
     let mut tasks = Vec::new();
     if cfg.metrics.enabled {
-        let (metrics, published) = metrics_for(cfg, marker);
+        let (metrics, published) = metrics_for(cfg, marker, registry);
         let listener = tokio::net::TcpListener::bind(cfg.metrics.listen)
             .await
             .with_context(|| format!("metrics.listen {}: cannot listen", cfg.metrics.listen))?;
@@ -192,7 +192,11 @@ async fn start_engine(
 
 /// The metrics registry: flow-table facts come from the snapshot the engine
 /// publishes; the BPF counters are read at scrape time (on a blocking thread).
-fn metrics_for(cfg: &Config, marker: &Marker) -> (Arc<Metrics>, Arc<Published>) {
+fn metrics_for(
+    cfg: &Config,
+    marker: &Marker,
+    registry: Registry,
+) -> (Arc<Metrics>, Arc<Published>) {
     let published = Arc::new(Published::default());
     let maps = marker.maps();
     let source = {
@@ -205,16 +209,7 @@ fn metrics_for(cfg: &Config, marker: &Marker) -> (Arc<Metrics>, Arc<Published>) 
                     .map(|n| n.to_string())
                     .zip(c.outcomes)
                     .collect();
-                for t in c.per_tag {
-                    if let Some(row) = s
-                        .tags
-                        .iter_mut()
-                        .find(|r| (r.experiment, r.activity) == (t.experiment, t.activity))
-                    {
-                        row.packets = t.packets;
-                        row.bytes = t.bytes;
-                    }
-                }
+                crate::view::add_tag_counts(&mut s.tags, &c.per_tag, &registry);
             }
             s
         }

@@ -22,7 +22,7 @@ use crate::discovery::procfs::ProcResolver;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
 use crate::inspect::view::{FlowView, StatusView, TagTotals};
 use crate::marker::label::Tag;
-use crate::marker::maps::{MarkMaps, OUTCOMES};
+use crate::marker::maps::{Counters, MarkMaps, OUTCOMES};
 use crate::marking::{MarkSink, Marking};
 use crate::metrics::{Metrics, Published, Snapshot};
 use crate::policy::kernel::{Exactness, KernelPolicy};
@@ -402,51 +402,29 @@ impl Engine {
     }
 
     /// Per tag: names, flows holding it now, and the marker's cumulative counts.
-    pub fn tag_totals(&self) -> Vec<TagTotals> {
+    /// Per tag: names and the flows holding it now; with `counters`, also the
+    /// marker's cumulative packets and bytes (and rows for tags no flow holds now).
+    pub fn tag_totals(&self, counters: Option<&Counters>) -> Vec<TagTotals> {
         let mut rows: BTreeMap<(u16, u8), TagTotals> = BTreeMap::new();
-        let mut row = |e: u16, a: u8| {
-            rows.entry((e, a)).or_insert_with(|| {
-                let n = self.registry.name_of(e, a);
-                TagTotals {
-                    experiment: e,
-                    experiment_name: Some(n.experiment),
-                    activity: a,
-                    activity_name: Some(n.activity),
-                    ..Default::default()
-                }
-            });
-        };
         for d in self.marking.decisions() {
-            row(d.tag.experiment, d.tag.activity);
+            let (e, a) = (d.tag.experiment, d.tag.activity);
+            rows.entry((e, a))
+                .or_insert_with(|| view::tag_row(e, a, &self.registry))
+                .flows += 1;
         }
-        let counters = self.maps.counters().ok();
-        if let Some(c) = &counters {
-            for t in &c.per_tag {
-                row(t.experiment, t.activity);
-            }
-        }
-        for d in self.marking.decisions() {
-            if let Some(r) = rows.get_mut(&(d.tag.experiment, d.tag.activity)) {
-                r.flows += 1;
-            }
-        }
+        let mut rows: Vec<TagTotals> = rows.into_values().collect();
         if let Some(c) = counters {
-            for t in c.per_tag {
-                if let Some(r) = rows.get_mut(&(t.experiment, t.activity)) {
-                    r.packets = t.packets;
-                    r.bytes = t.bytes;
-                }
-            }
+            view::add_tag_counts(&mut rows, &c.per_tag, &self.registry);
         }
-        rows.into_values().collect()
+        rows
     }
 
     fn status(&self) -> StatusView {
         let fc = self.table.counters();
         let mc = self.marking.counters();
-        let outcomes = self
-            .maps
-            .counters()
+        let counters = self.maps.counters().ok();
+        let outcomes = counters
+            .as_ref()
             .map(|c| {
                 OUTCOMES
                     .iter()
@@ -476,7 +454,7 @@ impl Engine {
             map_entries: mc.in_map,
             map_capacity: self.maps.capacity(),
             outcomes,
-            per_tag: self.tag_totals(),
+            per_tag: self.tag_totals(counters.as_ref()),
             ringbuf_drops: self.tracker.drops.load(Ordering::Relaxed),
             reconcile_added: fc.reconcile_added,
             reconcile_ended: fc.reconcile_ended,
@@ -512,7 +490,9 @@ impl Engine {
         let mc = self.marking.counters();
         Snapshot {
             flows_tracked: self.table.len() as u64,
-            tags: self.tag_totals(),
+            // Packet counts are read by the scrape itself (daemon::metrics_for): no
+            // BPF reads here, on every batch of flow events.
+            tags: self.tag_totals(None),
             outcomes: Vec::new(),
             map_entries: mc.in_map as u64,
             map_capacity: u64::from(self.maps.capacity()),

@@ -4,7 +4,8 @@
 
 use crate::discovery::types::{Direction, SockState};
 use crate::flows::Flow;
-use crate::inspect::view::{FlowEventView, FlowView, TcpView};
+use crate::inspect::view::{FlowEventView, FlowView, TagTotals, TcpView};
+use crate::marker::maps::TagCount;
 use crate::marking::Decision;
 use crate::policy::Registry;
 
@@ -104,4 +105,38 @@ pub fn flow(
         }),
         events,
     }
+}
+
+/// An empty row for a tag, named from the registry.
+pub fn tag_row(experiment: u16, activity: u8, reg: &Registry) -> TagTotals {
+    let n = reg.name_of(experiment, activity);
+    TagTotals {
+        experiment,
+        experiment_name: Some(n.experiment),
+        activity,
+        activity_name: Some(n.activity),
+        ..Default::default()
+    }
+}
+
+/// Puts the marker's cumulative per-tag counts into `rows`, adding a row for a tag no
+/// live flow holds any more (its counts stay visible), and keeps rows in tag order.
+pub fn add_tag_counts(rows: &mut Vec<TagTotals>, per_tag: &[TagCount], reg: &Registry) {
+    for t in per_tag {
+        match rows
+            .iter_mut()
+            .find(|r| (r.experiment, r.activity) == (t.experiment, t.activity))
+        {
+            Some(r) => {
+                r.packets = t.packets;
+                r.bytes = t.bytes;
+            }
+            None => rows.push(TagTotals {
+                packets: t.packets,
+                bytes: t.bytes,
+                ..tag_row(t.experiment, t.activity, reg)
+            }),
+        }
+    }
+    rows.sort_by_key(|r| (r.experiment, r.activity));
 }
