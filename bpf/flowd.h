@@ -206,6 +206,28 @@ struct flowd_kseen {
 	__u32 generation;
 };
 
+/* ---- Per-socket lookup cache (marker.bpf.c; src/marker/maps.rs) ----
+ *
+ * The 5-tuple lookup in flowd_marks (a 40-byte jhash and compare) is most of a
+ * marked packet's cost. A local socket sends one flow, so the TC program keeps the
+ * result of its last lookup in the socket's local storage and, for the next
+ * packets, only checks that the packet still has that 5-tuple. Userspace bumps
+ * flowd_cache_gen after changing flowd_marks: every entry of an older generation
+ * is looked up again (a reload, a deleted mark, a mark added to a flow seen
+ * unmarked). Only frames with TCP or UDP right behind an untagged IPv6 header use
+ * it; anything else takes the full parse.
+ */
+struct flowd_sk_cache {
+	__u32 generation; /* flowd_cache_gen + 1 when written; 0: never */
+	__u8 marked;      /* 0: the flow had no mark (a negative entry) */
+	__u8 pad[3];
+	struct flowd_flow_key key;
+	/* The flow's mark; its packets/bytes are those counted through this entry
+	 * (flowd_marks holds the others): userspace adds both, read through the
+	 * flowd_cache_counts iterator. */
+	struct flowd_flow_mark mark;
+};
+
 /* ---- Socket tracker (tracker.bpf.c, src/discovery/tracker*.rs) ---- */
 
 #define FLOWD_COMM_LEN 16

@@ -38,6 +38,8 @@ const volatile __u32 flowd_in_kernel = 0;
 /* Inode of the daemon's network namespace: the sockops program sees connects of
  * every namespace (cgroup hooks are not per namespace) and decides only ours. */
 const volatile __u32 flowd_netns_ino = 0;
+/* Config marker.socket_cache: remember each socket's lookup (flowd_sk_cache_map). */
+const volatile __u32 flowd_sk_cache_on = 0;
 
 /* Flows to mark, written only by userspace (the daemon's marker module).
  * max_entries is resized by userspace before load (config marker.map_capacity). */
@@ -122,6 +124,25 @@ struct {
 	__type(key, int);
 	__type(value, struct flowd_kseen);
 } flowd_kseen_map SEC(".maps");
+
+/* Per local socket: its last lookup in flowd_marks (flowd.h, "Per-socket lookup
+ * cache"). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct flowd_sk_cache);
+} flowd_sk_cache_map SEC(".maps");
+
+/* The generation of flowd_marks: userspace increments it (through mmap, no
+ * syscall) after every change it makes to flowd_marks. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} flowd_cache_gen SEC(".maps");
 
 /* Test input/output of flowd_kdecide_test. */
 struct {
@@ -543,9 +564,138 @@ static __always_inline __u32 add_option_headers(struct __sk_buff *skb, const str
 	return FLOWD_OUT_MARKED;
 }
 
+/* Counts a marked packet and rewrites it as the strategy says. */
+static __always_inline int mark_packet(struct __sk_buff *skb, const struct flowd_parsed *p,
+				       const struct flowd_flow_mark *mark)
+{
+	__u32 slot = mark->counter_slot;
+	struct flowd_tag_counter *tc = bpf_map_lookup_elem(&flowd_tag_counters, &slot);
+
+	if (tc) {
+		tc->packets += 1;
+		tc->bytes += skb->len;
+	}
+
+	if (flowd_strategy & FLOWD_STRATEGY_LABEL) {
+		void *data = (void *)(long)skb->data;
+		void *end = (void *)(long)skb->data_end;
+		/* The label is the low 20 bits of the first 32-bit word (version, traffic
+		 * class, label). It is not in the TCP/UDP pseudo-header: no checksum
+		 * to fix. p->l3 is at most ETH_HLEN + 8; the mask proves it. */
+		__be32 *word = data + (p->l3 & 0x1f);
+
+		if ((void *)(word + 1) > end) {
+			count(FLOWD_OUT_MALFORMED);
+			return TC_ACT_OK;
+		}
+		*word = (*word & bpf_htonl(0xFFF00000)) | bpf_htonl(mark->label & 0xFFFFF);
+	}
+
+	if (flowd_strategy & (FLOWD_STRATEGY_HOP_BY_HOP | FLOWD_STRATEGY_DESTINATION))
+		count(add_option_headers(skb, p, mark));
+	else
+		count(FLOWD_OUT_MARKED);
+	return TC_ACT_OK;
+}
+
+/* Whether the flow in `key` is still the one cached: the packet's 5-tuple, read at
+ * the fixed offsets of an untagged IPv6 header with no extension header. */
+static __always_inline bool cache_matches(const struct flowd_sk_cache *c, const struct ipv6hdr *ip6,
+					  __u32 ports)
+{
+	const __u64 *a = (const __u64 *)&ip6->saddr;
+	const __u64 *k = (const __u64 *)c->key.saddr;
+
+	return c->key.proto == ip6->nexthdr && *(const __u32 *)&c->key.sport == ports &&
+	       a[0] == k[0] && a[1] == k[1] && a[2] == k[2] && a[3] == k[3];
+}
+
+/* The generation an entry written now carries: flowd_cache_gen + 1. Read before the
+ * lookup it caches, so a change racing with it leaves the entry stale, not wrong. */
+static __always_inline __u32 cache_generation(void)
+{
+	__u32 zero = 0;
+	__u32 *g = bpf_map_lookup_elem(&flowd_cache_gen, &zero);
+
+	return g ? *(volatile __u32 *)g + 1 : 0;
+}
+
+/* Remembers the lookup result for `key` in the socket's cache. Only for TCP and
+ * connected UDP: an unconnected UDP socket sends to many peers and would only
+ * churn its entry. */
+static __always_inline void cache_store(struct bpf_sock *sk, const struct flowd_flow_key *key,
+					const struct flowd_flow_mark *m, __u32 generation)
+{
+	struct flowd_sk_cache *c;
+
+	if (key->proto == IPPROTO_UDP && sk->state != FLOWD_TCP_ESTABLISHED_STATE)
+		return;
+	c = bpf_sk_storage_get(&flowd_sk_cache_map, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!c)
+		return;
+	/* Counts stay with the flow across refreshes: userspace adds them to those
+	 * in flowd_marks. A new flow on the socket (a reconnect) starts from zero. */
+	__u64 packets = 0, bytes = 0;
+
+	const __u64 *a = (const __u64 *)&c->key, *b = (const __u64 *)key;
+
+	if (a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]) {
+		packets = c->mark.packets;
+		bytes = c->mark.bytes;
+	}
+	c->generation = 0;
+	c->key = *key;
+	if (m) {
+		c->mark = *m;
+		c->marked = 1;
+	} else {
+		__builtin_memset(&c->mark, 0, sizeof(c->mark));
+		c->marked = 0;
+	}
+	c->mark.packets = packets;
+	c->mark.bytes = bytes;
+	c->generation = generation;
+}
+
 SEC("tc")
 int flowd_mark(struct __sk_buff *skb)
 {
+	struct bpf_sock *sk = skb->sk;
+	__u32 generation = 0;
+
+	/* Fast path: a packet of a local socket whose flow is cached. */
+	if (flowd_sk_cache_on && sk) {
+		void *data = (void *)(long)skb->data;
+		void *end = (void *)(long)skb->data_end;
+		struct ethhdr *eth = data;
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+		__u32 *ports = (void *)(ip6 + 1);
+
+		if ((void *)(ports + 1) <= end && eth->h_proto == bpf_htons(ETH_P_IPV6) &&
+		    (ip6->nexthdr == NEXTHDR_TCP || ip6->nexthdr == NEXTHDR_UDP)) {
+			struct flowd_sk_cache *c = bpf_sk_storage_get(&flowd_sk_cache_map, sk, 0, 0);
+
+			generation = cache_generation();
+			if (c && c->generation == generation && cache_matches(c, ip6, *ports)) {
+				if (!c->marked) {
+					count(FLOWD_OUT_UNMARKED);
+					return TC_ACT_OK;
+				}
+				c->mark.packets += 1;
+				c->mark.bytes += skb->len;
+
+				struct flowd_flow_mark mark = c->mark;
+				struct flowd_parsed p = {
+					.l3 = ETH_HLEN,
+					.l4 = ETH_HLEN + sizeof(*ip6),
+					.first_next = ip6->nexthdr,
+				};
+
+				return mark_packet(skb, &p, &mark);
+			}
+		}
+	}
+
 	struct flowd_flow_key key;
 	struct flowd_parsed p;
 	enum parse_result r = parse(skb, &key, &p);
@@ -572,16 +722,18 @@ int flowd_mark(struct __sk_buff *skb)
 
 	struct flowd_flow_mark *m = bpf_map_lookup_elem(&flowd_marks, &key);
 
-	if (!m) {
+	if (!m && flowd_in_kernel && may_decide(skb, &key, p.l4)) {
 		/* The miss path: only here may the policy be evaluated. The common
 		 * miss (a TCP segment without SYN of an unmarked flow) is filtered
 		 * inline, before any call. */
-		if (flowd_in_kernel && may_decide(skb, &key, p.l4))
-			m = decide_on_miss(skb, &key, p.l4);
-		if (!m) {
-			count(FLOWD_OUT_UNMARKED);
-			return TC_ACT_OK;
-		}
+		m = decide_on_miss(skb, &key, p.l4);
+	}
+	/* generation is non-zero only for frames the fast path can read. */
+	if (generation && p.vlan_tags == 0 && p.l4 == ETH_HLEN + sizeof(struct ipv6hdr))
+		cache_store(sk, &key, m, generation);
+	if (!m) {
+		count(FLOWD_OUT_UNMARKED);
+		return TC_ACT_OK;
 	}
 
 	/* Plain adds, not atomics: a flow's packets leave one at a time under its
@@ -592,34 +744,20 @@ int flowd_mark(struct __sk_buff *skb)
 	m->bytes += skb->len;
 	/* Copy: the entry may be deleted (and its memory reused) while we work. */
 	struct flowd_flow_mark mark = *m;
-	__u32 slot = mark.counter_slot;
-	struct flowd_tag_counter *tc = bpf_map_lookup_elem(&flowd_tag_counters, &slot);
 
-	if (tc) {
-		tc->packets += 1;
-		tc->bytes += skb->len;
-	}
+	return mark_packet(skb, &p, &mark);
+}
 
-	if (flowd_strategy & FLOWD_STRATEGY_LABEL) {
-		void *data = (void *)(long)skb->data;
-		void *end = (void *)(long)skb->data_end;
-		/* The label is the low 20 bits of the first 32-bit word (version, traffic
-		 * class, label). It is not in the TCP/UDP pseudo-header: no checksum
-		 * to fix. p.l3 is at most ETH_HLEN + 8; the mask proves it. */
-		__be32 *word = data + (p.l3 & 0x1f);
+/* Counts of the packets marked through the socket cache, one record per socket
+ * whose cached flow is marked (src/marker/maps.rs reads them for `inspect`). */
+SEC("iter/bpf_sk_storage_map")
+int flowd_cache_counts(struct bpf_iter__bpf_sk_storage_map *ctx)
+{
+	struct flowd_sk_cache *c = ctx->value;
 
-		if ((void *)(word + 1) > end) {
-			count(FLOWD_OUT_MALFORMED);
-			return TC_ACT_OK;
-		}
-		*word = (*word & bpf_htonl(0xFFF00000)) | bpf_htonl(mark.label & 0xFFFFF);
-	}
-
-	if (flowd_strategy & (FLOWD_STRATEGY_HOP_BY_HOP | FLOWD_STRATEGY_DESTINATION))
-		count(add_option_headers(skb, &p, &mark));
-	else
-		count(FLOWD_OUT_MARKED);
-	return TC_ACT_OK;
+	if (c && c->marked)
+		bpf_seq_write(ctx->meta->seq, c, sizeof(*c));
+	return 0;
 }
 
 /*
@@ -675,6 +813,8 @@ int flowd_kconnect(struct bpf_sock_ops *skops)
 	__builtin_memcpy(key.saddr, s.laddr, 16);
 	__builtin_memcpy(key.daddr, s.raddr, 16);
 	kdecide_and_insert(&s, &key, &generation);
+	/* A socket connecting again may have cached its previous attempt. */
+	bpf_sk_storage_delete(&flowd_sk_cache_map, bsk);
 	return 1;
 }
 

@@ -131,6 +131,10 @@ pub struct MarkerConfig {
     /// their first packet. `false` leaves every decision to userspace, after the
     /// tracker reports the socket (the first packets then go out unmarked).
     pub in_kernel_decisions: bool,
+    /// Remember each local socket's flow and mark in the socket itself, so its next
+    /// packets skip the flow-map lookup (the TC program's main cost). `false` looks
+    /// every packet up in the map.
+    pub socket_cache: bool,
 }
 
 impl Default for MarkerConfig {
@@ -141,6 +145,7 @@ impl Default for MarkerConfig {
             attach: AttachMode::Auto,
             map_capacity: DEFAULT_MAP_CAPACITY,
             in_kernel_decisions: true,
+            socket_cache: true,
         }
     }
 }
@@ -314,6 +319,7 @@ mod tests {
         assert_eq!(c.marker.strategy, Strategy::LABEL);
         assert_eq!(c.marker.map_capacity, 65_536);
         assert!(c.marker.in_kernel_decisions);
+        assert!(c.marker.socket_cache);
         assert_eq!(
             c.control_socket(),
             PathBuf::from("/run/flowd-rs/control.sock")

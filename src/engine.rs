@@ -332,12 +332,7 @@ impl Engine {
                     .table
                     .get(cookie)
                     .map(|f| {
-                        let counts = self
-                            .maps
-                            .get(&f.key)
-                            .ok()
-                            .flatten()
-                            .map(|m| (m.packets, m.bytes));
+                        let counts = self.maps.flow_count(&f.key).ok().flatten();
                         self.flow_view(f, counts, true)
                     })
                     .ok_or_else(|| format!("no flow with cookie {cookie}"))?;

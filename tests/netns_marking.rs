@@ -130,3 +130,97 @@ fn hop_by_hop_header_travels_and_tcp_still_works() {
         assert_eq!(p.flow_label, 0x1000c);
     }
 }
+
+/// The socket cache (marker.socket_cache, on by default) must never outlive a change
+/// of the flow map: on a live connection, a mark added after packets went out
+/// unmarked, a mark replaced by another, and a mark removed each show on the very
+/// next data packet.
+#[test]
+fn a_live_connection_follows_every_mark_change_at_once() {
+    if !common::privileged() {
+        return;
+    }
+    const OTHER: Tag = Tag {
+        experiment: 3,
+        activity: 5,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::new();
+    let d = Daemon::start(&pair.a, dir.path(), "");
+    let cap = Capture::start(&pair.b, IF_B, "ip6 and tcp", dir.path());
+    let server = common::serve_once(&pair.b, 5210);
+    let (phase_tx, phase_rx) = std::sync::mpsc::channel::<u8>();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+    let client = pair.a.run(move || {
+        use std::io::Write;
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        s.bind(&a(41010).into()).unwrap();
+        s.connect(&SocketAddr::new(ADDR_B.into(), 5210).into())
+            .unwrap();
+        s.set_tcp_nodelay(true).unwrap();
+        let mut s: std::net::TcpStream = s.into();
+        for phase in phase_rx {
+            s.write_all(&[phase; 3000]).unwrap();
+            // Let the segments leave before the next change.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            sent_tx.send(()).unwrap();
+        }
+    });
+    let flow = [
+        "tcp".to_string(),
+        format!("[{ADDR_A}]:41010"),
+        format!("[{ADDR_B}]:5210"),
+    ];
+    let set = |tag: Tag| {
+        let (e, act) = (tag.experiment.to_string(), tag.activity.to_string());
+        let mut args = vec!["mark", "add"];
+        args.extend(flow.iter().map(String::as_str));
+        args.extend(["--experiment", &e, "--activity", &act, "--entropy", "9"]);
+        d.cli_ok(&args);
+    };
+    let step = |phase: u8| {
+        phase_tx.send(phase).unwrap();
+        sent_rx.recv().unwrap();
+    };
+    step(1);
+    set(TAG);
+    step(2);
+    set(OTHER);
+    step(3);
+    let mut del = vec!["mark", "del"];
+    del.extend(flow.iter().map(String::as_str));
+    d.cli_ok(&del);
+    step(4);
+    drop(phase_tx);
+    client.join().unwrap();
+    assert_eq!(server.join().unwrap(), 12_000);
+    let pkts = cap.finish();
+    let log = d.stop();
+
+    // Data segments by the phase byte they carry.
+    let mut labels: [Vec<u32>; 5] = Default::default();
+    for p in pkts.iter().filter(|p| p.src == a(41010)) {
+        let doff = usize::from(p.l3[40 + 12] >> 4) * 4;
+        if let Some(&phase) =
+            p.l3.get(40 + doff)
+                .filter(|_| p.payload_len as usize > doff)
+        {
+            labels[usize::from(phase)].push(p.flow_label);
+        }
+    }
+    for (phase, want) in [(2, Some(TAG)), (3, Some(OTHER))] {
+        assert!(!labels[phase].is_empty(), "no data of phase {phase}\n{log}");
+        for l in &labels[phase] {
+            assert_eq!(*l, want.unwrap().label(9), "phase {phase}: {labels:x?}");
+        }
+    }
+    for phase in [1, 4] {
+        assert!(!labels[phase].is_empty(), "no data of phase {phase}\n{log}");
+        for l in &labels[phase] {
+            assert!(
+                *l != TAG.label(9) && *l != OTHER.label(9),
+                "phase {phase} carries a mark: {labels:x?}"
+            );
+        }
+    }
+}

@@ -25,9 +25,14 @@ struct Marker {
 }
 
 fn marker(strategy: &str) -> Marker {
+    marker_with(strategy, true)
+}
+
+fn marker_with(strategy: &str, socket_cache: bool) -> Marker {
     let skel = load(&LoadOptions {
         strategy: strategy.parse::<Strategy>().unwrap(),
         map_capacity: 16,
+        socket_cache,
         ..Default::default()
     })
     .expect("load marker");
@@ -74,6 +79,32 @@ impl Marker {
 
     fn run(&self, frame: &[u8]) -> Vec<u8> {
         self.run_ctx(frame, None)
+    }
+
+    /// Runs the program `repeat` times on `frame` in one BPF_PROG_TEST_RUN: the
+    /// kernel hands every repeat the same dummy socket, as a real socket's packets
+    /// share theirs. Returns the last output.
+    fn run_repeated(&self, frame: &[u8], repeat: u32) -> Vec<u8> {
+        let mut out = vec![0u8; frame.len() + 64];
+        let input = ProgramInput {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let o = self
+            .skel
+            .progs
+            .flowd_mark
+            .test_run(input)
+            .expect("test_run");
+        assert_eq!(o.return_value, 0);
+        o.data.expect("data out").to_vec()
+    }
+
+    /// Packets counted in the flow's map entry (not those served by a socket cache).
+    fn map_packets(&self, f: &FlowKey) -> u64 {
+        self.maps.get(f).unwrap().expect("flow has a mark").packets
     }
 
     fn outcome(&self, name: &str) -> u64 {
@@ -180,6 +211,66 @@ fn label_strategy_writes_exactly_the_label_of_a_matched_tcp_flow() {
         (c.per_tag[0].packets, c.per_tag[0].bytes),
         (1, f.len() as u64)
     );
+}
+
+#[test]
+fn a_sockets_later_packets_come_from_its_cache_and_are_all_counted() {
+    if !common::privileged() {
+        return;
+    }
+    let m = marker("label");
+    m.maps.insert(&flow(Protocol::Tcp), TAG, 0b00011).unwrap();
+    let f = frame(&[], 6, 0, 100);
+    let out = m.run_repeated(&f, 50);
+    assert_eq!(out, with_label(f.clone(), 14, TAG.label(0b00011)));
+    assert_eq!(m.outcome("marked"), 50);
+    let c = m.maps.counters().unwrap();
+    assert_eq!(
+        (c.per_tag[0].packets, c.per_tag[0].bytes),
+        (50, 50 * f.len() as u64)
+    );
+    // Only the first packet looked the flow up; the other 49 were counted in the
+    // socket's cache entry.
+    assert_eq!(m.map_packets(&flow(Protocol::Tcp)), 1);
+    // Unmatched packets are cached too (as unmarked), and still counted.
+    let mut other = f.clone();
+    other[14 + 40..14 + 42].copy_from_slice(&(SPORT + 1).to_be_bytes());
+    assert_eq!(m.run_repeated(&other, 30), other);
+    assert_eq!(m.outcome("unmarked"), 30);
+}
+
+#[test]
+fn without_the_socket_cache_or_with_unusual_headers_every_packet_is_looked_up() {
+    if !common::privileged() {
+        return;
+    }
+    let m = marker_with("label", false);
+    m.maps.insert(&flow(Protocol::Tcp), TAG, 1).unwrap();
+    let f = frame(&[], 6, 0, 100);
+    assert_eq!(
+        m.run_repeated(&f, 20),
+        with_label(f.clone(), 14, TAG.label(1))
+    );
+    assert_eq!(m.map_packets(&flow(Protocol::Tcp)), 20);
+
+    // The cache only reads untagged IPv6 with TCP/UDP right behind the header.
+    let m = marker("label");
+    m.maps.insert(&flow(Protocol::Tcp), TAG, 1).unwrap();
+    let vlan = frame(&[0x8100], 6, 0, 100);
+    assert_eq!(
+        m.run_repeated(&vlan, 20),
+        with_label(vlan.clone(), 18, TAG.label(1))
+    );
+    assert_eq!(m.map_packets(&flow(Protocol::Tcp)), 20);
+    // An unconnected UDP socket (the test harness's dummy socket is not connected)
+    // sends to many peers: never cached.
+    m.maps.insert(&flow(Protocol::Udp), TAG, 1).unwrap();
+    let udp = frame(&[], 17, 0, 64);
+    assert_eq!(
+        m.run_repeated(&udp, 20),
+        with_label(udp.clone(), 14, TAG.label(1))
+    );
+    assert_eq!(m.map_packets(&flow(Protocol::Udp)), 20);
 }
 
 #[test]

@@ -13,6 +13,7 @@ use crate::bpf::marker::types::{flowd_flow_key, flowd_flow_mark, flowd_tag_count
 use crate::discovery::types::FlowKey;
 use crate::marker::compiled::{KernelMaps, MARK_F_KERNEL};
 use crate::marker::label::{decode, Tag};
+use crate::marker::sk_cache::SocketCache;
 use crate::policy::kernel::KernelPolicy;
 
 /// Tag counter slots in the BPF map (FLOWD_TAG_SLOTS in bpf/flowd.h).
@@ -87,6 +88,7 @@ pub struct MarkMaps {
     capacity: u32,
     slots: Mutex<HashMap<Tag, u32>>,
     kernel: Option<KernelMaps>,
+    cache: Option<SocketCache>,
 }
 
 impl MarkMaps {
@@ -103,6 +105,21 @@ impl MarkMaps {
             capacity,
             slots: Mutex::new(HashMap::new()),
             kernel: None,
+            cache: None,
+        }
+    }
+
+    /// Adds the per-socket lookup cache (config `marker.socket_cache`).
+    pub fn with_cache(mut self, cache: Option<SocketCache>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// After any change to `flowd_marks` (or to the policy the kernel decides
+    /// with): sockets must look their flow up again.
+    fn changed(&self) {
+        if let Some(c) = &self.cache {
+            c.invalidate();
         }
     }
 
@@ -120,7 +137,12 @@ impl MarkMaps {
     /// their counter slots now, so kernel-written marks are counted too.
     pub fn install_policy(&self, k: &KernelPolicy) -> Result<(), MapError> {
         match &self.kernel {
-            Some(km) => km.install(k, |t| self.slot(t)),
+            Some(km) => {
+                let r = km.install(k, |t| self.slot(t));
+                // Flows cached as unmarked were decided under the old policy.
+                self.changed();
+                r
+            }
             None => Ok(()),
         }
     }
@@ -140,7 +162,10 @@ impl MarkMaps {
             .marks
             .update(as_bytes(&key), as_bytes(&value), MapFlags::NO_EXIST)
         {
-            Ok(()) => Ok(None),
+            Ok(()) => {
+                self.changed();
+                Ok(None)
+            }
             Err(e) if e.kind() == libbpf_rs::ErrorKind::AlreadyExists => {
                 match self.get(flow)? {
                     Some(m) => Ok(Some(ExistingMark::of(&m))),
@@ -206,7 +231,8 @@ impl MarkMaps {
             bytes,
             ..self.mark_value(tag, entropy)?
         };
-        self.marks
+        let r = self
+            .marks
             .update(as_bytes(&key), as_bytes(&value), MapFlags::ANY)
             .map_err(|e| {
                 // A hash map at max_entries refuses new keys with E2BIG.
@@ -221,7 +247,11 @@ impl MarkMaps {
                         source: e,
                     }
                 }
-            })
+            });
+        if r.is_ok() {
+            self.changed();
+        }
+        r
     }
 
     /// Removes the mark of `flow`; `Ok(false)` if it had none.
@@ -230,7 +260,10 @@ impl MarkMaps {
             return Ok(false);
         };
         match self.marks.delete(as_bytes(&key)) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.changed();
+                Ok(true)
+            }
             Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(MapError::Bpf {
                 map: "flowd_marks",
@@ -254,8 +287,9 @@ impl MarkMaps {
         Ok(raw.map(|b| from_bytes::<flowd_flow_mark>(&b)))
     }
 
-    /// Packets and bytes marked per flow, for every flow in the map, read in batches
-    /// (one syscall per few thousand flows rather than one per flow).
+    /// Packets and bytes marked per flow, for every flow in the map: those counted
+    /// in the map (read in batches, one syscall per few thousand flows) plus those
+    /// counted through the socket cache.
     pub fn flow_counts(&self) -> Result<HashMap<FlowKey, (u64, u64)>, MapError> {
         let mut out = HashMap::new();
         let iter = self
@@ -272,7 +306,29 @@ impl MarkMaps {
                 out.insert(flow, (mark.packets, mark.bytes));
             }
         }
+        if let Some(cache) = &self.cache {
+            // A cache entry may outlive its mark by a moment: count only marked flows.
+            for (flow, (p, b)) in cache.flow_counts().unwrap_or_default() {
+                if let Some(e) = out.get_mut(&flow) {
+                    e.0 += p;
+                    e.1 += b;
+                }
+            }
+        }
         Ok(out)
+    }
+
+    /// Packets and bytes marked for `flow` (as [`Self::flow_counts`]), if it has a mark.
+    pub fn flow_count(&self, flow: &FlowKey) -> Result<Option<(u64, u64)>, MapError> {
+        let Some(m) = self.get(flow)? else {
+            return Ok(None);
+        };
+        let cached = match &self.cache {
+            Some(c) => c.flow_counts().unwrap_or_default().remove(flow),
+            None => None,
+        };
+        let (p, b) = cached.unwrap_or_default();
+        Ok(Some((m.packets + p, m.bytes + b)))
     }
 
     /// Number of flows in the map (walks the keys: for status, not per packet).

@@ -9,6 +9,7 @@ pub mod compiled;
 pub mod label;
 pub mod maps;
 pub mod netif;
+pub mod sk_cache;
 
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub struct LoadOptions {
     pub netns_ino: u32,
     /// Also load `flowd_kdecide_test` (the agreement tests run it).
     pub with_test_program: bool,
+    /// Config `marker.socket_cache`: cache each socket's lookup in the socket.
+    pub socket_cache: bool,
 }
 
 impl Default for LoadOptions {
@@ -49,6 +52,7 @@ impl Default for LoadOptions {
             in_kernel: false,
             netns_ino: 0,
             with_test_program: false,
+            socket_cache: true,
         }
     }
 }
@@ -68,6 +72,7 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         ro.flowd_strategy = opts.strategy.bits();
         ro.flowd_in_kernel = u32::from(opts.in_kernel);
         ro.flowd_netns_ino = opts.netns_ino;
+        ro.flowd_sk_cache_on = u32::from(opts.socket_cache);
     }
     open.maps
         .flowd_marks
@@ -75,6 +80,9 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         .context("sizing the marker map")?;
     open.progs.flowd_empty.set_autoload(opts.with_empty_program);
     open.progs.flowd_kconnect.set_autoload(opts.in_kernel);
+    open.progs
+        .flowd_cache_counts
+        .set_autoload(opts.socket_cache);
     open.progs
         .flowd_kdecide_test
         .set_autoload(opts.with_test_program);
@@ -109,6 +117,15 @@ pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
     let h =
         |m: &libbpf_rs::MapMut<'_>| MapHandle::try_from(m).context("duplicating a marker map fd");
     let m = &skel.maps;
+    let cache = if skel.progs.flowd_cache_counts.autoload() {
+        Some(sk_cache::SocketCache::new(
+            &h(&m.flowd_cache_gen)?,
+            &skel.progs.flowd_cache_counts,
+            &m.flowd_sk_cache_map,
+        )?)
+    } else {
+        None
+    };
     Ok(MarkMaps::new(
         h(&m.flowd_marks)?,
         h(&m.flowd_outcomes)?,
@@ -122,7 +139,8 @@ pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
         addrs: h(&m.flowd_kaddrs)?,
         ports: h(&m.flowd_kports)?,
         uids: h(&m.flowd_kuids)?,
-    }))
+    })
+    .with_cache(cache))
 }
 
 /// The running marker: loaded program, its maps, and where it is attached.
@@ -155,6 +173,7 @@ impl Marker {
             map_capacity: cfg.marker.map_capacity,
             in_kernel: cfg.marker.in_kernel_decisions,
             netns_ino: own_netns_ino()?,
+            socket_cache: cfg.marker.socket_cache,
             ..Default::default()
         };
         let skel = load(&opts)?;

@@ -1,0 +1,141 @@
+//! Userspace side of the per-socket lookup cache (bpf/flowd.h, "Per-socket lookup
+//! cache"): the generation that invalidates it, and the packet counts it holds.
+//!
+//! The TC program keeps each local socket's last flow-map lookup in the socket's
+//! local storage. Userspace cannot reach that storage by key (it is indexed by
+//! socket fds we do not own), so it touches the cache only two ways: it bumps
+//! `flowd_cache_gen` after every change to `flowd_marks`, and it reads the counts of
+//! marked entries through the `flowd_cache_counts` iterator.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use libbpf_rs::{Link, MapHandle};
+
+use crate::bpf::marker::types::flowd_sk_cache;
+use crate::discovery::types::FlowKey;
+use crate::marker::maps::{flow_key, from_bytes, Pod};
+
+// SAFETY: generated from bpf/flowd.h, where every field is explicit (no padding);
+// the layout test below pins it.
+unsafe impl Pod for flowd_sk_cache {}
+
+pub struct SocketCache {
+    generation: MappedGeneration,
+    /// The iterator program attached to the cache map; each read walks every
+    /// socket's entry once. A Mutex: a link is not Sync.
+    counts: Mutex<Link>,
+}
+
+impl SocketCache {
+    pub fn new(
+        generation: &MapHandle,
+        iter_prog: &libbpf_rs::ProgramMut<'_>,
+        cache_map: &libbpf_rs::MapMut<'_>,
+    ) -> Result<SocketCache> {
+        let link = iter_prog
+            .attach_iter(cache_map.as_fd())
+            .context("attaching the socket-cache count iterator")?;
+        Ok(SocketCache {
+            generation: MappedGeneration::map(generation)?,
+            counts: Mutex::new(link),
+        })
+    }
+
+    /// Makes every cached lookup stale: called after each change to `flowd_marks`,
+    /// so the next packet of every socket looks its flow up again.
+    pub fn invalidate(&self) {
+        self.generation.bump();
+    }
+
+    /// Packets and bytes counted through the cache, per flow. Entries of closed
+    /// sockets are gone with their socket, and so are their counts.
+    pub fn flow_counts(&self) -> Result<HashMap<FlowKey, (u64, u64)>> {
+        let mut raw = Vec::new();
+        {
+            let link = self.counts.lock().unwrap();
+            libbpf_rs::Iter::new(&link)
+                .and_then(|mut it| it.read_to_end(&mut raw).map_err(libbpf_rs::Error::from))
+                .context("reading the socket-cache counts")?;
+        }
+        let mut out: HashMap<FlowKey, (u64, u64)> = HashMap::new();
+        for rec in raw.chunks_exact(std::mem::size_of::<flowd_sk_cache>()) {
+            let c = from_bytes::<flowd_sk_cache>(rec);
+            if let Some(flow) = flow_key(&c.key) {
+                let e = out.entry(flow).or_default();
+                e.0 += c.mark.packets;
+                e.1 += c.mark.bytes;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `flowd_cache_gen[0]`, mapped into our memory (the map is BPF_F_MMAPABLE): a bump
+/// is one atomic add, not a syscall, so it can follow every map change.
+struct MappedGeneration {
+    ptr: NonNull<AtomicU32>,
+    len: usize,
+}
+
+// The mapping is only reached through the atomic.
+unsafe impl Send for MappedGeneration {}
+unsafe impl Sync for MappedGeneration {}
+
+impl MappedGeneration {
+    fn map(h: &MapHandle) -> Result<MappedGeneration> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let len = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as usize;
+        // SAFETY: a fresh shared mapping of the map's one page; nothing else in this
+        // process aliases it, and it is unmapped only in Drop.
+        let ptr = unsafe {
+            mmap(
+                None,
+                std::num::NonZeroUsize::new(len).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                h.as_fd(),
+                0,
+            )
+        }
+        .context("mapping flowd_cache_gen")?;
+        Ok(MappedGeneration {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn bump(&self) {
+        // SAFETY: the mapping lives as long as self; the page is 4-byte aligned.
+        unsafe { self.ptr.as_ref() }.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for MappedGeneration {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `map` with this length, unmapped once.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn cache_entry_layout_matches_flowd_h() {
+        assert_eq!(size_of::<flowd_sk_cache>(), 80);
+        assert_eq!(offset_of!(flowd_sk_cache, marked), 4);
+        assert_eq!(offset_of!(flowd_sk_cache, key), 8);
+        assert_eq!(offset_of!(flowd_sk_cache, mark), 48);
+    }
+}
