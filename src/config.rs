@@ -91,6 +91,10 @@ pub struct DiscoveryConfig {
     pub reconcile_interval_ms: u64,
     /// Where cgroup2 is mounted; found in /proc/self/mountinfo when absent.
     pub cgroup2: Option<PathBuf>,
+    /// Also keep the sockets of other network namespaces (containers) that the
+    /// host-wide tracker reports, for display only: they are never marked and never
+    /// reconciled. Off, the table holds the daemon's namespace, as `ss` shows it.
+    pub all_namespaces: bool,
 }
 
 impl Default for DiscoveryConfig {
@@ -101,6 +105,7 @@ impl Default for DiscoveryConfig {
             udp: true,
             reconcile_interval_ms: 5_000,
             cgroup2: None,
+            all_namespaces: false,
         }
     }
 }

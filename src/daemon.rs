@@ -135,8 +135,10 @@ async fn start_engine(
             cgroup2_path: cfg.discovery.cgroup2.clone(),
             udp: cfg.discovery.udp,
         };
+        let only_netns = (!cfg.discovery.all_namespaces).then_some(netns);
         feeds.push(feeds::spawn_tracker(
             &tcfg,
+            only_netns,
             disc_tx,
             tracker_status.clone(),
         )?);

@@ -187,6 +187,7 @@ impl Engine {
     fn on_discovery(&mut self, d: Discovery) {
         let events = match d {
             Discovery::Observed(obs, at) => self.table.apply_observation_at(obs, at),
+            Discovery::DumpPart(part) => self.table.dump_part(&part),
             Discovery::Dumped(dump) => {
                 self.last_poll = dump.stats.last_dump_duration;
                 if let Some((m, _)) = &self.metrics {
@@ -195,7 +196,7 @@ impl Engine {
                 match dump.result {
                     Ok(()) => {
                         self.table.note_dump_duration(dump.stats.last_dump_duration);
-                        let events = self.table.reconcile(&dump.sockets, dump.started);
+                        let events = self.table.dump_complete(dump.started);
                         self.apply(events);
                         self.marking.retry_unmapped(self.maps.as_ref());
                         // After the table has caught up with a complete dump: any
@@ -206,6 +207,7 @@ impl Engine {
                         return;
                     }
                     Err(e) => {
+                        self.table.dump_abandoned();
                         self.table.note_dump_error();
                         warn!(error = %e, "sock_diag dump incomplete: not reconciling this round");
                         Vec::new()

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rustc_hash::FxHashMap;
 
-use crate::discovery::types::{Direction, FlowKey, SockState, SocketObservation, Source, TcpStats};
+use crate::discovery::types::{
+    Comm, Direction, FlowKey, SockState, SocketObservation, Source, TcpStats,
+};
 
 /// Where a flow is in its life. Only moves forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,7 +48,7 @@ impl Lifecycle {
 pub struct Owner {
     pub uid: Option<u32>,
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
     pub cgroup_id: Option<u64>,
 }
 
@@ -162,6 +164,8 @@ pub struct FlowTable {
     /// Recently ended cookies -> when they ended.
     tombstones: FxHashMap<u64, Instant>,
     generation: u64,
+    /// The generation of the dump whose parts are arriving, if one is.
+    dump_open: Option<u64>,
     counters: FlowCounters,
 }
 
@@ -172,6 +176,7 @@ impl FlowTable {
             flows: FxHashMap::default(),
             tombstones: FxHashMap::default(),
             generation: 0,
+            dump_open: None,
             counters: FlowCounters::default(),
         }
     }
@@ -274,7 +279,8 @@ impl FlowTable {
     }
 
     /// Correct the table against a complete dump of the daemon's namespace
-    /// (`config.netns`) started at `dump_started`. See [`Self::reconcile_scoped`].
+    /// (`config.netns`) started at `dump_started`: [`Self::dump_part`] then
+    /// [`Self::dump_complete`].
     pub fn reconcile(
         &mut self,
         dump: &[SocketObservation],
@@ -284,32 +290,43 @@ impl FlowTable {
         self.reconcile_scoped(dump, &scope, dump_started)
     }
 
-    /// Correct the table against complete dumps of the namespaces in `scope`:
-    /// - a socket in the dump but not in the table is added (`reconcile_added`), unless
-    ///   it is in TIME_WAIT (it sends no data) or its cookie ended recently;
-    /// - a flow of a namespace in `scope` that is not in the dump is ended
-    ///   (`reconcile_ended`), unless the tracker created or updated it after
-    ///   `dump_started` (it may have been born after the kernel walked its bucket);
-    /// - a flow in both is updated.
-    ///
-    /// Flows of namespaces outside `scope` (seen only by the tracker) are left alone.
-    /// O(dump + table): one generation stamp per entry instead of a seen-set.
+    /// As [`Self::reconcile`], for complete dumps of the namespaces in `scope`.
     pub fn reconcile_scoped(
         &mut self,
         dump: &[SocketObservation],
         scope: &[u64],
         dump_started: Instant,
     ) -> Vec<FlowEvent> {
-        let clock = Clock::now();
-        let now = clock.mono;
-        let mut events = Vec::new();
+        let mut events = self.dump_part(dump);
+        events.extend(self.dump_complete_scoped(scope, dump_started));
+        events
+    }
+
+    /// The generation of the dump in progress; the first part of a dump opens one.
+    fn open_dump(&mut self, now: Instant) -> u64 {
+        if let Some(g) = self.dump_open {
+            return g;
+        }
         self.generation += 1;
-        let generation = self.generation;
+        self.dump_open = Some(self.generation);
         let ttl = self.config.tombstone_ttl;
         self.tombstones
             .retain(|_, ended| now.duration_since(*ended) < ttl);
+        self.generation
+    }
 
-        for obs in dump {
+    /// One part of a sock_diag dump (parts let a dump of 100 000 sockets flow through
+    /// without being held whole):
+    /// - a socket not in the table is added (`reconcile_added`), unless it is in
+    ///   TIME_WAIT (it sends no data) or its cookie ended recently;
+    /// - a socket in the table is updated and stamped as seen by this dump.
+    pub fn dump_part(&mut self, part: &[SocketObservation]) -> Vec<FlowEvent> {
+        let clock = Clock::now();
+        let now = clock.mono;
+        let mut events = Vec::new();
+        let generation = self.open_dump(now);
+
+        for obs in part {
             let Some(lifecycle) = Lifecycle::of(obs.state) else {
                 continue;
             };
@@ -344,6 +361,33 @@ impl FlowTable {
                 }),
             );
         }
+        events
+    }
+
+    /// The dump whose parts came since the last complete (or abandoned) one listed
+    /// every socket of the daemon's namespace: see [`Self::dump_complete_scoped`].
+    pub fn dump_complete(&mut self, dump_started: Instant) -> Vec<FlowEvent> {
+        let scope = [self.config.netns];
+        self.dump_complete_scoped(&scope, dump_started)
+    }
+
+    /// The dump was incomplete: its parts stand (they are live sockets), but it ends
+    /// nothing.
+    pub fn dump_abandoned(&mut self) {
+        self.dump_open = None;
+    }
+
+    /// Ends what a complete dump of the namespaces in `scope` did not list: a flow
+    /// of such a namespace is ended (`reconcile_ended`) unless the tracker created
+    /// or updated it after `dump_started` (it may have been born after the kernel
+    /// walked its bucket). Flows of namespaces outside `scope` (seen only by the
+    /// tracker) are left alone. O(table): one generation stamp per entry instead of a
+    /// seen-set.
+    pub fn dump_complete_scoped(&mut self, scope: &[u64], dump_started: Instant) -> Vec<FlowEvent> {
+        let now = Instant::now();
+        let generation = self.open_dump(now);
+        self.dump_open = None;
+        let mut events = Vec::new();
 
         let grace = self.config.time_wait_grace;
         let mut ended = Vec::new();
@@ -425,7 +469,7 @@ fn new_flow(obs: &SocketObservation, lifecycle: Lifecycle, clock: Clock) -> Flow
         owner: Owner {
             uid: obs.uid,
             pid: obs.pid,
-            comm: obs.comm.clone(),
+            comm: obs.comm,
             cgroup_id: obs.cgroup_id,
         },
         first_seen: now,
@@ -474,7 +518,7 @@ fn merge(flow: &mut Flow, obs: &SocketObservation, clock: Clock) -> bool {
     changed |= fill(&mut flow.owner.pid, obs.pid);
     changed |= fill(&mut flow.owner.cgroup_id, obs.cgroup_id);
     if flow.owner.comm.is_none() && obs.comm.is_some() {
-        flow.owner.comm = obs.comm.clone();
+        flow.owner.comm = obs.comm;
         changed = true;
     }
     let seen = match obs.source {

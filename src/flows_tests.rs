@@ -157,6 +157,33 @@ fn reconcile_ends_flows_missing_from_the_dump() {
 }
 
 #[test]
+fn a_dump_in_parts_adds_as_they_come_and_ends_flows_only_when_complete() {
+    use SockState::Established;
+    let mut t = table();
+    t.apply_observation(obs(1, Established, Source::Tracker));
+    let started = Instant::now();
+    let ev = t.dump_part(&[obs(2, Established, Source::SockDiag)]);
+    assert_eq!(kinds(&ev), ["started"]);
+    let ev = t.dump_part(&[obs(3, Established, Source::SockDiag)]);
+    assert_eq!(kinds(&ev), ["started"]);
+    assert!(
+        t.get(1).is_some(),
+        "nothing ends before the dump is complete"
+    );
+    let ev = t.dump_complete(started);
+    assert_eq!(kinds(&ev), ["vanished"]);
+    assert!(t.get(1).is_none() && t.get(2).is_some() && t.get(3).is_some());
+
+    // An abandoned dump ends nothing, and the next one counts only its own parts.
+    t.dump_part(&[obs(2, Established, Source::SockDiag)]);
+    t.dump_abandoned();
+    t.dump_part(&[obs(3, Established, Source::SockDiag)]);
+    let ev = t.dump_complete(Instant::now());
+    assert_eq!(kinds(&ev), ["vanished"]);
+    assert!(t.get(2).is_none() && t.get(3).is_some());
+}
+
+#[test]
 fn flow_born_during_the_dump_is_not_ended() {
     let mut t = table();
     let started = Instant::now();

@@ -163,7 +163,7 @@ impl Marking {
             comm: flow
                 .owner
                 .comm
-                .clone()
+                .map(|c| c.to_string())
                 .or_else(|| proc.map(|p| p.comm.clone())),
             exe: proc.and_then(|p| p.exe.clone()),
             cgroup: proc.and_then(|p| p.cgroup.clone()),

@@ -79,7 +79,7 @@ pub fn flow(
         direction: direction_name(f.direction).to_string(),
         netns: f.netns,
         pid: f.owner.pid,
-        comm: f.owner.comm.clone(),
+        comm: f.owner.comm.map(|c| c.to_string()),
         uid: f.owner.uid,
         user,
         experiment: d.map(|d| d.tag.experiment),

@@ -312,8 +312,7 @@ fn churn_of_ten_thousand_connections_leaves_no_flow_and_no_mark_behind() {
             ..Default::default()
         }),
     };
-    // The tracker sees the whole host; the server ends in the peer namespace are
-    // reported too, but only the daemon's namespace is reconciled and marked.
+    // The tracker sees the whole host; only the daemon's namespace is kept.
     let own_netns = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(pair.a.path()).unwrap());
     let (flows, st) = loop {
         let mut flows = flowd::control::request(&sock, &ours).unwrap();
@@ -333,14 +332,78 @@ fn churn_of_ten_thousand_connections_leaves_no_flow_and_no_mark_behind() {
     d.stop();
     eprintln!("{N} connections in {churn:?}; status {st}");
     assert_eq!(flows["flows"].as_array().unwrap().len(), 0);
-    // Both ends of every connection live in namespaces we made; the client ends are
-    // in the daemon's: every one of them was seen and tagged.
-    assert!(
-        st["flows_started"].as_u64().unwrap() >= 2 * N as u64,
-        "{st}"
-    );
+    // The client ends are in the daemon's namespace: every one of them was seen and
+    // tagged. The server ends, in the peer namespace, are not kept
+    // (discovery.all_namespaces is off by default).
+    assert_eq!(st["flows_started"].as_u64().unwrap(), N as u64, "{st}");
     assert!(
         st["flows_tagged_total"].as_u64().unwrap() >= N as u64,
         "{st}"
     );
+}
+
+/// The tracker reports every namespace of the host; by default the table keeps the
+/// daemon's own (what it marks and reconciles), and `all_namespaces` adds the others
+/// for display.
+#[test]
+fn other_namespaces_are_listed_only_with_all_namespaces() {
+    if !common::privileged() {
+        return;
+    }
+    for (all, netns_listed) in [(false, 1), (true, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies.d");
+        std::fs::create_dir(&policies).unwrap();
+        let pair = Pair::new();
+        let d = policy_daemon(
+            &pair,
+            dir.path(),
+            &policies,
+            &format!("all_namespaces = {all}"),
+        );
+        let srv = common::serve_once(&pair.b, 5201);
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let client = pair.a.run(move || {
+            let s = std::net::TcpStream::connect(SocketAddr::new(ADDR_B.into(), 5201)).unwrap();
+            hold_rx.recv().unwrap();
+            drop(s);
+        });
+        let sock = d.state_dir.join("control.sock");
+        let ino = |ns: &Netns| {
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(ns.path()).unwrap())
+        };
+        let ours = [ino(&pair.a), ino(&pair.b)];
+        // With all_namespaces the sockets of tests running beside this one show too:
+        // count only this pair's.
+        let want = |v: &Value| {
+            v["flows"].as_array().is_some_and(|f| {
+                let f: Vec<u64> = f.iter().filter_map(|f| f["netns"].as_u64()).collect();
+                let mine: std::collections::BTreeSet<u64> =
+                    f.iter().copied().filter(|n| ours.contains(n)).collect();
+                let foreign = f.iter().filter(|n| **n != ours[0]).count();
+                mine.len() == netns_listed && (all || foreign == 0)
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let flows = loop {
+            let flows =
+                flowd::control::request(&sock, &flowd::control::Request::Flows { filter: None })
+                    .unwrap();
+            if want(&flows) || Instant::now() > deadline {
+                break flows;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Both ends stay listed (or not) while the connection lives.
+        std::thread::sleep(Duration::from_millis(300));
+        let later =
+            flowd::control::request(&sock, &flowd::control::Request::Flows { filter: None })
+                .unwrap();
+        hold_tx.send(()).unwrap();
+        client.join().unwrap();
+        srv.join().unwrap();
+        d.stop();
+        assert!(want(&flows), "all_namespaces = {all}: {flows}");
+        assert!(want(&later), "all_namespaces = {all}: {later}");
+    }
 }

@@ -17,18 +17,22 @@ use super::types::SocketObservation;
 
 /// One sock_diag dump in this many asks the kernel for tcp_info.
 const TCP_INFO_EVERY: u64 = 4;
+/// Sockets per part of a dump: the engine digests a dump of 100 000 sockets part by
+/// part, never holding all of it (~400 KiB a part).
+const DUMP_PART: usize = 2048;
 
 /// What the feeds send.
 pub enum Discovery {
     /// One tracker event, and when it happened.
     Observed(SocketObservation, Instant),
-    /// One complete (or failed) sock_diag dump, to reconcile against.
+    /// Sockets of the sock_diag dump in progress.
+    DumpPart(Vec<SocketObservation>),
+    /// The end of a dump: complete (reconcile against it) or failed.
     Dumped(Dump),
 }
 
 pub struct Dump {
-    pub sockets: Vec<SocketObservation>,
-    /// Taken before the first request: the race rule of `FlowTable::reconcile`.
+    /// Taken before the first request: the race rule of `FlowTable::dump_complete`.
     pub started: Instant,
     pub result: Result<(), SockDiagError>,
     pub stats: PollerStats,
@@ -60,9 +64,11 @@ pub struct TrackerStatus {
 
 /// Starts the tracker (in the caller, so a failure is reported at once) and a thread
 /// that drains its ring buffer without pause: the ring carries every socket of the
-/// host, and a consumer that stalls loses events (counted in `drops`).
+/// host, and a consumer that stalls loses events (counted in `drops`). With
+/// `only_netns`, events of other network namespaces stop here.
 pub fn spawn_tracker(
     cfg: &TrackerConfig,
+    only_netns: Option<u64>,
     tx: Sender<Discovery>,
     status: Arc<TrackerStatus>,
 ) -> Result<Feed> {
@@ -80,7 +86,8 @@ pub fn spawn_tracker(
                 // Events wake the poll at once; the timeout only bounds how long a
                 // stop request waits, so it can be long (idle wakeups cost CPU).
                 let r = tracker.poll_events(Duration::from_millis(500), &mut |ev| {
-                    if !ev.has_full_tuple() {
+                    if !ev.has_full_tuple() || only_netns.is_some_and(|n| ev.observation.netns != n)
+                    {
                         return;
                     }
                     // Blocks when the flow table lags: backpressure into the ring,
@@ -149,7 +156,6 @@ pub fn spawn_poller(interval: Duration, tx: Sender<Discovery>) -> Result<(Feed, 
     let handle = std::thread::Builder::new()
         .name("flowd-sockdiag".into())
         .spawn(move || {
-            let mut buf = Vec::new();
             let mut round: u64 = 0;
             while !stop2.load(Ordering::Relaxed) {
                 // tcp_info is for display only, and asking for it makes the kernel
@@ -157,9 +163,15 @@ pub fn spawn_poller(interval: Duration, tx: Sender<Discovery>) -> Result<(Feed, 
                 sd.set_tcp_info(round.is_multiple_of(TCP_INFO_EVERY));
                 round += 1;
                 let started = Instant::now();
-                let result = sd.dump(&mut buf);
+                let mut engine_gone = false;
+                let result = sd.dump_chunked(DUMP_PART, &mut |part| {
+                    let part = std::mem::take(part);
+                    engine_gone |= tx.blocking_send(Discovery::DumpPart(part)).is_err();
+                });
+                if engine_gone {
+                    return;
+                }
                 let dump = Dump {
-                    sockets: std::mem::take(&mut buf),
                     started,
                     result,
                     stats: *sd.stats(),

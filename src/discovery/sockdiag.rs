@@ -108,9 +108,15 @@ pub struct SockDiag {
     recv_buf: Vec<u8>,
     send_buf: Vec<u8>,
     listeners: Listeners,
+    /// Observations parsed but not yet handed out (TCP, UDP).
+    pending_tcp: Vec<SocketObservation>,
+    pending_udp: Vec<SocketObservation>,
     tcp_info: bool,
     stats: PollerStats,
 }
+
+/// Receives the parts of a dump.
+type Emit<'a> = &'a mut dyn FnMut(&mut Vec<SocketObservation>);
 
 impl SockDiag {
     /// A poller for the network namespace of the calling thread.
@@ -143,6 +149,8 @@ impl SockDiag {
             recv_buf: vec![0; READ_BUF_BYTES],
             send_buf: Vec::with_capacity(128),
             listeners: Listeners::default(),
+            pending_tcp: Vec::new(),
+            pending_udp: Vec::new(),
             tcp_info: true,
             stats: PollerStats::default(),
         })
@@ -164,18 +172,32 @@ impl SockDiag {
     }
 
     /// Dump every TCP (with `tcp_info`) and connected UDP socket into `out` (cleared
-    /// first; its capacity is reused). Listeners and unconnected UDP sockets are used
-    /// to classify direction but not returned. On error `out` holds a partial dump
-    /// that must not be used to end flows.
+    /// first). Listeners and unconnected UDP sockets are used to classify direction
+    /// but not returned. On error `out` holds a partial dump that must not be used to
+    /// end flows.
     pub fn dump(&mut self, out: &mut Vec<SocketObservation>) -> Result<(), SockDiagError> {
-        let started = Instant::now();
         out.clear();
+        self.dump_chunked(usize::MAX, &mut |part| out.append(part))
+    }
+
+    /// Dump as [`Self::dump`], handing the sockets to `emit` in parts of about
+    /// `chunk`, which must leave the vector empty: a consumer then digests a large
+    /// dump piece by piece instead of holding all of it. TCP parts leave as soon as
+    /// they are full (the kernel lists a family's listeners before its connections, so
+    /// their direction is known); UDP ones at the end of the dump (the unconnected
+    /// socket that tells a connected one's direction may come after it). On error,
+    /// the parts already emitted are real sockets, but the dump is incomplete.
+    pub fn dump_chunked(&mut self, chunk: usize, emit: Emit<'_>) -> Result<(), SockDiagError> {
+        let started = Instant::now();
         self.listeners.clear();
+        self.pending_tcp.clear();
+        self.pending_udp.clear();
         self.stats.dumps += 1;
         self.stats.last_dump_io = Duration::ZERO;
         self.stats.last_dump_bytes = 0;
         self.stats.last_dump_recvs = 0;
-        let result = self.dump_all(out);
+        self.stats.last_dump_sockets = 0;
+        let result = self.dump_all(chunk.max(1), emit);
         if let Err(e) = &result {
             self.stats.dump_errors += 1;
             // Replies of the aborted dump may still be queued; a fresh socket is
@@ -184,21 +206,34 @@ impl SockDiag {
             tracing::warn!(netns = self.netns, error = %e, "sock_diag dump failed");
             return result;
         }
-        for obs in out.iter_mut() {
-            obs.direction = self.listeners.direction(&obs.key);
-        }
         self.stats.last_dump_duration = started.elapsed();
-        self.stats.last_dump_sockets = out.len();
         tracing::debug!(
             netns = self.netns,
-            sockets = out.len(),
+            sockets = self.stats.last_dump_sockets,
             duration_us = self.stats.last_dump_duration.as_micros() as u64,
             "sock_diag dump complete"
         );
         Ok(())
     }
 
-    fn dump_all(&mut self, out: &mut Vec<SocketObservation>) -> Result<(), SockDiagError> {
+    /// Hands out the pending observations of `proto`, their direction set.
+    fn flush(&mut self, proto: Protocol, emit: Emit<'_>) {
+        let part = match proto {
+            Protocol::Tcp => &mut self.pending_tcp,
+            Protocol::Udp => &mut self.pending_udp,
+        };
+        if part.is_empty() {
+            return;
+        }
+        for obs in part.iter_mut() {
+            obs.direction = self.listeners.direction(&obs.key);
+        }
+        self.stats.last_dump_sockets += part.len();
+        emit(part);
+        part.clear();
+    }
+
+    fn dump_all(&mut self, chunk: usize, emit: Emit<'_>) -> Result<(), SockDiagError> {
         if self.socket.is_none() {
             self.stats.reopens += 1;
             self.socket = Some(match &self.netns_path {
@@ -214,8 +249,12 @@ impl SockDiag {
                 seq: self.seq,
                 netns: self.netns,
             };
-            self.read_replies(name, &req, out)?;
+            self.read_replies(name, &req, chunk, emit)?;
+            if proto == Protocol::Tcp {
+                self.flush(Protocol::Tcp, emit);
+            }
         }
+        self.flush(Protocol::Udp, emit);
         Ok(())
     }
 
@@ -279,15 +318,16 @@ impl SockDiag {
         &mut self,
         name: &'static str,
         req: &Request,
-        out: &mut Vec<SocketObservation>,
+        chunk: usize,
+        emit: Emit<'_>,
     ) -> Result<(), SockDiagError> {
-        let Some(socket) = self.socket.as_ref() else {
-            return Err(SockDiagError::Recv {
-                request: name,
-                source: io::Error::from(io::ErrorKind::NotConnected),
-            });
-        };
         loop {
+            let Some(socket) = self.socket.as_ref() else {
+                return Err(SockDiagError::Recv {
+                    request: name,
+                    source: io::Error::from(io::ErrorKind::NotConnected),
+                });
+            };
             let t = Instant::now();
             let r = socket.recv(&mut &mut self.recv_buf[..], 0);
             self.stats.last_dump_io += t.elapsed();
@@ -305,13 +345,21 @@ impl SockDiag {
             let n = n.min(self.recv_buf.len());
             self.stats.last_dump_bytes += n;
             self.stats.last_dump_recvs += 1;
-            match parse_replies(
+            let out = match req.proto {
+                Protocol::Tcp => &mut self.pending_tcp,
+                Protocol::Udp => &mut self.pending_udp,
+            };
+            let progress = parse_replies(
                 &self.recv_buf[..n],
                 req,
                 out,
                 &mut self.listeners,
                 &mut self.stats.parse,
-            ) {
+            );
+            if req.proto == Protocol::Tcp && self.pending_tcp.len() >= chunk {
+                self.flush(Protocol::Tcp, emit);
+            }
+            match progress {
                 Ok(Progress::Done) => return Ok(()),
                 Ok(Progress::More) => {}
                 Err(source) => {

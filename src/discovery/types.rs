@@ -5,6 +5,53 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+/// A task's name (`comm`), inline: the kernel keeps at most 15 bytes, and a heap
+/// string per tracked flow would cost more than the name.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Comm {
+    len: u8,
+    bytes: [u8; 15],
+}
+
+impl Comm {
+    /// `name`, cut to 15 bytes at a character boundary.
+    pub fn new(name: &str) -> Comm {
+        let mut len = name.len().min(15);
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        let mut bytes = [0; 15];
+        bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+        Comm {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Built from a &str cut at a character boundary in `new`.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl From<&str> for Comm {
+    fn from(name: &str) -> Comm {
+        Comm::new(name)
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 /// Transport protocol of a flow. Only these two are tracked and marked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -154,9 +201,30 @@ pub struct SocketObservation {
     pub inode: u64,
     pub uid: Option<u32>,
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
     /// cgroup v2 id (the inode number of the cgroup directory).
     pub cgroup_id: Option<u64>,
     pub tcp: Option<TcpStats>,
     pub source: Source,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Comm;
+
+    #[test]
+    fn comm_keeps_fifteen_bytes_and_never_splits_a_character() {
+        assert_eq!(Comm::new("xrootd").as_str(), "xrootd");
+        assert_eq!(Comm::new("").as_str(), "");
+        assert_eq!(
+            Comm::new("fts_url_copy_process").as_str(),
+            "fts_url_copy_pr"
+        );
+        // 14 ASCII bytes, then a 3-byte character that does not fit.
+        assert_eq!(
+            Comm::new("abcdefghijklmn\u{fffd}").as_str(),
+            "abcdefghijklmn"
+        );
+        assert_eq!(std::mem::size_of::<Option<Comm>>(), 17);
+    }
 }
