@@ -3,14 +3,20 @@
 //! idle CPU and RSS with N flows, then CPU while a client asks for every flow once a
 //! second (what `flowd-rs inspect` does). Needs root; builds its own namespaces.
 //!
-//! `cargo bench --bench daemon -- [N]` (default 10 000).
+//! The peer side never accepts: the handshakes complete into the listeners' accept
+//! queues, so it needs no fds, and the clients are spread over helper processes
+//! (RLIMIT_NOFILE is 20 000 here) and over several server ports (a port pair is
+//! needed per connection). The tracker is host-wide: the daemon's table also holds
+//! the peer's N sockets, as `flows in table` shows.
+//!
+//! `cargo bench --bench daemon -- [N]` (default 100 000).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Pair, ADDR_B};
@@ -18,6 +24,10 @@ use flowd::inspect::client::Client;
 use flowd::inspect::view::FlowFilter;
 
 const PORT: u16 = 5400;
+/// Server ports: 60 000 ephemeral ports each.
+const PORTS: u16 = 4;
+/// Connections per helper process (below the fd limit).
+const PER_HOLDER: usize = 15_000;
 
 /// utime + stime of `pid`, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
@@ -40,15 +50,45 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The server half, run as a child process in the peer namespace: accepts `n`
-/// connections and holds them until its stdin closes (fds are limited per process).
-fn serve(n: usize) {
-    let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), PORT)).unwrap();
+/// A helper process in the daemon's namespace: opens `n` connections spread over the
+/// server ports, says "ready", and holds them until its stdin closes.
+fn hold(n: usize, first: usize) {
+    let conns: Vec<TcpStream> = (first..first + n)
+        .map(|i| {
+            let port = PORT + (i % usize::from(PORTS)) as u16;
+            TcpStream::connect(SocketAddr::new(ADDR_B.into(), port)).unwrap()
+        })
+        .collect();
     println!("ready");
     std::io::stdout().flush().unwrap();
-    let held: Vec<TcpStream> = (0..n).map(|_| l.accept().unwrap().0).collect();
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
-    drop(held);
+    drop(conns);
+}
+
+/// Listeners in the peer namespace with room for every connection in their accept
+/// queues; never accepted.
+fn listeners(pair: &Pair, n: usize) -> Vec<socket2::Socket> {
+    pair.b
+        .sh(&format!("sysctl -qw net.core.somaxconn={}", n + 1024));
+    pair.a
+        .sh("sysctl -qw net.ipv4.ip_local_port_range=\"1024 65535\"");
+    let backlog = (n / usize::from(PORTS) + 1024) as i32;
+    pair.b
+        .run(move || {
+            (0..PORTS)
+                .map(|i| {
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+                            .unwrap();
+                    s.bind(&SocketAddr::new(ADDR_B.into(), PORT + i).into())
+                        .unwrap();
+                    s.listen(backlog).unwrap();
+                    s
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
 }
 
 fn raise_fd_limit() {
@@ -59,9 +99,9 @@ fn raise_fd_limit() {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--serve") {
+    if args.get(1).map(String::as_str) == Some("--hold") {
         raise_fd_limit();
-        serve(args[2].parse().unwrap());
+        hold(args[2].parse().unwrap(), args[3].parse().unwrap());
         return;
     }
     if !nix::unistd::geteuid().is_root() {
@@ -73,14 +113,14 @@ fn main() {
         .iter()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(10_000);
+        .unwrap_or(100_000);
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
     let policies = dir.path().join("policies.d");
     std::fs::create_dir(&policies).unwrap();
     std::fs::write(
         policies.join("atlas.toml"),
-        format!("experiment = \"atlas\"\n[[rule]]\nname = \"bench\"\nactivity = \"Data Consolidation\"\nremote_ports = [{PORT}]\n"),
+        format!("experiment = \"atlas\"\n[[rule]]\nname = \"bench\"\nactivity = \"Data Consolidation\"\nremote_ports = [\"{PORT}-{}\"]\n", PORT + PORTS - 1),
     )
     .unwrap();
     let d = Daemon::start_with(
@@ -96,31 +136,31 @@ fn main() {
     let pid = d.child.id();
     let base_rss = rss_kib(pid, "VmRSS:");
 
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &pair.b.name])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--serve", &n.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
+    let listeners = listeners(&pair, n);
     let t0 = Instant::now();
-    let clients = pair
-        .a
-        .run(move || {
-            (0..n)
-                .map(|_| TcpStream::connect(SocketAddr::new(ADDR_B.into(), PORT)).unwrap())
-                .collect::<Vec<_>>()
+    let mut holders: Vec<std::process::Child> = (0..n.div_ceil(PER_HOLDER))
+        .map(|h| {
+            let first = h * PER_HOLDER;
+            let count = PER_HOLDER.min(n - first);
+            let mut c = pair
+                .a
+                .command(std::env::current_exe().unwrap().to_str().unwrap())
+                .args(["--hold", &count.to_string(), &first.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut ready = String::new();
+            std::io::BufReader::new(c.stdout.take().unwrap())
+                .read_line(&mut ready)
+                .unwrap();
+            assert_eq!(ready.trim(), "ready", "helper {h} failed");
+            c
         })
-        .join()
-        .unwrap();
+        .collect();
     let connect_time = t0.elapsed();
     let client = Client::new(d.state_dir.join("control.sock"));
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(180);
     while client.status().unwrap().flows_tagged < n {
         assert!(
             Instant::now() < deadline,
@@ -152,13 +192,16 @@ fn main() {
     let rss_after = rss_kib(pid, "VmRSS:");
     let st = client.status().unwrap();
 
-    drop(clients);
-    drop(server.stdin.take());
-    let _ = server.wait();
+    for h in &mut holders {
+        drop(h.stdin.take());
+        let _ = h.wait();
+    }
+    drop(listeners);
     d.stop();
 
     println!(
-        "daemon with {n} established, tagged TCP connections (2 cores, debug={})",
+        "daemon with {n} established, tagged TCP connections, {} flows in its table (2 cores, debug={})",
+        st.flows_total,
         cfg!(debug_assertions)
     );
     println!("  connections opened in {connect_time:.2?}; all tagged {tagged_after:.2?} after the first connect");
