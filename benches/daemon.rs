@@ -189,6 +189,8 @@ fn main() {
     let inspect_cpu = (cpu_secs(pid) - c0) / start.elapsed().as_secs_f64() * 100.0;
     reply_times.sort();
     let hwm = rss_kib(pid, "VmHWM:");
+    // After one more reconcile: the daemon hands free memory back once per interval.
+    std::thread::sleep(Duration::from_secs(6));
     let rss_after = rss_kib(pid, "VmRSS:");
     let st = client.status().unwrap();
 
@@ -206,7 +208,7 @@ fn main() {
     );
     println!("  connections opened in {connect_time:.2?}; all tagged {tagged_after:.2?} after the first connect");
     println!("  idle CPU over {window:?}: {idle_cpu:.2} % of one core (sock_diag every 5 s, tracker idle)");
-    println!("  RSS: {base_rss} KiB before connections, {rss} KiB with {n} flows, {rss_after} KiB after the listings, peak {hwm} KiB");
+    println!("  RSS: {base_rss} KiB before connections, {rss} KiB with {n} flows, {rss_after} KiB one interval after the listings, peak {hwm} KiB (during a listing)");
     println!(
         "  ({:.0} bytes of RSS per flow above the empty daemon)",
         (rss.saturating_sub(base_rss) * 1024) as f64 / n as f64
@@ -217,7 +219,7 @@ fn main() {
         reply_times.last().unwrap()
     );
     println!(
-        "  last sock_diag poll {:.1} ms; reconcile corrections +{} -{}",
-        st.last_poll_ms, st.reconcile_added, st.reconcile_ended
+        "  last sock_diag poll {:.1} ms; reconcile corrections +{} -{}; tracker ring drops {}",
+        st.last_poll_ms, st.reconcile_added, st.reconcile_ended, st.ringbuf_drops
     );
 }

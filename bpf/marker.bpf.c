@@ -748,15 +748,31 @@ int flowd_mark(struct __sk_buff *skb)
 	return mark_packet(skb, &p, &mark);
 }
 
-/* Counts of the packets marked through the socket cache, one record per socket
- * whose cached flow is marked (src/marker/maps.rs reads them for `inspect`). */
+/*
+ * Moves the counts taken through each socket's cache into its flow's entry in
+ * flowd_marks, where userspace reads them (src/marker/sk_cache.rs runs it before
+ * reading counts for `inspect`). It writes nothing to the iterator's output: the
+ * kernel then walks the cache map in one pass (each output buffer that fills
+ * restarts the walk from the start of its bucket, quadratic at 100 000 sockets).
+ */
 SEC("iter/bpf_sk_storage_map")
 int flowd_cache_counts(struct bpf_iter__bpf_sk_storage_map *ctx)
 {
 	struct flowd_sk_cache *c = ctx->value;
+	struct flowd_flow_mark *m;
 
-	if (c && c->marked)
-		bpf_seq_write(ctx->meta->seq, c, sizeof(*c));
+	if (!c || !c->marked || !c->mark.packets)
+		return 0;
+	m = bpf_map_lookup_elem(&flowd_marks, &c->key);
+	if (!m)
+		return 0;
+	__u64 packets = c->mark.packets, bytes = c->mark.bytes;
+
+	/* Subtract what was read rather than zero: packets counted meanwhile stay. */
+	__sync_fetch_and_add(&c->mark.packets, -packets);
+	__sync_fetch_and_add(&c->mark.bytes, -bytes);
+	__sync_fetch_and_add(&m->packets, packets);
+	__sync_fetch_and_add(&m->bytes, bytes);
 	return 0;
 }
 

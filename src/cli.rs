@@ -139,8 +139,8 @@ pub fn policy_explain(
     let key = FlowKey::new(proto, a.local, a.remote);
     let attrs = SocketAttrs {
         proto,
-        local: key.local,
-        remote: key.remote,
+        local: key.local(),
+        remote: key.remote(),
         direction,
         uid,
         gid: None,

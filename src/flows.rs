@@ -490,7 +490,7 @@ fn merge(flow: &mut Flow, obs: &SocketObservation, clock: Clock) -> bool {
         flow.tcp = obs.tcp;
     }
     // The tracker's first event of an unbound client has local port 0.
-    if flow.key != obs.key && obs.key.local.port() != 0 {
+    if flow.key != obs.key && obs.key.local().port() != 0 {
         flow.key = obs.key;
         changed = true;
     }

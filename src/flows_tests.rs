@@ -295,11 +295,13 @@ fn closing_flows_of_other_namespaces_end_after_a_minute_of_silence() {
 fn unbound_client_key_is_completed_by_later_event() {
     let mut t = table();
     let mut o = obs(1, SockState::SynSent, Source::Tracker);
-    o.key.local.set_port(0);
+    let mut unbound = o.key.local();
+    unbound.set_port(0);
+    o.key = FlowKey::new(o.key.proto, unbound, o.key.remote());
     t.apply_observation(o);
     let ev = t.apply_observation(obs(1, SockState::Established, Source::Tracker));
     assert_eq!(kinds(&ev), ["updated"]);
-    assert_ne!(t.get(1).unwrap().key.local.port(), 0);
+    assert_ne!(t.get(1).unwrap().key.local().port(), 0);
 }
 
 #[test]

@@ -72,7 +72,7 @@ impl MarkSink for MarkMaps {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub tag: Tag,
-    pub rule: RuleRef,
+    pub rule: Arc<RuleRef>,
     pub entropy: u8,
     /// The key the mark was written under (IPv6 flows only).
     pub key: FlowKey,
@@ -155,8 +155,8 @@ impl Marking {
     pub fn attrs(flow: &Flow, proc: Option<&ProcessInfo>) -> SocketAttrs {
         SocketAttrs {
             proto: flow.key.proto,
-            local: flow.key.local,
-            remote: flow.key.remote,
+            local: flow.key.local(),
+            remote: flow.key.remote(),
             direction: flow.direction,
             uid: flow.owner.uid,
             gid: proc.and_then(|p| p.gid),
@@ -184,7 +184,7 @@ impl Marking {
         }
         // Sockets of other namespaces leave through other interfaces: not ours to mark.
         // An unbound client (local port 0) is completed by a later event.
-        if flow.netns != self.local_netns || flow.key.local.port() == 0 {
+        if flow.netns != self.local_netns || flow.key.local().port() == 0 {
             return;
         }
         let info = if policy.needs_process_facts() {
@@ -359,7 +359,7 @@ impl Marking {
             if self.unclaimed.contains(&key) {
                 if let Ok(true) = sink.remove(&key) {
                     self.counters.kernel_swept += 1;
-                    debug!(flow = %format!("{} {} -> {}", key.proto.as_str(), key.local, key.remote), "stale kernel mark swept");
+                    debug!(flow = %format!("{} {} -> {}", key.proto.as_str(), key.local(), key.remote()), "stale kernel mark swept");
                 }
             } else {
                 unclaimed.insert(key);
@@ -382,8 +382,8 @@ pub fn flow_text(f: &Flow) -> String {
     format!(
         "{} {} -> {}",
         f.key.proto.as_str(),
-        f.key.local,
-        f.key.remote
+        f.key.local(),
+        f.key.remote()
     )
 }
 

@@ -73,8 +73,8 @@ pub fn flow(
     FlowView {
         cookie: f.cookie,
         proto: f.key.proto.as_str().to_string(),
-        local: f.key.local,
-        remote: f.key.remote,
+        local: f.key.local(),
+        remote: f.key.remote(),
         state: state_name(f.state).to_string(),
         direction: direction_name(f.direction).to_string(),
         netns: f.netns,

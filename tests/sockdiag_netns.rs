@@ -122,10 +122,10 @@ fn privileged_dump_reports_exact_tuples_uid_inode_cookie_direction_state() {
         // IPv4-mapped: dumped from AF_INET6, reported as plain IPv4.
         let o = by_cookie(&d, cookie(&cm));
         assert!(!o.key.is_ipv6(), "{:?}", o.key);
-        assert_eq!(o.key.remote, addr("127.0.0.1:5003"));
+        assert_eq!(o.key.remote(), addr("127.0.0.1:5003"));
         assert_eq!(o.direction, Direction::Outbound);
         let o = by_cookie(&d, cookie(&sm));
-        assert_eq!(o.key.local, addr("127.0.0.1:5003"));
+        assert_eq!(o.key.local(), addr("127.0.0.1:5003"));
         assert_eq!(o.direction, Direction::Inbound);
 
         let o = by_cookie(&d, cookie(&uc));
@@ -139,7 +139,7 @@ fn privileged_dump_reports_exact_tuples_uid_inode_cookie_direction_state() {
             (SockState::Established, inode(&uc), None)
         );
         let o = by_cookie(&d, cookie(&u6));
-        assert_eq!(o.key.remote, addr("[::1]:5004"));
+        assert_eq!(o.key.remote(), addr("[::1]:5004"));
         assert!(
             d.iter().all(|o| o.cookie != cookie(&us)),
             "unconnected UDP is not a flow"

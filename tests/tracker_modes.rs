@@ -83,10 +83,10 @@ fn privileged_udp_connect_and_close_v4_v6_and_disconnect() {
     let o = get(EventKind::UdpConnect, c4);
     assert_eq!(o.key.proto, Protocol::Udp);
     assert_eq!(
-        o.key.local,
+        o.key.local(),
         SocketAddr::new("127.0.0.1".parse().unwrap(), l4.port())
     );
-    assert_eq!(o.key.remote, "127.0.0.1:9".parse().unwrap());
+    assert_eq!(o.key.remote(), "127.0.0.1:9".parse().unwrap());
     assert_eq!(
         (o.state, o.pid, o.uid, o.inode),
         (SockState::Established, pid, Some(0), i4)
@@ -97,8 +97,8 @@ fn privileged_udp_connect_and_close_v4_v6_and_disconnect() {
         (o.key, SockState::Close, pid, i4)
     );
     let o6 = get(EventKind::UdpConnect, c6);
-    assert_eq!(o6.key.local, l6);
-    assert_eq!(o6.key.remote, "[::1]:9".parse().unwrap());
+    assert_eq!(o6.key.local(), l6);
+    assert_eq!(o6.key.remote(), "[::1]:9".parse().unwrap());
     assert_eq!(get(EventKind::UdpRelease, c6).key, o6.key);
     // The disconnect names the tuple that was connected.
     let d = evs
@@ -106,7 +106,7 @@ fn privileged_udp_connect_and_close_v4_v6_and_disconnect() {
         .find(|e| is(e, EventKind::UdpConnect, c6d) && e.observation.state == SockState::Close)
         .unwrap();
     assert!(d.has_full_tuple(), "{d:?}");
-    assert_eq!(d.observation.key.remote, "[::1]:9".parse().unwrap());
+    assert_eq!(d.observation.key.remote(), "[::1]:9".parse().unwrap());
     // A disconnected socket is not released as connected.
     assert!(!evs.iter().any(|e| is(e, EventKind::UdpRelease, c6d)));
 }

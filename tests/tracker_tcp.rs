@@ -59,8 +59,8 @@ fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
     let conn = one(&|e| is(e, EventKind::TcpConnect, cc));
     let o = &conn.observation;
     assert_eq!(o.key.proto, Protocol::Tcp);
-    assert_eq!(o.key.local, p.client_local);
-    assert_eq!(o.key.remote, p.server_local);
+    assert_eq!(o.key.local(), p.client_local);
+    assert_eq!(o.key.remote(), p.server_local);
     assert_eq!(
         (o.state, o.direction),
         (SockState::SynSent, Direction::Outbound)
@@ -74,7 +74,7 @@ fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
 
     // The tracepoint's first event has no source port yet (not bound).
     let syn = one(&|e| tcp_change(e, cc, SockState::Close, SockState::SynSent));
-    assert_eq!(syn.observation.key.local.port(), 0);
+    assert_eq!(syn.observation.key.local().port(), 0);
     assert_eq!(syn.observation.pid, Some(pid));
 
     // Server child is created in softirq while the *client* task is current:
@@ -86,12 +86,12 @@ fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
     );
     assert_eq!(rx.observation.uid, Some(0));
     assert_eq!(rx.observation.direction, Direction::Inbound);
-    assert_eq!(rx.observation.key.local, p.server_local);
-    assert_eq!(rx.observation.key.remote, p.client_local);
+    assert_eq!(rx.observation.key.local(), p.server_local);
+    assert_eq!(rx.observation.key.remote(), p.client_local);
 
     let pe = one(&|e| is(e, EventKind::TcpPassiveEstablished, sc));
     assert_eq!(pe.observation.direction, Direction::Inbound);
-    assert_eq!(pe.observation.key.local, p.server_local);
+    assert_eq!(pe.observation.key.local(), p.server_local);
 
     let fin = one(&|e| tcp_change(e, cc, SockState::Established, SockState::FinWait1));
     assert_eq!(
@@ -102,8 +102,8 @@ fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
 
     // Closes keep the full tuple (source port from inet_sport, skc_num is zeroed).
     let close = one(&|e| is(e, EventKind::TcpState, cc) && e.observation.state == SockState::Close);
-    assert_eq!(close.observation.key.local, p.client_local);
-    assert_eq!(close.observation.key.remote, p.server_local);
+    assert_eq!(close.observation.key.local(), p.client_local);
+    assert_eq!(close.observation.key.remote(), p.server_local);
     for e in &evs {
         assert_eq!(e.observation.netns, ns.inode);
     }
@@ -159,13 +159,13 @@ fn privileged_tcp_rst_by_linger_zero_is_a_close_on_both_ends() {
         Some(std::process::id()),
         "abort from close(): owner"
     );
-    assert_eq!(c.observation.key.local, p.client_local);
+    assert_eq!(c.observation.key.local(), p.client_local);
     let s = evs
         .iter()
         .find(|e| tcp_change(e, sc, SockState::Established, SockState::Close))
         .unwrap();
     assert_eq!(s.observation.pid, None, "RST received in softirq: no owner");
-    assert_eq!(s.observation.key.local, p.server_local);
+    assert_eq!(s.observation.key.local(), p.server_local);
 }
 
 #[test]
@@ -198,12 +198,12 @@ fn privileged_tcp_refused_connect_reports_syn_sent_to_close() {
         .iter()
         .find(|e| is(e, EventKind::TcpConnect, ck))
         .unwrap();
-    assert_eq!(c.observation.key.remote, "127.0.0.1:1".parse().unwrap());
+    assert_eq!(c.observation.key.remote(), "127.0.0.1:1".parse().unwrap());
     assert_eq!(c.observation.direction, Direction::Outbound);
     // The close names the tuple the connect announced (after the failure the
     // kernel has reset the local address: getsockname says 0.0.0.0:PORT).
     assert_eq!(c.observation.key, conn.observation.key);
-    assert_eq!(c.observation.key.local.port(), local.port());
+    assert_eq!(c.observation.key.local().port(), local.port());
 }
 
 #[test]
@@ -232,8 +232,8 @@ fn privileged_tcp_connect_timeout_reports_syn_sent_to_close() {
         .iter()
         .find(|e| tcp_change(e, ck, SockState::SynSent, SockState::Close))
         .unwrap();
-    assert_eq!(c.observation.key.remote, "10.201.0.5:80".parse().unwrap());
-    assert_eq!(c.observation.key.local.ip().to_string(), "10.200.0.1");
+    assert_eq!(c.observation.key.remote(), "10.201.0.5:80".parse().unwrap());
+    assert_eq!(c.observation.key.local().ip().to_string(), "10.200.0.1");
     assert!(c.has_full_tuple());
 }
 
@@ -258,14 +258,14 @@ fn privileged_tcp_v4_mapped_v6_sockets_are_reported_as_ipv4() {
     for e in evs.iter().filter(|e| e.has_full_tuple()) {
         let k = &e.observation.key;
         assert!(!k.is_ipv6(), "mapped address not unmapped: {e:?}");
-        assert_eq!(k.local.ip().to_string(), "127.0.0.1");
+        assert_eq!(k.local().ip().to_string(), "127.0.0.1");
     }
     let c = evs
         .iter()
         .find(|e| is(e, EventKind::TcpConnect, cc))
         .unwrap();
-    assert_eq!(c.observation.key.local.port(), p.client_local.port());
-    assert_eq!(c.observation.key.remote.port(), p.server_local.port());
+    assert_eq!(c.observation.key.local().port(), p.client_local.port());
+    assert_eq!(c.observation.key.remote().port(), p.server_local.port());
 }
 
 #[test]
@@ -290,7 +290,7 @@ fn privileged_tcp_v6_loopback_keeps_ipv6_tuple() {
         .iter()
         .filter(|e| e.observation.cookie == cc && e.has_full_tuple())
     {
-        assert_eq!(e.observation.key.local, p.client_local);
-        assert_eq!(e.observation.key.remote, p.server_local);
+        assert_eq!(e.observation.key.local(), p.client_local);
+        assert_eq!(e.observation.key.remote(), p.server_local);
     }
 }

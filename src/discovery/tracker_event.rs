@@ -68,7 +68,7 @@ impl TrackerEvent {
     /// listening sockets.
     pub fn has_full_tuple(&self) -> bool {
         let k = &self.observation.key;
-        k.local.port() != 0 && k.remote.port() != 0
+        k.local().port() != 0 && k.remote().port() != 0
     }
 }
 
@@ -212,8 +212,8 @@ mod tests {
         let o = &e.observation;
         assert_eq!(e.kind, EventKind::TcpConnect);
         assert_eq!(o.key.proto, Protocol::Tcp);
-        assert_eq!(o.key.local, "10.0.0.1:40000".parse().unwrap());
-        assert_eq!(o.key.remote, "10.0.0.2:443".parse().unwrap());
+        assert_eq!(o.key.local(), "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(o.key.remote(), "10.0.0.2:443".parse().unwrap());
         assert_eq!(o.state, SockState::SynSent);
         assert_eq!(o.direction, Direction::Outbound);
         assert_eq!((o.cookie, o.netns, o.inode), (0x1234, 4026531840, 99));
@@ -250,8 +250,8 @@ mod tests {
         r.saddr = "::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
         r.daddr = "::ffff:10.0.0.2".parse::<Ipv6Addr>().unwrap().octets();
         let k = decode(&r).unwrap().observation.key;
-        assert_eq!(k.local, "10.0.0.1:40000".parse().unwrap());
-        assert_eq!(k.remote, "10.0.0.2:443".parse().unwrap());
+        assert_eq!(k.local(), "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(k.remote(), "10.0.0.2:443".parse().unwrap());
         assert!(!k.is_ipv6());
     }
 
@@ -262,8 +262,8 @@ mod tests {
         r.saddr = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();
         r.daddr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
         let k = decode(&r).unwrap().observation.key;
-        assert_eq!(k.local, "[fd00::1]:40000".parse().unwrap());
-        assert_eq!(k.remote, "[fd00::2]:443".parse().unwrap());
+        assert_eq!(k.local(), "[fd00::1]:40000".parse().unwrap());
+        assert_eq!(k.remote(), "[fd00::2]:443".parse().unwrap());
     }
 
     #[test]

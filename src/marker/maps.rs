@@ -287,10 +287,20 @@ impl MarkMaps {
         Ok(raw.map(|b| from_bytes::<flowd_flow_mark>(&b)))
     }
 
-    /// Packets and bytes marked per flow, for every flow in the map: those counted
-    /// in the map (read in batches, one syscall per few thousand flows) plus those
-    /// counted through the socket cache.
+    /// Moves the counts the socket cache holds into the map (see
+    /// [`SocketCache::fold_counts`]); a failure only leaves counts behind.
+    fn fold_cache_counts(&self) {
+        if let Some(c) = &self.cache {
+            if let Err(e) = c.fold_counts() {
+                tracing::warn!(error = %e, "per-flow counts may lag");
+            }
+        }
+    }
+
+    /// Packets and bytes marked per flow, for every flow in the map, read in batches
+    /// (one syscall per few thousand flows rather than one per flow).
     pub fn flow_counts(&self) -> Result<HashMap<FlowKey, (u64, u64)>, MapError> {
+        self.fold_cache_counts();
         let mut out = HashMap::new();
         let iter = self
             .marks
@@ -306,29 +316,13 @@ impl MarkMaps {
                 out.insert(flow, (mark.packets, mark.bytes));
             }
         }
-        if let Some(cache) = &self.cache {
-            // A cache entry may outlive its mark by a moment: count only marked flows.
-            for (flow, (p, b)) in cache.flow_counts().unwrap_or_default() {
-                if let Some(e) = out.get_mut(&flow) {
-                    e.0 += p;
-                    e.1 += b;
-                }
-            }
-        }
         Ok(out)
     }
 
-    /// Packets and bytes marked for `flow` (as [`Self::flow_counts`]), if it has a mark.
+    /// Packets and bytes marked for `flow`, if it has a mark.
     pub fn flow_count(&self, flow: &FlowKey) -> Result<Option<(u64, u64)>, MapError> {
-        let Some(m) = self.get(flow)? else {
-            return Ok(None);
-        };
-        let cached = match &self.cache {
-            Some(c) => c.flow_counts().unwrap_or_default().remove(flow),
-            None => None,
-        };
-        let (p, b) = cached.unwrap_or_default();
-        Ok(Some((m.packets + p, m.bytes + b)))
+        self.fold_cache_counts();
+        Ok(self.get(flow)?.map(|m| (m.packets, m.bytes)))
     }
 
     /// Number of flows in the map (walks the keys: for status, not per packet).
@@ -405,21 +399,21 @@ impl MarkMaps {
 }
 
 fn flow_text(f: &FlowKey) -> String {
-    format!("{} {} -> {}", f.proto.as_str(), f.local, f.remote)
+    format!("{} {} -> {}", f.proto.as_str(), f.local(), f.remote())
 }
 
 /// The BPF map key for an IPv6 flow, in network byte order as the packet carries it.
 /// `None` for IPv4: the marker never sees a reason to look those up.
 pub fn bpf_key(f: &FlowKey) -> Option<flowd_flow_key> {
-    let (IpAddr::V6(src), IpAddr::V6(dst)) = (f.local.ip(), f.remote.ip()) else {
+    let (IpAddr::V6(src), IpAddr::V6(dst)) = (f.local().ip(), f.remote().ip()) else {
         return None;
     };
     Some(flowd_flow_key {
         family: 10,
         proto: f.proto.ip_proto(),
         pad: 0,
-        sport: f.local.port().to_be(),
-        dport: f.remote.port().to_be(),
+        sport: f.local().port().to_be(),
+        dport: f.remote().port().to_be(),
         saddr: src.octets(),
         daddr: dst.octets(),
     })

@@ -4,10 +4,10 @@
 //! The TC program keeps each local socket's last flow-map lookup in the socket's
 //! local storage. Userspace cannot reach that storage by key (it is indexed by
 //! socket fds we do not own), so it touches the cache only two ways: it bumps
-//! `flowd_cache_gen` after every change to `flowd_marks`, and it reads the counts of
-//! marked entries through the `flowd_cache_counts` iterator.
+//! `flowd_cache_gen` after every change to `flowd_marks`, and before reading counts
+//! it runs the `flowd_cache_counts` iterator, which moves the counts taken through
+//! each socket's cache into its flow's entry in `flowd_marks`.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
@@ -18,8 +18,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::{Link, MapHandle};
 
 use crate::bpf::marker::types::flowd_sk_cache;
-use crate::discovery::types::FlowKey;
-use crate::marker::maps::{flow_key, from_bytes, Pod};
+use crate::marker::maps::Pod;
 
 // SAFETY: generated from bpf/flowd.h, where every field is explicit (no padding);
 // the layout test below pins it.
@@ -53,26 +52,19 @@ impl SocketCache {
         self.generation.bump();
     }
 
-    /// Packets and bytes counted through the cache, per flow. Entries of closed
-    /// sockets are gone with their socket, and so are their counts.
-    pub fn flow_counts(&self) -> Result<HashMap<FlowKey, (u64, u64)>> {
-        let mut raw = Vec::new();
-        {
-            let link = self.counts.lock().unwrap();
-            libbpf_rs::Iter::new(&link)
-                .and_then(|mut it| it.read_to_end(&mut raw).map_err(libbpf_rs::Error::from))
-                .context("reading the socket-cache counts")?;
-        }
-        let mut out: HashMap<FlowKey, (u64, u64)> = HashMap::new();
-        for rec in raw.chunks_exact(std::mem::size_of::<flowd_sk_cache>()) {
-            let c = from_bytes::<flowd_sk_cache>(rec);
-            if let Some(flow) = flow_key(&c.key) {
-                let e = out.entry(flow).or_default();
-                e.0 += c.mark.packets;
-                e.1 += c.mark.bytes;
-            }
-        }
-        Ok(out)
+    /// Moves the packets and bytes counted through every socket's cache into the
+    /// flow entries of `flowd_marks` (counts of sockets closed since the last call
+    /// are gone with their socket).
+    pub fn fold_counts(&self) -> Result<()> {
+        let link = self.counts.lock().unwrap();
+        // The program writes no output: one read runs it over every socket.
+        libbpf_rs::Iter::new(&link)
+            .and_then(|mut it| {
+                it.read_to_end(&mut Vec::new())
+                    .map_err(libbpf_rs::Error::from)
+            })
+            .context("running the socket-cache count iterator")?;
+        Ok(())
     }
 }
 

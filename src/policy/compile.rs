@@ -132,11 +132,11 @@ pub fn compile_file(
         if let (Some(exp), Some((activity, priority, matcher))) = (experiment, rule) {
             let specificity = matcher.specificity();
             rules.push(Rule {
-                id: RuleRef {
+                id: Arc::new(RuleRef {
                     file: file.clone(),
                     name: name.get_ref().as_str().into(),
                     line,
-                },
+                }),
                 col,
                 experiment: exp,
                 activity,

@@ -49,7 +49,9 @@ pub(super) fn explain(rules: &[Rule], reg: &Registry, s: &SocketAttrs) -> Explan
                     reason: r.matcher.describe_failure(field, s),
                 },
                 None => match chosen {
-                    Some(c) => Outcome::Shadowed { by: c.id.clone() },
+                    Some(c) => Outcome::Shadowed {
+                        by: (*c.id).clone(),
+                    },
                     None => {
                         chosen = Some(r);
                         Outcome::Chosen
@@ -57,7 +59,7 @@ pub(super) fn explain(rules: &[Rule], reg: &Registry, s: &SocketAttrs) -> Explan
                 },
             };
             ExplainEntry {
-                rule: r.id.clone(),
+                rule: (*r.id).clone(),
                 tag: reg.name_of(r.experiment, r.activity),
                 priority: r.priority,
                 specificity: r.specificity,

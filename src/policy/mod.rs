@@ -19,6 +19,7 @@ mod rule;
 mod sets;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use accounts::{Accounts, OfflineAccounts, StaticAccounts, SystemAccounts};
 pub use error::{ErrorKind, PolicyError, PolicyErrors};
@@ -36,7 +37,7 @@ use index::Index;
 pub struct Verdict {
     pub experiment: u16,
     pub activity: u8,
-    pub rule: RuleRef,
+    pub rule: Arc<RuleRef>,
 }
 
 /// A validated, compiled policy set.

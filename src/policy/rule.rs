@@ -417,7 +417,8 @@ pub fn direction_str(d: Direction) -> &'static str {
 /// One compiled rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
-    pub id: RuleRef,
+    /// Shared: every flow's decision refers to its rule.
+    pub id: Arc<RuleRef>,
     /// Column of the `[[rule]]` header, for error locations.
     pub col: usize,
     pub experiment: u16,

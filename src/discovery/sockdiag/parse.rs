@@ -141,7 +141,7 @@ impl Listeners {
     pub fn insert(&mut self, proto: Protocol, local: SocketAddr) {
         let (w, b) = port_bit(proto, local.port());
         self.ports[w] |= b;
-        let local = FlowKey::new(proto, local, local).local;
+        let local = FlowKey::new(proto, local, local).local();
         if local.ip().is_unspecified() {
             self.wildcard.insert((proto, local.port()));
         } else {
@@ -156,13 +156,13 @@ impl Listeners {
     /// connect() and accept(), overrides this for sockets it saw born. A wildcard `::`
     /// listener is taken to cover IPv4 too (dual-stack default; V6ONLY is not checked).
     pub fn direction(&self, key: &FlowKey) -> Direction {
-        let port = key.local.port();
+        let port = key.local().port();
         let (w, b) = port_bit(key.proto, port);
         if self.ports[w] & b == 0 {
             return Direction::Outbound;
         }
         if self.wildcard.contains(&(key.proto, port))
-            || self.specific.contains(&(key.proto, key.local.ip(), port))
+            || self.specific.contains(&(key.proto, key.local().ip(), port))
         {
             Direction::Inbound
         } else {
