@@ -191,12 +191,16 @@ enum flowd_kverdict {
 	FLOWD_KV_OFF = 3,
 };
 
-/* In/out record of the test program flowd_kdecide_test (tests only). */
+/* In/out record of the test program flowd_kdecide_test (tests only): the
+ * verdict on `sock`, and the entropy bits (label positions) of `key`. */
 struct flowd_ktest {
 	struct flowd_ksock sock;
 	__u32 verdict; /* enum flowd_kverdict */
 	__u32 rule;
 	struct flowd_flow_mark mark;
+	struct flowd_flow_key key;
+	__u32 entropy;
+	__u32 pad;
 };
 
 /* Per UDP socket (sk_storage): the policy generation it was last decided under,

@@ -40,6 +40,12 @@ const volatile __u32 flowd_in_kernel = 0;
 const volatile __u32 flowd_netns_ino = 0;
 /* Config marker.socket_cache: remember each socket's lookup (flowd_sk_cache_map). */
 const volatile __u32 flowd_sk_cache_on = 0;
+/* Key of the entropy hash (flow_entropy), drawn by userspace at every start. */
+const volatile __u32 flowd_entropy_seed = 0;
+/* Set by userspace once the sockops program is attached: accepted connections are
+ * then written into flowd_marks when their handshake completes, and a SYN-ACK is
+ * only labelled. Before that (or without cgroup2) the SYN-ACK writes the entry. */
+__u32 flowd_passive_at_established = 0;
 
 /* Flows to mark, written only by userspace (the daemon's marker module).
  * max_entries is resized by userspace before load (config marker.map_capacity). */
@@ -197,7 +203,7 @@ static __always_inline const struct flowd_kbits *lookup_port(__u32 slot, __u8 si
  * Only the miss paths call this; the per-packet hit path never does.
  */
 static __always_inline int kdecide(const struct flowd_ksock *s, struct flowd_flow_mark *out,
-				   __u32 *rule, __u32 *generation)
+				   __u32 *rule)
 {
 	__u32 zero = 0;
 	struct flowd_kstate *st = bpf_map_lookup_elem(&flowd_kstate_map, &zero);
@@ -207,7 +213,6 @@ static __always_inline int kdecide(const struct flowd_ksock *s, struct flowd_flo
 	if (!st || !st->enabled)
 		return FLOWD_KV_OFF;
 	__u32 slot = st->active & 1;
-	*generation = st->generation;
 	struct flowd_kpolicy *pol = bpf_map_lookup_elem(&flowd_kpolicy_map, &slot);
 
 	if (!pol)
@@ -275,28 +280,53 @@ static __always_inline int kdecide(const struct flowd_ksock *s, struct flowd_flo
 	return FLOWD_KV_MATCH;
 }
 
-/* The 5 entropy bits of a label (19..18, 8, 1..0), drawn once per flow: the
- * entry written here keeps them for the flow's life, and userspace adopts them. */
+/* The 5 entropy bits of a label: 19..18, 8, 1..0. */
 #define FLOWD_ENTROPY_MASK 0xC0103
 
-/* Decides `s` and, on a match, writes the flow's mark (never replacing one that
- * userspace or another CPU wrote first). Returns the mark now in the map, or
- * NULL. */
-static __always_inline struct flowd_flow_mark *kdecide_and_insert(const struct flowd_ksock *s,
-								   const struct flowd_flow_key *key,
-								   __u32 *generation)
+/* A flow's entropy bits, in their label positions: a hash of its 5-tuple under a
+ * key drawn at start. Random across flows, and the same wherever the flow is
+ * decided (its SYN-ACK, its established socket, userspace: src/marker/label.rs
+ * flow_entropy computes the same), so its label never changes whoever writes
+ * first. */
+static __always_inline __u32 flow_entropy(const struct flowd_flow_key *key)
 {
-	struct flowd_flow_mark mark;
+	const __u32 *w = (const __u32 *)key;
+	__u32 h = flowd_entropy_seed;
+
+#pragma unroll
+	for (int i = 0; i < sizeof(*key) / 4; i++) {
+		h = (h ^ w[i]) * 0x9E3779B1;
+		h ^= h >> 15;
+	}
+	return h & FLOWD_ENTROPY_MASK;
+}
+
+/* Decides `s`; on a match, *mark is the flow's full mark (entropy included). */
+static __always_inline bool kdecide_mark(const struct flowd_ksock *s,
+					 const struct flowd_flow_key *key,
+					 struct flowd_flow_mark *mark)
+{
 	__u32 rule;
 
-	if (kdecide(s, &mark, &rule, generation) != FLOWD_KV_MATCH)
-		return NULL;
-	mark.label = (mark.label & ~FLOWD_ENTROPY_MASK) | (bpf_get_prandom_u32() & FLOWD_ENTROPY_MASK);
-	mark.flags |= FLOWD_MARK_F_KERNEL;
-	/* NOEXIST: if userspace (or a racing CPU) got there first, its entry and
-	 * its entropy stand. */
+	if (kdecide(s, mark, &rule) != FLOWD_KV_MATCH)
+		return false;
+	mark->label = (mark->label & ~FLOWD_ENTROPY_MASK) | flow_entropy(key);
+	mark->flags |= FLOWD_MARK_F_KERNEL;
+	return true;
+}
+
+/* Decides `s` and, on a match, writes the flow's mark (never replacing one that
+ * userspace or another CPU wrote first). Returns whether the flow now has one. */
+static __always_inline bool kdecide_and_insert(const struct flowd_ksock *s,
+					       const struct flowd_flow_key *key)
+{
+	struct flowd_flow_mark mark;
+
+	if (!kdecide_mark(s, key, &mark))
+		return false;
+	/* NOEXIST: if userspace (or a racing CPU) got there first, its entry stands. */
 	bpf_map_update_elem(&flowd_marks, key, &mark, BPF_NOEXIST);
-	return bpf_map_lookup_elem(&flowd_marks, key);
+	return true;
 }
 
 #define TCP_FLAG_SYN 0x02
@@ -325,29 +355,39 @@ static __always_inline bool may_decide(struct __sk_buff *skb, const struct flowd
  * Only packets owned by a local socket (skb->sk): forwarded packets and syncookie
  * SYN-ACKs carry none, and are not ours to decide (userspace never marks them).
  */
-static __noinline struct flowd_flow_mark *decide_on_miss(struct __sk_buff *skb,
-							  const struct flowd_flow_key *key,
-							  __u32 l4)
+enum miss_decision {
+	MISS_NONE,
+	/* The flow's mark is now in flowd_marks. */
+	MISS_IN_MAP,
+	/* A SYN-ACK to label with *out only: its connection is written into the map
+	 * when the handshake completes (flowd_ksockops), so half-open connections (a
+	 * SYN flood) never take a map entry. */
+	MISS_LABEL_ONLY,
+};
+
+static __noinline int decide_on_miss(struct __sk_buff *skb, const struct flowd_flow_key *key,
+				     __u32 l4, struct flowd_flow_mark *out)
 {
 	struct bpf_sock *sk = skb->sk;
 	struct flowd_ksock s = {};
-	__u32 generation = 0;
+	bool label_only = false;
 
 	if (!sk)
-		return NULL;
+		return MISS_NONE;
 	if (key->proto == IPPROTO_TCP) {
 		void *data = (void *)(long)skb->data;
 		void *end = (void *)(long)skb->data_end;
 		__u8 *flags = data + (l4 & 0x3ff) + 13;
 
 		if ((void *)(flags + 1) > end || !(*flags & TCP_FLAG_SYN))
-			return NULL;
+			return MISS_NONE;
 		if (*flags & TCP_FLAG_ACK) {
 			struct tcp_request_sock *req = bpf_skc_to_tcp_request_sock(sk);
 			struct tcp_sock *tp;
 
 			s.direction = FLOWD_KDIR_INBOUND;
 			if (req) {
+				label_only = *(volatile __u32 *)&flowd_passive_at_established;
 				struct sock *listener = BPF_CORE_READ(req, req.req.__req_common.skc_listener);
 
 				if (listener) {
@@ -378,16 +418,16 @@ static __noinline struct flowd_flow_mark *decide_on_miss(struct __sk_buff *skb,
 		/* Unconnected sockets send to many peers and userspace tracks none of
 		 * them: only connected ones are flows. */
 		if (!fsk || fsk->state != FLOWD_TCP_ESTABLISHED_STATE)
-			return NULL;
+			return MISS_NONE;
 		u6 = bpf_skc_to_udp6_sock(sk);
 		if (!u6)
-			return NULL;
+			return MISS_NONE;
 		st = bpf_map_lookup_elem(&flowd_kstate_map, &zero);
 		if (!st || !st->enabled)
-			return NULL;
+			return MISS_NONE;
 		seen = bpf_sk_storage_get(&flowd_kseen_map, fsk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (!seen || seen->generation == st->generation + 1)
-			return NULL;
+			return MISS_NONE;
 		/* Stored as generation + 1 so that a fresh (zeroed) entry never
 		 * looks decided. */
 		seen->generation = st->generation + 1;
@@ -400,7 +440,9 @@ static __noinline struct flowd_flow_mark *decide_on_miss(struct __sk_buff *skb,
 	__builtin_memcpy(s.raddr, key->daddr, 16);
 	s.lport = bpf_ntohs(key->sport);
 	s.rport = bpf_ntohs(key->dport);
-	return kdecide_and_insert(&s, key, &generation);
+	if (label_only)
+		return kdecide_mark(&s, key, out) ? MISS_LABEL_ONLY : MISS_NONE;
+	return kdecide_and_insert(&s, key) ? MISS_IN_MAP : MISS_NONE;
 }
 
 static __always_inline void count(__u32 outcome)
@@ -726,7 +768,16 @@ int flowd_mark(struct __sk_buff *skb)
 		/* The miss path: only here may the policy be evaluated. The common
 		 * miss (a TCP segment without SYN of an unmarked flow) is filtered
 		 * inline, before any call. */
-		m = decide_on_miss(skb, &key, p.l4);
+		struct flowd_flow_mark decided;
+
+		switch (decide_on_miss(skb, &key, p.l4, &decided)) {
+		case MISS_IN_MAP:
+			m = bpf_map_lookup_elem(&flowd_marks, &key);
+			break;
+		case MISS_LABEL_ONLY:
+			/* Counted per tag; the flow's own counts start with its entry. */
+			return mark_packet(skb, &p, &decided);
+		}
 	}
 	/* generation is non-zero only for frames the fast path can read. */
 	if (generation && p.vlan_tags == 0 && p.l4 == ETH_HLEN + sizeof(struct ipv6hdr))
@@ -777,20 +828,31 @@ int flowd_cache_counts(struct bpf_iter__bpf_sk_storage_map *ctx)
 }
 
 /*
- * Active opens: BPF_SOCK_OPS_TCP_CONNECT_CB runs in connect() with the source
- * port bound and before the SYN is built, so the mark written here labels the SYN
- * itself (shared/notes/ebpf-here.md). Attached to the cgroup2 root by the marker
- * module; it shares flowd_marks with flowd_mark by being in the same object.
+ * Decisions at the two moments a TCP connection is born, attached to the cgroup2
+ * root by the marker module (it shares flowd_marks with flowd_mark by being in the
+ * same object):
+ *  - active opens: BPF_SOCK_OPS_TCP_CONNECT_CB runs in connect() with the source
+ *    port bound and before the SYN is built, so the mark written here labels the
+ *    SYN itself (shared/notes/ebpf-here.md);
+ *  - passive opens: BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB runs when the handshake
+ *    completes, before the new socket sends anything; its SYN-ACK was labelled by
+ *    the TC miss path with the same mark (same rule, same uid: the listener's,
+ *    same entropy: flow_entropy).
  */
 SEC("sockops")
-int flowd_kconnect(struct bpf_sock_ops *skops)
+int flowd_ksockops(struct bpf_sock_ops *skops)
 {
 	struct flowd_ksock s = {};
 	struct flowd_flow_key key = {};
 	struct tcp_sock *tp;
-	__u32 generation;
 
-	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB || skops->family != FLOWD_AF_INET6)
+	if (skops->family != FLOWD_AF_INET6)
+		return 1;
+	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB)
+		s.direction = FLOWD_KDIR_OUTBOUND;
+	else if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		s.direction = FLOWD_KDIR_INBOUND;
+	else
 		return 1;
 	struct bpf_sock *bsk = skops->sk;
 
@@ -818,7 +880,6 @@ int flowd_kconnect(struct bpf_sock_ops *skops)
 	s.lport = skops->local_port;
 	s.rport = bpf_ntohl(skops->remote_port);
 	s.proto = IPPROTO_TCP;
-	s.direction = FLOWD_KDIR_OUTBOUND;
 	s.uid = BPF_CORE_READ((struct sock *)tp, sk_uid.val);
 	s.uid_known = 1;
 
@@ -828,9 +889,10 @@ int flowd_kconnect(struct bpf_sock_ops *skops)
 	key.dport = bpf_htons(s.rport);
 	__builtin_memcpy(key.saddr, s.laddr, 16);
 	__builtin_memcpy(key.daddr, s.raddr, 16);
-	kdecide_and_insert(&s, &key, &generation);
+	kdecide_and_insert(&s, &key);
 	/* A socket connecting again may have cached its previous attempt. */
-	bpf_sk_storage_delete(&flowd_sk_cache_map, bsk);
+	if (s.direction == FLOWD_KDIR_OUTBOUND)
+		bpf_sk_storage_delete(&flowd_sk_cache_map, bsk);
 	return 1;
 }
 
@@ -839,14 +901,15 @@ int flowd_kconnect(struct bpf_sock_ops *skops)
 SEC("tc")
 int flowd_kdecide_test(struct __sk_buff *skb)
 {
-	__u32 zero = 0, generation;
+	__u32 zero = 0;
 	struct flowd_ktest *t = bpf_map_lookup_elem(&flowd_ktest_map, &zero);
 
 	if (!t)
 		return TC_ACT_OK;
 	t->rule = 0;
 	__builtin_memset(&t->mark, 0, sizeof(t->mark));
-	t->verdict = kdecide(&t->sock, &t->mark, &t->rule, &generation);
+	t->verdict = kdecide(&t->sock, &t->mark, &t->rule);
+	t->entropy = flow_entropy(&t->key);
 	return TC_ACT_OK;
 }
 

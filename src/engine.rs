@@ -353,7 +353,8 @@ impl Engine {
             } => {
                 let key = flow.key()?;
                 let tag = Tag::new(experiment, activity).map_err(|e| e.to_string())?;
-                let entropy = entropy.unwrap_or_else(|| rand::random::<u8>() & 0x1f);
+                let entropy =
+                    entropy.unwrap_or_else(|| MarkSink::entropy(self.maps.as_ref(), &key));
                 if entropy > 0x1f {
                     return Err(format!("entropy {entropy} does not fit 5 bits (0..=31)"));
                 }

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::discovery::procfs::ProcessInfo;
 use crate::discovery::types::FlowKey;
@@ -43,6 +43,10 @@ pub trait MarkSink {
     fn kernel_marked(&self) -> Vec<FlowKey> {
         Vec::new()
     }
+    /// The entropy bits for `key`'s label.
+    fn entropy(&self, _key: &FlowKey) -> u8 {
+        rand::random::<u8>() & 0x1f
+    }
 }
 
 impl MarkSink for MarkMaps {
@@ -65,6 +69,9 @@ impl MarkSink for MarkMaps {
     }
     fn kernel_marked(&self) -> Vec<FlowKey> {
         MarkMaps::kernel_marked(self)
+    }
+    fn entropy(&self, key: &FlowKey) -> u8 {
+        MarkMaps::entropy(self, key)
     }
 }
 
@@ -196,7 +203,7 @@ impl Marking {
         let Some(v) = verdict else {
             if let Some(old) = self.decisions.remove(&flow.cookie) {
                 remove_from_map(&old, sink, &mut self.counters);
-                info!(flow = %flow_text(flow), "flow no longer matches any rule: mark removed");
+                debug!(flow = %flow_text(flow), "flow no longer matches any rule: mark removed");
             } else {
                 self.drop_kernel_mark(flow, sink);
             }
@@ -211,7 +218,7 @@ impl Marking {
         let entropy = self
             .decisions
             .get(&flow.cookie)
-            .map_or_else(|| rand::random::<u8>() & 0x1f, |d| d.entropy);
+            .map_or_else(|| sink.entropy(&flow.key), |d| d.entropy);
         let mut next = Decision {
             tag,
             rule: v.rule.clone(),
@@ -262,7 +269,7 @@ impl Marking {
                 }
             }
         }
-        info!(flow = %flow_text(flow), tag = %tag, rule = %v.rule, label = ?next.label().map(|l| format!("{l:#07x}")), "flow tagged");
+        debug!(flow = %flow_text(flow), tag = %tag, rule = %v.rule, label = ?next.label().map(|l| format!("{l:#07x}")), "flow tagged");
         if self.decisions.insert(flow.cookie, next).is_none() {
             self.counters.tagged_total += 1;
         }
@@ -307,7 +314,7 @@ impl Marking {
         }
         if existing.kernel {
             self.counters.kernel_overridden += 1;
-            info!(flow = %flow_text(flow), kernel_tag = ?existing.tag, tag = %next.tag, "userspace decision replaces the kernel's (entropy kept)");
+            debug!(flow = %flow_text(flow), kernel_tag = ?existing.tag, tag = %next.tag, "userspace decision replaces the kernel's (entropy kept)");
         }
         sink.insert(&flow.key, next.tag, next.entropy)
     }
@@ -321,7 +328,7 @@ impl Marking {
             if m.kernel {
                 let _ = sink.remove(&flow.key);
                 self.counters.kernel_overridden += 1;
-                info!(flow = %flow_text(flow), "kernel mark removed: userspace finds no matching rule");
+                debug!(flow = %flow_text(flow), "kernel mark removed: userspace finds no matching rule");
             }
         }
     }

@@ -316,3 +316,97 @@ fn without_in_kernel_decisions_the_first_packets_leave_unmarked() {
     assert_eq!(st["kernel_decided_total"], 0, "{st}");
     assert_eq!(st["policy_first_packet_exact_rules"], 0, "{st}");
 }
+
+/// A SYN flood cannot fill the marker map: an accepted connection is written into
+/// the map when its handshake completes (sockops), so the SYN-ACK of a half-open
+/// one is labelled but takes no entry.
+#[test]
+fn half_open_connections_get_labelled_syn_acks_and_no_map_entry() {
+    if !common::privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::new();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("atlas.toml"), POLICY).unwrap();
+    // No reconcile during the test: its sweep would hide entries left behind.
+    let d = Daemon::start_with(
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[discovery]\nreconcile_interval_ms = 600000\n",
+            policies.display()
+        ),
+    );
+    let listener = pair
+        .a
+        .run(|| {
+            let l = TcpListener::bind(SocketAddr::new(ADDR_A.into(), 5401)).unwrap();
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .join()
+        .unwrap();
+    let cap = Capture::start(&pair.b, IF_B, "ip6 and tcp", dir.path());
+    const SYNS: u16 = 100;
+    pair.b
+        .run(|| {
+            use std::os::fd::AsRawFd;
+            let raw = socket2::Socket::new(
+                socket2::Domain::IPV6,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::TCP),
+            )
+            .unwrap();
+            // The kernel fills in the TCP checksum (at byte 16) of what we send.
+            let at: libc::c_int = 16;
+            // SAFETY: a valid fd and a c_int option value of the right size.
+            let r = unsafe {
+                libc::setsockopt(
+                    raw.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_CHECKSUM,
+                    (&at as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "IPV6_CHECKSUM");
+            let to = SocketAddr::new(ADDR_A.into(), 0).into();
+            for sport in 20_000..20_000 + SYNS {
+                let mut syn = [0u8; 20];
+                syn[..2].copy_from_slice(&sport.to_be_bytes());
+                syn[2..4].copy_from_slice(&5401u16.to_be_bytes());
+                syn[4..8].copy_from_slice(&u32::from(sport).to_be_bytes());
+                syn[12] = 5 << 4;
+                syn[13] = 0x02;
+                syn[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+                raw.send_to(&syn, &to).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+    // No socket on B owns those ports: B answers each SYN-ACK with a reset.
+    std::thread::sleep(Duration::from_millis(300));
+    let st = status(&d);
+    let pkts = cap.finish();
+    drop(listener);
+    d.stop();
+
+    let syn_acks: Vec<&Packet> = from_a(&pkts, 5401)
+        .into_iter()
+        .filter(|p| tcp_flags(p) & 0x12 == 0x12)
+        .collect();
+    assert!(
+        syn_acks.len() >= usize::from(SYNS),
+        "{} SYN-ACKs captured",
+        syn_acks.len()
+    );
+    let t = tags(&syn_acks);
+    assert!(
+        t.iter().all(|t| *t == Some(tag("Analysis Input"))),
+        "every SYN-ACK carries the rule's tag: {t:?}"
+    );
+    assert_eq!(st["map_entries"], 0, "{st}");
+    assert_eq!(st["kernel_marks"], 0, "{st}");
+}

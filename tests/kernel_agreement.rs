@@ -10,9 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use flowd::bpf::marker::types::{flowd_ksock, flowd_ktest};
 use flowd::bpf::marker::MarkerSkel;
-use flowd::discovery::types::{Direction, Protocol};
+use flowd::discovery::types::{Direction, FlowKey, Protocol};
 use flowd::marker::label::decode;
-use flowd::marker::maps::{as_bytes, from_bytes, MarkMaps};
+use flowd::marker::maps::{as_bytes, bpf_key, from_bytes, MarkMaps};
 use flowd::marker::{load, maps_of, LoadOptions};
 use flowd::policy::kernel::{KernelPolicy, KernelSocket, KernelVerdict};
 use flowd::policy::{ErrorKind, Policy, SocketAttrs};
@@ -72,8 +72,38 @@ impl Kernel {
             },
             ..Default::default()
         };
+        let r = self.run(&t);
+        match r.verdict {
+            0 => Got::NoMatch,
+            1 => {
+                assert_eq!(
+                    decode(r.mark.label).entropy,
+                    0,
+                    "rule marks carry no entropy"
+                );
+                Got::Rule(r.rule as usize, r.mark.experiment, r.mark.activity)
+            }
+            2 => Got::Userspace,
+            3 => Got::Off,
+            v => panic!("verdict {v}"),
+        }
+    }
+
+    /// The entropy bits the kernel's flow_entropy gives `flow`.
+    fn entropy(&self, flow: &FlowKey) -> u8 {
+        let t = flowd_ktest {
+            key: bpf_key(flow).unwrap(),
+            ..Default::default()
+        };
+        let r = self.run(&t);
+        assert_eq!(r.entropy & !0xC0103, 0, "entropy outside its label bits");
+        decode(r.entropy).entropy
+    }
+
+    /// Runs flowd_kdecide_test on `t`, returns what it wrote back.
+    fn run(&self, t: &flowd_ktest) -> flowd_ktest {
         let map = &self.skel.maps.flowd_ktest_map;
-        map.update(&0u32.to_ne_bytes(), as_bytes(&t), MapFlags::ANY)
+        map.update(&0u32.to_ne_bytes(), as_bytes(t), MapFlags::ANY)
             .unwrap();
         // Any frame will do: the program reads its input from the map.
         let mut frame = vec![0u8; 14 + 40];
@@ -94,21 +124,7 @@ impl Kernel {
             .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
             .unwrap()
             .unwrap();
-        let r = from_bytes::<flowd_ktest>(&raw);
-        match r.verdict {
-            0 => Got::NoMatch,
-            1 => {
-                assert_eq!(
-                    decode(r.mark.label).entropy,
-                    0,
-                    "rule marks carry no entropy"
-                );
-                Got::Rule(r.rule as usize, r.mark.experiment, r.mark.activity)
-            }
-            2 => Got::Userspace,
-            3 => Got::Off,
-            v => panic!("verdict {v}"),
-        }
+        from_bytes::<flowd_ktest>(&raw)
     }
 }
 
@@ -372,4 +388,48 @@ fn a_policy_reload_switches_slots_and_the_new_policy_alone_decides() {
     }
     k.maps.kernel().unwrap().disable().unwrap();
     assert_eq!(k.decide(&s), Got::Off);
+}
+
+/// A flow's entropy bits are a keyed hash of its 5-tuple, computed in the kernel
+/// (flow_entropy) and in userspace (MarkMaps::entropy): both must give every flow the
+/// same bits, or its label would change when the other side writes its mark.
+#[test]
+fn kernel_and_userspace_give_a_flow_the_same_entropy() {
+    if !common::privileged() {
+        return;
+    }
+    let k = kernel();
+    let seen = std::cell::RefCell::new([0u32; 32]);
+    let mut runner = TestRunner::new(Config {
+        cases: 500,
+        ..Config::default()
+    });
+    runner
+        .run(
+            &(
+                prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)],
+                any::<[u8; 16]>(),
+                any::<u16>(),
+                any::<[u8; 16]>(),
+                any::<u16>(),
+            ),
+            |(proto, la, lp, ra, rp)| {
+                let flow = FlowKey::new(
+                    proto,
+                    SocketAddr::new(Ipv6Addr::from(la).into(), lp),
+                    SocketAddr::new(Ipv6Addr::from(ra).into(), rp),
+                );
+                if !flow.is_ipv6() {
+                    return Ok(());
+                }
+                let kernel = k.entropy(&flow);
+                prop_assert_eq!(kernel, k.maps.entropy(&flow), "{:?}", flow);
+                seen.borrow_mut()[usize::from(kernel)] += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+    // Spread over all 32 values, as random bits would be.
+    let seen = seen.into_inner();
+    assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
 }

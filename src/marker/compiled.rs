@@ -211,7 +211,7 @@ mod tests {
         assert_eq!(size_of::<flowd_kstate>(), 16);
         assert_eq!(size_of::<flowd_ksock>(), 44);
         assert_eq!(offset_of!(flowd_ksock, uid), 40);
-        assert_eq!(size_of::<flowd_ktest>(), 88);
+        assert_eq!(size_of::<flowd_ktest>(), 136);
     }
 
     #[test]

@@ -98,6 +98,22 @@ pub struct DecodedLabel {
     pub entropy: u8,
 }
 
+/// The entropy bits (5, as [`Tag::label`] takes them) of the flow whose marker-map
+/// key is `key` (40 bytes): a hash under `seed`, computed exactly as the in-kernel
+/// decision does (bpf/marker.bpf.c, flow_entropy), so a flow gets the same label
+/// whichever side writes its mark first.
+pub fn flow_entropy(seed: u32, key: &[u8]) -> u8 {
+    let mut h = seed;
+    for w in key.chunks_exact(4) {
+        h = (h ^ u32::from_ne_bytes([w[0], w[1], w[2], w[3]])).wrapping_mul(0x9E37_79B1);
+        h ^= h >> 15;
+    }
+    decode(h & ENTROPY_BITS).entropy
+}
+
+/// Where the entropy bits sit in a label (19..18, 8, 1..0).
+const ENTROPY_BITS: u32 = 0xC0103;
+
 /// Splits a 20-bit flow label into tag and entropy. Bits above 19 are ignored.
 pub fn decode(label: u32) -> DecodedLabel {
     let label = label & LABEL_MASK;

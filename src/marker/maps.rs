@@ -12,7 +12,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use crate::bpf::marker::types::{flowd_flow_key, flowd_flow_mark, flowd_tag_counter};
 use crate::discovery::types::FlowKey;
 use crate::marker::compiled::{KernelMaps, MARK_F_KERNEL};
-use crate::marker::label::{decode, Tag};
+use crate::marker::label::{decode, flow_entropy, Tag};
 use crate::marker::sk_cache::SocketCache;
 use crate::policy::kernel::KernelPolicy;
 
@@ -86,6 +86,8 @@ pub struct MarkMaps {
     outcomes: MapHandle,
     tag_counters: MapHandle,
     capacity: u32,
+    /// Key of the flows' entropy hash (the marker's rodata flowd_entropy_seed).
+    entropy_seed: u32,
     slots: Mutex<HashMap<Tag, u32>>,
     kernel: Option<KernelMaps>,
     cache: Option<SocketCache>,
@@ -97,12 +99,14 @@ impl MarkMaps {
         outcomes: MapHandle,
         tag_counters: MapHandle,
         capacity: u32,
+        entropy_seed: u32,
     ) -> Self {
         MarkMaps {
             marks,
             outcomes,
             tag_counters,
             capacity,
+            entropy_seed,
             slots: Mutex::new(HashMap::new()),
             kernel: None,
             cache: None,
@@ -206,6 +210,12 @@ impl MarkMaps {
 
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// The entropy bits the kernel gives `flow` (see [`flow_entropy`]); IPv4 flows
+    /// have no label, any value will do.
+    pub fn entropy(&self, flow: &FlowKey) -> u8 {
+        bpf_key(flow).map_or(0, |k| flow_entropy(self.entropy_seed, as_bytes(&k)))
     }
 
     /// A userspace mark for `tag` with zero counts.

@@ -73,13 +73,14 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         ro.flowd_in_kernel = u32::from(opts.in_kernel);
         ro.flowd_netns_ino = opts.netns_ino;
         ro.flowd_sk_cache_on = u32::from(opts.socket_cache);
+        ro.flowd_entropy_seed = rand::random();
     }
     open.maps
         .flowd_marks
         .set_max_entries(opts.map_capacity)
         .context("sizing the marker map")?;
     open.progs.flowd_empty.set_autoload(opts.with_empty_program);
-    open.progs.flowd_kconnect.set_autoload(opts.in_kernel);
+    open.progs.flowd_ksockops.set_autoload(opts.in_kernel);
     open.progs
         .flowd_cache_counts
         .set_autoload(opts.socket_cache);
@@ -131,6 +132,7 @@ pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
         h(&m.flowd_outcomes)?,
         h(&m.flowd_tag_counters)?,
         capacity,
+        m.rodata_data.as_ref().map_or(0, |ro| ro.flowd_entropy_seed),
     )
     .with_kernel(compiled::KernelMaps {
         state: h(&m.flowd_kstate_map)?,
@@ -145,9 +147,9 @@ pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
 
 /// The running marker: loaded program, its maps, and where it is attached.
 pub struct Marker {
-    /// The sockops program deciding active opens, on the cgroup2 root; detached
-    /// when dropped.
-    kconnect: Option<libbpf_rs::Link>,
+    /// The sockops program deciding TCP connections at connect() and at the end of
+    /// an accepted handshake, on the cgroup2 root; detached when dropped.
+    ksockops: Option<libbpf_rs::Link>,
     skel: MarkerSkel<'static>,
     attachments: Vec<Attachment>,
     maps: Arc<MarkMaps>,
@@ -176,7 +178,7 @@ impl Marker {
             socket_cache: cfg.marker.socket_cache,
             ..Default::default()
         };
-        let skel = load(&opts)?;
+        let mut skel = load(&opts)?;
         let maps = Arc::new(maps_of(&skel, opts.map_capacity)?);
         let attachments = attach::attach_all(
             &skel.progs.flowd_mark,
@@ -186,13 +188,18 @@ impl Marker {
             &state,
         )
         .await?;
-        let kconnect = if opts.in_kernel {
-            attach_kconnect(&skel, cfg.discovery.cgroup2.as_deref())
+        let ksockops = if opts.in_kernel {
+            attach_ksockops(&skel, cfg.discovery.cgroup2.as_deref())
         } else {
             None
         };
+        if ksockops.is_some() {
+            if let Some(bss) = skel.maps.bss_data.as_deref_mut() {
+                bss.flowd_passive_at_established = 1;
+            }
+        }
         Ok(Marker {
-            kconnect,
+            ksockops,
             skel,
             attachments,
             maps,
@@ -218,23 +225,25 @@ impl Marker {
             .collect()
     }
 
-    /// Whether active opens are decided at connect() (sockops attached).
+    /// Whether TCP connections are decided at connect() and at the end of the
+    /// handshake (sockops attached).
     pub fn decides_at_connect(&self) -> bool {
-        self.kconnect.is_some()
+        self.ksockops.is_some()
     }
 
     /// Detaches everywhere, leaving each interface as it was found.
     pub async fn stop(self) {
-        drop(self.kconnect);
+        drop(self.ksockops);
         attach::detach_all(self.attachments, &self.rtnl, &self.state).await;
         drop(self.skel);
     }
 }
 
-/// Attaches `flowd_kconnect` to the cgroup2 root so that every connect() of the host
-/// passes it (it decides only those of our network namespace). Without it the TC
-/// program still decides active opens, from the SYN on a map miss.
-fn attach_kconnect(
+/// Attaches `flowd_ksockops` to the cgroup2 root so that every TCP connection of the
+/// host passes it (it decides only those of our network namespace). Without it the
+/// TC program still decides active opens from the SYN, and accepted ones from their
+/// SYN-ACK, writing the map entry there.
+fn attach_ksockops(
     skel: &MarkerSkel<'_>,
     configured: Option<&std::path::Path>,
 ) -> Option<libbpf_rs::Link> {
@@ -249,17 +258,17 @@ fn attach_kconnect(
         .map_err(|e| e.to_string())
         .and_then(|f| {
             skel.progs
-                .flowd_kconnect
+                .flowd_ksockops
                 .attach_cgroup(f.as_raw_fd())
                 .map_err(|e| e.to_string())
         });
     match result {
         Ok(link) => {
-            info!(cgroup2 = %path.display(), "in-kernel decisions at connect() attached");
+            info!(cgroup2 = %path.display(), "in-kernel decisions at connect() and accept attached");
             Some(link)
         }
         Err(e) => {
-            tracing::warn!(cgroup2 = %path.display(), error = %e, "cannot attach the connect() decision: active opens are decided from their SYN instead");
+            tracing::warn!(cgroup2 = %path.display(), error = %e, "cannot attach the connect()/accept decision: TCP connections are decided from their SYN or SYN-ACK instead");
             None
         }
     }
