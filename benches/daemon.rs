@@ -179,11 +179,13 @@ fn main() {
     let c0 = cpu_secs(pid);
     let start = Instant::now();
     let mut reply_times = Vec::new();
+    let mut reply_bytes = 0;
     while start.elapsed() < window {
         let t = Instant::now();
         let flows = client.flows(&FlowFilter::default()).unwrap();
         reply_times.push(t.elapsed());
         assert!(flows.len() >= n);
+        reply_bytes = serde_json::to_vec(&flows).unwrap().len();
         std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
     }
     let inspect_cpu = (cpu_secs(pid) - c0) / start.elapsed().as_secs_f64() * 100.0;
@@ -214,9 +216,10 @@ fn main() {
         (rss.saturating_sub(base_rss) * 1024) as f64 / n as f64
     );
     println!(
-        "  while listing all flows once a second: {inspect_cpu:.2} % of one core; reply median {:.1?}, max {:.1?}",
+        "  while listing all flows once a second: {inspect_cpu:.2} % of one core; reply median {:.1?}, max {:.1?}, ~{} bytes per flow",
         reply_times[reply_times.len() / 2],
-        reply_times.last().unwrap()
+        reply_times.last().unwrap(),
+        reply_bytes / n
     );
     println!(
         "  last sock_diag poll {:.1} ms; reconcile corrections +{} -{}; tracker ring drops {}",

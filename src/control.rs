@@ -172,50 +172,54 @@ async fn serve_conn(stream: UnixStream, engine: &mpsc::Sender<Command>) -> std::
             return Ok(());
         }
         let too_long = line.len() > MAX_LINE;
-        let mut out = if too_long {
-            error_line(format!("request longer than {MAX_LINE} bytes"))
+        let answer = if too_long {
+            Err(error_line(format!("request longer than {MAX_LINE} bytes")))
         } else {
             match parse_request(&line) {
-                Err(e) => error_line(e),
+                Err(e) => Err(error_line(e)),
                 Ok(request) => ask(engine, request).await,
             }
         };
-        out.push(b'\n');
-        wr.write_all(&out).await?;
+        match answer {
+            // The result arrives serialized: it is written between the envelope's
+            // two halves rather than copied into one more buffer (a listing of
+            // 100 000 flows is tens of MiB).
+            Ok(result) => {
+                wr.write_all(
+                    format!("{{\"v\":{PROTOCOL_VERSION},\"ok\":true,\"result\":").as_bytes(),
+                )
+                .await?;
+                wr.write_all(result.get().as_bytes()).await?;
+                wr.write_all(b"}\n").await?;
+            }
+            Err(mut out) => {
+                out.push(b'\n');
+                wr.write_all(&out).await?;
+            }
+        }
         if too_long {
             return Ok(());
         }
     }
 }
 
-async fn ask(engine: &mpsc::Sender<Command>, request: Request) -> Vec<u8> {
+/// The engine's answer: its serialized result, or an error line.
+async fn ask(
+    engine: &mpsc::Sender<Command>,
+    request: Request,
+) -> Result<Box<serde_json::value::RawValue>, Vec<u8>> {
     let (reply, answer) = oneshot::channel();
     if engine
         .send(Command::Control(ControlCall { request, reply }))
         .await
         .is_err()
     {
-        return error_line("the daemon is shutting down".into());
+        return Err(error_line("the daemon is shutting down".into()));
     }
     match answer.await {
-        Ok(Ok(result)) => {
-            // The result arrives serialized: a listing of 10 000 flows goes straight
-            // from typed views to bytes, without a serde_json::Value in between.
-            #[derive(serde::Serialize)]
-            struct Reply {
-                v: u32,
-                ok: bool,
-                result: Box<serde_json::value::RawValue>,
-            }
-            serde_json::to_vec(&Reply {
-                v: PROTOCOL_VERSION,
-                ok: true,
-                result,
-            })
-            .unwrap_or_else(|e| error_line(e.to_string()))
-        }
-        Ok(Err(e)) => error_line(e),
-        Err(_) => error_line("the daemon is shutting down".into()),
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(e)) => Err(error_line(e)),
+        Err(_) => Err(error_line("the daemon is shutting down".into())),
     }
 }
 

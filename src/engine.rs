@@ -315,19 +315,30 @@ impl Engine {
                 self.cache_user_names();
                 let filter = filter.unwrap_or_default();
                 let counts = self.maps.flow_counts().unwrap_or_default();
-                let flows: Vec<FlowView> = self
+                let flows = self
                     .table
                     .iter()
                     .map(|f| self.flow_view(f, counts.get(&f.key).copied(), false))
-                    .filter(|v| filter.matches(v))
-                    .collect();
+                    .filter(|v| filter.matches(v));
+                // Each view is serialized as it is built (a listing of 100 000 flows
+                // never holds them all), into a buffer sized for the usual reply.
                 // A struct, not json!(): json! would first build a Value of every
                 // flow, which costs ten times the serialization itself.
                 #[derive(serde::Serialize)]
-                struct Flows<'a> {
-                    flows: &'a [FlowView],
+                struct Flows<S> {
+                    flows: S,
                 }
-                raw(&Flows { flows: &flows })
+                let mut out = Vec::with_capacity(self.table.len() * 640 + 16);
+                serde_json::to_writer(
+                    &mut out,
+                    &Flows {
+                        flows: SeqOf(std::cell::Cell::new(Some(flows))),
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+                String::from_utf8(out)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| RawValue::from_string(s).map_err(|e| e.to_string()))
             }
             Request::Flow { cookie } => {
                 self.cache_user_names();
@@ -501,6 +512,19 @@ impl Engine {
             policy_reloads_ok: self.reloads_ok,
             policy_reloads_failed: self.reloads_failed,
         }
+    }
+}
+
+/// Serializes an iterator's items as a sequence, each built only when written.
+struct SeqOf<I>(std::cell::Cell<Option<I>>);
+
+impl<I, T> serde::Serialize for SeqOf<I>
+where
+    I: Iterator<Item = T>,
+    T: serde::Serialize,
+{
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.take().into_iter().flatten())
     }
 }
 
