@@ -3,7 +3,7 @@
 //! attached and marking the flow (label strategy, in-kernel decisions). Prints each
 //! run and the ratio of medians. Needs root and iperf3; traffic stays in the pair.
 //!
-//! `cargo bench --bench throughput [-- SECONDS]` (default 5 s per run, 3 runs each).
+//! `cargo bench --bench throughput [-- SECONDS]` (default 5 s per run, 5 runs each).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::{Daemon, Pair, ADDR_B};
 
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 fn iperf(pair: &Pair, secs: u32) -> f64 {
     let mut server = pair
@@ -82,9 +82,11 @@ fn main() {
         let d = Daemon::start_with(
             &pair.a,
             dir.path(),
+            // FLOWD_BENCH_CONFIG: extra sections, e.g. "[discovery]\ntracker = \"disabled\"".
             &format!(
-                "[policy]\ndir = \"{}\"\n[metrics]\nenabled = false\n",
-                policies.display()
+                "[policy]\ndir = \"{}\"\n[metrics]\nenabled = false\n{}\n",
+                policies.display(),
+                std::env::var("FLOWD_BENCH_CONFIG").unwrap_or_default()
             ),
         );
         with.push(iperf(&pair, secs));
