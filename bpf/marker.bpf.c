@@ -150,6 +150,15 @@ struct {
 	__type(value, __u32);
 } flowd_cache_gen SEC(".maps");
 
+/* Marks the in-kernel decision wrote (per CPU): userspace walks flowd_marks for
+ * unclaimed kernel marks only when this moved. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} flowd_kinserts SEC(".maps");
+
 /* Test input/output of flowd_kdecide_test. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -325,7 +334,13 @@ static __always_inline bool kdecide_and_insert(const struct flowd_ksock *s,
 	if (!kdecide_mark(s, key, &mark))
 		return false;
 	/* NOEXIST: if userspace (or a racing CPU) got there first, its entry stands. */
-	bpf_map_update_elem(&flowd_marks, key, &mark, BPF_NOEXIST);
+	if (bpf_map_update_elem(&flowd_marks, key, &mark, BPF_NOEXIST) == 0) {
+		__u32 zero = 0;
+		__u64 *n = bpf_map_lookup_elem(&flowd_kinserts, &zero);
+
+		if (n)
+			*n += 1;
+	}
 	return true;
 }
 

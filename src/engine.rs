@@ -536,11 +536,15 @@ fn raw<T: serde::Serialize>(v: &T) -> Result<Box<RawValue>, String> {
 /// connections a second, a listing of every flow) leave free chunks scattered
 /// between long-lived flow entries; glibc returns only the top of its heaps on its
 /// own, so without this the daemon's RSS stays at its peak. Called once per
-/// reconcile interval: a walk of the free lists, well under a millisecond.
+/// reconcile interval, and trims only when over a MiB is free: pages handed back
+/// are zeroed again when the next dump touches them.
 fn release_free_memory() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only reorganises glibc's own free lists.
+    // SAFETY: mallinfo2 and malloc_trim only read and reorganise glibc's own free
+    // lists.
     unsafe {
-        libc::malloc_trim(0);
+        if libc::mallinfo2().fordblks > 1 << 20 {
+            libc::malloc_trim(0);
+        }
     }
 }

@@ -47,6 +47,10 @@ pub trait MarkSink {
     fn entropy(&self, _key: &FlowKey) -> u8 {
         rand::random::<u8>() & 0x1f
     }
+    /// How many marks the kernel has written so far, if the sink can tell.
+    fn kernel_inserts(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl MarkSink for MarkMaps {
@@ -72,6 +76,9 @@ impl MarkSink for MarkMaps {
     }
     fn entropy(&self, key: &FlowKey) -> u8 {
         MarkMaps::entropy(self, key)
+    }
+    fn kernel_inserts(&self) -> Option<u64> {
+        self.kernel().and_then(|k| k.inserts().ok())
     }
 }
 
@@ -130,6 +137,8 @@ pub struct Marking {
     /// Kernel marks no decision covered at the last sweep: removed if still so at
     /// the next (two strikes, so a flow born between a dump and its sweep stays).
     unclaimed: rustc_hash::FxHashSet<FlowKey>,
+    /// The kernel's insert count when the last sweep walked the map.
+    swept_at_inserts: Option<u64>,
 }
 
 impl Marking {
@@ -139,6 +148,7 @@ impl Marking {
             decisions: FxHashMap::default(),
             counters: MarkingCounters::default(),
             unclaimed: Default::default(),
+            swept_at_inserts: None,
         }
     }
 
@@ -352,6 +362,13 @@ impl Marking {
     /// flows whose sockets userspace never saw (a handshake that never completed, a
     /// missed tracker event). Run after each reconcile.
     pub fn sweep(&mut self, sink: &dyn MarkSink) {
+        // Nothing to walk the map for: no kernel mark written since the last sweep
+        // and none waiting for its second strike.
+        let inserts = sink.kernel_inserts();
+        if inserts.is_some() && inserts == self.swept_at_inserts && self.unclaimed.is_empty() {
+            return;
+        }
+        self.swept_at_inserts = inserts;
         let owned: rustc_hash::FxHashSet<FlowKey> = self
             .decisions
             .values()

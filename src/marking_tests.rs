@@ -11,13 +11,19 @@ use crate::discovery::types::{Direction, Protocol, SockState};
 use crate::flows::{Lifecycle, Owner, SeenBy};
 use crate::policy::{Registry, StaticAccounts};
 
-/// The map: key -> (tag, entropy, written by the kernel).
+/// The map: key -> (tag, entropy, written by the kernel); the kernel's insert
+/// count; how often the map was walked for kernel marks.
 #[derive(Default)]
-struct Sink(RefCell<HashMap<FlowKey, (Tag, u8, bool)>>);
+struct Sink(
+    RefCell<HashMap<FlowKey, (Tag, u8, bool)>>,
+    std::cell::Cell<u64>,
+    std::cell::Cell<u32>,
+);
 
 impl Sink {
     fn kernel_writes(&self, key: FlowKey, tag: Tag, entropy: u8) {
         self.0.borrow_mut().insert(key, (tag, entropy, true));
+        self.1.set(self.1.get() + 1);
     }
     fn get(&self, key: &FlowKey) -> Option<(Tag, u8, bool)> {
         self.0.borrow().get(key).copied()
@@ -50,7 +56,11 @@ impl MarkSink for Sink {
     fn remove(&self, key: &FlowKey) -> Result<bool, MapError> {
         Ok(self.0.borrow_mut().remove(key).is_some())
     }
+    fn kernel_inserts(&self) -> Option<u64> {
+        Some(self.1.get())
+    }
     fn kernel_marked(&self) -> Vec<FlowKey> {
+        self.2.set(self.2.get() + 1);
         self.0
             .borrow()
             .iter()
@@ -182,4 +192,22 @@ fn the_sweep_removes_unclaimed_kernel_marks_on_the_second_strike_only() {
     );
     assert!(sink.get(&owned).is_some() && sink.get(&key(1, 1)).is_some());
     assert_eq!(m.counters().kernel_swept, 1);
+}
+
+#[test]
+fn the_sweep_walks_the_map_only_when_the_kernel_wrote_or_a_strike_is_pending() {
+    let (sink, mut m) = (Sink::default(), Marking::new(NETNS));
+    let stale = key(40001, 1094);
+    sink.kernel_writes(stale, debug(), 2);
+    m.sweep(&sink);
+    m.sweep(&sink);
+    assert_eq!(sink.get(&stale), None, "second strike");
+    assert_eq!(sink.2.get(), 2);
+    // Nothing written since, nothing pending: no walk.
+    m.sweep(&sink);
+    m.sweep(&sink);
+    assert_eq!(sink.2.get(), 2);
+    sink.kernel_writes(key(40002, 1094), debug(), 3);
+    m.sweep(&sink);
+    assert_eq!(sink.2.get(), 3);
 }

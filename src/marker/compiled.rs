@@ -43,6 +43,7 @@ pub struct KernelMaps {
     pub(crate) addrs: MapHandle,
     pub(crate) ports: MapHandle,
     pub(crate) uids: MapHandle,
+    pub(crate) inserts: MapHandle,
 }
 
 fn bpf(map: &'static str) -> impl Fn(libbpf_rs::Error) -> MapError {
@@ -50,6 +51,19 @@ fn bpf(map: &'static str) -> impl Fn(libbpf_rs::Error) -> MapError {
 }
 
 impl KernelMaps {
+    /// Marks the kernel has written since load (summed over CPUs).
+    pub fn inserts(&self) -> Result<u64, MapError> {
+        let per_cpu = self
+            .inserts
+            .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(bpf("flowd_kinserts"))?
+            .unwrap_or_default();
+        Ok(per_cpu
+            .iter()
+            .map(|b| u64::from_ne_bytes(b[..8].try_into().unwrap_or_default()))
+            .sum())
+    }
+
     fn read_state(&self) -> Result<flowd_kstate, MapError> {
         Ok(self
             .state

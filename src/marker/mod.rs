@@ -141,6 +141,7 @@ pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
         addrs: h(&m.flowd_kaddrs)?,
         ports: h(&m.flowd_kports)?,
         uids: h(&m.flowd_kuids)?,
+        inserts: h(&m.flowd_kinserts)?,
     })
     .with_cache(cache))
 }
