@@ -332,7 +332,7 @@ impl Engine {
                 serde_json::to_writer(
                     &mut out,
                     &Flows {
-                        flows: SeqOf(std::cell::Cell::new(Some(flows))),
+                        flows: view::SeqOf::new(flows),
                     },
                 )
                 .map_err(|e| e.to_string())?;
@@ -512,19 +512,6 @@ impl Engine {
             policy_reloads_ok: self.reloads_ok,
             policy_reloads_failed: self.reloads_failed,
         }
-    }
-}
-
-/// Serializes an iterator's items as a sequence, each built only when written.
-struct SeqOf<I>(std::cell::Cell<Option<I>>);
-
-impl<I, T> serde::Serialize for SeqOf<I>
-where
-    I: Iterator<Item = T>,
-    T: serde::Serialize,
-{
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.take().into_iter().flatten())
     }
 }
 

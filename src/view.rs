@@ -140,3 +140,22 @@ pub fn add_tag_counts(rows: &mut Vec<TagTotals>, per_tag: &[TagCount], reg: &Reg
     }
     rows.sort_by_key(|r| (r.experiment, r.activity));
 }
+
+/// Serializes an iterator's items as a sequence, each built only when written.
+pub struct SeqOf<I>(std::cell::Cell<Option<I>>);
+
+impl<I> SeqOf<I> {
+    pub fn new(items: I) -> Self {
+        SeqOf(std::cell::Cell::new(Some(items)))
+    }
+}
+
+impl<I, T> serde::Serialize for SeqOf<I>
+where
+    I: Iterator<Item = T>,
+    T: serde::Serialize,
+{
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.take().into_iter().flatten())
+    }
+}
