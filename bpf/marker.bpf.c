@@ -40,7 +40,7 @@ const volatile __u32 flowd_in_kernel = 0;
 const volatile __u32 flowd_netns_ino = 0;
 /* Config marker.socket_cache: remember each socket's lookup (flowd_sk_cache_map). */
 const volatile __u32 flowd_sk_cache_on = 0;
-/* Key of the entropy hash (flow_entropy), drawn by userspace at every start. */
+/* Key of the entropy hash (flow_entropy): from the boot id (src/marker/mod.rs). */
 const volatile __u32 flowd_entropy_seed = 0;
 /* Set by userspace once the sockops program is attached: accepted connections are
  * then written into flowd_marks when their handshake completes, and a SYN-ACK is
@@ -293,7 +293,7 @@ static __always_inline int kdecide(const struct flowd_ksock *s, struct flowd_flo
 #define FLOWD_ENTROPY_MASK 0xC0103
 
 /* A flow's entropy bits, in their label positions: a hash of its 5-tuple under a
- * key drawn at start. Random across flows, and the same wherever the flow is
+ * key fixed for the boot. Random across flows, and the same wherever the flow is
  * decided (its SYN-ACK, its established socket, userspace: src/marker/label.rs
  * flow_entropy computes the same), so its label never changes whoever writes
  * first. */

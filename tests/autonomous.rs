@@ -407,3 +407,74 @@ fn other_namespaces_are_listed_only_with_all_namespaces() {
         assert!(want(&later), "all_namespaces = {all}: {later}");
     }
 }
+
+/// The entropy key comes from the kernel's boot id: a flow that outlives a daemon
+/// restart (an upgrade) gets the same label from the new daemon, which adopts it
+/// from its first dump.
+#[test]
+fn a_flow_keeps_its_label_across_a_daemon_restart() {
+    if !common::privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies.d");
+    std::fs::create_dir(&policies).unwrap();
+    write_policy(&policies, "atlas.toml", ATLAS);
+    let pair = Pair::new();
+    let sock_of = |d: &Daemon| d.state_dir.join("control.sock");
+    let d = policy_daemon(&pair, dir.path(), &policies, "");
+    let cap = Capture::start(&pair.b, IF_B, "ip6 and tcp", dir.path());
+    let srv = common::serve_once(&pair.b, 5201);
+    let (step_tx, step_rx) = std::sync::mpsc::channel::<u8>();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<u16>();
+    let client = pair.a.run(move || {
+        let mut s = TcpStream::connect(SocketAddr::new(ADDR_B.into(), 5201)).unwrap();
+        s.set_nodelay(true).unwrap();
+        for phase in step_rx {
+            s.write_all(&[phase; 3000]).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            sent_tx.send(s.local_addr().unwrap().port()).unwrap();
+        }
+    });
+    step_tx.send(1).unwrap();
+    let port = sent_rx.recv().unwrap();
+    d.stop();
+    let d = policy_daemon(&pair, dir.path(), &policies, "");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while flowd::control::request(&sock_of(&d), &flowd::control::Request::Status {}).unwrap()
+        ["flows_tagged"]
+        != 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new daemon never tagged the flow"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    step_tx.send(2).unwrap();
+    sent_rx.recv().unwrap();
+    drop(step_tx);
+    client.join().unwrap();
+    srv.join().unwrap();
+    let pkts = cap.finish();
+    d.stop();
+
+    let mut labels: [Vec<u32>; 3] = Default::default();
+    for p in data_packets_from(&pkts, port) {
+        let doff = usize::from(p.l3[40 + 12] >> 4) * 4;
+        if let Some(&phase) = p.l3.get(40 + doff) {
+            labels[usize::from(phase).min(2)].push(p.flow_label);
+        }
+    }
+    let atlas = Tag::new(2, 4).unwrap();
+    assert!(
+        !labels[1].is_empty() && !labels[2].is_empty(),
+        "{labels:x?}"
+    );
+    let first = labels[1][0];
+    assert_eq!(decode(first).tag, Some(atlas));
+    assert!(
+        labels[1].iter().chain(&labels[2]).all(|l| *l == first),
+        "the label changed across the restart: {labels:x?}"
+    );
+}

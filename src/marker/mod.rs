@@ -73,7 +73,7 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         ro.flowd_in_kernel = u32::from(opts.in_kernel);
         ro.flowd_netns_ino = opts.netns_ino;
         ro.flowd_sk_cache_on = u32::from(opts.socket_cache);
-        ro.flowd_entropy_seed = rand::random();
+        ro.flowd_entropy_seed = entropy_seed();
     }
     open.maps
         .flowd_marks
@@ -101,6 +101,21 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         };
         anyhow::anyhow!("loading the marker BPF program: {e}{hint}")
     })
+}
+
+/// Key of the flows' entropy hash: drawn from the kernel's boot id, so that it is
+/// random for each boot but the same across restarts of the daemon, and a flow that
+/// outlives a restart (an upgrade) keeps its label, and its ECMP path.
+fn entropy_seed() -> u32 {
+    match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        Ok(id) => {
+            // FNV-1a: any fixed mix of the 122 random bits will do.
+            id.trim().bytes().fold(0x811c_9dc5u32, |h, b| {
+                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+            })
+        }
+        Err(_) => rand::random(),
+    }
 }
 
 /// Inode of the calling thread's network namespace (what the tracker and sock_diag
