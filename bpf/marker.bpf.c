@@ -700,6 +700,10 @@ static __always_inline void cache_store(struct bpf_sock *sk, const struct flowd_
 		packets = c->mark.packets;
 		bytes = c->mark.bytes;
 	}
+	/* Generation last: a packet of the same socket on another CPU (an ACK from
+	 * softirq) either sees the old generation or a complete entry. That holds on
+	 * x86 (stores in program order); a weakly ordered CPU could, rarely, label one
+	 * packet with the entry's previous mark. */
 	c->generation = 0;
 	c->key = *key;
 	if (m) {
