@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark, one after the other, each printing its own table. As root: they
 # load BPF programs and build network namespaces (traffic never leaves them).
-# Bounded: about 10 minutes on 2 cores.
+# Bounded: about 5 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
