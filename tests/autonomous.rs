@@ -48,6 +48,16 @@ fn write_policy(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
 
+/// `dir`/policies.d holding `files` (name, text).
+fn policies_with(dir: &Path, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let policies = dir.join("policies.d");
+    std::fs::create_dir(&policies).unwrap();
+    for (name, text) in files {
+        write_policy(&policies, name, text);
+    }
+    policies
+}
+
 fn data_packets_from(pkts: &[Packet], port: u16) -> Vec<&Packet> {
     // Data-carrying packets: the 1000-byte chunks (headers and SACK options are less).
     pkts.iter()
@@ -80,10 +90,10 @@ fn each_flow_carries_the_tag_its_policy_gives_and_unmatched_flows_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies.d");
-    std::fs::create_dir(&policies).unwrap();
-    write_policy(&policies, "atlas.toml", ATLAS);
-    write_policy(&policies, "cms.toml", CMS_NOBODY);
+    let policies = policies_with(
+        dir.path(),
+        &[("atlas.toml", ATLAS), ("cms.toml", CMS_NOBODY)],
+    );
     let pair = Pair::new();
     let d = policy_daemon(&pair, dir.path(), &policies, "");
     let cap = Capture::start(&pair.b, IF_B, "ip6 and tcp", dir.path());
@@ -155,9 +165,7 @@ fn reload_switches_the_tag_keeps_the_entropy_and_survives_a_broken_file() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies.d");
-    std::fs::create_dir(&policies).unwrap();
-    write_policy(&policies, "atlas.toml", ATLAS);
+    let policies = policies_with(dir.path(), &[("atlas.toml", ATLAS)]);
     let pair = Pair::new();
     let d = policy_daemon(&pair, dir.path(), &policies, "");
     let cap = Capture::start(&pair.b, IF_B, "ip6 and tcp", dir.path());
@@ -227,9 +235,7 @@ fn with_the_tracker_disabled_polling_finds_and_marks_a_flow_within_one_interval(
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies.d");
-    std::fs::create_dir(&policies).unwrap();
-    write_policy(&policies, "atlas.toml", ATLAS);
+    let policies = policies_with(dir.path(), &[("atlas.toml", ATLAS)]);
     let pair = Pair::new();
     let d = policy_daemon(
         &pair,
@@ -278,9 +284,10 @@ fn churn_of_ten_thousand_connections_leaves_no_flow_and_no_mark_behind() {
     }
     const N: usize = 10_000;
     let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies.d");
-    std::fs::create_dir(&policies).unwrap();
-    write_policy(&policies, "atlas.toml", &ATLAS.replace("5201", "5301"));
+    let policies = policies_with(
+        dir.path(),
+        &[("atlas.toml", &ATLAS.replace("5201", "5301"))],
+    );
     let pair = Pair::new();
     let d = policy_daemon(&pair, dir.path(), &policies, "reconcile_interval_ms = 1000");
     let server = pair.b.run(|| {
@@ -352,8 +359,7 @@ fn other_namespaces_are_listed_only_with_all_namespaces() {
     }
     for (all, netns_listed) in [(false, 1), (true, 2)] {
         let dir = tempfile::tempdir().unwrap();
-        let policies = dir.path().join("policies.d");
-        std::fs::create_dir(&policies).unwrap();
+        let policies = policies_with(dir.path(), &[]);
         let pair = Pair::new();
         let d = policy_daemon(
             &pair,
@@ -384,11 +390,13 @@ fn other_namespaces_are_listed_only_with_all_namespaces() {
                 mine.len() == netns_listed && (all || foreign == 0)
             })
         };
+        let list = || {
+            flowd::control::request(&sock, &flowd::control::Request::Flows { filter: None })
+                .unwrap()
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         let flows = loop {
-            let flows =
-                flowd::control::request(&sock, &flowd::control::Request::Flows { filter: None })
-                    .unwrap();
+            let flows = list();
             if want(&flows) || Instant::now() > deadline {
                 break flows;
             }
@@ -396,9 +404,7 @@ fn other_namespaces_are_listed_only_with_all_namespaces() {
         };
         // Both ends stay listed (or not) while the connection lives.
         std::thread::sleep(Duration::from_millis(300));
-        let later =
-            flowd::control::request(&sock, &flowd::control::Request::Flows { filter: None })
-                .unwrap();
+        let later = list();
         hold_tx.send(()).unwrap();
         client.join().unwrap();
         srv.join().unwrap();
@@ -417,11 +423,8 @@ fn a_flow_keeps_its_label_across_a_daemon_restart() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies.d");
-    std::fs::create_dir(&policies).unwrap();
-    write_policy(&policies, "atlas.toml", ATLAS);
+    let policies = policies_with(dir.path(), &[("atlas.toml", ATLAS)]);
     let pair = Pair::new();
-    let sock_of = |d: &Daemon| d.state_dir.join("control.sock");
     let d = policy_daemon(&pair, dir.path(), &policies, "");
     let cap = Capture::start(&pair.b, IF_B, "ip6 and tcp", dir.path());
     let srv = common::serve_once(&pair.b, 5201);
@@ -441,10 +444,7 @@ fn a_flow_keeps_its_label_across_a_daemon_restart() {
     d.stop();
     let d = policy_daemon(&pair, dir.path(), &policies, "");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while flowd::control::request(&sock_of(&d), &flowd::control::Request::Status {}).unwrap()
-        ["flows_tagged"]
-        != 1
-    {
+    while status(&d)["flows_tagged"] != 1 {
         assert!(
             Instant::now() < deadline,
             "the new daemon never tagged the flow"
@@ -461,8 +461,7 @@ fn a_flow_keeps_its_label_across_a_daemon_restart() {
 
     let mut labels: [Vec<u32>; 3] = Default::default();
     for p in data_packets_from(&pkts, port) {
-        let doff = usize::from(p.l3[40 + 12] >> 4) * 4;
-        if let Some(&phase) = p.l3.get(40 + doff) {
+        if let Some(phase) = p.tcp_payload_first_byte() {
             labels[usize::from(phase).min(2)].push(p.flow_label);
         }
     }

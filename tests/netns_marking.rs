@@ -200,11 +200,7 @@ fn a_live_connection_follows_every_mark_change_at_once() {
     // Data segments by the phase byte they carry.
     let mut labels: [Vec<u32>; 5] = Default::default();
     for p in pkts.iter().filter(|p| p.src == a(41010)) {
-        let doff = usize::from(p.l3[40 + 12] >> 4) * 4;
-        if let Some(&phase) =
-            p.l3.get(40 + doff)
-                .filter(|_| p.payload_len as usize > doff)
-        {
+        if let Some(phase) = p.tcp_payload_first_byte() {
             labels[usize::from(phase)].push(p.flow_label);
         }
     }

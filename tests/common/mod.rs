@@ -232,6 +232,18 @@ pub struct Packet {
     pub l3: Vec<u8>,
 }
 
+impl Packet {
+    /// The first byte of the TCP payload, if the segment carries data (TCP right
+    /// behind the fixed IPv6 header, as the label strategy leaves it).
+    pub fn tcp_payload_first_byte(&self) -> Option<u8> {
+        let doff = usize::from(*self.l3.get(40 + 12)? >> 4) * 4;
+        if usize::from(self.payload_len) <= doff {
+            return None;
+        }
+        self.l3.get(40 + doff).copied()
+    }
+}
+
 /// The records of a classic pcap file (what tcpdump -w writes): the bytes captured
 /// of each packet. Any byte order, micro- or nanosecond stamps.
 fn pcap_records(bytes: &[u8]) -> Vec<&[u8]> {
