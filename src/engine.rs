@@ -364,8 +364,7 @@ impl Engine {
             } => {
                 let key = flow.key()?;
                 let tag = Tag::new(experiment, activity).map_err(|e| e.to_string())?;
-                let entropy =
-                    entropy.unwrap_or_else(|| MarkSink::entropy(self.maps.as_ref(), &key));
+                let entropy = entropy.unwrap_or_else(|| self.maps.entropy(&key));
                 if entropy > 0x1f {
                     return Err(format!("entropy {entropy} does not fit 5 bits (0..=31)"));
                 }
