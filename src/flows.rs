@@ -164,8 +164,8 @@ pub struct FlowTable {
     /// Recently ended cookies -> when they ended.
     tombstones: FxHashMap<u64, Instant>,
     generation: u64,
-    /// The generation of the dump whose parts are arriving, if one is.
-    dump_open: Option<u64>,
+    /// A dump's parts are arriving: `generation` is that dump's.
+    dump_open: bool,
     counters: FlowCounters,
 }
 
@@ -176,7 +176,7 @@ impl FlowTable {
             flows: FxHashMap::default(),
             tombstones: FxHashMap::default(),
             generation: 0,
-            dump_open: None,
+            dump_open: false,
             counters: FlowCounters::default(),
         }
     }
@@ -304,11 +304,11 @@ impl FlowTable {
 
     /// The generation of the dump in progress; the first part of a dump opens one.
     fn open_dump(&mut self, now: Instant) -> u64 {
-        if let Some(g) = self.dump_open {
-            return g;
+        if self.dump_open {
+            return self.generation;
         }
         self.generation += 1;
-        self.dump_open = Some(self.generation);
+        self.dump_open = true;
         let ttl = self.config.tombstone_ttl;
         self.tombstones
             .retain(|_, ended| now.duration_since(*ended) < ttl);
@@ -374,7 +374,7 @@ impl FlowTable {
     /// The dump was incomplete: its parts stand (they are live sockets), but it ends
     /// nothing.
     pub fn dump_abandoned(&mut self) {
-        self.dump_open = None;
+        self.dump_open = false;
     }
 
     /// Ends what a complete dump of the namespaces in `scope` did not list: a flow
@@ -386,7 +386,7 @@ impl FlowTable {
     pub fn dump_complete_scoped(&mut self, scope: &[u64], dump_started: Instant) -> Vec<FlowEvent> {
         let now = Instant::now();
         let generation = self.open_dump(now);
-        self.dump_open = None;
+        self.dump_open = false;
         let mut events = Vec::new();
 
         let grace = self.config.time_wait_grace;
