@@ -62,6 +62,7 @@ fn obs(i: u32) -> SocketObservation {
         comm: Some("xrootd".into()),
         cgroup_id: Some(77),
         tcp: None,
+        tcp_bytes: None,
         source: Source::Tracker,
     }
 }

@@ -261,6 +261,9 @@ enum flowd_event_kind {
 /* netns, inode and uid were read from the socket itself (set by every hook; kept
  * as a flag so a hook that cannot read them can say so). */
 #define FLOWD_F_SOCK_INFO 0x2
+/* bytes_acked/bytes_received hold the socket's tcp_info counters (TCP state changes
+ * to CLOSE: the last word on a flow's volume, which no later dump can give). */
+#define FLOWD_F_TCP_BYTES 0x4
 
 /* TCP states (include/net/tcp_states.h); UDP reuses ESTABLISHED and CLOSE. */
 #define FLOWD_TCP_ESTABLISHED 1
@@ -270,7 +273,7 @@ enum flowd_event_kind {
 #define FLOWD_TCP_LISTEN 10
 
 /*
- * One ring-buffer record. 112 bytes, no implicit padding (every field is naturally
+ * One ring-buffer record. 128 bytes, no implicit padding (every field is naturally
  * aligned; `pad0` is explicit so both sides see the same bytes).
  */
 struct flowd_sock_event {
@@ -294,13 +297,16 @@ struct flowd_sock_event {
 	__u8 flags;      /* FLOWD_F_* */
 	__u8 pad0;
 	char comm[FLOWD_COMM_LEN]; /* current task's comm */
+	__u64 bytes_acked;    /* tcp_sock.bytes_acked when FLOWD_F_TCP_BYTES */
+	__u64 bytes_received; /* tcp_sock.bytes_received when FLOWD_F_TCP_BYTES */
 };
 
 /* The Rust side reads records by hand (tests/layout.rs pins the same numbers). */
-_Static_assert(sizeof(struct flowd_sock_event) == 112, "flowd_sock_event size");
+_Static_assert(sizeof(struct flowd_sock_event) == 128, "flowd_sock_event size");
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, pid) == 40, "pid offset");
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, saddr) == 56, "saddr offset");
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, sport) == 88, "sport offset");
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, comm) == 96, "comm offset");
+_Static_assert(__builtin_offsetof(struct flowd_sock_event, bytes_acked) == 112, "bytes offset");
 
 #endif /* FLOWD_H */

@@ -228,6 +228,15 @@ int BPF_PROG(flowd_tcp_state, const struct sock *sk, int oldstate, int newstate)
 	e->newstate = newstate;
 	flowd_fill_tuple(e, sk);
 	flowd_fill_sock_info(e, sk);
+	if (newstate == FLOWD_TCP_CLOSE) {
+		/* The flow's final volume, for its end firefly: sock_diag can no longer
+		 * report this socket once it is closed. */
+		const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+
+		e->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
+		e->bytes_received = BPF_CORE_READ(tp, bytes_received);
+		e->flags |= FLOWD_F_TCP_BYTES;
+	}
 	/* A server-side LISTEN->SYN_RECV, a SYN_SENT->ESTABLISHED or an RST runs in
 	 * softirq under whatever task was interrupted: owner fields are then not the
 	 * socket's. */

@@ -82,7 +82,7 @@ impl Default for PolicyConfig {
 pub struct DiscoveryConfig {
     pub tracker: TrackerSetting,
     /// Ring buffer between the tracker and the daemon, bytes (power of two, >= 4096).
-    /// 4 MiB holds ~35 000 events: a burst of several thousand connections while the
+    /// 4 MiB holds ~30 000 events: a burst of several thousand connections while the
     /// daemon is busy elsewhere; every socket of the host passes through it.
     pub ring_buffer_bytes: u32,
     /// Track connected UDP sockets with the tracker (a tp_btf on sys_exit).

@@ -489,6 +489,12 @@ fn merge(flow: &mut Flow, obs: &SocketObservation, clock: Clock) -> bool {
     if obs.tcp.is_some() {
         flow.tcp = obs.tcp;
     }
+    if let Some(b) = obs.tcp_bytes {
+        // The counters only grow: a dump read before this close must not undo it.
+        let t = flow.tcp.get_or_insert_with(TcpStats::default);
+        t.bytes_acked = t.bytes_acked.max(b.acked);
+        t.bytes_received = t.bytes_received.max(b.received);
+    }
     // The tracker's first event of an unbound client has local port 0.
     if flow.key != obs.key && obs.key.local().port() != 0 {
         flow.key = obs.key;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::discovery::types::Protocol;
+use crate::discovery::types::{Protocol, TcpBytes};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
@@ -26,6 +26,7 @@ fn obs(cookie: u64, state: SockState, source: Source) -> SocketObservation {
         comm: None,
         cgroup_id: Some(7),
         tcp: None,
+        tcp_bytes: None,
         source,
     }
 }
@@ -142,6 +143,31 @@ fn reconcile_adopts_sockets_the_tracker_missed() {
     assert_eq!(f.tcp.unwrap().rtt_us, 42);
     assert_eq!(f.owner.uid, Some(1000));
     assert_eq!(t.counters().reconcile_added, 1);
+}
+
+#[test]
+fn the_close_events_byte_counts_reach_the_ended_flow_and_never_go_back() {
+    let mut t = table();
+    let mut dumped = obs(6, SockState::Established, Source::SockDiag);
+    dumped.tcp = Some(TcpStats {
+        rtt_us: 42,
+        bytes_acked: 1000,
+        bytes_received: 900,
+        ..TcpStats::default()
+    });
+    t.reconcile(&[dumped], Instant::now());
+    let mut close = obs(6, SockState::Close, Source::Tracker);
+    close.tcp_bytes = Some(TcpBytes {
+        acked: 5000,
+        received: 700,
+    });
+    let ev = t.apply_observation(close);
+    let [FlowEvent::Ended(f, EndReason::Closed)] = ev.as_slice() else {
+        panic!("{ev:?}");
+    };
+    let tcp = f.tcp.unwrap();
+    assert_eq!((tcp.bytes_acked, tcp.bytes_received), (5000, 900));
+    assert_eq!(tcp.rtt_us, 42, "the rest of tcp_info stays");
 }
 
 #[test]

@@ -224,6 +224,7 @@ fn tracker_obs(c: &TcpStream, state: SockState, netns: u64) -> SocketObservation
         comm: None,
         cgroup_id: None,
         tcp: None,
+        tcp_bytes: None,
         source: Source::Tracker,
     }
 }

@@ -7,8 +7,8 @@ use flowd::discovery::tracker_event::{RawRecord, RECORD_SIZE};
 
 #[test]
 fn record_size_and_every_offset_match_the_c_header() {
-    assert_eq!(size_of::<RawRecord>(), 112);
-    assert_eq!(RECORD_SIZE, 112);
+    assert_eq!(size_of::<RawRecord>(), 128);
+    assert_eq!(RECORD_SIZE, 128);
     let offsets = [
         (offset_of!(RawRecord, ts_ns), 0),
         (offset_of!(RawRecord, cookie), 8),
@@ -30,6 +30,8 @@ fn record_size_and_every_offset_match_the_c_header() {
         (offset_of!(RawRecord, flags), 94),
         (offset_of!(RawRecord, pad0), 95),
         (offset_of!(RawRecord, comm), 96),
+        (offset_of!(RawRecord, bytes_acked), 112),
+        (offset_of!(RawRecord, bytes_received), 120),
     ];
     for (i, (got, want)) in offsets.iter().enumerate() {
         assert_eq!(got, want, "field #{i}");

@@ -52,7 +52,7 @@ pub enum TrackerMode {
 pub struct TrackerConfig {
     pub mode: TrackerMode,
     /// Ring buffer size in bytes: a power of two, multiple of the page size.
-    /// One record is 112 bytes (+8 header): the 1 MiB default holds ~8700 events,
+    /// One record is 128 bytes (+8 header): the 1 MiB default holds ~7700 events,
     /// enough for bursts of ~27k connections/s on 2 cores (benches/tracker_rate.rs).
     pub ring_bytes: u32,
     /// Where cgroup2 is mounted; `None`: read /proc/self/mountinfo.

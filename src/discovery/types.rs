@@ -218,6 +218,14 @@ pub struct TcpStats {
     pub segs_in: u32,
 }
 
+/// A TCP socket's byte counters (tcp_info `bytes_acked`, `bytes_received`), as the
+/// tracker reads them when the socket closes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpBytes {
+    pub acked: u64,
+    pub received: u64,
+}
+
 /// One observation of one socket at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketObservation {
@@ -237,6 +245,9 @@ pub struct SocketObservation {
     /// cgroup v2 id (the inode number of the cgroup directory).
     pub cgroup_id: Option<u64>,
     pub tcp: Option<TcpStats>,
+    /// The byte counters alone, when the source knows no more of tcp_info (the
+    /// tracker, at close).
+    pub tcp_bytes: Option<TcpBytes>,
     pub source: Source,
 }
 

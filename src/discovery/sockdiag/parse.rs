@@ -299,6 +299,7 @@ fn parse_socket(
         comm: None,
         cgroup_id,
         tcp,
+        tcp_bytes: None,
         source: Source::SockDiag,
     });
     Some(())
