@@ -25,6 +25,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub discovery: DiscoveryConfig,
     pub metrics: MetricsConfig,
+    pub fireflies: FireflyConfig,
 }
 
 impl Default for Config {
@@ -36,6 +37,45 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             discovery: DiscoveryConfig::default(),
             metrics: MetricsConfig::default(),
+            fireflies: FireflyConfig::default(),
+        }
+    }
+}
+
+/// Default UDP port of firefly collectors (shared/spec/scitags.md).
+pub const FIREFLY_PORT: u16 = 10514;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FireflyConfig {
+    /// Send a firefly (UDP, JSON) at the start and end of every tagged flow, IPv4 and
+    /// IPv6. Off by default: it sends packets to hosts besides the flow's own.
+    pub enabled: bool,
+    /// Collectors that receive every firefly, as `address:port` (no host names: the
+    /// daemon never needs DNS to start).
+    pub collectors: Vec<std::net::SocketAddr>,
+    /// Also send each firefly to the flow's remote host, on `remote_port` (the
+    /// convention: the far site may listen for its peers' fireflies).
+    pub to_remote: bool,
+    pub remote_port: u16,
+    /// Put an RFC 5424 syslog header in front of the JSON (what syslog-based
+    /// collectors expect); `false` sends the bare JSON object.
+    pub syslog_header: bool,
+    /// Also send an `ongoing` firefly for every announced flow this often, seconds;
+    /// 0 never. Checked at each reconcile, so effectively rounded up to
+    /// `discovery.reconcile_interval_ms`.
+    pub ongoing_interval_s: u64,
+}
+
+impl Default for FireflyConfig {
+    fn default() -> Self {
+        FireflyConfig {
+            enabled: false,
+            collectors: Vec::new(),
+            to_remote: true,
+            remote_port: FIREFLY_PORT,
+            syslog_header: true,
+            ongoing_interval_s: 0,
         }
     }
 }
@@ -185,6 +225,26 @@ impl Config {
         }
         if cfg.discovery.reconcile_interval_ms < 100 {
             return Err("discovery.reconcile_interval_ms must be at least 100".into());
+        }
+        let ff = &cfg.fireflies;
+        if ff.enabled && ff.collectors.is_empty() && !ff.to_remote {
+            return Err(
+                "fireflies.enabled = true, but there is nowhere to send them: \
+                 list fireflies.collectors or set fireflies.to_remote = true"
+                    .into(),
+            );
+        }
+        if ff.to_remote && ff.remote_port == 0 {
+            return Err("fireflies.remote_port must not be 0".into());
+        }
+        if let Some(c) = ff
+            .collectors
+            .iter()
+            .find(|c| c.port() == 0 || c.ip().is_unspecified())
+        {
+            return Err(format!(
+                "fireflies.collectors: {c} is not a destination (needs an address and a port)"
+            ));
         }
         Ok(cfg)
     }
@@ -362,6 +422,31 @@ mod tests {
             e.starts_with("2:12: unknown marking strategy `flow-label`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn fireflies_parse_and_nowhere_to_send_is_refused() {
+        let c = Config::parse(
+            "[fireflies]\nenabled = true\ncollectors = [\"[fd00::9]:10514\", \"10.0.0.9:9999\"]\n\
+             to_remote = false\nsyslog_header = false\nongoing_interval_s = 60\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.fireflies.collectors[0],
+            "[fd00::9]:10514".parse().unwrap()
+        );
+        assert_eq!(c.fireflies.collectors[1].port(), 9999);
+        assert!(!c.fireflies.to_remote && !c.fireflies.syslog_header);
+        assert_eq!(c.fireflies.ongoing_interval_s, 60);
+
+        let e = Config::parse("[fireflies]\nenabled = true\nto_remote = false\n").unwrap_err();
+        assert!(e.contains("nowhere to send"), "{e}");
+        let e = Config::parse("[fireflies]\ncollectors = [\"[::]:10514\"]\n").unwrap_err();
+        assert!(e.contains("[::]:10514 is not a destination"), "{e}");
+        // A host name is refused where it is written.
+        let e =
+            Config::parse("[fireflies]\ncollectors = [\"collector.example:10514\"]\n").unwrap_err();
+        assert!(e.starts_with("2:15: invalid socket address"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::control::{DaemonInfo, Server};
 use crate::discovery::feeds::{self, Feed, TrackerStatus};
 use crate::discovery::tracker::{TrackerConfig, TrackerMode};
 use crate::engine::{load_policy, Command, Engine};
+use crate::firefly::{self, Fireflies, FireflyCounters};
 use crate::marker::maps::OUTCOMES;
 use crate::marker::Marker;
 use crate::metrics::{BuildInfo, Metrics, MetricsSource, Published};
@@ -91,6 +92,9 @@ struct Running {
     engine: tokio::task::JoinHandle<()>,
     /// Control socket and metrics endpoint.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Tasks that finish on their own once the engine is gone (the firefly sender
+    /// sends what is queued).
+    drains: Vec<tokio::task::JoinHandle<()>>,
     feeds: Vec<Feed>,
 }
 
@@ -105,6 +109,9 @@ impl Running {
         let _ = tokio::task::spawn_blocking(move || drop(feeds)).await;
         drop(self.commands);
         let _ = self.engine.await;
+        for t in self.drains {
+            let _ = t.await;
+        }
     }
 }
 
@@ -164,8 +171,20 @@ async fn start_engine(
     )
     .with_in_kernel_decisions(cfg.marker.in_kernel_decisions);
     let mut tasks = Vec::new();
+    let mut firefly_counters = None;
+    let mut drains = Vec::new();
+    if cfg.fireflies.enabled {
+        let counters = Arc::new(FireflyCounters::default());
+        let (queue, sender) = firefly::sender::spawn(&cfg.fireflies, counters.clone())?;
+        let every = (cfg.fireflies.ongoing_interval_s > 0)
+            .then(|| Duration::from_secs(cfg.fireflies.ongoing_interval_s));
+        engine = engine.with_fireflies(Fireflies::new(queue, counters.clone(), every));
+        info!(collectors = ?cfg.fireflies.collectors, to_remote = cfg.fireflies.to_remote, "fireflies on");
+        firefly_counters = Some(counters);
+        drains.push(sender);
+    }
     if cfg.metrics.enabled {
-        let (metrics, published) = metrics_for(cfg, marker, registry);
+        let (metrics, published) = metrics_for(cfg, marker, registry, firefly_counters);
         let listener = tokio::net::TcpListener::bind(cfg.metrics.listen)
             .await
             .with_context(|| format!("metrics.listen {}: cannot listen", cfg.metrics.listen))?;
@@ -188,6 +207,7 @@ async fn start_engine(
         commands: cmd_tx,
         engine,
         tasks,
+        drains,
         feeds,
     })
 }
@@ -198,6 +218,7 @@ fn metrics_for(
     cfg: &Config,
     marker: &Marker,
     registry: Registry,
+    fireflies: Option<Arc<FireflyCounters>>,
 ) -> (Arc<Metrics>, Arc<Published>) {
     let published = Arc::new(Published::default());
     let maps = marker.maps();
@@ -212,6 +233,10 @@ fn metrics_for(
                     .zip(c.outcomes)
                     .collect();
                 crate::view::add_tag_counts(&mut s.tags, &c.per_tag, &registry);
+            }
+            // The sender counts as it sends: read now, not at the last publish.
+            if let (Some(status), Some(c)) = (&mut s.fireflies, &fireflies) {
+                c.fill(status);
             }
             s
         }

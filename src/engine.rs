@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::control::{DaemonInfo, Request};
 use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::ProcResolver;
+use crate::firefly::Fireflies;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
 use crate::inspect::view::{FlowView, StatusView, TagTotals};
 use crate::marker::label::Tag;
@@ -64,6 +65,7 @@ pub struct Engine {
     in_kernel: bool,
     /// Per rule (precedence order) of the current policy: decided in the kernel?
     exactness: Vec<Exactness>,
+    fireflies: Option<Fireflies>,
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
@@ -110,7 +112,14 @@ impl Engine {
             metrics: None,
             in_kernel: false,
             exactness: Vec::new(),
+            fireflies: None,
         }
+    }
+
+    /// Announces tagged flows with fireflies (config `fireflies.enabled`).
+    pub fn with_fireflies(mut self, fireflies: Fireflies) -> Self {
+        self.fireflies = Some(fireflies);
+        self
     }
 
     /// Config marker.in_kernel_decisions: when on, the policy (now and after every
@@ -204,6 +213,11 @@ impl Engine {
                         if self.in_kernel {
                             self.marking.sweep(self.maps.as_ref());
                         }
+                        if let Some(ff) = &mut self.fireflies {
+                            // Right after a dump: the flows' byte counts are fresh.
+                            let table = &self.table;
+                            ff.ongoing(|cookie| table.get(cookie));
+                        }
                         release_free_memory();
                         return;
                     }
@@ -251,9 +265,15 @@ impl Engine {
                     let procs = &mut self.procs;
                     let mut lookup = |f: &Flow| procs.lookup(f.inode).ok().flatten();
                     self.marking
-                        .on_flow(&f, &policy, self.maps.as_ref(), &mut lookup)
+                        .on_flow(&f, &policy, self.maps.as_ref(), &mut lookup);
+                    if let Some(ff) = &mut self.fireflies {
+                        ff.on_flow(&f, self.marking.decision(f.cookie));
+                    }
                 }
                 FlowEvent::Ended(f, _) => {
+                    if let Some(ff) = &mut self.fireflies {
+                        ff.on_end(&f);
+                    }
                     self.marking.on_end(&f, self.maps.as_ref());
                     if f.inode != 0 {
                         self.procs.forget(f.inode);
@@ -477,6 +497,7 @@ impl Engine {
             dump_errors: fc.dump_errors,
             in_kernel_decisions: self.in_kernel,
             policy_first_packet_exact_rules: self.exactness.iter().filter(|e| e.is_exact()).count(),
+            fireflies: self.fireflies.as_ref().map(Fireflies::status),
             flows_first_packet_exact: self
                 .marking
                 .decisions()
@@ -510,6 +531,7 @@ impl Engine {
             reconcile_ended: fc.reconcile_ended,
             policy_reloads_ok: self.reloads_ok,
             policy_reloads_failed: self.reloads_failed,
+            fireflies: self.fireflies.as_ref().map(Fireflies::status),
         }
     }
 }

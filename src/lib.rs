@@ -2,7 +2,7 @@
 //! help from the applications that make it.
 //!
 //! Data flows one way: [`discovery`] -> [`flows`] -> [`policy`] -> [`marker`] /
-//! [`control`].
+//! [`firefly`] / [`metrics`] / [`control`].
 
 pub mod bpf;
 pub mod cli;
@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod discovery;
 pub mod engine;
+pub mod firefly;
 pub mod flows;
 pub mod inspect;
 pub mod marker;

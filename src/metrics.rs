@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::inspect::view::TagTotals;
+use crate::inspect::view::{FireflyStatus, TagTotals};
 
 /// Where `/metrics` listens unless configured otherwise. 9617 is in the exporters'
 /// range (9100-9999); not yet checked against, nor registered in, the Prometheus
@@ -72,6 +72,8 @@ pub struct Snapshot {
     pub reconcile_ended: u64,
     pub policy_reloads_ok: u64,
     pub policy_reloads_failed: u64,
+    /// Present when fireflies are on.
+    pub fireflies: Option<FireflyStatus>,
 }
 
 /// Gives the current [`Snapshot`]; called once per scrape, on a blocking thread.
@@ -323,14 +325,58 @@ impl Collector for SnapshotCollector {
                 ],
             ),
         ] {
-            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (value, n) in pairs {
-                let v = mono.total(format!("{name}/{value}"), n);
-                ConstCounter::new(v).encode(m.encode_family(&[(key, value)])?)?;
-            }
+            labelled_counters(&mut enc, &mut mono, name, help, key, &pairs)?;
+        }
+        if let Some(ff) = &s.fireflies {
+            gauge(
+                &mut enc,
+                "flowd_fireflies_announced",
+                "Flows announced by a start firefly and not yet ended.",
+                ff.announced as u64,
+            )?;
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_fireflies_sent",
+                "Firefly datagrams sent, by flow state.",
+                "state",
+                &[
+                    ("start", ff.sent_start),
+                    ("ongoing", ff.sent_ongoing),
+                    ("end", ff.sent_end),
+                ],
+            )?;
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_fireflies_lost",
+                "Fireflies not sent: the queue was full, or the kernel refused the datagram.",
+                "reason",
+                &[
+                    ("queue_full", ff.queue_full),
+                    ("send_error", ff.send_errors),
+                ],
+            )?;
         }
         Ok(())
     }
+}
+
+/// One counter family with one label, a series per (label value, count).
+fn labelled_counters(
+    enc: &mut DescriptorEncoder,
+    mono: &mut Monotonic,
+    name: &str,
+    help: &str,
+    key: &str,
+    pairs: &[(&str, u64)],
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, n) in pairs {
+        let v = mono.total(format!("{name}/{value}"), *n);
+        ConstCounter::new(v).encode(m.encode_family(&[(key, *value)])?)?;
+    }
+    Ok(())
 }
 
 /// Binds `listen` and serves `/metrics` until `shutdown` completes.

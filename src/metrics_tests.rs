@@ -44,6 +44,7 @@ fn snapshot(scale: u64) -> Snapshot {
         reconcile_ended: 3 * scale,
         policy_reloads_ok: 4,
         policy_reloads_failed: 1,
+        fireflies: None,
     }
 }
 
@@ -175,6 +176,37 @@ async fn counters_follow_the_snapshot_without_double_counting_and_never_go_down(
     assert_eq!(read(&m)[key], 500.0);
     // Gauges follow the snapshot as is.
     assert_eq!(read(&m)["flowd_flows_tracked{}"], 40.0);
+}
+
+#[test]
+fn firefly_series_exist_only_when_fireflies_are_on() {
+    let source = Arc::new(Published::default());
+    source.set(snapshot(1));
+    let m = metrics(source.clone());
+    let text = m.encode_prometheus().unwrap();
+    assert!(!text.contains("firefl"), "{text}");
+    source.set(Snapshot {
+        fireflies: Some(FireflyStatus {
+            announced: 3,
+            sent_start: 10,
+            sent_ongoing: 0,
+            sent_end: 7,
+            queue_full: 2,
+            send_errors: 1,
+        }),
+        ..snapshot(1)
+    });
+    let v = values(&m.encode_prometheus().unwrap());
+    for (k, want) in [
+        ("flowd_fireflies_announced{}", 3.0),
+        ("flowd_fireflies_sent_total{state=start}", 10.0),
+        ("flowd_fireflies_sent_total{state=ongoing}", 0.0),
+        ("flowd_fireflies_sent_total{state=end}", 7.0),
+        ("flowd_fireflies_lost_total{reason=queue_full}", 2.0),
+        ("flowd_fireflies_lost_total{reason=send_error}", 1.0),
+    ] {
+        assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
+    }
 }
 
 #[tokio::test]

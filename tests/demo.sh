@@ -60,6 +60,10 @@ cat > "$WORK/flowd-rs.toml" <<TOML
 state_dir = "$WORK/state"
 [policy]
 dir = "$WORK/policies.d"
+[fireflies]
+# A UDP datagram of JSON at each tagged flow's start and end, sent to the flow's
+# remote host (port 10514) by default.
+enabled = true
 TOML
 echo "== policies"
 "$BIN" -c "$WORK/flowd-rs.toml" policy check
@@ -76,6 +80,10 @@ ip netns exec "$B" tcpdump -i vdemo-b -l -nn -v --immediate-mode 'ip6 and tcp an
     >"$WORK/capture.txt" 2>"$WORK/tcpdump.err" &
 PIDS+=($!)
 for _ in $(seq 100); do grep -q "listening on" "$WORK/tcpdump.err" 2>/dev/null && break; sleep 0.05; done
+ip netns exec "$B" tcpdump -i vdemo-b -l -nn -A --immediate-mode 'udp dst port 10514' \
+    >"$WORK/fireflies.txt" 2>"$WORK/tcpdump-ff.err" &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q "listening on" "$WORK/tcpdump-ff.err" 2>/dev/null && break; sleep 0.05; done
 
 for port in 5201 5202 5203; do
     ip netns exec "$B" iperf3 -s -1 -B fd00:de::2 -p "$port" >/dev/null 2>&1 &
@@ -104,5 +112,10 @@ echo
 echo "(ports 5201/5202 match the atlas/cms policies; 5203 matches none, so its labels"
 echo " are the kernel's own random hashes, which decode to nothing meaningful.)"
 echo
+echo "== fireflies the receiver got (UDP port 10514), one line each"
+grep -o '{"version".*' "$WORK/fireflies.txt" | sed -E \
+    's/.*"state":"([a-z]+)".*"src-ip":"([^"]+)".*"dst-ip":"([^"]+)".*"src-port":([0-9]+),"dst-port":([0-9]+).*"experiment-id":([0-9]+),"activity-id":([0-9]+)(,"application":"([^"]*)")?.*/  \1\t[\2]:\4 -> [\3]:\5  experiment \6 activity \7  (\9)/' \
+    | sed 's/\t/ /'
+echo
 echo "== daemon status"
-"$BIN" -c "$WORK/flowd-rs.toml" status | grep -E '"(flows_tagged_total|marked|unmarked|map_entries|strategy|policy_version)"' | sed 's/^ */  /'
+"$BIN" -c "$WORK/flowd-rs.toml" status | grep -E '"(flows_tagged_total|marked|unmarked|map_entries|strategy|policy_version|sent_start|sent_end)"' | sed 's/^ */  /'

@@ -146,6 +146,23 @@ pub struct StatusView {
     pub kernel_decided_total: u64,
     pub kernel_overridden: u64,
     pub kernel_swept: u64,
+    /// Present when `fireflies.enabled`.
+    pub fireflies: Option<FireflyStatus>,
+}
+
+/// What the firefly sender has done, cumulative but for `announced`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FireflyStatus {
+    /// Flows announced with a start and not yet ended.
+    pub announced: usize,
+    /// Datagrams sent, by state (one firefly to two destinations is two).
+    pub sent_start: u64,
+    pub sent_ongoing: u64,
+    pub sent_end: u64,
+    /// Dropped because the send queue was full.
+    pub queue_full: u64,
+    pub send_errors: u64,
 }
 
 /// Counters of one tag.

@@ -1,0 +1,193 @@
+//! One firefly on the wire: the JSON object of the SciTags firefly schema v1, with the
+//! optional RFC 5424 syslog header in front (shared/spec/scitags.md, "Fireflies").
+//!
+//! Pure: everything the datagram says is in [`Firefly`], so the bytes can be pinned
+//! by tests and checked against the published schema.
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+use crate::discovery::types::{FlowKey, Protocol};
+use crate::marker::label::Tag;
+
+/// Where a flow is in its life, as the firefly says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Start,
+    Ongoing,
+    End,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Start => "start",
+            State::Ongoing => "ongoing",
+            State::End => "end",
+        }
+    }
+}
+
+/// Bytes of the flow so far, from the kernel's tcp_info (TCP only): `sent` is
+/// tcpi_bytes_acked, `received` tcpi_bytes_received. Both count sequence space, so a
+/// SYN or FIN is one byte (a closed connection that sent N bytes reports N + 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub received: u64,
+    pub sent: u64,
+}
+
+/// Everything one firefly reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firefly {
+    pub state: State,
+    pub key: FlowKey,
+    pub tag: Tag,
+    pub start: SystemTime,
+    /// When the message is built ("current-time").
+    pub now: SystemTime,
+    /// Required by the schema when `state` is end.
+    pub end: Option<SystemTime>,
+    pub usage: Option<Usage>,
+    /// The process that owns the socket (its comm), when known.
+    pub application: Option<String>,
+}
+
+/// The datagram must fit an ordinary MTU (spec: under ~1400 bytes); the longest fixed
+/// part with two full IPv6 addresses and a syslog header is under 700 bytes, so only
+/// the free-text application name can push it over, and it is cut to this.
+const APPLICATION_MAX: usize = 128;
+
+/// RFC 3339, UTC, microseconds, "+00:00" as in the schema's samples.
+pub fn rfc3339(t: SystemTime) -> String {
+    DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Micros, false)
+}
+
+#[derive(Serialize)]
+struct Wire<'a> {
+    version: u8,
+    #[serde(rename = "flow-lifecycle")]
+    lifecycle: Lifecycle,
+    #[serde(rename = "flow-id")]
+    flow_id: FlowId,
+    context: Context<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Lifecycle {
+    state: State,
+    start_time: String,
+    current_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_time: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct FlowId {
+    afi: &'static str,
+    src_ip: String,
+    dst_ip: String,
+    protocol: &'static str,
+    src_port: u16,
+    dst_port: u16,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Context<'a> {
+    experiment_id: u16,
+    activity_id: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    application: Option<&'a str>,
+}
+
+impl Firefly {
+    /// The JSON object. The flow is described as this host sends it: source is the
+    /// local end (spec: "as seen by the host that sends the packets").
+    pub fn json(&self) -> Vec<u8> {
+        let (local, remote): (SocketAddr, SocketAddr) = (self.key.local(), self.key.remote());
+        let wire = Wire {
+            version: 1,
+            lifecycle: Lifecycle {
+                state: self.state,
+                start_time: rfc3339(self.start),
+                current_time: rfc3339(self.now),
+                end_time: self.end.map(rfc3339),
+            },
+            flow_id: FlowId {
+                afi: if local.is_ipv6() { "ipv6" } else { "ipv4" },
+                src_ip: local.ip().to_string(),
+                dst_ip: remote.ip().to_string(),
+                protocol: match self.key.proto {
+                    Protocol::Tcp => "tcp",
+                    Protocol::Udp => "udp",
+                },
+                src_port: local.port(),
+                dst_port: remote.port(),
+            },
+            context: Context {
+                experiment_id: self.tag.experiment,
+                activity_id: self.tag.activity,
+                application: self.application.as_deref().map(truncate_application),
+            },
+            usage: self.usage,
+        };
+        serde_json::to_vec(&wire).expect("a firefly always serializes")
+    }
+
+    /// The datagram: the JSON, behind an RFC 5424 header when `syslog_host` is given
+    /// (priority 134 = local0.info, version 1, app flowd-rs, msgid firefly-json).
+    pub fn datagram(&self, syslog_host: Option<&str>) -> Vec<u8> {
+        let json = self.json();
+        match syslog_host {
+            None => json,
+            Some(host) => {
+                let mut out = format!(
+                    "<134>1 {} {} flowd-rs - firefly-json - ",
+                    rfc3339(self.now),
+                    syslog_hostname(host)
+                )
+                .into_bytes();
+                out.extend_from_slice(&json);
+                out
+            }
+        }
+    }
+}
+
+fn truncate_application(s: &str) -> &str {
+    if s.len() <= APPLICATION_MAX {
+        return s;
+    }
+    let mut end = APPLICATION_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// RFC 5424 HOSTNAME: 1..255 printable US-ASCII characters, "-" when unknown.
+fn syslog_hostname(host: &str) -> String {
+    let clean: String = host
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(255)
+        .collect();
+    if clean.is_empty() {
+        "-".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+#[path = "message_tests.rs"]
+mod tests;

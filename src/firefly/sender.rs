@@ -1,0 +1,128 @@
+//! The task that owns the firefly sockets: takes [`Firefly`] messages off the queue,
+//! encodes each once and sends it to every collector and, when configured, to the
+//! flow's remote host.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{Firefly, FireflyCounters};
+use crate::config::FireflyConfig;
+
+/// Fireflies waiting to be sent: a burst of this many new flows is absorbed while
+/// the sender is busy; beyond it they are dropped and counted.
+pub const QUEUE: usize = 16_384;
+
+/// Where each firefly goes and how it is framed.
+#[derive(Debug, Clone)]
+struct Destinations {
+    collectors: Vec<SocketAddr>,
+    /// The port on the flow's remote host, when fireflies go there too.
+    remote_port: Option<u16>,
+    /// The syslog HOSTNAME, when the RFC 5424 header is on.
+    syslog_host: Option<String>,
+}
+
+/// One socket per address family; a family the host lacks (IPv6 disabled) is `None`
+/// and its sends count as errors.
+struct Sockets {
+    v4: Option<UdpSocket>,
+    v6: Option<UdpSocket>,
+}
+
+impl Sockets {
+    fn bind() -> Result<Sockets> {
+        let bind = |addr: SocketAddr| -> std::io::Result<UdpSocket> {
+            let s = std::net::UdpSocket::bind(addr)?;
+            s.set_nonblocking(true)?;
+            UdpSocket::from_std(s)
+        };
+        let v4 = bind((Ipv4Addr::UNSPECIFIED, 0).into());
+        let v6 = bind((Ipv6Addr::UNSPECIFIED, 0).into());
+        if let (Err(e4), Err(e6)) = (&v4, &v6) {
+            anyhow::bail!("fireflies: no UDP socket could be opened (IPv4: {e4}; IPv6: {e6})");
+        }
+        for (family, r) in [("IPv4", v4.as_ref().err()), ("IPv6", v6.as_ref().err())] {
+            if let Some(e) = r {
+                warn!(family, error = %e, "fireflies: no UDP socket for this family; its fireflies are counted as send errors");
+            }
+        }
+        Ok(Sockets {
+            v4: v4.ok(),
+            v6: v6.ok(),
+        })
+    }
+
+    async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> std::io::Result<()> {
+        let socket = match to {
+            SocketAddr::V4(_) => self.v4.as_ref(),
+            SocketAddr::V6(_) => self.v6.as_ref(),
+        };
+        let socket = socket.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "no socket of this address family",
+            )
+        })?;
+        socket.send_to(datagram, to).await.map(|_| ())
+    }
+}
+
+/// Opens the sockets and starts the sender; the task ends once every queue sender
+/// is dropped and the queue is drained.
+pub fn spawn(
+    cfg: &FireflyConfig,
+    counters: Arc<FireflyCounters>,
+) -> Result<(mpsc::Sender<Firefly>, tokio::task::JoinHandle<()>)> {
+    let sockets = Sockets::bind().context("starting the firefly sender")?;
+    let dest = Destinations {
+        collectors: cfg.collectors.clone(),
+        remote_port: cfg.to_remote.then_some(cfg.remote_port),
+        syslog_host: cfg.syslog_header.then(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default()
+        }),
+    };
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let task = tokio::spawn(run(rx, sockets, dest, counters));
+    Ok((tx, task))
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Firefly>,
+    sockets: Sockets,
+    dest: Destinations,
+    counters: Arc<FireflyCounters>,
+) {
+    while let Some(f) = rx.recv().await {
+        let datagram = f.datagram(dest.syslog_host.as_deref());
+        let remote = dest
+            .remote_port
+            .map(|port| SocketAddr::new(f.key.remote().ip(), port))
+            .filter(|r| !dest.collectors.contains(r));
+        for to in dest.collectors.iter().copied().chain(remote) {
+            match sockets.send_to(&datagram, to).await {
+                Ok(()) => {
+                    counters.sent[f.state as usize].fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let n = counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                    // The first failure is worth an operator's eye; a collector that
+                    // stays unreachable must not flood the journal.
+                    if n.is_power_of_two() || n == 0 {
+                        warn!(to = %to, error = %e, errors = n + 1, "firefly not sent");
+                    } else {
+                        debug!(to = %to, error = %e, "firefly not sent");
+                    }
+                }
+            }
+        }
+    }
+}

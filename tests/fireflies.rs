@@ -1,0 +1,246 @@
+//! Fireflies end to end: the daemon tags flows by policy and announces each to a
+//! collector and to the flow's remote host, both listening on the peer host; the
+//! datagrams are received there and checked field by field and against the
+//! published schema. Privileged.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Netns, Pair, ADDR_A, ADDR_B};
+use serde_json::Value;
+
+const V4_A: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+const V4_B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+const COLLECTOR_PORT: u16 = 10600;
+
+/// A UDP socket in `ns` on [::]:`port` that takes IPv4 too.
+fn udp_listener(ns: &Netns, port: u16) -> UdpSocket {
+    ns.run(move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).unwrap();
+        s.set_only_v6(false).unwrap();
+        s.bind(&SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port).into())
+            .unwrap();
+        let s: UdpSocket = s.into();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        s
+    })
+    .join()
+    .unwrap()
+}
+
+/// Everything that arrives on `socks` until each has `want` datagrams or the
+/// deadline passes; then a short wait for anything beyond `want`.
+fn receive(socks: &[&UdpSocket], want: usize, within: Duration) -> Vec<Vec<Vec<u8>>> {
+    let mut got = vec![Vec::new(); socks.len()];
+    let deadline = Instant::now() + within;
+    let mut extra_until = None;
+    loop {
+        for (s, out) in socks.iter().zip(got.iter_mut()) {
+            let mut buf = [0u8; 2048];
+            if let Ok(n) = s.recv(&mut buf) {
+                out.push(buf[..n].to_vec());
+            }
+        }
+        let now = Instant::now();
+        if got.iter().all(|g| g.len() >= want) {
+            let until = *extra_until.get_or_insert(now + Duration::from_millis(500));
+            if now >= until {
+                break;
+            }
+        } else if now >= deadline {
+            break;
+        }
+    }
+    got
+}
+
+/// Splits a datagram into its RFC 5424 header and JSON object.
+fn split(d: &[u8]) -> (String, Value) {
+    let text = std::str::from_utf8(d).expect("a firefly is UTF-8");
+    let brace = text.find('{').expect("a JSON object");
+    (
+        text[..brace].to_string(),
+        serde_json::from_str(&text[brace..]).expect("valid JSON"),
+    )
+}
+
+fn schema() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/firefly/firefly-schema-v1.0.0.json"
+    ))
+    .unwrap();
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&serde_json::from_str(&text).unwrap())
+        .unwrap()
+}
+
+/// A connection from `client` (local `from`) to a one-shot server in `server` at
+/// `to`, sending `payload` bytes from a thread named `comm`; returns once the server
+/// has read them all and both ends have closed.
+fn transfer(client: &Netns, server: &Netns, from: SocketAddr, to: SocketAddr, payload: usize) {
+    let (ready, listening) = std::sync::mpsc::channel();
+    let srv = server.run(move || {
+        let l = TcpListener::bind(to).expect("bind server");
+        ready.send(()).unwrap();
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).unwrap();
+        buf.len()
+    });
+    listening.recv().unwrap();
+    client
+        .run(move || {
+            // The thread's comm is what the tracker reports as the owner's
+            // process name: the firefly's "application".
+            let name = c"xrootd";
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string of up to 16 bytes.
+            assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) }, 0);
+            let domain = socket2::Domain::for_address(from);
+            let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+            s.bind(&from.into()).expect("bind client");
+            s.connect(&to.into()).expect("connect");
+            let mut s: std::net::TcpStream = s.into();
+            s.write_all(&vec![0x5a; payload]).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let _ = s.read_to_end(&mut Vec::new());
+        })
+        .join()
+        .unwrap();
+    assert_eq!(srv.join().unwrap(), payload);
+}
+
+#[test]
+fn tagged_flows_are_announced_at_start_and_end_to_the_collector_and_the_remote_host() {
+    if !common::privileged() {
+        return;
+    }
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies.d");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("atlas.toml"),
+        "experiment = \"atlas\"\n[[rule]]\nname = \"to-5301\"\nactivity = 4\nremote_ports = [5301]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        policies.join("cms.toml"),
+        "experiment = \"cms\"\n[[rule]]\nname = \"to-5302\"\nactivity = 12\nremote_ports = [5302]\n",
+    )
+    .unwrap();
+    let collector = udp_listener(&pair.b, COLLECTOR_PORT);
+    let remote = udp_listener(&pair.b, 10514);
+    // The second collector has no route: every send to it fails, and must cost
+    // nothing but a counted error.
+    let d = Daemon::start_with(
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[fireflies]\nenabled = true\n\
+             collectors = [\"[{ADDR_B}]:{COLLECTOR_PORT}\", \"[fd00:dead::1]:10514\"]\n",
+            policies.display()
+        ),
+    );
+
+    // Untagged first: had it been announced, its firefly would be among those read.
+    transfer(
+        &pair.a,
+        &pair.b,
+        SocketAddr::new(ADDR_A.into(), 41003),
+        SocketAddr::new(ADDR_B.into(), 5399),
+        1000,
+    );
+    transfer(
+        &pair.a,
+        &pair.b,
+        SocketAddr::new(ADDR_A.into(), 41001),
+        SocketAddr::new(ADDR_B.into(), 5301),
+        200_000,
+    );
+    transfer(
+        &pair.a,
+        &pair.b,
+        SocketAddr::new(V4_A.into(), 41002),
+        SocketAddr::new(V4_B.into(), 5302),
+        50_000,
+    );
+
+    let got = receive(&[&collector, &remote], 4, Duration::from_secs(20));
+    let log = d.log();
+    let (at_collector, at_remote) = (&got[0], &got[1]);
+    assert_eq!(at_collector.len(), 4, "{at_collector:?}\n{log}");
+    // The same datagrams reach the remote host (sent once per destination).
+    let mut a = at_collector.clone();
+    let mut b = at_remote.clone();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+
+    let schema = schema();
+    // By (src-port, state): the flows' fireflies, each checked against the schema.
+    let mut by_flow: BTreeMap<(u64, String), Value> = BTreeMap::new();
+    for d in at_collector {
+        let (header, v) = split(d);
+        assert!(
+            header.starts_with("<134>1 ") && header.ends_with(" flowd-rs - firefly-json - "),
+            "{header:?}"
+        );
+        let errors: Vec<String> = schema.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?} in {v}");
+        let port = v["flow-id"]["src-port"].as_u64().unwrap();
+        let state = v["flow-lifecycle"]["state"].as_str().unwrap().to_string();
+        assert!(by_flow.insert((port, state), v).is_none(), "one per state");
+    }
+
+    let v6_start = &by_flow[&(41001, "start".into())];
+    assert_eq!(
+        v6_start["flow-id"],
+        serde_json::json!({"afi": "ipv6", "src-ip": "fd00:f1::1", "dst-ip": "fd00:f1::2",
+                           "protocol": "tcp", "src-port": 41001, "dst-port": 5301})
+    );
+    assert_eq!(
+        v6_start["context"],
+        serde_json::json!({"experiment-id": 2, "activity-id": 4, "application": "xrootd"})
+    );
+    let v4_end = &by_flow[&(41002, "end".into())];
+    assert_eq!(v4_end["flow-id"]["afi"], "ipv4");
+    assert_eq!(v4_end["flow-id"]["src-ip"], "10.201.0.1");
+    assert_eq!(v4_end["flow-id"]["dst-ip"], "10.201.0.2");
+    assert_eq!(v4_end["context"]["experiment-id"], 3);
+    assert_eq!(v4_end["context"]["activity-id"], 12);
+
+    for (port, payload) in [(41001u64, 200_000u64), (41002, 50_000)] {
+        let start = &by_flow[&(port, "start".into())];
+        let end = &by_flow[&(port, "end".into())];
+        let life = &end["flow-lifecycle"];
+        assert_eq!(life["start-time"], start["flow-lifecycle"]["start-time"]);
+        assert!(life["end-time"].as_str() >= life["start-time"].as_str());
+        // The kernel's counters when the socket closed (tcpi_bytes_acked and
+        // _received count sequence space: our SYN and FIN are one byte each, the
+        // peer's FIN one byte received). A stale dump would say 0 or less.
+        assert_eq!(
+            end["usage"],
+            serde_json::json!({"sent": payload + 2, "received": 1}),
+            "{end}"
+        );
+    }
+
+    let status: Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+    let ff = &status["status"]["fireflies"];
+    assert_eq!(ff["announced"], 0, "{ff}");
+    // Two destinations reached per firefly, the unroutable one refused each time.
+    assert_eq!(
+        (ff["sent_start"].as_u64(), ff["sent_end"].as_u64()),
+        (Some(4), Some(4))
+    );
+    assert_eq!(ff["send_errors"], 4, "{ff}");
+    assert_eq!(ff["queue_full"], 0);
+    d.stop();
+}
