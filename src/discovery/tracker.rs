@@ -166,7 +166,11 @@ impl Tracker {
             TrackerMode::Full => open_cgroup2(cfg.cgroup2_path.as_deref())?,
             _ => None,
         };
-        let mut wanted = vec![Prog::TcpState, Prog::SoftirqEntry, Prog::SoftirqExit];
+        // Attached in this order. softirq_exit before softirq_entry: the other way, a
+        // softirq running between the two attaches sets its CPU's flag and nothing
+        // clears it until that CPU's next softirq, so the owner of a socket opened
+        // meanwhile would be reported unknown.
+        let mut wanted = vec![Prog::TcpState, Prog::SoftirqExit, Prog::SoftirqEntry];
         if cgroup.is_some() {
             wanted.push(Prog::Sockops);
         }
