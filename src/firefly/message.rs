@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::discovery::types::{FlowKey, Protocol};
 use crate::marker::label::Tag;
 
 /// Where a flow is in its life, as the firefly says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Start,
@@ -186,6 +186,107 @@ fn syslog_hostname(host: &str) -> String {
     } else {
         clean
     }
+}
+
+/// What a received firefly says about a flow: enough to mark it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub state: State,
+    /// Source as local end, as the sender saw the flow.
+    pub key: FlowKey,
+    pub tag: Tag,
+}
+
+/// Why a received datagram is not a usable firefly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("no JSON object in the datagram")]
+    NoJson,
+    #[error("not a firefly: {0}")]
+    Json(String),
+    #[error("firefly version {0}: only version 1 is understood")]
+    Version(u64),
+    #[error("flow-id: {0}")]
+    FlowId(String),
+    #[error("context: {0}")]
+    Tag(#[from] crate::marker::label::TagError),
+}
+
+#[derive(Deserialize)]
+struct InWire {
+    version: u64,
+    #[serde(rename = "flow-lifecycle")]
+    lifecycle: InLifecycle,
+    #[serde(rename = "flow-id")]
+    flow_id: InFlowId,
+    context: InContext,
+}
+
+#[derive(Deserialize)]
+struct InLifecycle {
+    state: State,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct InFlowId {
+    afi: String,
+    src_ip: std::net::IpAddr,
+    dst_ip: std::net::IpAddr,
+    protocol: String,
+    src_port: u16,
+    dst_port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct InContext {
+    experiment_id: u16,
+    activity_id: u8,
+}
+
+/// Reads a firefly datagram, with or without a syslog header (the JSON object
+/// starts at the first `{`; no header field contains one). Unknown members are
+/// ignored: senders add enrichment of their own.
+pub fn parse(datagram: &[u8]) -> Result<Received, ParseError> {
+    let start = datagram
+        .iter()
+        .position(|&b| b == b'{')
+        .ok_or(ParseError::NoJson)?;
+    let w: InWire =
+        serde_json::from_slice(&datagram[start..]).map_err(|e| ParseError::Json(e.to_string()))?;
+    if w.version != 1 {
+        return Err(ParseError::Version(w.version));
+    }
+    let f = w.flow_id;
+    let proto = match f.protocol.as_str() {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        p => return Err(ParseError::FlowId(format!("protocol {p:?} (tcp or udp)"))),
+    };
+    let family_ok = match f.afi.as_str() {
+        "ipv4" => f.src_ip.is_ipv4() && f.dst_ip.is_ipv4(),
+        "ipv6" => f.src_ip.is_ipv6() && f.dst_ip.is_ipv6(),
+        a => return Err(ParseError::FlowId(format!("afi {a:?} (ipv4 or ipv6)"))),
+    };
+    if !family_ok {
+        return Err(ParseError::FlowId(format!(
+            "addresses {} and {} are not {}",
+            f.src_ip, f.dst_ip, f.afi
+        )));
+    }
+    if f.src_port == 0 || f.dst_port == 0 {
+        return Err(ParseError::FlowId("port 0".into()));
+    }
+    Ok(Received {
+        state: w.lifecycle.state,
+        key: FlowKey::new(
+            proto,
+            SocketAddr::new(f.src_ip, f.src_port),
+            SocketAddr::new(f.dst_ip, f.dst_port),
+        ),
+        tag: Tag::new(w.context.experiment_id, w.context.activity_id)?,
+    })
 }
 
 #[cfg(test)]

@@ -207,3 +207,43 @@ fn the_schema_check_has_teeth() {
     doc["flow-id"]["src-ip"] = "fd00::1".into();
     assert!(!errors(&v, &doc).is_empty());
 }
+
+#[test]
+fn what_we_send_parses_back_with_or_without_the_syslog_header() {
+    for f in [start_v4(), end_v6()] {
+        for host in [None, Some("se01")] {
+            let r = parse(&f.datagram(host)).unwrap();
+            assert_eq!((r.state, r.key, r.tag), (f.state, f.key, f.tag));
+        }
+    }
+}
+
+#[test]
+fn received_fireflies_that_cannot_name_a_flow_and_tag_are_refused_with_the_reason() {
+    let good = String::from_utf8(start_v4().json()).unwrap();
+    let cases: [(String, &str); 7] = [
+        ("<134>1 - - - - -".into(), "no JSON object"),
+        (good.replace("\"version\":1", "\"version\":2"), "version 2"),
+        (good.replace("\"tcp\"", "\"sctp\""), "protocol \"sctp\""),
+        (good.replace("10.201.0.2", "fd00::2"), "are not ipv4"),
+        (
+            good.replace("\"dst-port\":1094", "\"dst-port\":0"),
+            "port 0",
+        ),
+        (
+            good.replace("\"experiment-id\":2", "\"experiment-id\":3333"),
+            "experiment id 3333",
+        ),
+        (
+            good.replace("\"context\"", "\"kontext\""),
+            "missing field `context`",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = parse(text.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains(want), "{e:?} lacks {want:?} for {text}");
+    }
+    // Enrichment a sender adds is no reason to refuse.
+    let extra = good.replace("\"version\":1", "\"version\":1,\"netlink\":{\"x\":1}");
+    assert!(parse(extra.as_bytes()).is_ok());
+}
