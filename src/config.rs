@@ -26,6 +26,7 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub metrics: MetricsConfig,
     pub fireflies: FireflyConfig,
+    pub announcements: AnnouncementConfig,
 }
 
 impl Default for Config {
@@ -38,7 +39,45 @@ impl Default for Config {
             discovery: DiscoveryConfig::default(),
             metrics: MetricsConfig::default(),
             fireflies: FireflyConfig::default(),
+            announcements: AnnouncementConfig::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnnouncementConfig {
+    /// UDP addresses on which applications' fireflies are heard (XRootD's pmark
+    /// sends them to the local host); empty: none. A start or ongoing firefly tags
+    /// its flow, overriding the policy; an end withdraws it.
+    pub firefly_listen: Vec<std::net::SocketAddr>,
+    /// Sources whose fireflies are heard; loopback by default. An announcement
+    /// changes how this host's traffic is marked: widen with care.
+    pub firefly_allow: Vec<ipnet::IpNet>,
+    /// A named pipe created at start taking the peers' flow events, one per line:
+    /// `start|end tcp|udp SRC SPORT DST DPORT EXPERIMENT ACTIVITY`.
+    pub pipe: Option<PathBuf>,
+    /// How long an announcement waits for discovery to find its flow, seconds.
+    pub grace_secs: u64,
+}
+
+impl Default for AnnouncementConfig {
+    fn default() -> Self {
+        AnnouncementConfig {
+            firefly_listen: Vec::new(),
+            firefly_allow: vec![
+                "127.0.0.0/8".parse().expect("valid"),
+                "::1/128".parse().expect("valid"),
+            ],
+            pipe: None,
+            grace_secs: 30,
+        }
+    }
+}
+
+impl AnnouncementConfig {
+    pub fn enabled(&self) -> bool {
+        !self.firefly_listen.is_empty() || self.pipe.is_some()
     }
 }
 
@@ -447,6 +486,24 @@ mod tests {
         let e =
             Config::parse("[fireflies]\ncollectors = [\"collector.example:10514\"]\n").unwrap_err();
         assert!(e.starts_with("2:15: invalid socket address"), "{e}");
+    }
+
+    #[test]
+    fn announcements_default_to_off_and_loopback_only() {
+        let c = Config::default().announcements;
+        assert!(!c.enabled());
+        assert_eq!(c.grace_secs, 30);
+        assert!(c.firefly_allow.iter().all(|n| n.addr().is_loopback()));
+        let c = Config::parse(
+            "[announcements]\nfirefly_listen = [\"127.0.0.1:10514\"]\npipe = \"/run/flowd\"\n\
+             firefly_allow = [\"10.0.0.0/8\"]\n",
+        )
+        .unwrap()
+        .announcements;
+        assert!(c.enabled());
+        assert_eq!(c.pipe, Some(PathBuf::from("/run/flowd")));
+        let e = Config::parse("[announcements]\nfirefly_allow = [\"10.0.0.0/33\"]\n").unwrap_err();
+        assert!(e.starts_with("2:18:"), "{e}");
     }
 
     #[test]

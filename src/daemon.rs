@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::announce::{self, pipe::Pipe};
 use crate::config::{Config, TrackerSetting};
 use crate::control::{DaemonInfo, Server};
 use crate::discovery::feeds::{self, Feed, TrackerStatus};
@@ -96,6 +97,8 @@ struct Running {
     /// sends what is queued).
     drains: Vec<tokio::task::JoinHandle<()>>,
     feeds: Vec<Feed>,
+    /// The announcement FIFO, removed when this is dropped.
+    _pipe: Option<Pipe>,
 }
 
 impl Running {
@@ -184,7 +187,7 @@ async fn start_engine(
         drains.push(sender);
     }
     if cfg.metrics.enabled {
-        let (metrics, published) = metrics_for(cfg, marker, registry, firefly_counters);
+        let (metrics, published) = metrics_for(cfg, marker, registry.clone(), firefly_counters);
         let listener = tokio::net::TcpListener::bind(cfg.metrics.listen)
             .await
             .with_context(|| format!("metrics.listen {}: cannot listen", cfg.metrics.listen))?;
@@ -200,6 +203,24 @@ async fn start_engine(
         }));
         engine = engine.with_metrics(metrics, published);
     }
+    let mut pipe = None;
+    if cfg.announcements.enabled() {
+        let ann = &cfg.announcements;
+        engine = engine.with_announcements(Duration::from_secs(ann.grace_secs));
+        if let Some(path) = &ann.pipe {
+            let p = Pipe::create(path, cfg.control.group.as_deref())?;
+            tasks.push(p.spawn(registry.clone(), cmd_tx.clone())?);
+            pipe = Some(p);
+        }
+        tasks.extend(
+            announce::listener::spawn(
+                &ann.firefly_listen,
+                ann.firefly_allow.clone(),
+                cmd_tx.clone(),
+            )
+            .await?,
+        );
+    }
     let engine = tokio::spawn(engine.run(disc_rx, cmd_rx));
     tasks.push(tokio::spawn(server.serve(cmd_tx.clone())));
     info!(strategy = %info.strategy, interfaces = ?info.attached, "flowd-rs running");
@@ -209,6 +230,7 @@ async fn start_engine(
         tasks,
         drains,
         feeds,
+        _pipe: pipe,
     })
 }
 

@@ -16,6 +16,7 @@ use serde_json::value::{to_raw_value, RawValue};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::announce::{Announcement, Announcements};
 use crate::control::{DaemonInfo, Request};
 use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::ProcResolver;
@@ -42,6 +43,8 @@ pub enum Command {
     Control(ControlCall),
     /// SIGHUP: reload the policy directory.
     Reload,
+    /// An application named a flow and its tag (named pipe, firefly).
+    Announce(Announcement),
 }
 
 pub struct Engine {
@@ -66,6 +69,9 @@ pub struct Engine {
     /// Per rule (precedence order) of the current policy: decided in the kernel?
     exactness: Vec<Exactness>,
     fireflies: Option<Fireflies>,
+    announcements: Announcements,
+    /// Whether an announcement input is configured (for `status` and metrics).
+    announcing: bool,
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
@@ -113,7 +119,17 @@ impl Engine {
             in_kernel: false,
             exactness: Vec::new(),
             fireflies: None,
+            announcements: Announcements::new(Duration::from_secs(30)),
+            announcing: false,
         }
+    }
+
+    /// Takes explicit announcements (config `[announcements]`), which wait `grace`
+    /// for their flow to be discovered.
+    pub fn with_announcements(mut self, grace: Duration) -> Self {
+        self.announcements = Announcements::new(grace);
+        self.announcing = true;
+        self
     }
 
     /// Announces tagged flows with fireflies (config `fireflies.enabled`).
@@ -186,6 +202,7 @@ impl Engine {
                         let _ = call.reply.send(answer);
                     }
                     Some(Command::Reload) => { let _ = self.reload(); }
+                    Some(Command::Announce(a)) => self.announce(a),
                     None => break,
                 },
             }
@@ -213,6 +230,7 @@ impl Engine {
                         if self.in_kernel {
                             self.marking.sweep(self.maps.as_ref());
                         }
+                        self.announcements.expire();
                         if let Some(ff) = &mut self.fireflies {
                             // Right after a dump: the flows' byte counts are fresh.
                             let table = &self.table;
@@ -264,8 +282,14 @@ impl Engine {
                 FlowEvent::Started(f) | FlowEvent::Updated(f) => {
                     let procs = &mut self.procs;
                     let mut lookup = |f: &Flow| procs.lookup(f.inode).ok().flatten();
-                    self.marking
-                        .on_flow(&f, &policy, self.maps.as_ref(), &mut lookup);
+                    let announced = self.announcements.verdict_for(&f.key);
+                    self.marking.on_flow_with(
+                        &f,
+                        &policy,
+                        self.maps.as_ref(),
+                        &mut lookup,
+                        announced,
+                    );
                     if let Some(ff) = &mut self.fireflies {
                         ff.on_flow(&f, self.marking.decision(f.cookie));
                     }
@@ -274,6 +298,7 @@ impl Engine {
                     if let Some(ff) = &mut self.fireflies {
                         ff.on_end(&f);
                     }
+                    self.announcements.forget(&f.key);
                     self.marking.on_end(&f, self.maps.as_ref());
                     if f.inode != 0 {
                         self.procs.forget(f.inode);
@@ -281,6 +306,20 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Records an announcement and re-decides the live flows it names (either
+    /// orientation); a flow not discovered yet picks it up when it is.
+    fn announce(&mut self, a: Announcement) {
+        tracing::debug!(flow = ?a.key, tag = ?a.tag, origin = %a.origin, "announcement");
+        let keys = self.announcements.apply(a);
+        let named: Vec<FlowEvent> = self
+            .table
+            .iter()
+            .filter(|f| keys.contains(&f.key))
+            .map(|f| FlowEvent::Updated(Arc::new(f.clone())))
+            .collect();
+        self.apply(named);
     }
 
     /// Parses and validates the whole directory, then swaps atomically and
@@ -498,6 +537,7 @@ impl Engine {
             in_kernel_decisions: self.in_kernel,
             policy_first_packet_exact_rules: self.exactness.iter().filter(|e| e.is_exact()).count(),
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
+            announcements: self.announcing.then(|| self.announcements.counters()),
             flows_first_packet_exact: self
                 .marking
                 .decisions()
@@ -532,6 +572,7 @@ impl Engine {
             policy_reloads_ok: self.reloads_ok,
             policy_reloads_failed: self.reloads_failed,
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
+            announcements: self.announcing.then(|| self.announcements.counters()),
         }
     }
 }

@@ -1,9 +1,10 @@
 //! flowd-rs: tags the network traffic of scientific data transfers (SciTags) with no
 //! help from the applications that make it.
 //!
-//! Data flows one way: [`discovery`] -> [`flows`] -> [`policy`] -> [`marker`] /
-//! [`firefly`] / [`metrics`] / [`control`].
+//! Data flows one way: [`discovery`] -> [`flows`] -> [`policy`] (or an
+//! [`announce`]ment) -> [`marker`] / [`firefly`] / [`metrics`] / [`control`].
 
+pub mod announce;
 pub mod bpf;
 pub mod cli;
 pub mod config;

@@ -19,7 +19,7 @@ use crate::discovery::types::FlowKey;
 use crate::flows::{Flow, Lifecycle};
 use crate::marker::label::Tag;
 use crate::marker::maps::{ExistingMark, MapError, MarkMaps};
-use crate::policy::{Policy, RuleRef, SocketAttrs};
+use crate::policy::{Policy, RuleRef, SocketAttrs, Verdict};
 
 /// Where marks go; the BPF map in the daemon, a recorder in tests.
 pub trait MarkSink {
@@ -97,6 +97,8 @@ pub struct Decision {
     /// Whether the mark was in place before the flow's first packet left (decided
     /// in the kernel); userspace decisions come after the first packets.
     pub first_packet_exact: bool,
+    /// The tag came from an application's announcement, not from the policy.
+    pub announced: bool,
 }
 
 impl Decision {
@@ -195,6 +197,19 @@ impl Marking {
         sink: &dyn MarkSink,
         proc: ProcLookup<'_>,
     ) {
+        self.on_flow_with(flow, policy, sink, proc, None);
+    }
+
+    /// Like [`Self::on_flow`]; an `announced` verdict (an application named this
+    /// flow) takes the place of the policy's.
+    pub fn on_flow_with(
+        &mut self,
+        flow: &Flow,
+        policy: &Policy,
+        sink: &dyn MarkSink,
+        proc: ProcLookup<'_>,
+        announced: Option<Verdict>,
+    ) {
         if flow.lifecycle == Lifecycle::Gone {
             self.on_end(flow, sink);
             return;
@@ -204,12 +219,15 @@ impl Marking {
         if flow.netns != self.local_netns || flow.key.local().port() == 0 {
             return;
         }
-        let info = if policy.needs_process_facts() {
-            proc(flow)
-        } else {
-            None
-        };
-        let verdict = policy.evaluate(&Self::attrs(flow, info.as_deref()));
+        let from_announcement = announced.is_some();
+        let verdict = announced.or_else(|| {
+            let info = if policy.needs_process_facts() {
+                proc(flow)
+            } else {
+                None
+            };
+            policy.evaluate(&Self::attrs(flow, info.as_deref()))
+        });
         let Some(v) = verdict else {
             if let Some(old) = self.decisions.remove(&flow.cookie) {
                 remove_from_map(&old, sink, &mut self.counters);
@@ -237,6 +255,7 @@ impl Marking {
             in_map: false,
             tagged_at: std::time::Instant::now(),
             first_packet_exact: false,
+            announced: from_announcement,
         };
         // Whether we already own this key's entry; if not, the kernel may have
         // written one first.

@@ -211,3 +211,45 @@ fn the_sweep_walks_the_map_only_when_the_kernel_wrote_or_a_strike_is_pending() {
     m.sweep(&sink);
     assert_eq!(sink.2.get(), 3);
 }
+
+#[test]
+fn an_announcement_overrides_the_policy_and_its_withdrawal_restores_it() {
+    use crate::announce::{Announcement, Announcements, Origin};
+    let (sink, mut m, policy) = (Sink::default(), Marking::new(NETNS), policy());
+    let mut ann = Announcements::new(std::time::Duration::from_secs(30));
+    let f = flow(1, key(40000, 1094), Lifecycle::Established);
+    let decide_now = |m: &mut Marking, ann: &mut Announcements| {
+        let v = ann.verdict_for(&f.key);
+        m.on_flow_with(&f, &policy, &sink, &mut |_| None, v);
+    };
+    decide_now(&mut m, &mut ann);
+    let (policy_tag, entropy, _) = sink.get(&f.key).unwrap();
+    assert_eq!(policy_tag, debug());
+
+    // The application describes the flow from its side: source = its local end.
+    let cms = Tag::new(3, 12).unwrap();
+    ann.apply(Announcement {
+        key: f.key.reversed(),
+        tag: Some(cms),
+        origin: Origin::Pipe,
+    });
+    decide_now(&mut m, &mut ann);
+    assert_eq!(
+        sink.get(&f.key),
+        Some((cms, entropy, false)),
+        "same entropy"
+    );
+    let d = m.decision(1).unwrap();
+    assert!(d.announced);
+    assert_eq!(d.rule.to_string(), "(announced):named pipe");
+
+    ann.apply(Announcement {
+        key: f.key,
+        tag: None,
+        origin: Origin::Pipe,
+    });
+    decide_now(&mut m, &mut ann);
+    assert_eq!(sink.get(&f.key), Some((policy_tag, entropy, false)));
+    assert!(!m.decision(1).unwrap().announced);
+    assert_eq!(ann.counters().withdrawn, 1);
+}

@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+use crate::announce::AnnouncementCounters;
 use crate::inspect::view::{FireflyStatus, TagTotals};
 
 /// Where `/metrics` listens unless configured otherwise. 9617 is in the exporters'
@@ -74,6 +75,8 @@ pub struct Snapshot {
     pub policy_reloads_failed: u64,
     /// Present when fireflies are on.
     pub fireflies: Option<FireflyStatus>,
+    /// Present when an announcement input is on.
+    pub announcements: Option<AnnouncementCounters>,
 }
 
 /// Gives the current [`Snapshot`]; called once per scrape, on a blocking thread.

@@ -45,6 +45,7 @@ fn snapshot(scale: u64) -> Snapshot {
         policy_reloads_ok: 4,
         policy_reloads_failed: 1,
         fireflies: None,
+        announcements: None,
     }
 }
 

@@ -117,6 +117,17 @@ impl FlowKey {
         SocketAddr::new(unmapped(self.remote_ip), self.remote_port)
     }
 
+    /// The same flow seen from the other end.
+    pub fn reversed(&self) -> FlowKey {
+        FlowKey {
+            proto: self.proto,
+            local_ip: self.remote_ip,
+            local_port: self.remote_port,
+            remote_ip: self.local_ip,
+            remote_port: self.local_port,
+        }
+    }
+
     pub fn is_ipv6(&self) -> bool {
         self.local().is_ipv6()
     }

@@ -96,10 +96,12 @@ impl Fireflies {
     /// A TCP flow is announced once its handshake completes (a refused or timed-out
     /// connect carried no data and gets no firefly); a UDP flow at once. A tag that
     /// changes (policy reload) ends the old announcement and starts a new one; a tag
-    /// that goes away ends it.
+    /// that goes away ends it. A flow its application announced (named pipe,
+    /// firefly) is the application's to announce: that one sends its own fireflies.
     pub fn on_flow(&mut self, flow: &Flow, decision: Option<&Decision>) {
         let ready = flow.key.proto == Protocol::Udp || flow.lifecycle >= Lifecycle::Established;
-        let wanted = decision.filter(|_| ready && flow.lifecycle != Lifecycle::Gone);
+        let wanted =
+            decision.filter(|d| ready && !d.announced && flow.lifecycle != Lifecycle::Gone);
         let had = self.announced.get(&flow.cookie).copied();
         match (had, wanted) {
             (Some(a), Some(d)) if a.tag == d.tag => {}

@@ -46,6 +46,7 @@ fn decision(f: &Flow, experiment: u16, activity: u8) -> Decision {
         in_map: false,
         tagged_at: Instant::now(),
         first_packet_exact: false,
+        announced: false,
     }
 }
 
@@ -184,5 +185,24 @@ fn ongoing_fireflies_go_out_per_interval_for_live_announced_flows_only() {
     assert!(
         drain(&mut rx).is_empty(),
         "ongoing is off without an interval"
+    );
+}
+
+#[test]
+fn a_flow_its_application_announced_is_left_to_the_application() {
+    let (mut ff, mut rx) = announcer(16, None);
+    let f = flow(5, Protocol::Tcp, Lifecycle::Established);
+    let by_policy = decision(&f, 2, 4);
+    ff.on_flow(&f, Some(&by_policy));
+    // The application announces it itself: ours ends, and no new start follows.
+    let announced = Decision {
+        announced: true,
+        ..decision(&f, 3, 12)
+    };
+    ff.on_flow(&f, Some(&announced));
+    ff.on_end(&flow(5, Protocol::Tcp, Lifecycle::Gone));
+    assert_eq!(
+        drain(&mut rx),
+        [(State::Start, by_policy.tag), (State::End, by_policy.tag)]
     );
 }

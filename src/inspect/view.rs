@@ -148,6 +148,8 @@ pub struct StatusView {
     pub kernel_swept: u64,
     /// Present when `fireflies.enabled`.
     pub fireflies: Option<FireflyStatus>,
+    /// Present when an announcement input (named pipe, firefly listener) is on.
+    pub announcements: Option<crate::announce::AnnouncementCounters>,
 }
 
 /// What the firefly sender has done, cumulative but for `announced`.

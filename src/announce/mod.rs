@@ -1,0 +1,180 @@
+//! Explicit announcements: flows an application (or a script) names, with their tag,
+//! the way the peers take them. XRootD, StoRM and FTS announce their transfers to
+//! flowd/flowd-go through a named pipe (`start tcp SRC SPORT DST DPORT EXP ACT`) or
+//! by sending fireflies to the local host; flowd-rs takes both, so a site can swap
+//! daemons without touching its storage configuration.
+//!
+//! An announcement overrides the policy for the flow it names: the application knows
+//! the activity of each transfer, a policy only guesses it from addresses and ports.
+//! [`Announcements`] (on the engine task) keeps them by 5-tuple until the flow ends,
+//! an `end` withdraws them, or, for a flow discovery never finds, a grace period
+//! passes. [`pipe`] and [`listener`] are the inputs; they hand [`Announcement`]s to
+//! the engine through its command channel.
+
+pub mod listener;
+pub mod pipe;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
+
+use crate::discovery::types::FlowKey;
+use crate::marker::label::Tag;
+use crate::policy::{RuleRef, Verdict};
+
+/// Where an announcement came from (shown as the flow's "rule").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A firefly received from this address.
+    Firefly(SocketAddr),
+    /// A line written to the named pipe.
+    Pipe,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Firefly(from) => write!(f, "firefly from {from}"),
+            Origin::Pipe => f.write_str("named pipe"),
+        }
+    }
+}
+
+/// One flow named by an application. `tag: None` withdraws it (an `end`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// The flow as the announcer describes it: source first. The flow table's key
+    /// has the local end first; either orientation is matched.
+    pub key: FlowKey,
+    pub tag: Option<Tag>,
+    pub origin: Origin,
+}
+
+/// The file name shown for announced flows' rule (`inspect`, `status`).
+pub const RULE_FILE: &str = "(announced)";
+
+#[derive(Debug, Clone)]
+struct Held {
+    verdict: Verdict,
+    since: Instant,
+    /// A live flow has used it: it now lasts until that flow ends.
+    matched: bool,
+}
+
+/// Counters for `status` and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AnnouncementCounters {
+    pub received_firefly: u64,
+    pub received_pipe: u64,
+    /// Withdrawn by an `end`.
+    pub withdrawn: u64,
+    /// Dropped because no live flow matched them within the grace period.
+    pub expired: u64,
+    /// Held now (matched or still waiting for their flow).
+    pub held: usize,
+}
+
+/// The announcements in force, by the key they were announced under.
+pub struct Announcements {
+    held: FxHashMap<FlowKey, Held>,
+    grace: Duration,
+    counters: AnnouncementCounters,
+}
+
+impl Announcements {
+    /// `grace`: how long an announcement waits for discovery to find its flow.
+    pub fn new(grace: Duration) -> Self {
+        Announcements {
+            held: FxHashMap::default(),
+            grace,
+            counters: AnnouncementCounters::default(),
+        }
+    }
+
+    pub fn counters(&self) -> AnnouncementCounters {
+        AnnouncementCounters {
+            held: self.held.len(),
+            ..self.counters
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Records `a`; returns the keys (both orientations) whose flows must be
+    /// re-decided.
+    pub fn apply(&mut self, a: Announcement) -> [FlowKey; 2] {
+        match a.origin {
+            Origin::Firefly(_) => self.counters.received_firefly += 1,
+            Origin::Pipe => self.counters.received_pipe += 1,
+        }
+        let keys = [a.key, a.key.reversed()];
+        match a.tag {
+            Some(tag) => {
+                let verdict = Verdict {
+                    experiment: tag.experiment,
+                    activity: tag.activity,
+                    rule: Arc::new(RuleRef {
+                        file: RULE_FILE.into(),
+                        name: a.origin.to_string().into(),
+                        line: 0,
+                    }),
+                };
+                let held = Held {
+                    verdict,
+                    since: Instant::now(),
+                    matched: false,
+                };
+                // The latest word on a connection wins, whichever end it names first.
+                self.held.remove(&a.key.reversed());
+                self.held.insert(a.key, held);
+            }
+            None => {
+                let forward = self.held.remove(&a.key).is_some();
+                let reverse = self.held.remove(&a.key.reversed()).is_some();
+                if forward || reverse {
+                    self.counters.withdrawn += 1;
+                }
+            }
+        }
+        keys
+    }
+
+    /// The announced verdict for a live flow, if any (marking it as matched).
+    pub fn verdict_for(&mut self, key: &FlowKey) -> Option<Verdict> {
+        if self.held.is_empty() {
+            return None;
+        }
+        let held = match self.held.get_mut(key) {
+            Some(h) => h,
+            None => self.held.get_mut(&key.reversed())?,
+        };
+        held.matched = true;
+        Some(held.verdict.clone())
+    }
+
+    /// The flow with this key ended: its announcement goes with it.
+    pub fn forget(&mut self, key: &FlowKey) {
+        if !self.held.is_empty() && self.held.remove(key).is_none() {
+            self.held.remove(&key.reversed());
+        }
+    }
+
+    /// Drops announcements no flow has matched within the grace period (a typo in
+    /// an address, a flow of another host).
+    pub fn expire(&mut self) {
+        let grace = self.grace;
+        let before = self.held.len();
+        self.held
+            .retain(|_, h| h.matched || h.since.elapsed() < grace);
+        self.counters.expired += (before - self.held.len()) as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,74 @@
+use std::time::Duration;
+
+use super::*;
+use crate::discovery::types::Protocol;
+
+fn key(local_port: u16) -> FlowKey {
+    FlowKey::new(
+        Protocol::Tcp,
+        SocketAddr::new("fd00::1".parse().unwrap(), local_port),
+        "[fd00::2]:1094".parse().unwrap(),
+    )
+}
+
+fn start(k: FlowKey, exp: u16) -> Announcement {
+    Announcement {
+        key: k,
+        tag: Some(Tag::new(exp, 1).unwrap()),
+        origin: Origin::Firefly("127.0.0.1:5000".parse().unwrap()),
+    }
+}
+
+#[test]
+fn an_announcement_names_its_flow_in_either_orientation_until_the_flow_ends() {
+    let mut a = Announcements::new(Duration::from_secs(30));
+    assert_eq!(a.verdict_for(&key(1)), None);
+    let keys = a.apply(start(key(1), 2));
+    assert_eq!(keys, [key(1), key(1).reversed()]);
+    let v = a.verdict_for(&key(1)).unwrap();
+    assert_eq!((v.experiment, v.activity), (2, 1));
+    assert_eq!(
+        v.rule.to_string(),
+        "(announced):firefly from 127.0.0.1:5000"
+    );
+    assert!(a.verdict_for(&key(1).reversed()).is_some());
+    assert_eq!(a.verdict_for(&key(2)), None);
+    // A restatement (ongoing, a second start) replaces it, from either end.
+    a.apply(start(key(1), 3));
+    assert_eq!(a.verdict_for(&key(1)).unwrap().experiment, 3);
+    a.apply(start(key(1).reversed(), 4));
+    assert_eq!(a.verdict_for(&key(1)).unwrap().experiment, 4);
+    assert_eq!(a.counters().held, 1);
+    a.forget(&key(1).reversed());
+    assert_eq!(a.verdict_for(&key(1)), None);
+    assert_eq!(
+        a.counters(),
+        AnnouncementCounters {
+            received_firefly: 3,
+            held: 0,
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn unmatched_announcements_expire_after_the_grace_and_matched_ones_stay() {
+    let mut a = Announcements::new(Duration::from_millis(30));
+    a.apply(start(key(1), 2));
+    a.apply(start(key(2), 2));
+    assert!(a.verdict_for(&key(1)).is_some());
+    a.expire();
+    assert_eq!(a.counters().held, 2, "within the grace");
+    std::thread::sleep(Duration::from_millis(40));
+    a.expire();
+    assert_eq!(a.counters().held, 1);
+    assert_eq!(a.counters().expired, 1);
+    assert!(a.verdict_for(&key(1)).is_some());
+    // An end for something never announced withdraws nothing.
+    a.apply(Announcement {
+        key: key(9),
+        tag: None,
+        origin: Origin::Pipe,
+    });
+    assert_eq!((a.counters().withdrawn, a.counters().received_pipe), (0, 1));
+}
