@@ -162,6 +162,26 @@ async fn start_engine(
         header: cfg.marker.strategy.headers(),
         attached: marker.attachments(),
     });
+    // The announcement inputs exist before the control socket does: once a client
+    // can talk to the daemon, an application can announce to it.
+    let mut pipe = None;
+    let mut inputs = Vec::new();
+    if cfg.announcements.enabled() {
+        let ann = &cfg.announcements;
+        if let Some(path) = &ann.pipe {
+            let p = Pipe::create(path, cfg.control.group.as_deref())?;
+            inputs.push(p.spawn(registry.clone(), cmd_tx.clone())?);
+            pipe = Some(p);
+        }
+        inputs.extend(
+            announce::listener::spawn(
+                &ann.firefly_listen,
+                ann.firefly_allow.clone(),
+                cmd_tx.clone(),
+            )
+            .await?,
+        );
+    }
     let server = Server::bind(&cfg.control_socket(), cfg.control.group.as_deref())?;
     let mut engine = Engine::new(
         netns,
@@ -173,7 +193,10 @@ async fn start_engine(
         tracker_status,
     )
     .with_in_kernel_decisions(cfg.marker.in_kernel_decisions);
-    let mut tasks = Vec::new();
+    let mut tasks = inputs;
+    if cfg.announcements.enabled() {
+        engine = engine.with_announcements(Duration::from_secs(cfg.announcements.grace_secs));
+    }
     let mut firefly_counters = None;
     let mut drains = Vec::new();
     if cfg.fireflies.enabled {
@@ -202,24 +225,6 @@ async fn start_engine(
             }
         }));
         engine = engine.with_metrics(metrics, published);
-    }
-    let mut pipe = None;
-    if cfg.announcements.enabled() {
-        let ann = &cfg.announcements;
-        engine = engine.with_announcements(Duration::from_secs(ann.grace_secs));
-        if let Some(path) = &ann.pipe {
-            let p = Pipe::create(path, cfg.control.group.as_deref())?;
-            tasks.push(p.spawn(registry.clone(), cmd_tx.clone())?);
-            pipe = Some(p);
-        }
-        tasks.extend(
-            announce::listener::spawn(
-                &ann.firefly_listen,
-                ann.firefly_allow.clone(),
-                cmd_tx.clone(),
-            )
-            .await?,
-        );
     }
     let engine = tokio::spawn(engine.run(disc_rx, cmd_rx));
     tasks.push(tokio::spawn(server.serve(cmd_tx.clone())));

@@ -69,9 +69,8 @@ pub struct Engine {
     /// Per rule (precedence order) of the current policy: decided in the kernel?
     exactness: Vec<Exactness>,
     fireflies: Option<Fireflies>,
-    announcements: Announcements,
-    /// Whether an announcement input is configured (for `status` and metrics).
-    announcing: bool,
+    /// Present when an announcement input is configured.
+    announcements: Option<Announcements>,
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
@@ -119,16 +118,14 @@ impl Engine {
             in_kernel: false,
             exactness: Vec::new(),
             fireflies: None,
-            announcements: Announcements::new(Duration::from_secs(30)),
-            announcing: false,
+            announcements: None,
         }
     }
 
     /// Takes explicit announcements (config `[announcements]`), which wait `grace`
     /// for their flow to be discovered.
     pub fn with_announcements(mut self, grace: Duration) -> Self {
-        self.announcements = Announcements::new(grace);
-        self.announcing = true;
+        self.announcements = Some(Announcements::new(grace));
         self
     }
 
@@ -230,7 +227,9 @@ impl Engine {
                         if self.in_kernel {
                             self.marking.sweep(self.maps.as_ref());
                         }
-                        self.announcements.expire();
+                        if let Some(a) = &mut self.announcements {
+                            a.expire();
+                        }
                         if let Some(ff) = &mut self.fireflies {
                             // Right after a dump: the flows' byte counts are fresh.
                             let table = &self.table;
@@ -282,7 +281,10 @@ impl Engine {
                 FlowEvent::Started(f) | FlowEvent::Updated(f) => {
                     let procs = &mut self.procs;
                     let mut lookup = |f: &Flow| procs.lookup(f.inode).ok().flatten();
-                    let announced = self.announcements.verdict_for(&f.key);
+                    let announced = self
+                        .announcements
+                        .as_mut()
+                        .and_then(|a| a.verdict_for(&f.key));
                     self.marking.on_flow_with(
                         &f,
                         &policy,
@@ -298,7 +300,9 @@ impl Engine {
                     if let Some(ff) = &mut self.fireflies {
                         ff.on_end(&f);
                     }
-                    self.announcements.forget(&f.key);
+                    if let Some(a) = &mut self.announcements {
+                        a.forget(&f.key);
+                    }
                     self.marking.on_end(&f, self.maps.as_ref());
                     if f.inode != 0 {
                         self.procs.forget(f.inode);
@@ -312,7 +316,10 @@ impl Engine {
     /// orientation); a flow not discovered yet picks it up when it is.
     fn announce(&mut self, a: Announcement) {
         tracing::debug!(flow = ?a.key, tag = ?a.tag, origin = %a.origin, "announcement");
-        let keys = self.announcements.apply(a);
+        let Some(held) = &mut self.announcements else {
+            return;
+        };
+        let keys = held.apply(a);
         let named: Vec<FlowEvent> = self
             .table
             .iter()
@@ -537,7 +544,7 @@ impl Engine {
             in_kernel_decisions: self.in_kernel,
             policy_first_packet_exact_rules: self.exactness.iter().filter(|e| e.is_exact()).count(),
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
-            announcements: self.announcing.then(|| self.announcements.counters()),
+            announcements: self.announcements.as_ref().map(Announcements::counters),
             flows_first_packet_exact: self
                 .marking
                 .decisions()
@@ -572,7 +579,7 @@ impl Engine {
             policy_reloads_ok: self.reloads_ok,
             policy_reloads_failed: self.reloads_failed,
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
-            announcements: self.announcing.then(|| self.announcements.counters()),
+            announcements: self.announcements.as_ref().map(Announcements::counters),
         }
     }
 }

@@ -6,8 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Netns, Pair, ADDR_A, ADDR_B};
@@ -81,39 +80,10 @@ fn schema() -> jsonschema::Validator {
         .unwrap()
 }
 
-/// A connection from `client` (local `from`) to a one-shot server in `server` at
-/// `to`, sending `payload` bytes from a thread named `comm`; returns once the server
-/// has read them all and both ends have closed.
+/// A transfer from `client` to `server` by a process named "xrootd" (the
+/// firefly's "application").
 fn transfer(client: &Netns, server: &Netns, from: SocketAddr, to: SocketAddr, payload: usize) {
-    let (ready, listening) = std::sync::mpsc::channel();
-    let srv = server.run(move || {
-        let l = TcpListener::bind(to).expect("bind server");
-        ready.send(()).unwrap();
-        let (mut c, _) = l.accept().unwrap();
-        let mut buf = Vec::new();
-        c.read_to_end(&mut buf).unwrap();
-        buf.len()
-    });
-    listening.recv().unwrap();
-    client
-        .run(move || {
-            // The thread's comm is what the tracker reports as the owner's
-            // process name: the firefly's "application".
-            let name = c"xrootd";
-            // SAFETY: PR_SET_NAME reads a NUL-terminated string of up to 16 bytes.
-            assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) }, 0);
-            let domain = socket2::Domain::for_address(from);
-            let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
-            s.bind(&from.into()).expect("bind client");
-            s.connect(&to.into()).expect("connect");
-            let mut s: std::net::TcpStream = s.into();
-            s.write_all(&vec![0x5a; payload]).unwrap();
-            s.shutdown(std::net::Shutdown::Write).unwrap();
-            let _ = s.read_to_end(&mut Vec::new());
-        })
-        .join()
-        .unwrap();
-    assert_eq!(srv.join().unwrap(), payload);
+    common::transfer(client, server, from, to, payload, Some(c"xrootd"));
 }
 
 #[test]

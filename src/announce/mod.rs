@@ -102,10 +102,6 @@ impl Announcements {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
-    }
-
     /// Records `a`; returns the keys (both orientations) whose flows must be
     /// re-decided.
     pub fn apply(&mut self, a: Announcement) -> [FlowKey; 2] {

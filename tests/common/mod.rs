@@ -449,9 +449,14 @@ impl Drop for Daemon {
 /// A server in `server` on [ADDR_B]:`port`, listening when this returns, that
 /// accepts one connection and reads it to EOF; joins to the byte count.
 pub fn serve_once(server: &Netns, port: u16) -> std::thread::JoinHandle<usize> {
+    serve_once_at(server, SocketAddr::new(ADDR_B.into(), port))
+}
+
+/// [`serve_once`] on any address of `server`.
+pub fn serve_once_at(server: &Netns, at: SocketAddr) -> std::thread::JoinHandle<usize> {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = server.run(move || {
-        let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), port)).expect("bind server");
+        let l = TcpListener::bind(at).expect("bind server");
         tx.send(()).unwrap();
         let (mut c, _) = l.accept().expect("accept");
         let mut buf = Vec::new();
@@ -487,15 +492,40 @@ pub fn become_outsider(uid: u32) {
 /// Sends `payload` over TCP from `client_ns` ([ADDR_A]:`sport`) to a listener in
 /// `server_ns` on [ADDR_B]:`dport`; returns once the server has read it all.
 pub fn tcp_transfer(client_ns: &Netns, server_ns: &Netns, sport: u16, dport: u16, payload: usize) {
-    let server = serve_once(server_ns, dport);
+    transfer(
+        client_ns,
+        server_ns,
+        SocketAddr::new(ADDR_A.into(), sport),
+        SocketAddr::new(ADDR_B.into(), dport),
+        payload,
+        None,
+    );
+}
+
+/// Sends `payload` over TCP from `client_ns` (bound to `from`) to a one-shot
+/// listener in `server_ns` on `to`, from a thread whose comm is `comm` when given
+/// (what the tracker reports as the socket owner's process name); returns once the
+/// server has read it all and the client has the server's FIN.
+pub fn transfer(
+    client_ns: &Netns,
+    server_ns: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+    payload: usize,
+    comm: Option<&'static std::ffi::CStr>,
+) {
+    let server = serve_once_at(server_ns, to);
     let client = client_ns.run(move || {
         use std::io::Write;
-        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        if let Some(name) = comm {
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string of up to 16 bytes.
+            assert_eq!(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) }, 0);
+        }
+        let domain = socket2::Domain::for_address(from);
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
         s.set_reuse_address(true).unwrap();
-        s.bind(&SocketAddr::new(ADDR_A.into(), sport).into())
-            .expect("bind client");
-        s.connect(&SocketAddr::new(ADDR_B.into(), dport).into())
-            .expect("connect");
+        s.bind(&from.into()).expect("bind client");
+        s.connect(&to.into()).expect("connect");
         let mut s: std::net::TcpStream = s.into();
         s.write_all(&vec![0x5a; payload]).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
