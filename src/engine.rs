@@ -202,6 +202,12 @@ impl Engine {
                     Some(Command::Announce(a)) => self.announce(a),
                     None => break,
                 },
+                // While firefly starts wait (a burst outran the sender), offer them
+                // the room the sender has made, every 10 ms.
+                _ = tokio::time::sleep(Duration::from_millis(10)),
+                    if self.fireflies.as_ref().is_some_and(Fireflies::has_waiting) => {
+                    self.flush_fireflies();
+                }
             }
         }
         self.remove_all_marks();
@@ -255,8 +261,17 @@ impl Engine {
             return;
         }
         self.apply_events(events);
+        self.flush_fireflies();
         if let Some((_, published)) = &self.metrics {
             published.set(self.snapshot());
+        }
+    }
+
+    /// Queues the firefly starts that wait for room in the sender's queue.
+    fn flush_fireflies(&mut self) {
+        if let Some(ff) = &mut self.fireflies {
+            let table = &self.table;
+            ff.flush(|cookie| table.get(cookie));
         }
     }
 

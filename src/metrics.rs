@@ -337,6 +337,12 @@ impl Collector for SnapshotCollector {
                 "Flows announced by a start firefly and not yet ended.",
                 ff.announced as u64,
             )?;
+            gauge(
+                &mut enc,
+                "flowd_fireflies_starts_waiting",
+                "Start fireflies waiting for room in the send queue (a burst outran the sender).",
+                ff.starts_waiting as u64,
+            )?;
             labelled_counters(
                 &mut enc,
                 &mut mono,

@@ -189,6 +189,7 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
     source.set(Snapshot {
         fireflies: Some(FireflyStatus {
             announced: 3,
+            starts_waiting: 1,
             sent_start: 10,
             sent_ongoing: 0,
             sent_end: 7,
@@ -200,6 +201,7 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
     let v = values(&m.encode_prometheus().unwrap());
     for (k, want) in [
         ("flowd_fireflies_announced{}", 3.0),
+        ("flowd_fireflies_starts_waiting{}", 1.0),
         ("flowd_fireflies_sent_total{state=start}", 10.0),
         ("flowd_fireflies_sent_total{state=ongoing}", 0.0),
         ("flowd_fireflies_sent_total{state=end}", 7.0),

@@ -6,12 +6,15 @@
 //! [`Fireflies`] lives on the engine task and turns flow events plus the marking
 //! decisions into [`Firefly`] messages; [`sender`] owns the UDP sockets on a task of
 //! its own, so a slow or unreachable collector never holds the engine up. Between
-//! them is a bounded queue: when it is full a firefly is dropped and counted, never
-//! waited for.
+//! them is a bounded queue, never waited for. A burst of new flows (the first dump
+//! of a busy host) would outrun the sender: starts use at most half the queue and
+//! wait their turn beyond that ([`Fireflies::flush`]), keeping room for ends; an end
+//! or ongoing that finds the queue full is dropped and counted.
 
 pub mod message;
 pub mod sender;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -57,11 +60,16 @@ impl FireflyCounters {
 struct Announced {
     tag: Tag,
     start: SystemTime,
+    /// Its start is queued; false while it waits in `deferred`.
+    started: bool,
 }
 
 /// Decides which fireflies the flow events call for.
 pub struct Fireflies {
     announced: FxHashMap<u64, Announced>,
+    /// Cookies whose start waits for room in the queue, oldest first (may hold
+    /// cookies since ended or started: skipped).
+    deferred: VecDeque<u64>,
     queue: mpsc::Sender<Firefly>,
     counters: Arc<FireflyCounters>,
     ongoing_every: Option<Duration>,
@@ -76,6 +84,7 @@ impl Fireflies {
     ) -> Self {
         Fireflies {
             announced: FxHashMap::default(),
+            deferred: VecDeque::new(),
             queue,
             counters,
             ongoing_every,
@@ -86,6 +95,7 @@ impl Fireflies {
     pub fn status(&self) -> FireflyStatus {
         let mut s = FireflyStatus {
             announced: self.announced.len(),
+            starts_waiting: self.announced.values().filter(|a| !a.started).count(),
             ..Default::default()
         };
         self.counters.fill(&mut s);
@@ -105,29 +115,68 @@ impl Fireflies {
         let had = self.announced.get(&flow.cookie).copied();
         match (had, wanted) {
             (Some(a), Some(d)) if a.tag == d.tag => {}
-            (had, wanted) => {
+            (_, wanted) => {
                 let now = SystemTime::now();
-                if let Some(a) = had {
-                    self.announced.remove(&flow.cookie);
-                    self.send(self.message(State::End, &a, flow, now));
+                if let Some(a) = self.announced.remove(&flow.cookie) {
+                    if a.started {
+                        self.send(self.message(State::End, &a, flow, now));
+                    }
                 }
                 if let Some(d) = wanted {
-                    let a = Announced {
+                    let mut a = Announced {
                         tag: d.tag,
                         start: flow.first_seen_wall(),
+                        started: false,
                     };
+                    if self.deferred.is_empty() && self.room_for_starts() {
+                        self.send(self.message(State::Start, &a, flow, now));
+                        a.started = true;
+                    } else {
+                        self.deferred.push_back(flow.cookie);
+                    }
                     self.announced.insert(flow.cookie, a);
-                    self.send(self.message(State::Start, &a, flow, now));
                 }
             }
         }
     }
 
-    /// A flow ended: its `end` firefly, if it was announced.
+    /// A flow ended: its `end` firefly, if its start went out (one still waiting is
+    /// simply forgotten: nothing was said of it).
     pub fn on_end(&mut self, flow: &Flow) {
         if let Some(a) = self.announced.remove(&flow.cookie) {
-            self.send(self.message(State::End, &a, flow, SystemTime::now()));
+            if a.started {
+                self.send(self.message(State::End, &a, flow, SystemTime::now()));
+            }
         }
+    }
+
+    /// Queues the waiting starts while the queue has room for them, oldest first;
+    /// `live` finds a flow's current state by cookie. Called after every batch.
+    pub fn flush<'a>(&mut self, live: impl Fn(u64) -> Option<&'a Flow>) {
+        let now = SystemTime::now();
+        while let Some(&cookie) = self.deferred.front() {
+            let waiting = self.announced.get(&cookie).filter(|a| !a.started).copied();
+            if let (Some(a), Some(flow)) = (waiting, live(cookie)) {
+                if !self.room_for_starts() {
+                    return;
+                }
+                self.send(self.message(State::Start, &a, flow, now));
+                if let Some(a) = self.announced.get_mut(&cookie) {
+                    a.started = true;
+                }
+            }
+            self.deferred.pop_front();
+        }
+    }
+
+    /// Whether starts wait for room in the queue (then [`Self::flush`] is due).
+    pub fn has_waiting(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Starts may fill half the queue: the rest is kept for ends.
+    fn room_for_starts(&self) -> bool {
+        self.queue.capacity() > self.queue.max_capacity() / 2
     }
 
     /// Sends `ongoing` for every announced flow when the configured interval has
@@ -144,6 +193,7 @@ impl Fireflies {
         let due: Vec<Firefly> = self
             .announced
             .iter()
+            .filter(|(_, a)| a.started)
             .filter_map(|(cookie, a)| Some(self.message(State::Ongoing, a, live(*cookie)?, now)))
             .collect();
         for f in due {

@@ -147,15 +147,28 @@ fn a_changed_tag_ends_the_old_announcement_and_starts_the_new_one_a_lost_tag_end
 }
 
 #[test]
-fn a_full_queue_drops_and_counts_rather_than_waits() {
-    let (mut ff, mut rx) = announcer(2, None);
-    for cookie in 0..5 {
-        let f = flow(cookie, Protocol::Udp, Lifecycle::New);
-        ff.on_flow(&f, Some(&decision(&f, 2, 4)));
-    }
-    assert_eq!(drain(&mut rx).len(), 2);
-    assert_eq!(ff.status().queue_full, 3);
-    assert_eq!(ff.status().announced, 5);
+fn an_end_or_ongoing_that_finds_the_queue_full_is_dropped_and_counted_never_waited_for() {
+    let (mut ff, mut rx) = announcer(2, Some(Duration::ZERO));
+    let (a, b) = (
+        flow(0, Protocol::Udp, Lifecycle::New),
+        flow(1, Protocol::Udp, Lifecycle::New),
+    );
+    ff.on_flow(&a, Some(&decision(&a, 2, 4)));
+    ff.on_flow(&b, Some(&decision(&b, 2, 4)));
+    assert_eq!(ff.status().starts_waiting, 1, "b waits: starts take half");
+    let live = |c: u64| [&a, &b].get(c as usize).copied();
+    ff.ongoing(live); // a's ongoing takes the last slot
+    ff.ongoing(live); // no room: dropped
+    ff.on_end(&a); // no room: dropped
+    assert_eq!(ff.status().queue_full, 2);
+    assert_eq!(
+        drain(&mut rx),
+        [
+            (State::Start, Tag::new(2, 4).unwrap()),
+            (State::Ongoing, Tag::new(2, 4).unwrap())
+        ]
+    );
+    assert_eq!(ff.status().announced, 1);
 }
 
 #[test]
@@ -205,4 +218,48 @@ fn a_flow_its_application_announced_is_left_to_the_application() {
         drain(&mut rx),
         [(State::Start, by_policy.tag), (State::End, by_policy.tag)]
     );
+}
+
+#[test]
+fn a_burst_of_starts_waits_for_room_instead_of_being_lost_and_keeps_room_for_ends() {
+    let (mut ff, mut rx) = announcer(8, None);
+    let flows: Vec<Flow> = (0..10)
+        .map(|c| flow(c, Protocol::Tcp, Lifecycle::Established))
+        .collect();
+    for f in &flows {
+        ff.on_flow(f, Some(&decision(f, 2, 4)));
+    }
+    // Starts take half the queue; the other six wait.
+    assert_eq!(ff.status().starts_waiting, 6);
+    assert!(ff.has_waiting());
+    // An end still finds room; a flow whose start never went out ends silently.
+    ff.on_end(&flows[0]);
+    ff.on_end(&flows[9]);
+    assert_eq!(ff.status().queue_full, 0);
+    let first: Vec<State> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|f| f.state)
+        .collect();
+    assert_eq!(
+        first,
+        [
+            State::Start,
+            State::Start,
+            State::Start,
+            State::Start,
+            State::End
+        ],
+        "four starts, then the end"
+    );
+    let live = |c: u64| flows.get(c as usize);
+    ff.flush(live);
+    ff.flush(live);
+    let mut starts = 4;
+    while ff.has_waiting() {
+        starts += drain(&mut rx).len();
+        ff.flush(live);
+    }
+    starts += drain(&mut rx).len();
+    assert_eq!(starts, 9, "every start but the one that ended waiting");
+    assert_eq!(ff.status().starts_waiting, 0);
+    assert_eq!(ff.status().queue_full, 0);
 }

@@ -158,6 +158,8 @@ pub struct StatusView {
 pub struct FireflyStatus {
     /// Flows announced with a start and not yet ended.
     pub announced: usize,
+    /// Of those, starts still waiting for room in the send queue.
+    pub starts_waiting: usize,
     /// Datagrams sent, by state (one firefly to two destinations is two).
     pub sent_start: u64,
     pub sent_ongoing: u64,
