@@ -256,7 +256,10 @@ fn burst(rt: &tokio::runtime::Runtime) {
         }
         drop(ff);
         task.await.unwrap();
-        (waited_max, counters.sent[State::Start as usize].load(Ordering::Relaxed))
+        (
+            waited_max,
+            counters.sent[State::Start as usize].load(Ordering::Relaxed),
+        )
     });
     let took = t0.elapsed();
     println!(

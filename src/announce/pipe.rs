@@ -155,9 +155,18 @@ impl Pipe {
                 }
                 if buf.len() > MAX_LINE && !buf.ends_with(b"\n") {
                     warn!(pipe = %path.display(), "announcements: line over {MAX_LINE} bytes ignored");
-                    // Skip to the end of that line.
-                    let mut rest = Vec::new();
-                    let _ = lines.read_until(b'\n', &mut rest).await;
+                    // Skip to the end of that line, a bounded piece at a time.
+                    loop {
+                        buf.clear();
+                        match (&mut lines)
+                            .take(MAX_LINE as u64)
+                            .read_until(b'\n', &mut buf)
+                            .await
+                        {
+                            Ok(n) if n > 0 && !buf.ends_with(b"\n") => continue,
+                            _ => break,
+                        }
+                    }
                     continue;
                 }
                 let line = String::from_utf8_lossy(&buf);

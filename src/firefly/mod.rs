@@ -156,13 +156,21 @@ impl Fireflies {
         let now = SystemTime::now();
         while let Some(&cookie) = self.deferred.front() {
             let waiting = self.announced.get(&cookie).filter(|a| !a.started).copied();
-            if let (Some(a), Some(flow)) = (waiting, live(cookie)) {
-                if !self.room_for_starts() {
-                    return;
-                }
-                self.send(self.message(State::Start, &a, flow, now));
-                if let Some(a) = self.announced.get_mut(&cookie) {
-                    a.started = true;
+            if let Some(a) = waiting {
+                match live(cookie) {
+                    Some(flow) => {
+                        if !self.room_for_starts() {
+                            return;
+                        }
+                        self.send(self.message(State::Start, &a, flow, now));
+                        if let Some(a) = self.announced.get_mut(&cookie) {
+                            a.started = true;
+                        }
+                    }
+                    // Gone without an end event reaching us: nothing to announce.
+                    None => {
+                        self.announced.remove(&cookie);
+                    }
                 }
             }
             self.deferred.pop_front();
