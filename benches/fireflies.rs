@@ -48,6 +48,56 @@ fn flow(i: u32, lifecycle: Lifecycle) -> Flow {
     }
 }
 
+fn rule() -> Arc<RuleRef> {
+    Arc::new(RuleRef {
+        file: "atlas.toml".into(),
+        name: "x".into(),
+        line: 1,
+    })
+}
+
+/// What the policy decides for every flow here: atlas/4.
+fn decision(f: &Flow, rule: &Arc<RuleRef>) -> Decision {
+    Decision {
+        tag: Tag::new(2, 4).unwrap(),
+        rule: rule.clone(),
+        entropy: 0,
+        key: f.key,
+        in_map: false,
+        tagged_at: Instant::now(),
+        first_packet_exact: false,
+        announced: false,
+    }
+}
+
+/// A firefly config sending only to a collector on loopback, and the thread that
+/// counts what that collector receives (it stops 0.5 s after the last datagram).
+fn loopback_collector() -> (FireflyConfig, std::thread::JoinHandle<u64>) {
+    let collector = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // A receive buffer big enough that the count measures the sender, not the
+    // receiver's backlog.
+    let _ = socket2::SockRef::from(&collector).set_recv_buffer_size(64 << 20);
+    collector
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let to = collector.local_addr().unwrap();
+    let receiver = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut n = 0u64;
+        while collector.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    let cfg = FireflyConfig {
+        enabled: true,
+        collectors: vec![to],
+        to_remote: false,
+        ..FireflyConfig::default()
+    };
+    (cfg, receiver)
+}
+
 fn rss_kib() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -93,25 +143,9 @@ fn bookkeeping() {
         }
         queued
     };
-    let rule = Arc::new(RuleRef {
-        file: "atlas.toml".into(),
-        name: "x".into(),
-        line: 1,
-    });
+    let rule = rule();
     let flows: Vec<Flow> = (0..N).map(|i| flow(i, Lifecycle::Established)).collect();
-    let decisions: Vec<Decision> = flows
-        .iter()
-        .map(|f| Decision {
-            tag: Tag::new(2, 4).unwrap(),
-            rule: rule.clone(),
-            entropy: 0,
-            key: f.key,
-            in_map: false,
-            tagged_at: Instant::now(),
-            first_packet_exact: false,
-            announced: false,
-        })
-        .collect();
+    let decisions: Vec<Decision> = flows.iter().map(|f| decision(f, &rule)).collect();
     // In batches of a sock_diag dump part, the queue emptied in between (by the
     // sender, in the daemon): the RSS growth is then the per-flow state alone.
     let before = rss_kib();
@@ -143,28 +177,7 @@ fn bookkeeping() {
 }
 
 fn send_rate(rt: &tokio::runtime::Runtime) {
-    let collector = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    // A receive buffer big enough that the count measures the sender, not the
-    // receiver's backlog.
-    let _ = socket2::SockRef::from(&collector).set_recv_buffer_size(64 << 20);
-    collector
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let to = collector.local_addr().unwrap();
-    let receiver = std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        let mut n = 0u64;
-        while collector.recv(&mut buf).is_ok() {
-            n += 1;
-        }
-        n
-    });
-    let cfg = FireflyConfig {
-        enabled: true,
-        collectors: vec![to],
-        to_remote: false,
-        ..FireflyConfig::default()
-    };
+    let (cfg, receiver) = loopback_collector();
     let counters = Arc::new(FireflyCounters::default());
     let t0 = Instant::now();
     let sent = rt.block_on(async {
@@ -198,33 +211,10 @@ fn send_rate(rt: &tokio::runtime::Runtime) {
 /// The first dump of a busy host: starts for N flows at once, in dump-part batches,
 /// through the daemon's queue and sender to a loopback collector.
 fn burst(rt: &tokio::runtime::Runtime) {
-    let collector = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let _ = socket2::SockRef::from(&collector).set_recv_buffer_size(64 << 20);
-    collector
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let to = collector.local_addr().unwrap();
-    let receiver = std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        let mut n = 0u64;
-        while collector.recv(&mut buf).is_ok() {
-            n += 1;
-        }
-        n
-    });
-    let cfg = FireflyConfig {
-        enabled: true,
-        collectors: vec![to],
-        to_remote: false,
-        ..FireflyConfig::default()
-    };
+    let (cfg, receiver) = loopback_collector();
     let counters = Arc::new(FireflyCounters::default());
     let flows: Vec<Flow> = (0..N).map(|i| flow(i, Lifecycle::Established)).collect();
-    let rule = Arc::new(RuleRef {
-        file: "atlas.toml".into(),
-        name: "x".into(),
-        line: 1,
-    });
+    let rule = rule();
     let t0 = Instant::now();
     let (waited_max, sent) = rt.block_on(async {
         let (queue, task) = sender::spawn(&cfg, counters.clone()).unwrap();
@@ -233,17 +223,7 @@ fn burst(rt: &tokio::runtime::Runtime) {
         let mut waited_max = 0;
         for fs in flows.chunks(2048) {
             for f in fs {
-                let d = Decision {
-                    tag: Tag::new(2, 4).unwrap(),
-                    rule: rule.clone(),
-                    entropy: 0,
-                    key: f.key,
-                    in_map: false,
-                    tagged_at: Instant::now(),
-                    first_packet_exact: false,
-                    announced: false,
-                };
-                ff.on_flow(f, Some(&d));
+                ff.on_flow(f, Some(&decision(f, &rule)));
             }
             ff.flush(live);
             waited_max = waited_max.max(ff.status().starts_waiting);

@@ -139,7 +139,7 @@ fn pipe_lines_and_fireflies_retag_a_live_flow_and_their_end_gives_it_back_to_the
     let app_lo = SocketAddr::from(([127, 0, 0, 1], 0));
 
     step(1); // the policy's tag
-    // An overlong line is skipped whole; the next line is read as usual.
+             // An overlong line is skipped whole; the next line is read as usual.
     write_pipe(&pipe, &"x".repeat(2000));
     write_pipe(
         &pipe,
