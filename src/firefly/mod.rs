@@ -7,9 +7,10 @@
 //! decisions into [`Firefly`] messages; [`sender`] owns the UDP sockets on a task of
 //! its own, so a slow or unreachable collector never holds the engine up. Between
 //! them is a bounded queue, never waited for. A burst of new flows (the first dump
-//! of a busy host) would outrun the sender: starts use at most half the queue and
-//! wait their turn beyond that ([`Fireflies::flush`]), keeping room for ends; an end
-//! or ongoing that finds the queue full is dropped and counted.
+//! of a busy host) or a round of `ongoing` would outrun the sender: starts and
+//! ongoings use at most half the queue and wait their turn beyond that
+//! ([`Fireflies::flush`]), keeping room for ends; an end that finds the queue full
+//! is dropped and counted.
 
 pub mod message;
 pub mod sender;
@@ -67,9 +68,9 @@ struct Announced {
 /// Decides which fireflies the flow events call for.
 pub struct Fireflies {
     announced: FxHashMap<u64, Announced>,
-    /// Cookies whose start waits for room in the queue, oldest first (may hold
-    /// cookies since ended or started: skipped).
-    deferred: VecDeque<u64>,
+    /// Starts and ongoings waiting for room in the queue, oldest first (may name
+    /// flows since ended, or starts since sent: skipped).
+    deferred: VecDeque<(u64, State)>,
     queue: mpsc::Sender<Firefly>,
     counters: Arc<FireflyCounters>,
     ongoing_every: Option<Duration>,
@@ -132,7 +133,7 @@ impl Fireflies {
                         self.send(self.message(State::Start, &a, flow, now));
                         a.started = true;
                     } else {
-                        self.deferred.push_back(flow.cookie);
+                        self.deferred.push_back((flow.cookie, State::Start));
                     }
                     self.announced.insert(flow.cookie, a);
                 }
@@ -150,19 +151,25 @@ impl Fireflies {
         }
     }
 
-    /// Queues the waiting starts while the queue has room for them, oldest first;
-    /// `live` finds a flow's current state by cookie. Called after every batch.
+    /// Queues the waiting starts and ongoings while the queue has room for them,
+    /// oldest first; `live` finds a flow's current state by cookie. Called after
+    /// every batch.
     pub fn flush<'a>(&mut self, live: impl Fn(u64) -> Option<&'a Flow>) {
         let now = SystemTime::now();
-        while let Some(&cookie) = self.deferred.front() {
-            let waiting = self.announced.get(&cookie).filter(|a| !a.started).copied();
-            if let Some(a) = waiting {
+        while let Some(&(cookie, state)) = self.deferred.front() {
+            // A start is due while it has not gone out, an ongoing once it has.
+            let due = self
+                .announced
+                .get(&cookie)
+                .filter(|a| a.started == (state == State::Ongoing))
+                .copied();
+            if let Some(a) = due {
                 match live(cookie) {
                     Some(flow) => {
                         if !self.room_for_starts() {
                             return;
                         }
-                        self.send(self.message(State::Start, &a, flow, now));
+                        self.send(self.message(state, &a, flow, now));
                         if let Some(a) = self.announced.get_mut(&cookie) {
                             a.started = true;
                         }
@@ -177,18 +184,19 @@ impl Fireflies {
         }
     }
 
-    /// Whether starts wait for room in the queue (then [`Self::flush`] is due).
+    /// Whether fireflies wait for room in the queue (then [`Self::flush`] is due).
     pub fn has_waiting(&self) -> bool {
         !self.deferred.is_empty()
     }
 
-    /// Starts may fill half the queue: the rest is kept for ends.
+    /// Starts and ongoings may fill half the queue: the rest is kept for ends.
     fn room_for_starts(&self) -> bool {
         self.queue.capacity() > self.queue.max_capacity() / 2
     }
 
-    /// Sends `ongoing` for every announced flow when the configured interval has
-    /// passed since the last round; `live` finds a flow's current state by cookie.
+    /// Queues `ongoing` for every announced flow when the configured interval has
+    /// passed since the last round, paced like a burst of starts; `live` finds a
+    /// flow's current state by cookie.
     pub fn ongoing<'a>(&mut self, live: impl Fn(u64) -> Option<&'a Flow>) {
         let Some(every) = self.ongoing_every else {
             return;
@@ -197,16 +205,10 @@ impl Fireflies {
             return;
         }
         self.last_ongoing = Instant::now();
-        let now = SystemTime::now();
-        let due: Vec<Firefly> = self
-            .announced
-            .iter()
-            .filter(|(_, a)| a.started)
-            .filter_map(|(cookie, a)| Some(self.message(State::Ongoing, a, live(*cookie)?, now)))
-            .collect();
-        for f in due {
-            self.send(f);
-        }
+        let due = self.announced.iter().filter(|(_, a)| a.started);
+        self.deferred
+            .extend(due.map(|(cookie, _)| (*cookie, State::Ongoing)));
+        self.flush(live);
     }
 
     fn message(&self, state: State, a: &Announced, flow: &Flow, now: SystemTime) -> Firefly {

@@ -147,28 +147,38 @@ fn a_changed_tag_ends_the_old_announcement_and_starts_the_new_one_a_lost_tag_end
 }
 
 #[test]
-fn an_end_or_ongoing_that_finds_the_queue_full_is_dropped_and_counted_never_waited_for() {
+fn an_end_that_finds_the_queue_full_is_dropped_and_counted_never_waited_for() {
+    let (mut ff, mut rx) = announcer(4, None);
+    let flows: Vec<Flow> = (0..4)
+        .map(|c| flow(c, Protocol::Udp, Lifecycle::New))
+        .collect();
+    for f in &flows[..2] {
+        ff.on_flow(f, Some(&decision(f, 2, 4)));
+    }
+    drain(&mut rx); // the sender took both starts
+    for f in &flows[2..] {
+        ff.on_flow(f, Some(&decision(f, 2, 4)));
+    }
+    for f in &flows[..3] {
+        ff.on_end(f); // the third finds the queue full
+    }
+    assert_eq!(ff.status().queue_full, 1);
+    assert_eq!(drain(&mut rx).len(), 4, "two starts, two ends");
+}
+
+#[test]
+fn a_round_of_ongoing_waits_for_room_like_starts() {
     let (mut ff, mut rx) = announcer(2, Some(Duration::ZERO));
-    let (a, b) = (
-        flow(0, Protocol::Udp, Lifecycle::New),
-        flow(1, Protocol::Udp, Lifecycle::New),
-    );
+    let a = flow(0, Protocol::Udp, Lifecycle::New);
     ff.on_flow(&a, Some(&decision(&a, 2, 4)));
-    ff.on_flow(&b, Some(&decision(&b, 2, 4)));
-    assert_eq!(ff.status().starts_waiting, 1, "b waits: starts take half");
-    let live = |c: u64| [&a, &b].get(c as usize).copied();
-    ff.ongoing(live); // a's ongoing takes the last slot
-    ff.ongoing(live); // no room: dropped
-    ff.on_end(&a); // no room: dropped
-    assert_eq!(ff.status().queue_full, 2);
-    assert_eq!(
-        drain(&mut rx),
-        [
-            (State::Start, Tag::new(2, 4).unwrap()),
-            (State::Ongoing, Tag::new(2, 4).unwrap())
-        ]
-    );
-    assert_eq!(ff.status().announced, 1);
+    let live = |c: u64| (c == 0).then_some(&a);
+    ff.ongoing(live); // no room beyond half the queue: it waits
+    assert!(ff.has_waiting());
+    assert_eq!(drain(&mut rx), [(State::Start, Tag::new(2, 4).unwrap())]);
+    ff.flush(live);
+    assert_eq!(drain(&mut rx), [(State::Ongoing, Tag::new(2, 4).unwrap())]);
+    assert!(!ff.has_waiting());
+    assert_eq!(ff.status().queue_full, 0);
 }
 
 #[test]
