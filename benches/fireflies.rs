@@ -181,7 +181,7 @@ fn send_rate(rt: &tokio::runtime::Runtime) {
     let counters = Arc::new(FireflyCounters::default());
     let t0 = Instant::now();
     let sent = rt.block_on(async {
-        let (queue, task) = sender::spawn(&cfg, counters.clone()).unwrap();
+        let sender::Sender { queue, task, .. } = sender::spawn(&cfg, counters.clone()).unwrap();
         for i in 0..N {
             let f = Firefly {
                 state: State::Start,
@@ -217,7 +217,7 @@ fn burst(rt: &tokio::runtime::Runtime) {
     let rule = rule();
     let t0 = Instant::now();
     let (waited_max, sent) = rt.block_on(async {
-        let (queue, task) = sender::spawn(&cfg, counters.clone()).unwrap();
+        let sender::Sender { queue, task, .. } = sender::spawn(&cfg, counters.clone()).unwrap();
         let mut ff = Fireflies::new(queue, counters.clone(), None);
         let live = |c: u64| flows.get(c as usize - 1);
         let mut waited_max = 0;

@@ -162,6 +162,19 @@ async fn start_engine(
         header: cfg.marker.strategy.headers(),
         attached: marker.attachments(),
     });
+    let mut own_ports = Vec::new();
+    let fireflies = if cfg.fireflies.enabled {
+        let counters = Arc::new(FireflyCounters::default());
+        let sender = firefly::sender::spawn(&cfg.fireflies, counters.clone())?;
+        let every = (cfg.fireflies.ongoing_interval_s > 0)
+            .then(|| Duration::from_secs(cfg.fireflies.ongoing_interval_s));
+        info!(collectors = ?cfg.fireflies.collectors, to_remote = cfg.fireflies.to_remote, "fireflies on");
+        own_ports = sender.local_ports;
+        let announcer = Fireflies::new(sender.queue, counters.clone(), every);
+        Some((announcer, counters, sender.task))
+    } else {
+        None
+    };
     // The announcement inputs exist before the control socket does: once a client
     // can talk to the daemon, an application can announce to it.
     let mut pipe = None;
@@ -177,6 +190,7 @@ async fn start_engine(
             announce::listener::spawn(
                 &ann.firefly_listen,
                 ann.firefly_allow.clone(),
+                own_ports,
                 cmd_tx.clone(),
             )
             .await?,
@@ -199,15 +213,10 @@ async fn start_engine(
     }
     let mut firefly_counters = None;
     let mut drains = Vec::new();
-    if cfg.fireflies.enabled {
-        let counters = Arc::new(FireflyCounters::default());
-        let (queue, sender) = firefly::sender::spawn(&cfg.fireflies, counters.clone())?;
-        let every = (cfg.fireflies.ongoing_interval_s > 0)
-            .then(|| Duration::from_secs(cfg.fireflies.ongoing_interval_s));
-        engine = engine.with_fireflies(Fireflies::new(queue, counters.clone(), every));
-        info!(collectors = ?cfg.fireflies.collectors, to_remote = cfg.fireflies.to_remote, "fireflies on");
+    if let Some((fireflies, counters, task)) = fireflies {
+        engine = engine.with_fireflies(fireflies);
         firefly_counters = Some(counters);
-        drains.push(sender);
+        drains.push(task);
     }
     if cfg.metrics.enabled {
         let (metrics, published) = metrics_for(cfg, marker, registry.clone(), firefly_counters);

@@ -266,3 +266,46 @@ fn a_flow_announced_before_it_exists_is_tagged_once_discovered() {
     }
     d.stop();
 }
+
+#[test]
+fn the_daemons_own_fireflies_coming_back_to_its_listener_are_not_announcements() {
+    if !common::privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::new();
+    let policies = dir.path().join("policies.d");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("atlas.toml"),
+        "experiment = \"atlas\"\n[[rule]]\nname = \"to-5301\"\nactivity = 4\nremote_ports = [5301]\n",
+    )
+    .unwrap();
+    // A collector pointed at the daemon's own listener: without care, each firefly
+    // would come back as an announcement, which ends our announcement, and so on.
+    let d = Daemon::start_with(
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[fireflies]\nenabled = true\nto_remote = false\n\
+             collectors = [\"127.0.0.1:10514\"]\n[announcements]\nfirefly_listen = [\"127.0.0.1:10514\"]\n",
+            policies.display()
+        ),
+    );
+    common::tcp_transfer(&pair.a, &pair.b, 41030, 5301, 10_000);
+    let status = || -> Value {
+        serde_json::from_str::<Value>(&d.cli_ok(&["status"])).unwrap()["status"].clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status()["fireflies"]["sent_end"] != 1 {
+        assert!(Instant::now() < deadline, "{}\n{}", status(), d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let s = status();
+    assert_eq!(s["fireflies"]["sent_start"], 1, "{s}");
+    assert_eq!(s["fireflies"]["sent_end"], 1, "{s}");
+    assert_eq!(s["announcements"]["received_firefly"], 0, "{s}");
+    let log = d.stop();
+    assert!(log.contains("this daemon's own firefly"), "{log}");
+}

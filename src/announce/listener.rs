@@ -45,11 +45,26 @@ pub fn announcement(
     })
 }
 
+/// Whether a datagram from `from` is heard: from an allowed source, and not this
+/// daemon's own firefly (sent from `own_ports` on this host) coming back to it.
+pub fn heard(from: SocketAddr, allow: &[IpNet], own_ports: &[u16]) -> Result<(), &'static str> {
+    let ip = from.ip().to_canonical();
+    if ip.is_loopback() && own_ports.contains(&from.port()) {
+        return Err("this daemon's own firefly");
+    }
+    if !allow.iter().any(|net| net.contains(&ip)) {
+        return Err("source outside announcements.firefly_allow");
+    }
+    Ok(())
+}
+
 /// Binds every address in `listen` (all or nothing) and forwards what allowed
-/// sources announce until the command channel closes.
+/// sources announce until the command channel closes; `own_ports` are those of
+/// this daemon's firefly sender.
 pub async fn spawn(
     listen: &[SocketAddr],
     allow: Vec<IpNet>,
+    own_ports: Vec<u16>,
     commands: mpsc::Sender<Command>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut sockets = Vec::new();
@@ -61,7 +76,7 @@ pub async fn spawn(
     }
     let mut tasks = Vec::new();
     for socket in sockets {
-        let (allow, commands) = (allow.clone(), commands.clone());
+        let (allow, own_ports, commands) = (allow.clone(), own_ports.clone(), commands.clone());
         info!(listen = %socket.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "announcements: listening for fireflies");
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
@@ -74,9 +89,8 @@ pub async fn spawn(
                         break;
                     }
                 };
-                let ip = from.ip().to_canonical();
-                if !allow.iter().any(|net| net.contains(&ip)) {
-                    refusals.note(from, &"source outside announcements.firefly_allow");
+                if let Err(why) = heard(from, &allow, &own_ports) {
+                    refusals.note(from, &why);
                     continue;
                 }
                 match announcement(&buf[..n], from) {
@@ -134,5 +148,23 @@ mod tests {
             assert_eq!(a.origin, Origin::Firefly(from));
         }
         assert!(announcement(b"<134>1 not json", from).is_err());
+    }
+
+    #[test]
+    fn allowed_sources_are_heard_and_the_daemons_own_fireflies_never() {
+        let allow: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        let own = [40404];
+        let from = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(heard(from("127.0.0.1:5000"), &allow, &own), Ok(()));
+        assert_eq!(heard(from("[::ffff:127.0.0.1]:5000"), &allow, &own), Ok(()));
+        assert!(heard(from("127.0.0.1:40404"), &allow, &own)
+            .unwrap_err()
+            .contains("own"));
+        assert!(heard(from("[::1]:40404"), &allow, &own)
+            .unwrap_err()
+            .contains("own"));
+        assert!(heard(from("[fd00::2]:5000"), &allow, &own)
+            .unwrap_err()
+            .contains("firefly_allow"));
     }
 }

@@ -28,6 +28,19 @@ struct Destinations {
     syslog_host: Option<String>,
 }
 
+impl Destinations {
+    /// Where one flow's firefly goes: every collector, then the flow's remote host
+    /// unless it is a collector already or this host itself (loopback: a firefly
+    /// about a local connection sent to our own port would only come back to us).
+    fn for_flow(&self, remote: SocketAddr) -> impl Iterator<Item = SocketAddr> + '_ {
+        let remote = self
+            .remote_port
+            .map(|port| SocketAddr::new(remote.ip(), port))
+            .filter(|r| !r.ip().is_loopback() && !self.collectors.contains(r));
+        self.collectors.iter().copied().chain(remote)
+    }
+}
+
 /// One socket per address family; a family the host lacks (IPv6 disabled) is `None`
 /// and its sends count as errors.
 struct Sockets {
@@ -58,6 +71,16 @@ impl Sockets {
         })
     }
 
+    /// The local ports fireflies leave from.
+    fn local_ports(&self) -> Vec<u16> {
+        [&self.v4, &self.v6]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.local_addr().ok())
+            .map(|a| a.port())
+            .collect()
+    }
+
     async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> std::io::Result<()> {
         let socket = match to {
             SocketAddr::V4(_) => self.v4.as_ref(),
@@ -73,13 +96,20 @@ impl Sockets {
     }
 }
 
-/// Opens the sockets and starts the sender; the task ends once every queue sender
-/// is dropped and the queue is drained.
-pub fn spawn(
-    cfg: &FireflyConfig,
-    counters: Arc<FireflyCounters>,
-) -> Result<(mpsc::Sender<Firefly>, tokio::task::JoinHandle<()>)> {
+/// A started sender.
+pub struct Sender {
+    pub queue: mpsc::Sender<Firefly>,
+    /// Ends once every clone of `queue` is dropped and the queue is drained.
+    pub task: tokio::task::JoinHandle<()>,
+    /// The local ports fireflies leave from, so the announcement listener can tell
+    /// this daemon's own fireflies from an application's.
+    pub local_ports: Vec<u16>,
+}
+
+/// Opens the sockets and starts the sender.
+pub fn spawn(cfg: &FireflyConfig, counters: Arc<FireflyCounters>) -> Result<Sender> {
     let sockets = Sockets::bind().context("starting the firefly sender")?;
+    let local_ports = sockets.local_ports();
     let dest = Destinations {
         collectors: cfg.collectors.clone(),
         remote_port: cfg.to_remote.then_some(cfg.remote_port),
@@ -90,9 +120,13 @@ pub fn spawn(
                 .unwrap_or_default()
         }),
     };
-    let (tx, rx) = mpsc::channel(QUEUE);
+    let (queue, rx) = mpsc::channel(QUEUE);
     let task = tokio::spawn(run(rx, sockets, dest, counters));
-    Ok((tx, task))
+    Ok(Sender {
+        queue,
+        task,
+        local_ports,
+    })
 }
 
 async fn run(
@@ -103,11 +137,7 @@ async fn run(
 ) {
     while let Some(f) = rx.recv().await {
         let datagram = f.datagram(dest.syslog_host.as_deref());
-        let remote = dest
-            .remote_port
-            .map(|port| SocketAddr::new(f.key.remote().ip(), port))
-            .filter(|r| !dest.collectors.contains(r));
-        for to in dest.collectors.iter().copied().chain(remote) {
+        for to in dest.for_flow(f.key.remote()) {
             match sockets.send_to(&datagram, to).await {
                 Ok(()) => {
                     counters.sent[f.state as usize].fetch_add(1, Ordering::Relaxed);
@@ -124,5 +154,42 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_firefly_goes_to_every_collector_and_the_remote_host_once_never_to_loopback() {
+        let dest = Destinations {
+            collectors: vec!["[fd00::9]:10514".parse().unwrap()],
+            remote_port: Some(10514),
+            syslog_host: None,
+        };
+        let to = |remote: &str| -> Vec<String> {
+            dest.for_flow(remote.parse().unwrap())
+                .map(|a| a.to_string())
+                .collect()
+        };
+        assert_eq!(to("10.0.0.2:1094"), ["[fd00::9]:10514", "10.0.0.2:10514"]);
+        assert_eq!(
+            to("[fd00::9]:1094"),
+            ["[fd00::9]:10514"],
+            "a collector once"
+        );
+        assert_eq!(to("127.0.0.1:1094"), ["[fd00::9]:10514"]);
+        assert_eq!(to("[::1]:1094"), ["[fd00::9]:10514"]);
+        let only_collectors = Destinations {
+            remote_port: None,
+            ..dest.clone()
+        };
+        assert_eq!(
+            only_collectors
+                .for_flow("10.0.0.2:1094".parse().unwrap())
+                .count(),
+            1
+        );
     }
 }
