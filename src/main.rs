@@ -54,6 +54,8 @@ enum Command {
         #[command(subcommand)]
         action: RegistryAction,
     },
+    /// Print the manual page (roff), e.g. `flowd-rs man > /usr/share/man/man1/flowd-rs.1`.
+    Man,
     /// Mark or unmark one flow by hand (internal: for tests until discovery decides marks).
     #[command(hide = true)]
     Mark {
@@ -200,7 +202,38 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The manual page: clap's own rendering of the command line, then the files and
+/// signals an operator needs, which the options do not say.
+fn man_page(out: &mut dyn std::io::Write) -> Result<()> {
+    use clap::CommandFactory;
+    clap_mangen::Man::new(Cli::command()).render(out)?;
+    out.write_all(
+        br#".SH FILES
+.TP
+\fB/etc/flowd\-rs/flowd\-rs.toml\fR
+The configuration (TOML); every key and its default in the packaged copy. Unknown keys are errors naming file, line and column.
+.TP
+\fB/etc/flowd\-rs/policies.d/*.toml\fR
+One policy file per experiment; \fBflowd\-rs policy check\fR validates them.
+.TP
+\fB/run/flowd\-rs/control.sock\fR
+The control socket \fBstatus\fR, \fBinspect\fR and \fBreload\fR talk to (JSON lines).
+.TP
+\fB/run/flowd\-rs/attachments.json\fR
+What is attached where, so \fBflowd\-rs clean\fR can undo a crashed instance.
+.SH SIGNALS
+SIGHUP reloads the policy directory (a broken one is refused and the previous policy kept). SIGINT and SIGTERM detach everything and leave each interface as found.
+.SH SEE ALSO
+https://www.scitags.org, the README of flowd\-rs.
+"#,
+    )?;
+    Ok(())
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::Man = cli.command {
+        return man_page(&mut std::io::stdout().lock());
+    }
     let cfg = load_config(&cli)?;
     match cli.command {
         Command::Run => runtime()?.block_on(flowd::daemon::run(cfg)),
@@ -288,6 +321,8 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Registry {
             action: RegistryAction::Update { url, output },
         } => cli::registry_update(&url, &output, &mut std::io::stdout().lock()),
+        // Answered above, before the configuration is read.
+        Command::Man => unreachable!("man is dispatched before the configuration"),
         Command::Mark { action } => {
             let req = match action {
                 MarkAction::Add {

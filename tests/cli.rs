@@ -207,3 +207,36 @@ fn registry_update_validates_before_replacing() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a valid SciTags registry"));
     assert_eq!(std::fs::read(&out).unwrap(), good, "the old file stays");
 }
+
+#[test]
+fn the_man_page_documents_every_command_files_and_signals() {
+    // No configuration is read: a broken one must not hide the manual.
+    let o = Command::new(env!("CARGO_BIN_EXE_flowd-rs"))
+        .args(["-c", "/nonexistent/flowd-rs.toml", "man"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let page = stdout(&o);
+    assert!(page.contains(".TH flowd-rs 1"), "{page}");
+    for cmd in [
+        "run", "clean", "status", "inspect", "reload", "policy", "label", "registry", "man",
+    ] {
+        assert!(
+            page.contains(&format!("flowd\\-rs\\-{cmd}(1)")),
+            "{cmd} missing:\n{page}"
+        );
+    }
+    assert!(
+        !page.contains("flowd\\-rs\\-mark(1)"),
+        "the hidden test command is not documented"
+    );
+    for section in [
+        ".SH OPTIONS",
+        ".SH FILES",
+        ".SH SIGNALS",
+        "control.sock",
+        "SIGHUP",
+    ] {
+        assert!(page.contains(section), "{section} missing:\n{page}");
+    }
+}
