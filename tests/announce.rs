@@ -17,6 +17,9 @@ use flowd::firefly::{Firefly, State};
 use flowd::marker::label::{decode, Tag};
 use serde_json::Value;
 
+const ATLAS: &str =
+    "experiment = \"atlas\"\n[[rule]]\nname = \"to-5301\"\nactivity = 4\nremote_ports = [5301]\n";
+
 fn a(port: u16) -> SocketAddr {
     SocketAddr::new(ADDR_A.into(), port)
 }
@@ -81,13 +84,7 @@ fn write_pipe(pipe: &Path, line: &str) {
 }
 
 fn daemon(pair: &Pair, dir: &Path) -> (Daemon, std::path::PathBuf) {
-    let policies = dir.join("policies.d");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(
-        policies.join("atlas.toml"),
-        "experiment = \"atlas\"\n[[rule]]\nname = \"to-5301\"\nactivity = 4\nremote_ports = [5301]\n",
-    )
-    .unwrap();
+    let policies = common::policies_with(dir, &[("atlas.toml", ATLAS)]);
     let pipe = dir.join("flowd.pipe");
     let d = Daemon::start_with(
         &pair.a,
@@ -274,13 +271,7 @@ fn the_daemons_own_fireflies_coming_back_to_its_listener_are_not_announcements()
     }
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
-    let policies = dir.path().join("policies.d");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(
-        policies.join("atlas.toml"),
-        "experiment = \"atlas\"\n[[rule]]\nname = \"to-5301\"\nactivity = 4\nremote_ports = [5301]\n",
-    )
-    .unwrap();
+    let policies = common::policies_with(dir.path(), &[("atlas.toml", ATLAS)]);
     // A collector pointed at the daemon's own listener: without care, each firefly
     // would come back as an announcement, which ends our announcement, and so on.
     let d = Daemon::start_with(

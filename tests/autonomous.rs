@@ -8,7 +8,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Capture, Daemon, Netns, Packet, Pair, ADDR_A, ADDR_B, IF_B};
+use common::{
+    policies_with, write_policy, Capture, Daemon, Netns, Packet, Pair, ADDR_A, ADDR_B, IF_B,
+};
 use flowd::marker::label::{decode, Tag};
 use serde_json::Value;
 
@@ -42,20 +44,6 @@ fn converse(
         })
         .join()
         .unwrap()
-}
-
-fn write_policy(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).unwrap();
-}
-
-/// `dir`/policies.d holding `files` (name, text).
-fn policies_with(dir: &Path, files: &[(&str, &str)]) -> std::path::PathBuf {
-    let policies = dir.join("policies.d");
-    std::fs::create_dir(&policies).unwrap();
-    for (name, text) in files {
-        write_policy(&policies, name, text);
-    }
-    policies
 }
 
 fn data_packets_from(pkts: &[Packet], port: u16) -> Vec<&Packet> {

@@ -93,18 +93,19 @@ fn tagged_flows_are_announced_at_start_and_end_to_the_collector_and_the_remote_h
     }
     let pair = Pair::new();
     let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies.d");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(
-        policies.join("atlas.toml"),
-        "experiment = \"atlas\"\n[[rule]]\nname = \"to-5301\"\nactivity = 4\nremote_ports = [5301]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        policies.join("cms.toml"),
-        "experiment = \"cms\"\n[[rule]]\nname = \"to-5302\"\nactivity = 12\nremote_ports = [5302]\n",
-    )
-    .unwrap();
+    let policies = common::policies_with(
+        dir.path(),
+        &[
+            (
+                "atlas.toml",
+                "experiment = \"atlas\"\n[[rule]]\nname = \"to-5301\"\nactivity = 4\nremote_ports = [5301]\n",
+            ),
+            (
+                "cms.toml",
+                "experiment = \"cms\"\n[[rule]]\nname = \"to-5302\"\nactivity = 12\nremote_ports = [5302]\n",
+            ),
+        ],
+    );
     let collector = udp_listener(&pair.b, COLLECTOR_PORT);
     let remote = udp_listener(&pair.b, 10514);
     // The second collector has no route: every send to it fails, and must cost

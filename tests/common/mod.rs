@@ -318,6 +318,20 @@ pub fn read_pcap(path: &Path) -> Vec<Packet> {
     out
 }
 
+pub fn write_policy(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+/// `dir`/policies.d holding `files` (name, text).
+pub fn policies_with(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+    let policies = dir.join("policies.d");
+    std::fs::create_dir(&policies).unwrap();
+    for (name, text) in files {
+        write_policy(&policies, name, text);
+    }
+    policies
+}
+
 /// A running `flowd-rs run` inside a namespace, with its own state directory.
 pub struct Daemon {
     pub child: Child,
