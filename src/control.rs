@@ -98,6 +98,26 @@ pub struct Server {
     path: PathBuf,
 }
 
+/// Gives `path` (one of the daemon's local entry points: the control socket, the
+/// announcement pipe) to the daemon's user and `group` (config `control.group`) with
+/// `mode`, so only root and that group may use it; a file found in place (a stale
+/// pipe) is taken over whoever made it.
+pub fn restrict_to_group(path: &Path, mode: u32, group: Option<&str>) -> Result<()> {
+    let gid = match group {
+        Some(g) => Some(
+            nix::unistd::Group::from_name(g)
+                .with_context(|| format!("looking up group {g}"))?
+                .with_context(|| format!("control.group: no group named `{g}`"))?
+                .gid,
+        ),
+        None => None,
+    };
+    nix::unistd::chown(path, Some(nix::unistd::geteuid()), gid)
+        .with_context(|| format!("chown {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode of {}", path.display()))
+}
+
 impl Server {
     /// Binds the socket at `path` (replacing a stale one), mode 0660, group `group`.
     pub fn bind(path: &Path, group: Option<&str>) -> Result<Server> {
@@ -116,15 +136,7 @@ impl Server {
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("binding control socket {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .with_context(|| format!("setting mode of {}", path.display()))?;
-        if let Some(g) = group {
-            let grp = nix::unistd::Group::from_name(g)
-                .with_context(|| format!("looking up group {g}"))?
-                .with_context(|| format!("control.group: no group named `{g}`"))?;
-            nix::unistd::chown(path, None, Some(grp.gid))
-                .with_context(|| format!("chown {}", path.display()))?;
-        }
+        restrict_to_group(path, 0o660, group)?;
         info!(socket = %path.display(), "control socket listening");
         Ok(Server {
             listener,

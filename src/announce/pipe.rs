@@ -4,7 +4,7 @@
 //! or registry names without spaces, e.g. `atlas data-consolidation`).
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -104,20 +104,8 @@ impl Pipe {
             Err(_) => nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o620))
                 .with_context(|| format!("announcements.pipe {}: cannot create", path.display()))?,
         }
-        let gid = match group {
-            Some(g) => Some(
-                nix::unistd::Group::from_name(g)
-                    .ok()
-                    .flatten()
-                    .with_context(|| format!("control.group {g}: no such group"))?
-                    .gid,
-            ),
-            None => None,
-        };
-        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), gid)
-            .with_context(|| format!("announcements.pipe {}: chown", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o620))
-            .with_context(|| format!("announcements.pipe {}: chmod", path.display()))?;
+        crate::control::restrict_to_group(path, 0o620, group)
+            .with_context(|| format!("announcements.pipe {}", path.display()))?;
         Ok(Pipe {
             path: path.to_path_buf(),
         })
