@@ -71,6 +71,9 @@ pub struct Fireflies {
     /// Starts and ongoings waiting for room in the queue, oldest first (may name
     /// flows since ended, or starts since sent: skipped).
     deferred: VecDeque<(u64, State)>,
+    /// Entries of `announced` whose start has not gone out: kept as a count rather
+    /// than counted, since metrics read it after every batch of flow events.
+    starts_waiting: usize,
     queue: mpsc::Sender<Firefly>,
     counters: Arc<FireflyCounters>,
     ongoing_every: Option<Duration>,
@@ -86,6 +89,7 @@ impl Fireflies {
         Fireflies {
             announced: FxHashMap::default(),
             deferred: VecDeque::new(),
+            starts_waiting: 0,
             queue,
             counters,
             ongoing_every,
@@ -94,9 +98,13 @@ impl Fireflies {
     }
 
     pub fn status(&self) -> FireflyStatus {
+        debug_assert_eq!(
+            self.starts_waiting,
+            self.announced.values().filter(|a| !a.started).count()
+        );
         let mut s = FireflyStatus {
             announced: self.announced.len(),
-            starts_waiting: self.announced.values().filter(|a| !a.started).count(),
+            starts_waiting: self.starts_waiting,
             ..Default::default()
         };
         self.counters.fill(&mut s);
@@ -118,7 +126,7 @@ impl Fireflies {
             (Some(a), Some(d)) if a.tag == d.tag => {}
             (_, wanted) => {
                 let now = SystemTime::now();
-                if let Some(a) = self.announced.remove(&flow.cookie) {
+                if let Some(a) = self.forget(flow.cookie) {
                     if a.started {
                         self.send(self.message(State::End, &a, flow, now));
                     }
@@ -134,6 +142,7 @@ impl Fireflies {
                         a.started = true;
                     } else {
                         self.deferred.push_back((flow.cookie, State::Start));
+                        self.starts_waiting += 1;
                     }
                     self.announced.insert(flow.cookie, a);
                 }
@@ -144,7 +153,7 @@ impl Fireflies {
     /// A flow ended: its `end` firefly, if its start went out (one still waiting is
     /// simply forgotten: nothing was said of it).
     pub fn on_end(&mut self, flow: &Flow) {
-        if let Some(a) = self.announced.remove(&flow.cookie) {
+        if let Some(a) = self.forget(flow.cookie) {
             if a.started {
                 self.send(self.message(State::End, &a, flow, SystemTime::now()));
             }
@@ -170,18 +179,30 @@ impl Fireflies {
                             return;
                         }
                         self.send(self.message(state, &a, flow, now));
-                        if let Some(a) = self.announced.get_mut(&cookie) {
-                            a.started = true;
+                        if !a.started {
+                            self.starts_waiting -= 1;
+                            if let Some(a) = self.announced.get_mut(&cookie) {
+                                a.started = true;
+                            }
                         }
                     }
                     // Gone without an end event reaching us: nothing to announce.
                     None => {
-                        self.announced.remove(&cookie);
+                        self.forget(cookie);
                     }
                 }
             }
             self.deferred.pop_front();
         }
+    }
+
+    /// Removes a flow's announcement, keeping `starts_waiting` in step.
+    fn forget(&mut self, cookie: u64) -> Option<Announced> {
+        let a = self.announced.remove(&cookie)?;
+        if !a.started {
+            self.starts_waiting -= 1;
+        }
+        Some(a)
     }
 
     /// Whether fireflies wait for room in the queue (then [`Self::flush`] is due).
