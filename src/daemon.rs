@@ -162,41 +162,6 @@ async fn start_engine(
         header: cfg.marker.strategy.headers(),
         attached: marker.attachments(),
     });
-    let mut own_ports = Vec::new();
-    let fireflies = if cfg.fireflies.enabled {
-        let counters = Arc::new(FireflyCounters::default());
-        let sender = firefly::sender::spawn(&cfg.fireflies, counters.clone())?;
-        let every = (cfg.fireflies.ongoing_interval_s > 0)
-            .then(|| Duration::from_secs(cfg.fireflies.ongoing_interval_s));
-        info!(collectors = ?cfg.fireflies.collectors, to_remote = cfg.fireflies.to_remote, "fireflies on");
-        own_ports = sender.local_ports;
-        let announcer = Fireflies::new(sender.queue, counters.clone(), every);
-        Some((announcer, counters, sender.task))
-    } else {
-        None
-    };
-    // The announcement inputs exist before the control socket does: once a client
-    // can talk to the daemon, an application can announce to it.
-    let mut pipe = None;
-    let mut inputs = Vec::new();
-    if cfg.announcements.enabled() {
-        let ann = &cfg.announcements;
-        if let Some(path) = &ann.pipe {
-            let p = Pipe::create(path, cfg.control.group.as_deref())?;
-            inputs.push(p.spawn(registry.clone(), cmd_tx.clone())?);
-            pipe = Some(p);
-        }
-        inputs.extend(
-            announce::listener::spawn(
-                &ann.firefly_listen,
-                ann.firefly_allow.clone(),
-                own_ports,
-                cmd_tx.clone(),
-            )
-            .await?,
-        );
-    }
-    let server = Server::bind(&cfg.control_socket(), cfg.control.group.as_deref())?;
     let mut engine = Engine::new(
         netns,
         policy,
@@ -207,17 +172,43 @@ async fn start_engine(
         tracker_status,
     )
     .with_in_kernel_decisions(cfg.marker.in_kernel_decisions);
-    let mut tasks = inputs;
-    if cfg.announcements.enabled() {
-        engine = engine.with_announcements(Duration::from_secs(cfg.announcements.grace_secs));
-    }
     let mut firefly_counters = None;
     let mut drains = Vec::new();
-    if let Some((fireflies, counters, task)) = fireflies {
-        engine = engine.with_fireflies(fireflies);
+    let mut own_ports = Vec::new();
+    if cfg.fireflies.enabled {
+        let counters = Arc::new(FireflyCounters::default());
+        let sender = firefly::sender::spawn(&cfg.fireflies, counters.clone())?;
+        let every = (cfg.fireflies.ongoing_interval_s > 0)
+            .then(|| Duration::from_secs(cfg.fireflies.ongoing_interval_s));
+        info!(collectors = ?cfg.fireflies.collectors, to_remote = cfg.fireflies.to_remote, "fireflies on");
+        engine = engine.with_fireflies(Fireflies::new(sender.queue, counters.clone(), every));
+        own_ports = sender.local_ports;
         firefly_counters = Some(counters);
-        drains.push(task);
+        drains.push(sender.task);
     }
+    // The announcement inputs exist before the control socket does: once a client
+    // can talk to the daemon, an application can announce to it.
+    let mut tasks = Vec::new();
+    let mut pipe = None;
+    if cfg.announcements.enabled() {
+        let ann = &cfg.announcements;
+        engine = engine.with_announcements(Duration::from_secs(ann.grace_secs));
+        if let Some(path) = &ann.pipe {
+            let p = Pipe::create(path, cfg.control.group.as_deref())?;
+            tasks.push(p.spawn(registry.clone(), cmd_tx.clone())?);
+            pipe = Some(p);
+        }
+        tasks.extend(
+            announce::listener::spawn(
+                &ann.firefly_listen,
+                ann.firefly_allow.clone(),
+                own_ports,
+                cmd_tx.clone(),
+            )
+            .await?,
+        );
+    }
+    let server = Server::bind(&cfg.control_socket(), cfg.control.group.as_deref())?;
     if cfg.metrics.enabled {
         let (metrics, published) = metrics_for(cfg, marker, registry.clone(), firefly_counters);
         let listener = tokio::net::TcpListener::bind(cfg.metrics.listen)
