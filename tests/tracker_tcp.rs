@@ -211,30 +211,38 @@ fn privileged_tcp_connect_timeout_reports_syn_sent_to_close() {
     if !privileged("tcp_timeout") {
         return;
     }
-    let ns = NetNs::new();
-    ns.add_black_hole();
-    let mut t = Probe::new(&default_cfg(), &ns);
-    let ck = t.run(&ns, || {
-        let fd = raw_socket(AddressFamily::Inet, SockType::Stream);
-        // One SYN retransmission: gives up after ~3 s (1 s + 2 s).
-        setsockopt_int(&fd, libc::IPPROTO_TCP, libc::TCP_SYNCNT, 1);
-        let err = raw_connect(&fd, "10.201.0.5:80".parse().unwrap()).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
-        cookie(&fd)
-    });
-    let evs = t.wait_for(
-        WAIT,
-        &[("SYN_SENT->CLOSE", &|e| {
-            tcp_change(e, ck, SockState::SynSent, SockState::Close)
-        })],
-    );
-    let c = evs
-        .iter()
-        .find(|e| tcp_change(e, ck, SockState::SynSent, SockState::Close))
-        .unwrap();
-    assert_eq!(c.observation.key.remote(), "10.201.0.5:80".parse().unwrap());
-    assert_eq!(c.observation.key.local().ip().to_string(), "10.200.0.1");
-    assert!(c.has_full_tuple());
+    // The timeout's close runs in a timer softirq. When that softirq interrupts the
+    // same tracepoint program running for another socket of the host on that CPU,
+    // the kernel skips the nested run (counted as a recursion miss): under host-wide
+    // churn the event is then lost, and only the reconcile dump corrects it. Such an
+    // attempt is repeated, twice at most; a missing event with no skipped run fails.
+    for attempt in 1..=3 {
+        let ns = NetNs::new();
+        ns.add_black_hole();
+        let mut t = Probe::new(&default_cfg(), &ns);
+        let ck = t.run(&ns, || {
+            let fd = raw_socket(AddressFamily::Inet, SockType::Stream);
+            // One SYN retransmission: gives up after ~3 s (1 s + 2 s).
+            setsockopt_int(&fd, libc::IPPROTO_TCP, libc::TCP_SYNCNT, 1);
+            let err = raw_connect(&fd, "10.201.0.5:80".parse().unwrap()).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+            cookie(&fd)
+        });
+        let closed = |e: &TrackerEvent| tcp_change(e, ck, SockState::SynSent, SockState::Close);
+        let evs = match t.try_wait_for(WAIT, &[("SYN_SENT->CLOSE", &closed)]) {
+            Ok(evs) => evs,
+            Err(e) if attempt < 3 && t.kernel_skipped_a_run() => {
+                eprintln!("attempt {attempt}: the kernel skipped a tracker run, again: {e}");
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let c = evs.iter().find(|e| closed(e)).unwrap();
+        assert_eq!(c.observation.key.remote(), "10.201.0.5:80".parse().unwrap());
+        assert_eq!(c.observation.key.local().ip().to_string(), "10.200.0.1");
+        assert!(c.has_full_tuple());
+        return;
+    }
 }
 
 #[test]

@@ -156,6 +156,23 @@ impl std::ops::Deref for Probe {
 }
 
 impl Probe {
+    /// Per attached program, the runs the kernel skipped because the same program
+    /// was already running on that CPU (a softirq interrupting it).
+    pub fn recursion_misses(&self) -> Vec<(&'static str, u64)> {
+        let ids: Vec<(u32, &'static str)> = self
+            .tracker
+            .attached_programs()
+            .iter()
+            .map(|p| (p.id, p.name))
+            .collect();
+        libbpf_rs::query::ProgInfoIter::default()
+            .filter_map(|info| {
+                let (_, name) = ids.iter().find(|(id, _)| *id == info.id)?;
+                Some((*name, info.recursion_misses))
+            })
+            .collect()
+    }
+
     pub fn new(cfg: &TrackerConfig, ns: &NetNs) -> Probe {
         Probe {
             tracker: start(cfg),
@@ -191,20 +208,37 @@ impl Probe {
     /// Polls until every predicate matched some event of the namespace (each may
     /// match a different one) or the deadline passes; returns all of them.
     pub fn wait_for(&mut self, deadline: Duration, preds: &[Expect<'_>]) -> Vec<TrackerEvent> {
+        self.try_wait_for(deadline, preds)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::wait_for`], saying what is missing instead of panicking.
+    pub fn try_wait_for(
+        &mut self,
+        deadline: Duration,
+        preds: &[Expect<'_>],
+    ) -> Result<Vec<TrackerEvent>, String> {
         let end = Instant::now() + deadline;
         let done = |seen: &[TrackerEvent]| preds.iter().all(|(_, p)| seen.iter().any(p));
         while !done(&self.seen) && Instant::now() < end {
             self.poll_once();
         }
         for (name, p) in preds {
-            assert!(
-                self.seen.iter().any(p),
-                "no event matched `{name}` (drops: {:?}); events of the netns: {:#?}",
-                self.tracker.drops(),
-                self.seen
-            );
+            if !self.seen.iter().any(p) {
+                return Err(format!(
+                    "no event matched `{name}` (drops: {:?}, recursion misses: {:?}); events of the netns: {:#?}",
+                    self.tracker.drops(),
+                    self.recursion_misses(),
+                    self.seen
+                ));
+            }
         }
-        self.seen.clone()
+        Ok(self.seen.clone())
+    }
+
+    /// Whether the kernel skipped any run of this tracker's programs.
+    pub fn kernel_skipped_a_run(&self) -> bool {
+        self.recursion_misses().iter().any(|(_, n)| *n > 0)
     }
 }
 
