@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{Capture, Daemon, Pair, ADDR_A, ADDR_B, IF_B};
-use flowd::marker::label::{decode, Tag};
+use flowd::model::tag::{decode, Tag};
 
 const PORT: u16 = 5201;
 const POLICY: &str = "experiment = \"atlas\"\n[[rule]]\nname = \"bench\"\nactivity = \"Data Consolidation\"\nremote_ports = [5201]\n";

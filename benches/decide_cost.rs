@@ -9,10 +9,10 @@ use std::net::{Ipv6Addr, SocketAddr};
 
 use flowd::bpf::marker::types::{flowd_ksock, flowd_ktest};
 use flowd::bpf::marker::MarkerSkel;
-use flowd::discovery::types::{FlowKey, Protocol};
-use flowd::marker::label::Tag;
 use flowd::marker::maps::{as_bytes, MarkMaps};
 use flowd::marker::{load, maps_of, LoadOptions};
+use flowd::model::socket::{FlowKey, Protocol};
+use flowd::model::tag::Tag;
 use flowd::policy::kernel::KernelPolicy;
 use flowd::policy::{Policy, Registry};
 use libbpf_rs::{MapCore, MapFlags, ProgramInput};

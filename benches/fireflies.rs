@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use flowd::config::FireflyConfig;
-use flowd::discovery::types::{Direction, FlowKey, Protocol, SockState};
 use flowd::firefly::{sender, Fireflies, Firefly, FireflyCounters, State, Usage};
 use flowd::flows::{Flow, Lifecycle, Owner, SeenBy};
-use flowd::marker::label::Tag;
 use flowd::marking::Decision;
+use flowd::model::socket::{Direction, FlowKey, Protocol, SockState};
+use flowd::model::tag::Tag;
 use flowd::policy::RuleRef;
 
 const N: u32 = 100_000;

@@ -9,11 +9,11 @@ use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
-use flowd::discovery::types::{Direction, FlowKey, Protocol, SockState, SocketObservation, Source};
 use flowd::flows::{FlowEvent, FlowTable, FlowTableConfig};
-use flowd::marker::label::Tag;
 use flowd::marker::maps::MapError;
 use flowd::marking::{MarkSink, Marking};
+use flowd::model::socket::{Direction, FlowKey, Protocol, SockState, SocketObservation, Source};
+use flowd::model::tag::Tag;
 use flowd::policy::{Policy, Registry, StaticAccounts};
 
 struct Counting;

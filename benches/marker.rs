@@ -8,9 +8,9 @@
 use std::net::{Ipv6Addr, SocketAddr};
 
 use flowd::config::Strategy;
-use flowd::discovery::types::{FlowKey, Protocol};
-use flowd::marker::label::Tag;
 use flowd::marker::{load, maps_of, LoadOptions};
+use flowd::model::socket::{FlowKey, Protocol};
+use flowd::model::tag::Tag;
 use libbpf_rs::{ProgramInput, ProgramMut};
 
 const REPEAT: u32 = 2_000_000;

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use flowd::discovery::types::{Direction, Protocol};
+use flowd::model::socket::{Direction, Protocol};
 use flowd::policy::{Policy, Registry, SocketAttrs, StaticAccounts};
 
 /// Small deterministic PRNG (xorshift64*) so runs are comparable.

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::config::Config;
-use crate::discovery::types::{Direction, FlowKey, Protocol};
-use crate::marker::label::{decode, Tag};
+use crate::model::socket::{Direction, FlowKey, Protocol};
+use crate::model::tag::{decode, Tag};
 use crate::policy::{OfflineAccounts, Policy, Registry, SocketAttrs};
 
 /// The registry the configuration names, else the bundled snapshot.

@@ -25,10 +25,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::discovery::types::{FlowKey, Protocol};
 use crate::engine::{Command, ControlCall};
 use crate::inspect::client::Client;
 use crate::inspect::view::FlowFilter;
+use crate::model::socket::{FlowKey, Protocol};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted; longer ones get an error and the connection closes.

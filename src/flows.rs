@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rustc_hash::FxHashMap;
 
-use crate::discovery::types::{
+use crate::model::socket::{
     Comm, Direction, FlowKey, SockState, SocketObservation, Source, TcpStats,
 };
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::discovery::types::{Protocol, TcpBytes};
+use crate::model::socket::{Protocol, TcpBytes};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 

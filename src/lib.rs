@@ -18,5 +18,6 @@ pub mod inspect;
 pub mod marker;
 pub mod marking;
 pub mod metrics;
+pub mod model;
 pub mod policy;
 pub mod view;

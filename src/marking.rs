@@ -14,11 +14,11 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 use tracing::{debug, warn};
 
-use crate::discovery::procfs::ProcessInfo;
-use crate::discovery::types::FlowKey;
 use crate::flows::{Flow, Lifecycle};
-use crate::marker::label::Tag;
 use crate::marker::maps::{ExistingMark, MapError, MarkMaps};
+use crate::model::facts::ProcessInfo;
+use crate::model::socket::FlowKey;
+use crate::model::tag::Tag;
 use crate::policy::{Policy, RuleRef, SocketAttrs, Verdict};
 
 /// Where marks go; the BPF map in the daemon, a recorder in tests.

@@ -2,8 +2,8 @@
 //! IPv4 and foreign flows kept out of the map, a full map.
 
 use super::*;
-use crate::discovery::types::{Direction, Protocol, SockState};
 use crate::flows::{Owner, SeenBy};
+use crate::model::socket::{Direction, Protocol, SockState};
 use crate::policy::{Registry, StaticAccounts};
 use std::cell::RefCell;
 use std::time::Instant;

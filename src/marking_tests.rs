@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::*;
-use crate::discovery::types::{Direction, Protocol, SockState};
 use crate::flows::{Lifecycle, Owner, SeenBy};
+use crate::model::socket::{Direction, Protocol, SockState};
 use crate::policy::{Registry, StaticAccounts};
 
 /// The map: key -> (tag, entropy, written by the kernel); the kernel's insert
@@ -214,7 +214,8 @@ fn the_sweep_walks_the_map_only_when_the_kernel_wrote_or_a_strike_is_pending() {
 
 #[test]
 fn an_announcement_overrides_the_policy_and_its_withdrawal_restores_it() {
-    use crate::announce::{Announcement, Announcements, Origin};
+    use crate::announce::Announcements;
+    use crate::model::announcement::{Announcement, Origin};
     let (sink, mut m, policy) = (Sink::default(), Marking::new(NETNS), policy());
     let mut ann = Announcements::new(std::time::Duration::from_secs(30));
     let f = flow(1, key(40000, 1094), Lifecycle::Established);

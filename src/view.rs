@@ -2,11 +2,11 @@
 //! [`crate::inspect::view`] (the stable, documented shapes of the control protocol)
 //! from flows and decisions.
 
-use crate::discovery::types::{Direction, SockState};
 use crate::flows::Flow;
 use crate::inspect::view::{FlowEventView, FlowView, TagTotals, TcpView};
 use crate::marker::maps::TagCount;
 use crate::marking::Decision;
+use crate::model::socket::{Direction, SockState};
 use crate::policy::Registry;
 
 pub fn state_name(s: SockState) -> &'static str {

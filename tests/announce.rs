@@ -12,9 +12,9 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Capture, Daemon, Netns, Pair, ADDR_A, ADDR_B, IF_B};
-use flowd::discovery::types::{FlowKey, Protocol};
 use flowd::firefly::{Firefly, State};
-use flowd::marker::label::{decode, Tag};
+use flowd::model::socket::{FlowKey, Protocol};
+use flowd::model::tag::{decode, Tag};
 use serde_json::Value;
 
 const ATLAS: &str =

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{
     policies_with, write_policy, Capture, Daemon, Netns, Packet, Pair, ADDR_A, ADDR_B, IF_B,
 };
-use flowd::marker::label::{decode, Tag};
+use flowd::model::tag::{decode, Tag};
 use serde_json::Value;
 
 /// Connects from `client` (as `uid`), waits `settle` for the daemon to tag the flow,

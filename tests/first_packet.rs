@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Capture, Daemon, Packet, Pair, ADDR_A, ADDR_B, IF_B};
-use flowd::marker::label::{decode, Tag};
+use flowd::model::tag::{decode, Tag};
 use serde_json::Value;
 
 const POLICY: &str = "experiment = \"atlas\"\n\

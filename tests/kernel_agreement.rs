@@ -10,10 +10,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use flowd::bpf::marker::types::{flowd_ksock, flowd_ktest};
 use flowd::bpf::marker::MarkerSkel;
-use flowd::discovery::types::{Direction, FlowKey, Protocol};
-use flowd::marker::label::decode;
 use flowd::marker::maps::{as_bytes, bpf_key, from_bytes, MarkMaps};
 use flowd::marker::{load, maps_of, LoadOptions};
+use flowd::model::socket::{Direction, FlowKey, Protocol};
+use flowd::model::tag::decode;
 use flowd::policy::kernel::{KernelPolicy, KernelSocket, KernelVerdict};
 use flowd::policy::{ErrorKind, Policy, SocketAttrs};
 use ipnet::IpNet;

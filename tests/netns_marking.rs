@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 
 use common::{Capture, Daemon, Pair, ADDR_A, ADDR_B, IF_B};
-use flowd::marker::label::{decode, Tag};
+use flowd::model::tag::{decode, Tag};
 
 const TAG: Tag = Tag {
     experiment: 2,

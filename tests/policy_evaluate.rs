@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{load, sock};
-use flowd::discovery::types::{Direction, Protocol};
+use flowd::model::socket::{Direction, Protocol};
 use flowd::policy::{Outcome, Policy, Registry, SocketAttrs, StaticAccounts};
 
 const ATLAS: &str = r#"

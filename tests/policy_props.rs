@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use flowd::discovery::types::{Direction, Protocol};
+use flowd::model::socket::{Direction, Protocol};
 use flowd::policy::{ErrorKind, SocketAttrs};
 use ipnet::IpNet;
 use proptest::prelude::*;

@@ -7,10 +7,10 @@ use std::net::{Ipv6Addr, SocketAddr};
 
 use flowd::bpf::marker::MarkerSkel;
 use flowd::config::Strategy;
-use flowd::discovery::types::{FlowKey, Protocol};
-use flowd::marker::label::Tag;
 use flowd::marker::maps::{MarkMaps, OUTCOMES};
 use flowd::marker::{load, maps_of, LoadOptions};
+use flowd::model::socket::{FlowKey, Protocol};
+use flowd::model::tag::Tag;
 use libbpf_rs::ProgramInput;
 use proptest::prelude::*;
 

@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 
 use common::{cookie, inode};
 use flowd::discovery::sockdiag::{SockDiag, SockDiagError};
-use flowd::discovery::types::{Direction, FlowKey, Protocol, SockState};
+use flowd::model::socket::{Direction, FlowKey, Protocol, SockState};
 
 #[test]
 fn dump_of_own_namespace_finds_our_loopback_connection() {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use flowd::discovery::procfs::ProcResolver;
 use flowd::discovery::sockdiag::SockDiag;
-use flowd::discovery::types::{Direction, FlowKey, Protocol, SockState, SocketObservation, Source};
 use flowd::flows::{FlowEvent, FlowTable, FlowTableConfig};
+use flowd::model::socket::{Direction, FlowKey, Protocol, SockState, SocketObservation, Source};
 
 fn dump(sd: &mut SockDiag) -> Vec<SocketObservation> {
     let mut v = Vec::new();

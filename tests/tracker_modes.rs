@@ -18,8 +18,8 @@ use common::*;
 use flowd::discovery::{
     tracker::{Tracker, TrackerConfig, TrackerMode},
     tracker_event::EventKind,
-    types::{Protocol, SockState},
 };
+use flowd::model::socket::{Protocol, SockState};
 use nix::sys::socket::{AddressFamily, SockType};
 
 #[test]

@@ -9,10 +9,8 @@ mod common;
 use std::{io, os::fd::AsRawFd, time::Duration};
 
 use common::*;
-use flowd::discovery::{
-    tracker_event::{EventKind, TrackerEvent},
-    types::{Direction, Protocol, SockState},
-};
+use flowd::discovery::tracker_event::{EventKind, TrackerEvent};
+use flowd::model::socket::{Direction, Protocol, SockState};
 use nix::sys::socket::{AddressFamily, SockType};
 
 #[test]

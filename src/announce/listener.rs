@@ -11,9 +11,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Announcement, Origin};
 use crate::engine::Command;
 use crate::firefly::{message, State};
+use crate::model::announcement::{Announcement, Origin};
 
 /// Counts refused datagrams; logged at warn for the first and then at powers of
 /// two, so a misconfigured sender does not flood the journal.
@@ -112,9 +112,9 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::discovery::types::{FlowKey, Protocol};
     use crate::firefly::Firefly;
-    use crate::marker::label::Tag;
+    use crate::model::socket::{FlowKey, Protocol};
+    use crate::model::tag::Tag;
 
     fn datagram(state: State) -> Vec<u8> {
         Firefly {

@@ -14,44 +14,14 @@
 pub mod listener;
 pub mod pipe;
 
-use std::fmt;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
-use crate::discovery::types::FlowKey;
-use crate::marker::label::Tag;
+use crate::model::announcement::{Announcement, Origin};
+use crate::model::socket::FlowKey;
 use crate::policy::{RuleRef, Verdict};
-
-/// Where an announcement came from (shown as the flow's "rule").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// A firefly received from this address.
-    Firefly(SocketAddr),
-    /// A line written to the named pipe.
-    Pipe,
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Firefly(from) => write!(f, "firefly from {from}"),
-            Origin::Pipe => f.write_str("named pipe"),
-        }
-    }
-}
-
-/// One flow named by an application. `tag: None` withdraws it (an `end`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Announcement {
-    /// The flow as the announcer describes it: source first. The flow table's key
-    /// has the local end first; either orientation is matched.
-    pub key: FlowKey,
-    pub tag: Option<Tag>,
-    pub origin: Origin,
-}
 
 /// The file name shown for announced flows' rule (`inspect`, `status`).
 pub const RULE_FILE: &str = "(announced)";

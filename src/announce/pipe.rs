@@ -12,10 +12,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Announcement, Origin};
-use crate::discovery::types::{FlowKey, Protocol};
 use crate::engine::Command;
-use crate::marker::label::Tag;
+use crate::model::announcement::{Announcement, Origin};
+use crate::model::socket::{FlowKey, Protocol};
+use crate::model::tag::Tag;
 use crate::policy::Registry;
 
 /// Longer lines are not flow events (the longest real one is under 120 bytes).

@@ -1,7 +1,10 @@
 use std::time::Duration;
 
 use super::*;
-use crate::discovery::types::Protocol;
+use std::net::SocketAddr;
+
+use crate::model::socket::Protocol;
+use crate::model::tag::Tag;
 
 fn key(local_port: u16) -> FlowKey {
     FlowKey::new(

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::sockdiag::{PollerStats, SockDiag, SockDiagError};
 use super::tracker::{Features, Tracker, TrackerConfig};
-use super::types::SocketObservation;
+use crate::model::socket::SocketObservation;
 
 /// One sock_diag dump in this many asks the kernel for tcp_info.
 const TCP_INFO_EVERY: u64 = 4;

@@ -9,4 +9,3 @@ pub mod sockdiag;
 pub mod tracker;
 pub mod tracker_event;
 mod tracker_progs;
-pub mod types;

@@ -11,18 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The process holding a socket (the first found, lowest pid first is not guaranteed:
-/// a socket shared after fork() belongs to several).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessInfo {
-    pub pid: u32,
-    pub comm: String,
-    pub exe: Option<PathBuf>,
-    /// cgroup v2 path (the `0::` line of /proc/PID/cgroup).
-    pub cgroup: Option<String>,
-    /// Effective gid (the second field of `Gid:` in /proc/PID/status).
-    pub gid: Option<u32>,
-}
+use crate::model::facts::ProcessInfo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {

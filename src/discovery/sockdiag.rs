@@ -21,7 +21,7 @@ use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
 pub use parse::{parse_replies, Listeners, ParseError, ParseStats, Progress, Request};
 
-use crate::discovery::types::{Protocol, SocketObservation};
+use crate::model::socket::{Protocol, SocketObservation};
 
 /// Kernel receive queue for the netlink socket. A dump is paced by our reads, so this
 /// only has to absorb one batch; 4 MiB also covers a slow reader under load.

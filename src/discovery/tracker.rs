@@ -33,8 +33,8 @@ use super::{
     cgroup2::find_cgroup2_mount,
     tracker_event::{decode, parse_record, RawRecord, TrackerEvent},
     tracker_progs::{load_degrading, Prog},
-    types::SocketObservation,
 };
+use crate::model::socket::SocketObservation;
 
 /// How much of the tracker to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

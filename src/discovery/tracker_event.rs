@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::types::{
+use crate::model::socket::{
     Comm, Direction, FlowKey, Protocol, SockState, SocketObservation, Source, TcpBytes,
 };
 

@@ -10,8 +10,8 @@ use std::time::SystemTime;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::discovery::types::{FlowKey, Protocol};
-use crate::marker::label::Tag;
+use crate::model::socket::{FlowKey, Protocol};
+use crate::model::tag::Tag;
 
 /// Where a flow is in its life, as the firefly says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,7 +209,7 @@ pub enum ParseError {
     #[error("flow-id: {0}")]
     FlowId(String),
     #[error("context: {0}")]
-    Tag(#[from] crate::marker::label::TagError),
+    Tag(#[from] crate::model::tag::TagError),
 }
 
 #[derive(Deserialize)]

@@ -23,11 +23,11 @@ use std::time::{Duration, Instant, SystemTime};
 use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
-use crate::discovery::types::Protocol;
 use crate::flows::{Flow, Lifecycle};
 use crate::inspect::view::FireflyStatus;
-use crate::marker::label::Tag;
 use crate::marking::Decision;
+use crate::model::socket::Protocol;
+use crate::model::tag::Tag;
 pub use message::{Firefly, State, Usage};
 
 /// What happened to fireflies since the daemon started (read by metrics and

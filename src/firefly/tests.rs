@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::discovery::types::{Comm, Direction, FlowKey, SockState, TcpStats};
 use crate::flows::{Owner, SeenBy};
+use crate::model::socket::{Comm, Direction, FlowKey, SockState, TcpStats};
 use crate::policy::RuleRef;
 
 fn flow(cookie: u64, proto: Protocol, lifecycle: Lifecycle) -> Flow {

@@ -18,7 +18,7 @@ use ratatui::Frame;
 use super::columns::{experiment_totals, human_age, human_bytes, Column};
 use super::state::{Connection, ViewState};
 use super::view::FlowView;
-use crate::marker::label;
+use crate::model::tag;
 
 const HELP: &str = "q quit  / filter  s sort column  r reverse  1-9 0 - = sort by column  Enter detail  ↑↓ PgUp PgDn Home End move";
 
@@ -314,7 +314,7 @@ pub fn detail_lines(f: &FlowView, note: Option<String>) -> Vec<Line<'static>> {
 
 /// `label 0x1000c = 00 010000000 0 000011 00: experiment 2, activity 3, entropy 0b00000`
 pub fn label_text(lb: u32) -> String {
-    let d = label::decode(lb);
+    let d = tag::decode(lb);
     let b = format!("{:020b}", lb & 0xF_FFFF);
     let tag = match d.tag {
         Some(t) => format!(

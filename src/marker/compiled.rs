@@ -12,7 +12,7 @@ use crate::bpf::marker::types::{
     flowd_flow_mark, flowd_kaddr_key, flowd_kbits, flowd_kpolicy, flowd_kport_key, flowd_kseen,
     flowd_ksock, flowd_kstate, flowd_ktest, flowd_kuid_key,
 };
-use crate::marker::label::Tag;
+use crate::model::tag::Tag;
 use crate::policy::kernel::{KernelPolicy, RuleBits, MAX_RULES};
 
 unsafe impl Pod for flowd_kaddr_key {}

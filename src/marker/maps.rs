@@ -10,10 +10,10 @@ use std::sync::Mutex;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use crate::bpf::marker::types::{flowd_flow_key, flowd_flow_mark, flowd_tag_counter};
-use crate::discovery::types::FlowKey;
 use crate::marker::compiled::{KernelMaps, MARK_F_KERNEL};
-use crate::marker::label::{decode, flow_entropy, Tag};
 use crate::marker::sk_cache::SocketCache;
+use crate::model::socket::FlowKey;
+use crate::model::tag::{decode, flow_entropy, Tag};
 use crate::policy::kernel::KernelPolicy;
 
 /// Tag counter slots in the BPF map (FLOWD_TAG_SLOTS in bpf/flowd.h).
@@ -431,7 +431,7 @@ pub fn bpf_key(f: &FlowKey) -> Option<flowd_flow_key> {
 
 /// The flow a BPF key stands for (IPv6 TCP/UDP only).
 pub fn flow_key(k: &flowd_flow_key) -> Option<FlowKey> {
-    let proto = crate::discovery::types::Protocol::from_ip_proto(k.proto)?;
+    let proto = crate::model::socket::Protocol::from_ip_proto(k.proto)?;
     if k.family != 10 {
         return None;
     }
@@ -473,7 +473,7 @@ pub fn from_bytes<T: Pod>(b: &[u8]) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::types::Protocol;
+    use crate::model::socket::Protocol;
     use std::mem::{offset_of, size_of};
 
     #[test]

@@ -6,7 +6,6 @@
 
 pub mod attach;
 pub mod compiled;
-pub mod label;
 pub mod maps;
 pub mod netif;
 pub mod sk_cache;

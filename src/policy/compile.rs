@@ -15,7 +15,7 @@ use super::fields::{cgroup, cidrs, exe, ids, ports, process};
 use super::file::{RawFile, RawRule, SpannedList};
 use super::registry::{self, LookupError, Registry};
 use super::rule::{Match, Rule, RuleRef};
-use crate::discovery::types::{Direction, Protocol};
+use crate::model::socket::{Direction, Protocol};
 
 /// The result of compiling one file.
 pub struct CompiledFile {

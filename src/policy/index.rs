@@ -15,7 +15,7 @@ use ipnet::IpNet;
 
 use super::rule::{Rule, SocketAttrs};
 use super::sets::PortSet;
-use crate::discovery::types::Protocol;
+use crate::model::socket::Protocol;
 
 /// Rules pinning more ports than this are not filed by port, to bound index size.
 const MAX_INDEXED_PORTS: u32 = 64;

@@ -29,7 +29,7 @@ use ipnet::{IpNet, Ipv6Net};
 
 use super::rule::Rule;
 use super::sets::{CidrSet, PortSet};
-use crate::discovery::types::{Direction, Protocol};
+use crate::model::socket::{Direction, Protocol};
 
 /// Rules the kernel evaluates (FLOWD_KRULES_MAX in bpf/flowd.h).
 pub const MAX_RULES: usize = 128;

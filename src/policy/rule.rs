@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::sets::{CgroupPrefix, CidrSet, PortSet};
-use crate::discovery::types::{Direction, Protocol};
+use crate::model::socket::{Direction, Protocol};
 
 /// What the policy knows about one socket. Unknown facts are `None`; a rule that
 /// constrains an unknown fact does not match (a tag must never be a guess).

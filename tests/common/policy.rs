@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 
-use flowd::discovery::types::{Direction, Protocol};
+use flowd::model::socket::{Direction, Protocol};
 use flowd::policy::{Policy, PolicyErrors, Registry, SocketAttrs, StaticAccounts};
 
 /// Accounts of a typical storage node, independent of the test machine's /etc/passwd.

@@ -19,7 +19,7 @@ use std::{
 
 use flowd::discovery::tracker::{Tracker, TrackerConfig};
 use flowd::discovery::tracker_event::{EventKind, TrackerEvent};
-use flowd::discovery::types::SockState;
+use flowd::model::socket::SockState;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
 
 /// True when the privileged tests must run. Prints a skip line and returns false

@@ -229,7 +229,7 @@ pub fn flows(n: usize) -> Vec<FlowView> {
                 _ => (None, None, None, None, "sshd", "root", 0),
             };
             let label = exp.map(|e: u16| {
-                // Same layout as marker::label (entropy 0), without depending on it here.
+                // Same layout as model::tag (entropy 0), without depending on it here.
                 let rev = (e & 0x1ff).reverse_bits() >> 7;
                 (u32::from(rev) << 9) | (u32::from(act.unwrap_or(0u8)) << 2)
             });

@@ -11,7 +11,7 @@ use netlink_packet_core::{NetlinkBuffer, NlasIterator, Parseable};
 use netlink_packet_sock_diag::inet::InetResponseHeader;
 use rustc_hash::FxHashSet;
 
-use crate::discovery::types::{
+use crate::model::socket::{
     Direction, FlowKey, Protocol, SockState, SocketObservation, Source, TcpStats,
 };
 

@@ -2,7 +2,7 @@
 //! ports in a private netns; cookies in tests/data/capture.txt).
 
 use super::*;
-use crate::discovery::types::{Direction, Protocol, SockState};
+use crate::model::socket::{Direction, Protocol, SockState};
 use proptest::prelude::*;
 
 const TCP4: &[u8] = include_bytes!("../../../tests/data/tcp4.bin");
