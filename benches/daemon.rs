@@ -20,8 +20,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Pair, ADDR_B};
-use flowd::inspect::client::Client;
-use flowd::inspect::view::FlowFilter;
+use flowd::api::client::Client;
+use flowd::api::filter::FlowFilter;
 
 const PORT: u16 = 5400;
 /// Server ports: 60 000 ephemeral ports each.

@@ -15,8 +15,9 @@ use std::hint::black_box;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use flowd::api::filter::FlowFilter;
+use flowd::api::view::FlowView;
 use flowd::inspect::columns::{sorted_indices, Column};
-use flowd::inspect::view::{FlowFilter, FlowView};
 
 const FLOWS: usize = 10_000;
 

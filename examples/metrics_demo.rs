@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowd::inspect::view::TagTotals;
+use flowd::api::view::TagTotals;
 use flowd::metrics::{self, BuildInfo, Metrics, Snapshot};
 
 #[tokio::main(flavor = "current_thread")]

@@ -127,13 +127,16 @@ pub struct MetricsConfig {
     pub listen: std::net::SocketAddr,
 }
 
+/// Where `/metrics` listens unless configured otherwise. 9617 is in the exporters'
+/// range (9100-9999); not yet checked against, nor registered in, the Prometheus
+/// "default port allocations" wiki page.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9617";
+
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             enabled: true,
-            listen: crate::metrics::DEFAULT_LISTEN
-                .parse()
-                .expect("valid default"),
+            listen: DEFAULT_METRICS_LISTEN.parse().expect("valid default"),
         }
     }
 }

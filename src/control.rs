@@ -1,121 +1,25 @@
-//! The control socket: a local Unix socket speaking JSON lines, through which the
-//! CLI (and operators' scripts) talk to the running daemon.
-//!
-//! Protocol version 1. One request per line, one response line per request:
-//! ```text
-//! -> {"v":1,"op":"status"}
-//! <- {"v":1,"ok":true,"result":{...}}
-//! -> {"v":1,"op":"mark-add","flow":{"proto":"tcp","local":"[fd00::1]:40000","remote":"[fd00::2]:5201"},"experiment":2,"activity":3}
-//! <- {"v":1,"ok":false,"error":"..."}
-//! ```
-//! `mark-add`/`mark-del` are the internal, test-only way to mark a flow by hand until
-//! discovery and policy decide marks themselves. The socket is mode 0660, owned by
-//! root and the configured group: nobody else can connect.
+//! The control socket's server: binds it, reads request lines and hands each to
+//! the engine, and writes the engine's answer back. The protocol itself (lines,
+//! requests, views) is [`crate::api`].
 
-use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::api::envelope::{error_line, ok_prefix, parse_request};
+use crate::api::request::Request;
+use crate::api::MAX_LINE;
+use crate::endpoint::restrict_to_group;
 use crate::engine::{Command, ControlCall};
-use crate::inspect::client::Client;
-use crate::inspect::view::FlowFilter;
-use crate::model::socket::{FlowKey, Protocol};
-
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Longest request line accepted; longer ones get an error and the connection closes.
-pub const MAX_LINE: usize = 64 * 1024;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowSpec {
-    pub proto: String,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-}
-
-impl FlowSpec {
-    pub fn key(&self) -> Result<FlowKey, String> {
-        let proto = match self.proto.as_str() {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            p => return Err(format!("unknown protocol `{p}`: use tcp or udp")),
-        };
-        Ok(FlowKey::new(proto, self.local, self.remote))
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    Status {},
-    Counters {},
-    MarkAdd {
-        flow: FlowSpec,
-        experiment: u16,
-        activity: u8,
-        /// The 5 entropy bits; drawn at random when absent.
-        #[serde(default)]
-        entropy: Option<u8>,
-    },
-    MarkDel {
-        flow: FlowSpec,
-    },
-    /// Every live flow, optionally filtered.
-    Flows {
-        #[serde(default)]
-        filter: Option<FlowFilter>,
-    },
-    /// One flow by socket cookie.
-    Flow {
-        cookie: u64,
-    },
-    /// Reload the policy directory (as SIGHUP does).
-    Reload {},
-}
-
-/// What the daemon reports about itself in `status`, fixed at start.
-#[derive(Debug, Clone, Serialize)]
-pub struct DaemonInfo {
-    pub version: &'static str,
-    pub pid: u32,
-    pub strategy: String,
-    /// Option headers written besides the label, if any (`hop-by-hop`, ...).
-    pub header: Option<&'static str>,
-    /// (interface, attach mode)
-    pub attached: Vec<(String, &'static str)>,
-}
 
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
-}
-
-/// Gives `path` (one of the daemon's local entry points: the control socket, the
-/// announcement pipe) to the daemon's user and `group` (config `control.group`) with
-/// `mode`, so only root and that group may use it; a file found in place (a stale
-/// pipe) is taken over whoever made it.
-pub fn restrict_to_group(path: &Path, mode: u32, group: Option<&str>) -> Result<()> {
-    let gid = match group {
-        Some(g) => Some(
-            nix::unistd::Group::from_name(g)
-                .with_context(|| format!("looking up group {g}"))?
-                .with_context(|| format!("control.group: no group named `{g}`"))?
-                .gid,
-        ),
-        None => None,
-    };
-    nix::unistd::chown(path, Some(nix::unistd::geteuid()), gid)
-        .with_context(|| format!("chown {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting mode of {}", path.display()))
 }
 
 impl Server {
@@ -197,10 +101,7 @@ async fn serve_conn(stream: UnixStream, engine: &mpsc::Sender<Command>) -> std::
             // two halves rather than copied into one more buffer (a listing of
             // 100 000 flows is tens of MiB).
             Ok(result) => {
-                wr.write_all(
-                    format!("{{\"v\":{PROTOCOL_VERSION},\"ok\":true,\"result\":").as_bytes(),
-                )
-                .await?;
+                wr.write_all(ok_prefix().as_bytes()).await?;
                 wr.write_all(result.get().as_bytes()).await?;
                 wr.write_all(b"}\n").await?;
             }
@@ -232,73 +133,5 @@ async fn ask(
         Ok(Ok(result)) => Ok(result),
         Ok(Err(e)) => Err(error_line(e)),
         Err(_) => Err(error_line("the daemon is shutting down".into())),
-    }
-}
-
-fn error_line(msg: String) -> Vec<u8> {
-    serde_json::to_vec(&json!({"v": PROTOCOL_VERSION, "ok": false, "error": msg}))
-        .unwrap_or_default()
-}
-
-/// Parses one request line; every way a client can get it wrong is an error string.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    let v: Value = serde_json::from_slice(line).map_err(|e| format!("not a JSON request: {e}"))?;
-    match v.get("v").and_then(Value::as_u64) {
-        Some(1) => {}
-        Some(other) => {
-            return Err(format!(
-                "unsupported protocol version {other}: this daemon speaks 1"
-            ))
-        }
-        None => return Err("missing protocol version: send {\"v\":1,...}".into()),
-    }
-    let mut body = v;
-    if let Some(o) = body.as_object_mut() {
-        o.remove("v");
-    }
-    serde_json::from_value(body).map_err(|e| format!("bad request: {e}"))
-}
-
-/// Sends one request to the daemon at `path` and returns its `result`; the errors
-/// (not running, permission denied, refused) read the same for every command.
-pub fn request(path: &Path, req: &Request) -> Result<Value> {
-    Ok(Client::new(path).request(serde_json::to_value(req)?)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_parse_from_documented_json() {
-        let r: Request = serde_json::from_str(
-            r#"{"op":"mark-add","flow":{"proto":"tcp","local":"[fd00::1]:40000","remote":"[fd00::2]:5201"},"experiment":2,"activity":3}"#,
-        )
-        .unwrap();
-        assert!(matches!(
-            r,
-            Request::MarkAdd {
-                experiment: 2,
-                activity: 3,
-                entropy: None,
-                ..
-            }
-        ));
-        let r: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
-        assert_eq!(r, Request::Status {});
-        assert!(serde_json::from_str::<Request>(r#"{"op":"status","x":1}"#).is_err());
-    }
-
-    #[test]
-    fn flow_spec_rejects_unknown_protocol() {
-        let f = FlowSpec {
-            proto: "sctp".into(),
-            local: "[::1]:1".parse().unwrap(),
-            remote: "[::1]:2".parse().unwrap(),
-        };
-        assert_eq!(
-            f.key().unwrap_err(),
-            "unknown protocol `sctp`: use tcp or udp"
-        );
     }
 }

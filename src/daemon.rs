@@ -15,13 +15,13 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::announce::{self, pipe::Pipe};
+use crate::api::request::DaemonInfo;
 use crate::config::{Config, TrackerSetting};
-use crate::control::{DaemonInfo, Server};
+use crate::control::Server;
 use crate::discovery::feeds::{self, Feed, TrackerStatus};
 use crate::discovery::tracker::{TrackerConfig, TrackerMode};
 use crate::engine::{load_policy, Command, Engine};
 use crate::firefly::{self, Fireflies, FireflyCounters};
-use crate::marker::maps::OUTCOMES;
 use crate::marker::Marker;
 use crate::metrics::{BuildInfo, Metrics, MetricsSource, Published};
 use crate::policy::Registry;
@@ -126,6 +126,7 @@ async fn start_engine(
 ) -> Result<Running> {
     let (disc_tx, disc_rx) = mpsc::channel(8192);
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (announce_tx, announce_rx) = mpsc::channel(64);
     let tracker_status = Arc::new(TrackerStatus::default());
     let mut feeds = Vec::new();
     let (poller, netns) = feeds::spawn_poller(
@@ -195,7 +196,7 @@ async fn start_engine(
         engine = engine.with_announcements(Duration::from_secs(ann.grace_secs));
         if let Some(path) = &ann.pipe {
             let p = Pipe::create(path, cfg.control.group.as_deref())?;
-            tasks.push(p.spawn(registry.clone(), cmd_tx.clone())?);
+            tasks.push(p.spawn(registry.clone(), announce_tx.clone())?);
             pipe = Some(p);
         }
         tasks.extend(
@@ -203,7 +204,7 @@ async fn start_engine(
                 &ann.firefly_listen,
                 ann.firefly_allow.clone(),
                 own_ports,
-                cmd_tx.clone(),
+                announce_tx.clone(),
             )
             .await?,
         );
@@ -226,7 +227,7 @@ async fn start_engine(
         }));
         engine = engine.with_metrics(metrics, published);
     }
-    let engine = tokio::spawn(engine.run(disc_rx, cmd_rx));
+    let engine = tokio::spawn(engine.run(disc_rx, cmd_rx, announce_rx));
     tasks.push(tokio::spawn(server.serve(cmd_tx.clone())));
     info!(strategy = %info.strategy, interfaces = ?info.attached, "flowd-rs running");
     Ok(Running {
@@ -254,12 +255,8 @@ fn metrics_for(
         move || {
             let mut s = published.snapshot();
             if let Ok(c) = maps.counters() {
-                s.outcomes = OUTCOMES
-                    .iter()
-                    .map(|n| n.to_string())
-                    .zip(c.outcomes)
-                    .collect();
-                crate::view::add_tag_counts(&mut s.tags, &c.per_tag, &registry);
+                s.outcomes = c.outcome_counts();
+                crate::engine::add_tag_counts(&mut s.tags, &c.per_tag, &registry);
             }
             // The sender counts as it sends: read now, not at the last publish.
             if let (Some(status), Some(c)) = (&mut s.fireflies, &fireflies) {

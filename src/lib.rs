@@ -5,12 +5,14 @@
 //! [`announce`]ment) -> [`marker`] / [`firefly`] / [`metrics`] / [`control`].
 
 pub mod announce;
+pub mod api;
 pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
+pub mod endpoint;
 pub mod engine;
 pub mod firefly;
 pub mod flows;
@@ -20,4 +22,3 @@ pub mod marking;
 pub mod metrics;
 pub mod model;
 pub mod policy;
-pub mod view;

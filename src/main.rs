@@ -8,9 +8,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use flowd::api::client::request;
+use flowd::api::request::{FlowSpec, Request};
 use flowd::cli;
 use flowd::config::{Config, DEFAULT_CONFIG_PATH};
-use flowd::control::{self, FlowSpec, Request};
 
 /// Tags the network traffic of scientific data transfers (SciTags) with no help from
 /// the applications: marks IPv6 flow labels from a TC egress program.
@@ -240,8 +241,8 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Clean => runtime()?.block_on(flowd::daemon::clean(cfg)),
         Command::Status => {
             let path = cfg.control_socket();
-            let status = control::request(&path, &Request::Status {})?;
-            let counters = control::request(&path, &Request::Counters {})?;
+            let status = request(&path, &Request::Status {})?;
+            let counters = request(&path, &Request::Counters {})?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(
@@ -252,7 +253,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Inspect(args) => flowd::inspect::run(args, &cfg.control_socket()),
         Command::Reload => {
-            let r = control::request(&cfg.control_socket(), &Request::Reload {})?;
+            let r = request(&cfg.control_socket(), &Request::Reload {})?;
             println!(
                 "policy reloaded: version {}",
                 r["policy_version"].as_str().unwrap_or("?")
@@ -354,7 +355,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     },
                 },
             };
-            let result = control::request(&cfg.control_socket(), &req)?;
+            let result = request(&cfg.control_socket(), &req)?;
             println!("{result}");
             Ok(())
         }

@@ -7,7 +7,7 @@
 //! the hot path. The one value that is not a total, the sock_diag poll duration, is a
 //! histogram the daemon feeds with [`Metrics::observe_poll`].
 //!
-//! The endpoint listens on 127.0.0.1:9617 by default ([`DEFAULT_LISTEN`]): loopback
+//! The endpoint listens on 127.0.0.1:9617 by default ([`crate::config::DEFAULT_METRICS_LISTEN`]): loopback
 //! only, because flow counts per experiment are not for the whole network; bind a
 //! routable address deliberately in the configuration to let a remote Prometheus in.
 
@@ -36,13 +36,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::announce::AnnouncementCounters;
-use crate::inspect::view::{FireflyStatus, TagTotals};
+use crate::api::view::AnnouncementCounters;
+use crate::api::view::{FireflyStatus, TagTotals};
 
-/// Where `/metrics` listens unless configured otherwise. 9617 is in the exporters'
-/// range (9100-9999); not yet checked against, nor registered in, the Prometheus
-/// "default port allocations" wiki page.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9617";
 /// Upper bounds of the sock_diag poll duration histogram, in seconds.
 pub const POLL_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

@@ -237,7 +237,8 @@ fn with_the_tracker_disabled_polling_finds_and_marks_a_flow_within_one_interval(
     let watcher = std::thread::spawn(move || {
         let t0 = Instant::now();
         loop {
-            let st = flowd::control::request(&sock, &flowd::control::Request::Status {}).unwrap();
+            let st = flowd::api::client::request(&sock, &flowd::api::request::Request::Status {})
+                .unwrap();
             if st["flows_tagged"] == 1 {
                 return t0.elapsed();
             }
@@ -301,8 +302,8 @@ fn churn_of_ten_thousand_connections_leaves_no_flow_and_no_mark_behind() {
     // Wait for the table to settle (closes in flight, one reconcile).
     let deadline = Instant::now() + Duration::from_secs(20);
     let sock = d.state_dir.join("control.sock");
-    let ours = flowd::control::Request::Flows {
-        filter: Some(flowd::inspect::view::FlowFilter {
+    let ours = flowd::api::request::Request::Flows {
+        filter: Some(flowd::api::filter::FlowFilter {
             address: Some("fd00:f1::/64".into()),
             ..Default::default()
         }),
@@ -310,7 +311,7 @@ fn churn_of_ten_thousand_connections_leaves_no_flow_and_no_mark_behind() {
     // The tracker sees the whole host; only the daemon's namespace is kept.
     let own_netns = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(pair.a.path()).unwrap());
     let (flows, st) = loop {
-        let mut flows = flowd::control::request(&sock, &ours).unwrap();
+        let mut flows = flowd::api::client::request(&sock, &ours).unwrap();
         if let Some(list) = flows["flows"].as_array_mut() {
             list.retain(|f| f["netns"].as_u64() == Some(own_netns));
         }
@@ -379,8 +380,11 @@ fn other_namespaces_are_listed_only_with_all_namespaces() {
             })
         };
         let list = || {
-            flowd::control::request(&sock, &flowd::control::Request::Flows { filter: None })
-                .unwrap()
+            flowd::api::client::request(
+                &sock,
+                &flowd::api::request::Request::Flows { filter: None },
+            )
+            .unwrap()
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         let flows = loop {

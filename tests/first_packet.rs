@@ -158,8 +158,11 @@ fn first_packet_exact_in_view(pair: &Pair, d: &Daemon) -> bool {
     let sock = d.state_dir.join("control.sock");
     let deadline = Instant::now() + Duration::from_secs(10);
     let exact = loop {
-        let v = flowd::control::request(&sock, &flowd::control::Request::Flows { filter: None })
-            .unwrap();
+        let v = flowd::api::client::request(
+            &sock,
+            &flowd::api::request::Request::Flows { filter: None },
+        )
+        .unwrap();
         let flow = v["flows"]
             .as_array()
             .unwrap()

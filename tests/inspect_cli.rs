@@ -5,7 +5,7 @@ mod support;
 
 use std::process::{Command, Output};
 
-use flowd::inspect::view::FlowView;
+use flowd::api::view::FlowView;
 use support::fake_daemon::{self, FakeDaemon};
 
 fn inspect(socket: &std::path::Path, args: &[&str]) -> Output {

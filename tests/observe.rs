@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::{Capture, Daemon, Netns, Pair, ADDR_A, ADDR_B, IF_B};
-use flowd::inspect::view::FlowView;
+use flowd::api::view::FlowView;
 use flowd::model::tag::{decode, Tag};
 
 const ATLAS: &str = "experiment = \"atlas\"\n[[rule]]\nname = \"to-5201\"\nactivity = \"Data Consolidation\"\nremote_ports = [5201]\n";

@@ -11,7 +11,6 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::engine::Command;
 use crate::firefly::{message, State};
 use crate::model::announcement::{Announcement, Origin};
 
@@ -65,7 +64,7 @@ pub async fn spawn(
     listen: &[SocketAddr],
     allow: Vec<IpNet>,
     own_ports: Vec<u16>,
-    commands: mpsc::Sender<Command>,
+    announced: mpsc::Sender<Announcement>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut sockets = Vec::new();
     for addr in listen {
@@ -76,7 +75,7 @@ pub async fn spawn(
     }
     let mut tasks = Vec::new();
     for socket in sockets {
-        let (allow, own_ports, commands) = (allow.clone(), own_ports.clone(), commands.clone());
+        let (allow, own_ports, announced) = (allow.clone(), own_ports.clone(), announced.clone());
         info!(listen = %socket.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "announcements: listening for fireflies");
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
@@ -95,7 +94,7 @@ pub async fn spawn(
                 }
                 match announcement(&buf[..n], from) {
                     Ok(a) => {
-                        if commands.send(Command::Announce(a)).await.is_err() {
+                        if announced.send(a).await.is_err() {
                             break;
                         }
                     }

@@ -19,12 +19,10 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
+use crate::api::view::{AnnouncementCounters, ANNOUNCED_RULE_FILE};
 use crate::model::announcement::{Announcement, Origin};
 use crate::model::socket::FlowKey;
 use crate::policy::{RuleRef, Verdict};
-
-/// The file name shown for announced flows' rule (`inspect`, `status`).
-pub const RULE_FILE: &str = "(announced)";
 
 #[derive(Debug, Clone)]
 struct Held {
@@ -32,20 +30,6 @@ struct Held {
     since: Instant,
     /// A live flow has used it: it now lasts until that flow ends.
     matched: bool,
-}
-
-/// Counters for `status` and metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct AnnouncementCounters {
-    pub received_firefly: u64,
-    pub received_pipe: u64,
-    /// Withdrawn by an `end`.
-    pub withdrawn: u64,
-    /// Dropped because no live flow matched them within the grace period.
-    pub expired: u64,
-    /// Held now (matched or still waiting for their flow).
-    pub held: usize,
 }
 
 /// The announcements in force, by the key they were announced under.
@@ -86,7 +70,7 @@ impl Announcements {
                     experiment: tag.experiment,
                     activity: tag.activity,
                     rule: Arc::new(RuleRef {
-                        file: RULE_FILE.into(),
+                        file: ANNOUNCED_RULE_FILE.into(),
                         name: a.origin.to_string().into(),
                         line: 0,
                     }),

@@ -12,7 +12,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::engine::Command;
 use crate::model::announcement::{Announcement, Origin};
 use crate::model::socket::{FlowKey, Protocol};
 use crate::model::tag::Tag;
@@ -104,7 +103,7 @@ impl Pipe {
             Err(_) => nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o620))
                 .with_context(|| format!("announcements.pipe {}: cannot create", path.display()))?,
         }
-        crate::control::restrict_to_group(path, 0o620, group)
+        crate::endpoint::restrict_to_group(path, 0o620, group)
             .with_context(|| format!("announcements.pipe {}", path.display()))?;
         Ok(Pipe {
             path: path.to_path_buf(),
@@ -116,7 +115,7 @@ impl Pipe {
     pub fn spawn(
         &self,
         registry: Registry,
-        commands: mpsc::Sender<Command>,
+        announced: mpsc::Sender<Announcement>,
     ) -> Result<tokio::task::JoinHandle<()>> {
         let receiver = tokio::net::unix::pipe::OpenOptions::new()
             .read_write(true)
@@ -164,7 +163,7 @@ impl Pipe {
                 }
                 match parse_line(line, &registry) {
                     Ok(a) => {
-                        if commands.send(Command::Announce(a)).await.is_err() {
+                        if announced.send(a).await.is_err() {
                             break;
                         }
                     }

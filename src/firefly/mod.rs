@@ -23,8 +23,8 @@ use std::time::{Duration, Instant, SystemTime};
 use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
+use crate::api::view::FireflyStatus;
 use crate::flows::{Flow, Lifecycle};
-use crate::inspect::view::FireflyStatus;
 use crate::marking::Decision;
 use crate::model::socket::Protocol;
 use crate::model::tag::Tag;

@@ -4,7 +4,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use super::view::FlowView;
+use crate::api::view::FlowView;
 
 /// A column of the flow table, in display order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -242,7 +242,7 @@ pub fn human_age(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inspect::view::tests::flow;
+    use crate::api::view::tests::flow;
 
     #[test]
     fn human_units_round_as_documented() {

@@ -2,20 +2,16 @@
 //! once (a plain table or JSON lines for scripts), read over the control socket.
 //!
 //! ```text
-//! client  -- the control socket requests (status, flows, flow, reload)
-//! view    -- the types the daemon sends, stable for scripts; FlowFilter
 //! columns -- the table's columns: cells, sorting, per-experiment totals
 //! plain   -- --once / --json / stdout not a terminal
 //! tui     -- the live view (ratatui + crossterm)
 //! ```
 
-pub mod client;
 pub mod columns;
 pub mod plain;
 pub mod render;
 pub mod state;
 pub mod tui;
-pub mod view;
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -23,9 +19,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use self::client::Client;
 use self::columns::Column;
-use self::view::FlowFilter;
+use crate::api::client::Client;
+use crate::api::filter::FlowFilter;
 
 /// Arguments of `flowd-rs inspect`.
 #[derive(Debug, Clone, clap::Args)]

@@ -4,10 +4,11 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
-use super::client::Client;
 use super::columns::{experiment_totals, sorted_indices, Column};
-use super::view::{FlowFilter, FlowView};
 use super::InspectArgs;
+use crate::api::client::Client;
+use crate::api::filter::FlowFilter;
+use crate::api::view::FlowView;
 
 /// Fetches the flows once and writes them to `out`.
 pub fn run(
@@ -94,7 +95,7 @@ fn write_row(out: &mut impl Write, cells: &[String], widths: &[usize]) -> std::i
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inspect::view::tests::flow;
+    use crate::api::view::tests::flow;
 
     #[test]
     fn table_has_header_aligned_rows_and_totals() {

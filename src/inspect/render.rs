@@ -17,7 +17,7 @@ use ratatui::Frame;
 
 use super::columns::{experiment_totals, human_age, human_bytes, Column};
 use super::state::{Connection, ViewState};
-use super::view::FlowView;
+use crate::api::view::FlowView;
 use crate::model::tag;
 
 const HELP: &str = "q quit  / filter  s sort column  r reverse  1-9 0 - = sort by column  Enter detail  ↑↓ PgUp PgDn Home End move";

@@ -1,7 +1,7 @@
 use super::*;
+use crate::api::view::{FlowEventView, StatusView, TcpView};
 use crate::inspect::state::tests::{key, sample, typed};
 use crate::inspect::state::Update;
-use crate::inspect::view::{FlowEventView, StatusView, TcpView};
 use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::KeyCode;
 use ratatui::Terminal;

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 use super::columns::{sorted_indices, Column};
-use super::view::{FlowFilter, FlowView, StatusView};
+use crate::api::filter::FlowFilter;
+use crate::api::view::{FlowView, StatusView};
 
 /// What the fetcher thread reports.
 #[derive(Debug)]
@@ -279,7 +280,7 @@ impl ViewState {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::inspect::view::tests::flow;
+    use crate::api::view::tests::flow;
 
     pub fn key(c: KeyCode) -> KeyEvent {
         KeyEvent::new(c, KeyModifiers::NONE)

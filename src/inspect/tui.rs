@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use ratatui::crossterm::event::{self, Event};
 
-use super::client::{Client, ClientError};
 use super::render::render;
 use super::state::{Action, Update, ViewState};
-use super::view::FlowFilter;
 use super::InspectArgs;
+use crate::api::client::{Client, ClientError};
+use crate::api::filter::FlowFilter;
 
 /// How long the event loop waits for a key before looking for fetched data.
 const TICK: Duration = Duration::from_millis(50);

@@ -53,6 +53,18 @@ pub struct Counters {
     pub per_tag: Vec<TagCount>,
 }
 
+impl Counters {
+    /// Packets per outcome, by name: the one report that `status`, the `counters`
+    /// request and the metrics all show.
+    pub fn outcome_counts(&self) -> Vec<(String, u64)> {
+        OUTCOMES
+            .iter()
+            .map(|n| n.to_string())
+            .zip(self.outcomes)
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TagCount {
     pub experiment: u16,

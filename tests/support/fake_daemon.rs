@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use flowd::inspect::view::{FlowEventView, FlowFilter, FlowView, StatusView, TagTotals, TcpView};
+use flowd::api::filter::FlowFilter;
+use flowd::api::view::{FlowEventView, FlowView, StatusView, TagTotals, TcpView};
 use serde_json::{json, Value};
 
 pub struct FakeDaemon {

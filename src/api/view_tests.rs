@@ -1,4 +1,5 @@
 use super::*;
+use crate::api::filter::{FilterError, FlowFilter};
 
 /// A tagged xrootd flow, the base of most tests.
 pub fn flow(cookie: u64) -> FlowView {

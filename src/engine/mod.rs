@@ -15,21 +15,21 @@ use serde_json::value::{to_raw_value, RawValue};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+pub use self::views::{add_tag_counts, MarkerShape, SeqOf};
 use crate::announce::Announcements;
-use crate::control::{DaemonInfo, Request};
+use crate::api::request::{DaemonInfo, Request};
+use crate::api::view::{FlowView, StatusView, TagTotals};
 use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::ProcResolver;
 use crate::firefly::Fireflies;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
-use crate::inspect::view::{FlowView, StatusView, TagTotals};
-use crate::marker::maps::{Counters, MarkMaps, OUTCOMES};
+use crate::marker::maps::{Counters, MarkMaps};
 use crate::marking::{MarkSink, Marking};
 use crate::metrics::{Metrics, Published, Snapshot};
 use crate::model::announcement::Announcement;
 use crate::model::tag::Tag;
 use crate::policy::kernel::{Exactness, KernelPolicy};
 use crate::policy::{Policy, Registry};
-use crate::view::{self, MarkerShape};
 
 /// A control request and where its answer goes.
 pub struct ControlCall {
@@ -43,8 +43,6 @@ pub enum Command {
     Control(ControlCall),
     /// SIGHUP: reload the policy directory.
     Reload,
-    /// An application named a flow and its tag (named pipe, firefly).
-    Announce(Announcement),
 }
 
 pub struct Engine {
@@ -183,6 +181,7 @@ impl Engine {
         mut self,
         mut discovery: mpsc::Receiver<Discovery>,
         mut commands: mpsc::Receiver<Command>,
+        mut announced: mpsc::Receiver<Announcement>,
     ) {
         loop {
             tokio::select! {
@@ -199,9 +198,11 @@ impl Engine {
                         let _ = call.reply.send(answer);
                     }
                     Some(Command::Reload) => { let _ = self.reload(); }
-                    Some(Command::Announce(a)) => self.announce(a),
                     None => break,
                 },
+                // Inputs (named pipe, firefly listener) name flows; they hold only
+                // this channel's sender, never the engine.
+                Some(a) = announced.recv() => self.announce(a),
                 // While firefly starts wait (a burst outran the sender), offer them
                 // the room the sender has made, every 10 ms.
                 _ = tokio::time::sleep(Duration::from_millis(10)),
@@ -388,8 +389,7 @@ impl Engine {
             Request::Status {} => raw(&self.status()),
             Request::Counters {} => {
                 let c = self.maps.counters().map_err(|e| e.to_string())?;
-                let outcomes: BTreeMap<&str, u64> =
-                    OUTCOMES.iter().copied().zip(c.outcomes).collect();
+                let outcomes: BTreeMap<String, u64> = c.outcome_counts().into_iter().collect();
                 raw(&json!({"outcomes": outcomes, "per_tag": c.per_tag}))
             }
             Request::Flows { filter } => {
@@ -413,7 +413,7 @@ impl Engine {
                 serde_json::to_writer(
                     &mut out,
                     &Flows {
-                        flows: view::SeqOf::new(flows),
+                        flows: SeqOf::new(flows),
                     },
                 )
                 .map_err(|e| e.to_string())?;
@@ -463,8 +463,7 @@ impl Engine {
     }
 }
 
-#[path = "engine_views.rs"]
-mod views;
+pub mod views;
 
 fn raw<T: serde::Serialize>(v: &T) -> Result<Box<RawValue>, String> {
     to_raw_value(v).map_err(|e| e.to_string())

@@ -13,10 +13,12 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use super::view::{FlowFilter, FlowView, StatusView};
+use super::envelope::parse_reply;
+use super::filter::FlowFilter;
+use super::request::Request;
+use super::view::{FlowView, StatusView};
+use super::PROTOCOL_VERSION;
 
-/// Control protocol version spoken (`control::PROTOCOL_VERSION` in the daemon).
-pub const PROTOCOL_VERSION: u32 = 1;
 /// A daemon that does not answer within this time is reported as stuck.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -130,42 +132,10 @@ impl Client {
     }
 }
 
-/// A reply line, decoded straight into the expected result type: going through a
-/// `serde_json::Value` first costs 3x the time and memory on a 10 000-flow listing.
-#[derive(serde::Deserialize)]
-struct Envelope<T> {
-    v: Option<u64>,
-    ok: Option<bool>,
-    result: Option<T>,
-    error: Option<String>,
-}
-
-/// Splits a reply line into the `result` of `ok` (as `T`) or the daemon's error.
-pub fn parse_reply<T: DeserializeOwned>(line: &[u8]) -> Result<T, ClientError> {
-    let malformed = |reason: String| ClientError::Malformed {
-        reason,
-        snippet: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
-    };
-    if line.is_empty() {
-        return Err(malformed("connection closed without a reply".into()));
-    }
-    let env: Envelope<T> = serde_json::from_slice(line).map_err(|e| malformed(e.to_string()))?;
-    if env.v != Some(u64::from(PROTOCOL_VERSION)) {
-        return Err(malformed(format!(
-            "protocol version {:?}, this client speaks {PROTOCOL_VERSION}",
-            env.v
-        )));
-    }
-    match (env.ok, env.result) {
-        (Some(true), Some(r)) => Ok(r),
-        // `"result": null` or absent: fine when T accepts null (e.g. Value, Option).
-        (Some(true), None) => {
-            serde_json::from_value(Value::Null).map_err(|e| malformed(format!("no result: {e}")))
-        }
-        _ => Err(ClientError::Refused(
-            env.error.unwrap_or_else(|| "no reason given".into()),
-        )),
-    }
+/// Sends one request to the daemon at `path` and returns its `result`; the errors
+/// (not running, permission denied, refused) read the same for every command.
+pub fn request(path: &Path, req: &Request) -> anyhow::Result<Value> {
+    Ok(Client::new(path).request(serde_json::to_value(req)?)?)
 }
 
 #[cfg(test)]
