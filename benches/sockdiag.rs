@@ -6,7 +6,7 @@
 //! Run as root: `cargo bench --bench sockdiag` (`-- --max 10000` for the small case
 //! only). Everything lives in a private network namespace that dies with the process.
 
-#[path = "../tests/common/sockdiag.rs"]
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -206,10 +206,10 @@ fn main() {
         return hold(n);
     }
     let max = arg("--max").unwrap_or(100_000);
-    if !common::should_run("sockdiag bench") {
+    if !common::privileged() {
         return;
     }
-    common::in_new_netns(move || run(max));
+    common::Netns::new("sdb").enter(move || run(max));
 }
 
 /// Helper mode: open `n` loopback connections to a private listener, say "ready",

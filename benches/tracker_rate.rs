@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --bench tracker_rate [-- CONNECTIONS]` as root (skips otherwise).
 
-#[path = "../tests/common/tracker.rs"]
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::{
@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::NetNs;
+use common::Netns;
 use flowd::discovery::tracker::{Tracker, TrackerConfig};
 
 fn main() {
@@ -29,7 +29,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5000);
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     println!("tracker_rate: {n} connections per run, netns {}", ns.name);
     println!("-- as fast as possible, by ring size");
     header();
@@ -52,14 +52,14 @@ fn header() {
     );
 }
 
-fn run(ns: &NetNs, ring_bytes: u32, n: usize, rate: Option<f64>) {
+fn run(ns: &Netns, ring_bytes: u32, n: usize, rate: Option<f64>) {
     let mut t = Tracker::start(&TrackerConfig {
         ring_bytes,
         ..TrackerConfig::default()
     })
     .expect("Tracker::start");
     let stop = Arc::new(AtomicBool::new(false));
-    let netns = ns.inode;
+    let netns = ns.inode();
     let poller = {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || {
@@ -83,7 +83,7 @@ fn run(ns: &NetNs, ring_bytes: u32, n: usize, rate: Option<f64>) {
             (seen, t.drops().expect("drops"))
         })
     };
-    let elapsed = ns.run(move || {
+    let elapsed = ns.enter(move || {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let to = l.local_addr().unwrap();
         let start = Instant::now();

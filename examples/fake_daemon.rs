@@ -1,6 +1,8 @@
 //! A fake control socket with canned flows, to try `inspect` by hand:
-//! `cargo run --example fake_daemon -- /tmp/flowd.sock 200` then
-//! `cargo run -- --socket /tmp/flowd.sock inspect`. Ctrl-C to stop.
+//! `cargo run --example fake_daemon -- /tmp/flowd.sock 200`, then point the CLI at
+//! it through a config file:
+//! `printf '[control]\nsocket = "/tmp/flowd.sock"\n' > /tmp/fake.toml` and
+//! `cargo run -- -c /tmp/fake.toml inspect`. Ctrl-C to stop.
 
 #[path = "../tests/support/fake_daemon.rs"]
 mod fake_daemon;

@@ -13,7 +13,7 @@ use flowd::metrics::{self, BuildInfo, Metrics, Snapshot};
 async fn main() -> anyhow::Result<()> {
     let listen = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| metrics::DEFAULT_LISTEN.into())
+        .unwrap_or_else(|| flowd::config::DEFAULT_METRICS_LISTEN.into())
         .parse()?;
     let scrapes = Arc::new(AtomicU64::new(0));
     let source = {

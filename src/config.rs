@@ -81,7 +81,8 @@ impl AnnouncementConfig {
     }
 }
 
-/// Default UDP port of firefly collectors (shared/spec/scitags.md).
+/// The UDP port SciTags assigns to firefly collectors (and the remote host's
+/// receiver).
 pub const FIREFLY_PORT: u16 = 10514;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -3,7 +3,8 @@
 //!
 //! The entropy bits of a flow's label are drawn once, when it is tagged, and kept
 //! across policy reloads: a label that changed mid-flow could move the flow
-//! to another ECMP path (shared/spec/scitags.md).
+//! to another ECMP path (the entropy bits exist to spread flows, not to move them:
+//! [`crate::model::tag`]).
 //!
 //! With in-kernel decisions the kernel may have marked a flow before userspace hears
 //! of it (bpf/marker.bpf.c): userspace then adopts that mark's entropy, and keeps the

@@ -69,6 +69,12 @@ pub struct Snapshot {
     pub reconcile_ended: u64,
     pub policy_reloads_ok: u64,
     pub policy_reloads_failed: u64,
+    /// Tags that found the marker map full (their flow left unmarked).
+    pub map_full: u64,
+    /// sock_diag dumps that failed (nothing reconciled that round).
+    pub dump_errors: u64,
+    /// Kernel first-packet marks that userspace's decision replaced.
+    pub kernel_overridden: u64,
     /// Present when fireflies are on.
     pub fireflies: Option<FireflyStatus>,
     /// Present when an announcement input is on.
@@ -299,13 +305,31 @@ impl Collector for SnapshotCollector {
             s.map_capacity,
         )?;
 
-        let m = enc.encode_descriptor(
-            "flowd_ringbuf_drops",
-            "Tracker ring buffer records lost.",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(mono.total("ringbuf_drops".into(), s.ringbuf_drops)).encode(m)?;
+        for (name, help, v) in [
+            (
+                "flowd_ringbuf_drops",
+                "Tracker ring buffer records lost.",
+                s.ringbuf_drops,
+            ),
+            (
+                "flowd_marker_map_full",
+                "Tags that found the marker map full: the flow was left unmarked (raise marker.map_capacity).",
+                s.map_full,
+            ),
+            (
+                "flowd_sockdiag_dump_errors",
+                "sock_diag dumps that failed (nothing reconciled that round).",
+                s.dump_errors,
+            ),
+            (
+                "flowd_kernel_overrides",
+                "First-packet marks the kernel decided that userspace's decision replaced.",
+                s.kernel_overridden,
+            ),
+        ] {
+            let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(mono.total(name.into(), v)).encode(m)?;
+        }
 
         for (name, help, key, pairs) in [
             (
@@ -361,6 +385,30 @@ impl Collector for SnapshotCollector {
                     ("queue_full", ff.queue_full),
                     ("send_error", ff.send_errors),
                 ],
+            )?;
+        }
+        if let Some(a) = &s.announcements {
+            gauge(
+                &mut enc,
+                "flowd_announcements_held",
+                "Announcements in force (matched to a live flow, or waiting for one).",
+                a.held as u64,
+            )?;
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_announcements_received",
+                "Announcements received, by input.",
+                "input",
+                &[("firefly", a.received_firefly), ("pipe", a.received_pipe)],
+            )?;
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_announcements_ended",
+                "Announcements that ended without their flow ending: withdrawn by an `end`, or expired (no live flow matched within the grace time).",
+                "reason",
+                &[("withdrawn", a.withdrawn), ("expired", a.expired)],
             )?;
         }
         Ok(())

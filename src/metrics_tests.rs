@@ -44,6 +44,9 @@ fn snapshot(scale: u64) -> Snapshot {
         reconcile_ended: 3 * scale,
         policy_reloads_ok: 4,
         policy_reloads_failed: 1,
+        map_full: 5 * scale,
+        dump_errors: 6 * scale,
+        kernel_overridden: 7 * scale,
         fireflies: None,
         announcements: None,
     }
@@ -207,6 +210,48 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
         ("flowd_fireflies_sent_total{state=end}", 7.0),
         ("flowd_fireflies_lost_total{reason=queue_full}", 2.0),
         ("flowd_fireflies_lost_total{reason=send_error}", 1.0),
+    ] {
+        assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
+    }
+}
+
+#[test]
+fn map_full_dump_errors_and_kernel_overrides_are_counters() {
+    let source = Arc::new(Published::default());
+    source.set(snapshot(1));
+    let v = values(&metrics(source).encode_prometheus().unwrap());
+    for (k, want) in [
+        ("flowd_marker_map_full_total{}", 5.0),
+        ("flowd_sockdiag_dump_errors_total{}", 6.0),
+        ("flowd_kernel_overrides_total{}", 7.0),
+    ] {
+        assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
+    }
+}
+
+#[test]
+fn announcement_series_exist_only_when_an_input_is_on() {
+    let source = Arc::new(Published::default());
+    source.set(snapshot(1));
+    let m = metrics(source.clone());
+    assert!(!m.encode_prometheus().unwrap().contains("announce"));
+    source.set(Snapshot {
+        announcements: Some(AnnouncementCounters {
+            received_firefly: 4,
+            received_pipe: 9,
+            withdrawn: 3,
+            expired: 2,
+            held: 6,
+        }),
+        ..snapshot(1)
+    });
+    let v = values(&m.encode_prometheus().unwrap());
+    for (k, want) in [
+        ("flowd_announcements_held{}", 6.0),
+        ("flowd_announcements_received_total{input=firefly}", 4.0),
+        ("flowd_announcements_received_total{input=pipe}", 9.0),
+        ("flowd_announcements_ended_total{reason=withdrawn}", 3.0),
+        ("flowd_announcements_ended_total{reason=expired}", 2.0),
     ] {
         assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
     }

@@ -1,7 +1,6 @@
 //! Unprivileged: sock_diag dumps of the current namespace need no capability, so these
 //! run everywhere (loopback sockets of our own, looked up by cookie).
 
-#[path = "common/sockdiag.rs"]
 mod common;
 
 use std::net::{TcpListener, TcpStream};

@@ -1,13 +1,13 @@
 //! PRIVILEGED: real sockets in a private network namespace, dumped with sock_diag.
 //! Run as root, or with FLOWD_PRIVILEGED_TESTS=1 to make a missing privilege a failure.
 
-#[path = "common/sockdiag.rs"]
 mod common;
 
 use std::collections::BTreeSet;
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+use common::sockdiag::*;
 use common::*;
 use flowd::discovery::procfs::ProcResolver;
 use flowd::discovery::sockdiag::SockDiag;
@@ -43,10 +43,10 @@ fn own_cgroup_id() -> Option<u64> {
 
 #[test]
 fn privileged_dump_reports_exact_tuples_uid_inode_cookie_direction_state() {
-    if !should_run("privileged_dump_reports_exact_tuples_uid_inode_cookie_direction_state") {
+    if !privileged() {
         return;
     }
-    in_new_netns(|| {
+    Netns::new("sd").enter(|| {
         let l4 = TcpListener::bind("127.0.0.1:5000").unwrap();
         let l6 = TcpListener::bind("[::1]:5001").unwrap();
         let ldual = TcpListener::bind("[::]:5003").unwrap();
@@ -152,10 +152,10 @@ fn privileged_dump_reports_exact_tuples_uid_inode_cookie_direction_state() {
 
 #[test]
 fn privileged_socket_opened_before_the_daemon_is_adopted_and_attributed() {
-    if !should_run("privileged_socket_opened_before_the_daemon_is_adopted_and_attributed") {
+    if !privileged() {
         return;
     }
-    in_new_netns(|| {
+    Netns::new("sd").enter(|| {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
@@ -231,10 +231,10 @@ fn tracker_obs(c: &TcpStream, state: SockState, netns: u64) -> SocketObservation
 
 #[test]
 fn privileged_churn_10k_connections_table_ends_with_exactly_the_live_sockets() {
-    if !should_run("privileged_churn_10k_connections_table_ends_with_exactly_the_live_sockets") {
+    if !privileged() {
         return;
     }
-    in_new_netns(|| {
+    Netns::new("sd").enter(|| {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let dst = l.local_addr().unwrap();
         let mut sd = SockDiag::new().unwrap();
@@ -308,13 +308,13 @@ fn privileged_churn_10k_connections_table_ends_with_exactly_the_live_sockets() {
 
 #[test]
 fn privileged_poller_opened_in_another_namespace_dumps_that_namespace() {
-    if !should_run("privileged_poller_opened_in_another_namespace_dumps_that_namespace") {
+    if !privileged() {
         return;
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let t = std::thread::spawn(move || {
-        in_new_netns(move || {
+        Netns::new("sd").enter(move || {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
             // SAFETY: gettid has no preconditions.

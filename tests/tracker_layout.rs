@@ -1,4 +1,4 @@
-//! Pins the layout of the ring-buffer record (bpf/flowd_tracker.h, which
+//! Pins the layout of the ring-buffer record (`struct flowd_sock_event` in bpf/flowd.h, which
 //! `_Static_assert`s the same numbers on the C side).
 
 use std::mem::{offset_of, size_of};

@@ -3,7 +3,6 @@
 //! the tracker (loaded from the root namespace) reports. Gate: root, or
 //! FLOWD_PRIVILEGED_TESTS=1 to make a missing privilege a failure.
 
-#[path = "common/tracker.rs"]
 mod common;
 
 use std::{
@@ -14,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use common::tracker::*;
 use common::*;
 use flowd::discovery::{
     tracker::{Tracker, TrackerConfig, TrackerMode},
@@ -24,10 +24,10 @@ use nix::sys::socket::{AddressFamily, SockType};
 
 #[test]
 fn privileged_udp_connect_and_close_v4_v6_and_disconnect() {
-    if !privileged("udp") {
+    if !privileged() {
         return;
     }
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     let mut t = Probe::new(&default_cfg(), &ns);
     let f = t.features().clone();
     assert!(f.udp_connect && f.udp_cookie && f.udp_release, "{f:?}");
@@ -113,10 +113,10 @@ fn privileged_udp_connect_and_close_v4_v6_and_disconnect() {
 
 #[test]
 fn privileged_uid_and_pid_of_a_client_running_as_nobody() {
-    if !privileged("uid") {
+    if !privileged() {
         return;
     }
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     let mut t = Probe::new(&default_cfg(), &ns);
     let (tc, uc, lc) = t.run(&ns, || {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -152,8 +152,8 @@ fn privileged_uid_and_pid_of_a_client_running_as_nobody() {
     assert_eq!(o.uid, Some(0));
 }
 
-fn burst(ns: &NetNs, n: usize) {
-    ns.run(move || {
+fn burst(ns: &Netns, n: usize) {
+    ns.enter(move || {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let to = l.local_addr().unwrap();
         for _ in 0..n {
@@ -166,10 +166,10 @@ fn burst(ns: &NetNs, n: usize) {
 
 #[test]
 fn privileged_ring_buffer_overflow_counts_drops_without_panic() {
-    if !privileged("overflow") {
+    if !privileged() {
         return;
     }
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     // One page: ~34 records.
     let mut t = start(&TrackerConfig {
         ring_bytes: 4096,
@@ -191,10 +191,10 @@ fn privileged_ring_buffer_overflow_counts_drops_without_panic() {
 
 #[test]
 fn privileged_tracepoint_only_mode_still_sees_tcp() {
-    if !privileged("tracepoint_only") {
+    if !privileged() {
         return;
     }
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     let mut t = Probe::new(
         &TrackerConfig {
             mode: TrackerMode::TracepointOnly,
@@ -221,7 +221,7 @@ fn privileged_tracepoint_only_mode_still_sees_tcp() {
 
 #[test]
 fn privileged_disabled_mode_loads_nothing() {
-    if !privileged("disabled") {
+    if !privileged() {
         return;
     }
     let mut t = Tracker::start(&TrackerConfig {
@@ -245,7 +245,7 @@ fn prog_exists(id: u32) -> bool {
 
 #[test]
 fn privileged_drop_detaches_every_program() {
-    if !privileged("detach") {
+    if !privileged() {
         return;
     }
     let t = start(&default_cfg());
@@ -292,7 +292,7 @@ fn privileged_drop_detaches_every_program() {
 
 #[test]
 fn privileged_non_cgroup2_path_degrades_to_tracepoints_with_a_warning() {
-    if !privileged("bad_cgroup") {
+    if !privileged() {
         return;
     }
     // A directory that is not a cgroup: every cgroup attach fails, the
@@ -311,7 +311,7 @@ fn privileged_non_cgroup2_path_degrades_to_tracepoints_with_a_warning() {
 
 #[test]
 fn privileged_missing_configured_cgroup_path_is_an_error_naming_it() {
-    if !privileged("missing_cgroup") {
+    if !privileged() {
         return;
     }
     let err = Tracker::start(&TrackerConfig {

@@ -3,11 +3,11 @@
 //! the tracker (loaded from the root namespace) reports. Gate: root, or
 //! FLOWD_PRIVILEGED_TESTS=1 to make a missing privilege a failure.
 
-#[path = "common/tracker.rs"]
 mod common;
 
 use std::{io, os::fd::AsRawFd, time::Duration};
 
+use common::tracker::*;
 use common::*;
 use flowd::discovery::tracker_event::{EventKind, TrackerEvent};
 use flowd::model::socket::{Direction, Protocol, SockState};
@@ -15,10 +15,10 @@ use nix::sys::socket::{AddressFamily, SockType};
 
 #[test]
 fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
-    if !privileged("tcp_v4_lifecycle") {
+    if !privileged() {
         return;
     }
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     let mut t = Probe::new(&default_cfg(), &ns);
     let f = t.features().clone();
     assert!(f.tcp_state && f.sockops && f.owner_context, "{f:?}");
@@ -103,7 +103,7 @@ fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
     assert_eq!(close.observation.key.local(), p.client_local);
     assert_eq!(close.observation.key.remote(), p.server_local);
     for e in &evs {
-        assert_eq!(e.observation.netns, ns.inode);
+        assert_eq!(e.observation.netns, ns.inode());
     }
     assert_eq!(t.drops().unwrap(), 0);
     assert_eq!(t.decode_errors(), 0);
@@ -111,10 +111,10 @@ fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
 
 #[test]
 fn privileged_tcp_rst_by_linger_zero_is_a_close_on_both_ends() {
-    if !privileged("tcp_rst") {
+    if !privileged() {
         return;
     }
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     let mut t = Probe::new(&default_cfg(), &ns);
     let p = tcp_pair(&mut t, &ns, "127.0.0.1:0", "127.0.0.1", |c, a| {
         let lg = libc::linger {
@@ -168,10 +168,10 @@ fn privileged_tcp_rst_by_linger_zero_is_a_close_on_both_ends() {
 
 #[test]
 fn privileged_tcp_refused_connect_reports_syn_sent_to_close() {
-    if !privileged("tcp_refused") {
+    if !privileged() {
         return;
     }
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     let mut t = Probe::new(&default_cfg(), &ns);
     let (ck, local) = t.run(&ns, || {
         let fd = raw_socket(AddressFamily::Inet, SockType::Stream);
@@ -206,7 +206,7 @@ fn privileged_tcp_refused_connect_reports_syn_sent_to_close() {
 
 #[test]
 fn privileged_tcp_connect_timeout_reports_syn_sent_to_close() {
-    if !privileged("tcp_timeout") {
+    if !privileged() {
         return;
     }
     // The timeout's close runs in a timer softirq. When that softirq interrupts the
@@ -215,7 +215,7 @@ fn privileged_tcp_connect_timeout_reports_syn_sent_to_close() {
     // churn the event is then lost, and only the reconcile dump corrects it. Such an
     // attempt is repeated, twice at most; a missing event with no skipped run fails.
     for attempt in 1..=3 {
-        let ns = NetNs::new();
+        let ns = Netns::new("trk");
         ns.add_black_hole();
         let mut t = Probe::new(&default_cfg(), &ns);
         let ck = t.run(&ns, || {
@@ -245,10 +245,10 @@ fn privileged_tcp_connect_timeout_reports_syn_sent_to_close() {
 
 #[test]
 fn privileged_tcp_v4_mapped_v6_sockets_are_reported_as_ipv4() {
-    if !privileged("tcp_v4_mapped") {
+    if !privileged() {
         return;
     }
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     let mut t = Probe::new(&default_cfg(), &ns);
     let p = tcp_pair(&mut t, &ns, "[::]:0", "::ffff:127.0.0.1", graceful);
     let (cc, sc) = (p.client_cookie, p.server_cookie);
@@ -276,10 +276,10 @@ fn privileged_tcp_v4_mapped_v6_sockets_are_reported_as_ipv4() {
 
 #[test]
 fn privileged_tcp_v6_loopback_keeps_ipv6_tuple() {
-    if !privileged("tcp_v6") {
+    if !privileged() {
         return;
     }
-    let ns = NetNs::new();
+    let ns = Netns::new("trk");
     let mut t = Probe::new(&default_cfg(), &ns);
     let p = tcp_pair(&mut t, &ns, "[::1]:0", "::1", graceful);
     let cc = p.client_cookie;

@@ -1,4 +1,4 @@
-//! Ring-buffer records of the eBPF tracker (bpf/flowd_tracker.h) and their
+//! Ring-buffer records of the eBPF tracker (`struct flowd_sock_event` in bpf/flowd.h) and their
 //! conversion into [`SocketObservation`]s. Pure code: no BPF, no privileges.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -143,6 +143,9 @@ impl Engine {
             reconcile_ended: fc.reconcile_ended,
             policy_reloads_ok: self.reloads_ok,
             policy_reloads_failed: self.reloads_failed,
+            map_full: mc.map_full,
+            dump_errors: fc.dump_errors,
+            kernel_overridden: mc.kernel_overridden,
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
             announcements: self.announcements.as_ref().map(Announcements::counters),
         }

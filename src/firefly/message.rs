@@ -1,5 +1,5 @@
 //! One firefly on the wire: the JSON object of the SciTags firefly schema v1, with the
-//! optional RFC 5424 syslog header in front (shared/spec/scitags.md, "Fireflies").
+//! optional RFC 5424 syslog header in front (README, "Fireflies").
 //!
 //! Pure: everything the datagram says is in [`Firefly`], so the bytes can be pinned
 //! by tests and checked against the published schema.

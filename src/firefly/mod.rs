@@ -1,7 +1,7 @@
 //! Fireflies: one UDP datagram of JSON per tagged flow at its start and end (and,
 //! optionally, periodically while it lasts), so collectors learn of flows the flow
 //! label cannot carry (IPv4) or that a network does not look into
-//! (shared/spec/scitags.md, "Fireflies").
+//! (README, "Fireflies").
 //!
 //! [`Fireflies`] lives on the engine task and turns flow events plus the marking
 //! decisions into [`Firefly`] messages; [`sender`] owns the UDP sockets on a task of

@@ -1,4 +1,5 @@
-//! The SciTags IPv6 flow label layout (shared/spec/scitags.md, "IPv6 flow label").
+//! The SciTags IPv6 flow label layout, as the SciTags technical specification defines
+//! the 20 bits:
 //!
 //! ```text
 //! bit 19 18 | 17 ........ 9 | 8 | 7 ...... 2 | 1 0

@@ -1,7 +1,7 @@
 //! Policies: which (experiment, activity) tag a socket gets.
 //!
-//! A policy directory holds one TOML file per experiment (format: REPORT.md, "Policy
-//! file format"). Loading parses every file, resolves names through the [`Registry`] and
+//! A policy directory holds one TOML file per experiment (format:
+//! policies/README.md). Loading parses every file, resolves names through the [`Registry`] and
 //! accounts, compiles rules, orders them by precedence and rejects rule pairs that could
 //! tag the same socket differently at equal precedence. Evaluation then picks, for one
 //! socket, the first matching rule in precedence order.

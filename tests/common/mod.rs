@@ -5,12 +5,17 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
+
+pub mod sockdiag;
+pub mod tracker;
 
 /// Whether privileged tests run. In CI (`FLOWD_PRIVILEGED_TESTS=1`) they must: a
 /// missing privilege is then a failure, not a skip.
@@ -61,6 +66,52 @@ impl Netns {
 
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Inode of the namespace: what the tracker and sock_diag report as `netns`.
+    pub fn inode(&self) -> u64 {
+        std::fs::metadata(self.path()).expect("netns file").ino()
+    }
+
+    /// `ip -n <ns> ARGS...`
+    pub fn ip(&self, args: &[&str]) {
+        let mut c = Command::new("ip");
+        c.args(["-n", &self.name]).args(args);
+        let out = c.output().expect("ip");
+        assert!(
+            out.status.success(),
+            "ip -n {} {args:?} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Routes 10.201.0.0/24 to a veth peer that silently discards: SYNs sent there
+    /// get no answer (connect timeout) without firewall rules.
+    pub fn add_black_hole(&self) {
+        self.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        self.ip(&["link", "set", "v0", "up"]);
+        self.ip(&["link", "set", "v1", "up"]);
+        self.ip(&["addr", "add", "10.200.0.1/24", "dev", "v0"]);
+        self.ip(&[
+            "neigh",
+            "add",
+            "10.200.0.2",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "v0",
+            "nud",
+            "permanent",
+        ]);
+        self.ip(&["route", "add", "10.201.0.0/24", "via", "10.200.0.2"]);
+    }
+
+    /// Runs `f` inside this namespace and waits for its result.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.run(f)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
     /// Runs `f` on a thread that lives in this namespace.
@@ -549,4 +600,32 @@ pub fn transfer(
     });
     client.join().unwrap();
     assert_eq!(server.join().unwrap(), payload);
+}
+
+/// SO_COOKIE of a socket: the key both the tracker and sock_diag report.
+pub fn cookie(fd: &impl AsRawFd) -> u64 {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, output buffer of the size passed.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "getsockopt(SO_COOKIE): {}",
+        std::io::Error::last_os_error()
+    );
+    v
+}
+
+/// Inode of a socket fd (what /proc/PID/fd shows as socket:[N]).
+pub fn inode(fd: &impl std::os::fd::AsFd) -> u64 {
+    nix::sys::stat::fstat(fd).expect("fstat").st_ino
 }

@@ -1,13 +1,11 @@
-//! Helpers for the privileged tracker tests: gating, a throw-away network
-//! namespace, running code inside it, and waiting for tracker events.
+//! Helpers for the privileged tracker tests: starting the tracker and waiting for
+//! its events.
 #![allow(dead_code)]
 
+use super::{cookie, inode, Netns};
+
 use std::{
-    fs::File,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::PathBuf,
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
@@ -21,115 +19,6 @@ use flowd::discovery::tracker::{Tracker, TrackerConfig};
 use flowd::discovery::tracker_event::{EventKind, TrackerEvent};
 use flowd::model::socket::SockState;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
-
-/// True when the privileged tests must run. Prints a skip line and returns false
-/// when not root and FLOWD_PRIVILEGED_TESTS is not 1; panics when it is 1 but we
-/// are not root (the run must fail, not skip).
-pub fn privileged(test: &str) -> bool {
-    let forced = std::env::var("FLOWD_PRIVILEGED_TESTS").as_deref() == Ok("1");
-    let root = nix::unistd::geteuid().is_root();
-    if !root && forced {
-        panic!("{test}: FLOWD_PRIVILEGED_TESTS=1 but not running as root");
-    }
-    if !root {
-        println!("SKIP {test}: needs root (set FLOWD_PRIVILEGED_TESTS=1 to require it)");
-    }
-    root
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace named flowdtrk-PID-N with lo up, deleted on drop.
-pub struct NetNs {
-    pub name: String,
-    pub path: PathBuf,
-    /// Inode of the namespace: what the tracker reports as `netns`.
-    pub inode: u64,
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-impl NetNs {
-    pub fn new() -> NetNs {
-        let name = format!(
-            "flowdtrk-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        run(&["ip", "netns", "add", &name]);
-        let path = PathBuf::from(format!("/var/run/netns/{name}"));
-        let ns = NetNs {
-            inode: std::fs::metadata(&path).expect("netns file").ino(),
-            name,
-            path,
-        };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn ip(&self, args: &[&str]) {
-        let mut v = vec!["ip", "-n", &self.name];
-        v.extend_from_slice(args);
-        run(&v);
-    }
-
-    /// Routes 10.201.0.0/24 to a veth peer that silently discards: SYNs sent there
-    /// get no answer (connect timeout) without firewall rules.
-    pub fn add_black_hole(&self) {
-        self.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
-        self.ip(&["link", "set", "v0", "up"]);
-        self.ip(&["link", "set", "v1", "up"]);
-        self.ip(&["addr", "add", "10.200.0.1/24", "dev", "v0"]);
-        self.ip(&[
-            "neigh",
-            "add",
-            "10.200.0.2",
-            "lladdr",
-            "02:00:00:00:00:02",
-            "dev",
-            "v0",
-            "nud",
-            "permanent",
-        ]);
-        self.ip(&["route", "add", "10.201.0.0/24", "via", "10.200.0.2"]);
-    }
-
-    /// Runs `f` on a thread that has entered this namespace (setns affects only the
-    /// calling thread).
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = self.path.clone();
-        std::thread::spawn(move || {
-            let ns = File::open(&path).expect("open netns");
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-    }
-
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(f).join().expect("netns thread panicked")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 pub fn start(cfg: &TrackerConfig) -> Tracker {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -173,10 +62,10 @@ impl Probe {
             .collect()
     }
 
-    pub fn new(cfg: &TrackerConfig, ns: &NetNs) -> Probe {
+    pub fn new(cfg: &TrackerConfig, ns: &Netns) -> Probe {
         Probe {
             tracker: start(cfg),
-            netns: ns.inode,
+            netns: ns.inode(),
             seen: Vec::new(),
         }
     }
@@ -195,10 +84,10 @@ impl Probe {
     /// Runs `f` in the namespace (see [`NetNs::run`]) while polling.
     pub fn run<T: Send + 'static>(
         &mut self,
-        ns: &NetNs,
+        ns: &Netns,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> T {
-        let h = ns.spawn(f);
+        let h = ns.run(f);
         while !h.is_finished() {
             self.poll_once();
         }
@@ -240,34 +129,6 @@ impl Probe {
     pub fn kernel_skipped_a_run(&self) -> bool {
         self.recursion_misses().iter().any(|(_, n)| *n > 0)
     }
-}
-
-/// SO_COOKIE of a socket.
-pub fn cookie(fd: &impl AsRawFd) -> u64 {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, output buffer of the size passed.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "getsockopt(SO_COOKIE): {}",
-        std::io::Error::last_os_error()
-    );
-    v
-}
-
-/// Inode of a socket fd (what /proc/PID/fd shows as socket:[N]).
-pub fn inode(fd: &impl std::os::fd::AsFd) -> u64 {
-    nix::sys::stat::fstat(fd).expect("fstat").st_ino
 }
 
 pub fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, v: i32) {
@@ -345,7 +206,7 @@ pub struct TcpPair {
 /// connect + accept in the namespace; `finish` decides how both ends are closed.
 pub fn tcp_pair(
     t: &mut Probe,
-    ns: &NetNs,
+    ns: &Netns,
     listen: &'static str,
     connect_ip: &'static str,
     finish: fn(TcpStream, TcpStream),
