@@ -238,10 +238,7 @@ impl Marking {
             }
             return;
         };
-        let tag = Tag {
-            experiment: v.experiment,
-            activity: v.activity,
-        };
+        let tag = v.tag;
         // Kept for as long as the flow stays tagged; a flow that stops matching and
         // matches again later was unlabelled in between, so a new draw changes nothing.
         let entropy = self

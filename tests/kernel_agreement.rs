@@ -266,9 +266,9 @@ fn check(
         ] {
             let want = policy.evaluate(&attrs(s, c.clone()));
             let ok = match got {
-                Got::Rule(i, e, a) => want
-                    .as_ref()
-                    .is_some_and(|v| v.rule == rules[i].id && (v.experiment, v.activity) == (e, a)),
+                Got::Rule(i, e, a) => want.as_ref().is_some_and(|v| {
+                    v.rule == rules[i].id && (v.tag.experiment, v.tag.activity) == (e, a)
+                }),
                 Got::NoMatch => want.is_none(),
                 Got::Userspace => true,
                 Got::Off => false,

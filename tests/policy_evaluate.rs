@@ -42,13 +42,13 @@ fn first_match_in_precedence_order_wins() {
     // prefix 111) match; "cern" is more specific by prefix.
     let v = p.evaluate(&xrootd_sock("188.185.1.2:40000")).unwrap();
     assert_eq!(
-        (v.experiment, v.activity, v.rule.to_string()),
+        (v.tag.experiment, v.tag.activity, v.rule.to_string()),
         (2, 20, "atlas.toml:cern".to_owned())
     );
     // Excluded sub-range falls through to the generic rule.
     let v = p.evaluate(&xrootd_sock("188.184.108.7:40000")).unwrap();
     assert_eq!(v.rule.to_string(), "atlas.toml:xrootd-data");
-    assert_eq!(v.activity, 15);
+    assert_eq!(v.tag.activity, 15);
     // Priority beats specificity.
     let v = p
         .evaluate(&sock(
@@ -332,7 +332,7 @@ fn example_policies_validate_together() {
     );
     s.comm = Some("globus-gridftp-".into());
     let v = p.evaluate(&s).unwrap();
-    assert_eq!((v.experiment, v.activity), (3, 12));
+    assert_eq!((v.tag.experiment, v.tag.activity), (3, 12));
 }
 
 #[test]

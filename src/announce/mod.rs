@@ -67,8 +67,7 @@ impl Announcements {
         match a.tag {
             Some(tag) => {
                 let verdict = Verdict {
-                    experiment: tag.experiment,
-                    activity: tag.activity,
+                    tag,
                     rule: Arc::new(RuleRef {
                         file: ANNOUNCED_RULE_FILE.into(),
                         name: a.origin.to_string().into(),

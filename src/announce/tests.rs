@@ -29,7 +29,7 @@ fn an_announcement_names_its_flow_in_either_orientation_until_the_flow_ends() {
     let keys = a.apply(start(key(1), 2));
     assert_eq!(keys, [key(1), key(1).reversed()]);
     let v = a.verdict_for(&key(1)).unwrap();
-    assert_eq!((v.experiment, v.activity), (2, 1));
+    assert_eq!((v.tag.experiment, v.tag.activity), (2, 1));
     assert_eq!(
         v.rule.to_string(),
         "(announced):firefly from 127.0.0.1:5000"
@@ -38,9 +38,9 @@ fn an_announcement_names_its_flow_in_either_orientation_until_the_flow_ends() {
     assert_eq!(a.verdict_for(&key(2)), None);
     // A restatement (ongoing, a second start) replaces it, from either end.
     a.apply(start(key(1), 3));
-    assert_eq!(a.verdict_for(&key(1)).unwrap().experiment, 3);
+    assert_eq!(a.verdict_for(&key(1)).unwrap().tag.experiment, 3);
     a.apply(start(key(1).reversed(), 4));
-    assert_eq!(a.verdict_for(&key(1)).unwrap().experiment, 4);
+    assert_eq!(a.verdict_for(&key(1)).unwrap().tag.experiment, 4);
     assert_eq!(a.counters().held, 1);
     a.forget(&key(1).reversed());
     assert_eq!(a.verdict_for(&key(1)), None);

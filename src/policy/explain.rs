@@ -70,8 +70,7 @@ pub(super) fn explain(rules: &[Rule], reg: &Registry, s: &SocketAttrs) -> Explan
     Explanation {
         socket: describe_socket(s),
         verdict: chosen.map(|r| Verdict {
-            experiment: r.experiment,
-            activity: r.activity,
+            tag: r.tag(),
             rule: r.id.clone(),
         }),
         entries,
@@ -114,7 +113,7 @@ impl fmt::Display for Explanation {
             (Some(v), Some(e)) => writeln!(
                 f,
                 "verdict: {} ({}/{}) by {}",
-                e.tag, v.experiment, v.activity, v.rule
+                e.tag, v.tag.experiment, v.tag.activity, v.rule
             )?,
             _ => writeln!(f, "verdict: untagged (no rule matched)")?,
         }

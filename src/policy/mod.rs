@@ -32,11 +32,12 @@ pub use sets::{CgroupPrefix, CidrSet, PortSet};
 use error::LineIndex;
 use index::Index;
 
+use crate::model::tag::Tag;
+
 /// The decision for one socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
-    pub experiment: u16,
-    pub activity: u8,
+    pub tag: Tag,
     pub rule: Arc<RuleRef>,
 }
 
@@ -177,8 +178,7 @@ impl Policy {
         self.index.first_match(&self.rules, s).map(|i| {
             let r = &self.rules[i];
             Verdict {
-                experiment: r.experiment,
-                activity: r.activity,
+                tag: r.tag(),
                 rule: r.id.clone(),
             }
         })

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::sets::{CgroupPrefix, CidrSet, PortSet};
 use crate::model::socket::{Direction, Protocol};
+use crate::model::tag::Tag;
 
 /// What the policy knows about one socket. Unknown facts are `None`; a rule that
 /// constrains an unknown fact does not match (a tag must never be a guess).
@@ -442,8 +443,13 @@ impl Rule {
         )
     }
 
-    pub fn tag(&self) -> (u16, u8) {
-        (self.experiment, self.activity)
+    /// The tag this rule gives (its experiment and activity were range-checked
+    /// when the file was loaded).
+    pub fn tag(&self) -> Tag {
+        Tag {
+            experiment: self.experiment,
+            activity: self.activity,
+        }
     }
 
     pub fn kernel_decidable(&self) -> bool {
