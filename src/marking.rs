@@ -10,16 +10,18 @@
 //! of it (bpf/marker.bpf.c): userspace then adopts that mark's entropy, and keeps the
 //! map free of kernel-written marks nobody tracks (flow end, and [`Marking::sweep`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 use tracing::{debug, warn};
 
 use crate::flows::{Flow, Lifecycle};
-use crate::marker::maps::{ExistingMark, MapError, MarkMaps};
+use crate::marker::maps::{Counters, ExistingMark, MapError, MarkMaps};
 use crate::model::facts::ProcessInfo;
 use crate::model::socket::FlowKey;
 use crate::model::tag::Tag;
+use crate::policy::kernel::KernelPolicy;
 use crate::policy::{Policy, RuleRef, SocketAttrs, Verdict};
 
 /// Where marks go; the BPF map in the daemon, a recorder in tests.
@@ -80,6 +82,46 @@ impl MarkSink for MarkMaps {
     }
     fn kernel_inserts(&self) -> Option<u64> {
         self.kernel().and_then(|k| k.inserts().ok())
+    }
+}
+
+/// Everything the engine needs of the marker's maps: the sink marks go to, plus
+/// what it reads back (counts, capacity) and the in-kernel policy it installs.
+/// The BPF maps in the daemon; a recorder in the engine's unit tests, so the whole
+/// engine runs without BPF.
+pub trait MarkStore: MarkSink + Send + Sync {
+    fn capacity(&self) -> u32;
+    /// What the TC program counted, summed over CPUs.
+    fn counters(&self) -> Result<Counters, MapError>;
+    /// Packets and bytes marked per flow.
+    fn flow_counts(&self) -> Result<HashMap<FlowKey, (u64, u64)>, MapError>;
+    fn flow_count(&self, key: &FlowKey) -> Result<Option<(u64, u64)>, MapError>;
+    /// Compiles `k` into the kernel's decision maps (a no-op where there are none).
+    fn install_policy(&self, k: &KernelPolicy) -> Result<(), MapError>;
+    /// Stops the kernel from deciding new flows (userspace decides every flow).
+    fn disable_kernel_decisions(&self);
+}
+
+impl MarkStore for MarkMaps {
+    fn capacity(&self) -> u32 {
+        MarkMaps::capacity(self)
+    }
+    fn counters(&self) -> Result<Counters, MapError> {
+        MarkMaps::counters(self)
+    }
+    fn flow_counts(&self) -> Result<HashMap<FlowKey, (u64, u64)>, MapError> {
+        MarkMaps::flow_counts(self)
+    }
+    fn flow_count(&self, key: &FlowKey) -> Result<Option<(u64, u64)>, MapError> {
+        MarkMaps::flow_count(self, key)
+    }
+    fn install_policy(&self, k: &KernelPolicy) -> Result<(), MapError> {
+        MarkMaps::install_policy(self, k)
+    }
+    fn disable_kernel_decisions(&self) {
+        if let Some(km) = self.kernel() {
+            let _ = km.disable();
+        }
     }
 }
 

@@ -23,8 +23,7 @@ use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::ProcResolver;
 use crate::firefly::Fireflies;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
-use crate::marker::maps::{Counters, MarkMaps};
-use crate::marking::{MarkSink, Marking};
+use crate::marking::{MarkSink, MarkStore, Marking};
 use crate::metrics::{Metrics, Published, Snapshot};
 use crate::model::announcement::Announcement;
 use crate::model::tag::Tag;
@@ -51,7 +50,7 @@ pub struct Engine {
     policy: Arc<Policy>,
     policy_dir: std::path::PathBuf,
     registry: Registry,
-    maps: Arc<MarkMaps>,
+    maps: Arc<dyn MarkStore>,
     procs: ProcResolver,
     info: Arc<DaemonInfo>,
     shape: MarkerShape,
@@ -87,7 +86,7 @@ impl Engine {
         policy: Policy,
         policy_dir: &Path,
         registry: Registry,
-        maps: Arc<MarkMaps>,
+        maps: Arc<dyn MarkStore>,
         info: Arc<DaemonInfo>,
         tracker: Arc<TrackerStatus>,
     ) -> Self {
@@ -162,9 +161,7 @@ impl Engine {
             }
             Err(e) => {
                 warn!(error = %e, "compiling the policy into the kernel failed: userspace decides every flow");
-                if let Some(km) = self.maps.kernel() {
-                    let _ = km.disable();
-                }
+                self.maps.disable_kernel_decisions();
                 self.exactness.clear();
             }
         }
@@ -372,9 +369,7 @@ impl Engine {
     }
 
     fn remove_all_marks(&mut self) {
-        if let Some(km) = self.maps.kernel() {
-            let _ = km.disable();
-        }
+        self.maps.disable_kernel_decisions();
         let flows: Vec<Flow> = self.table.iter().cloned().collect();
         for f in flows {
             self.marking.on_end(&f, self.maps.as_ref());
@@ -485,3 +480,6 @@ fn release_free_memory() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

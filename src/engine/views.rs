@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::*;
 use crate::api::view::{FlowEventView, TcpView};
-use crate::marker::maps::TagCount;
+use crate::marker::maps::{Counters, TagCount};
 use crate::marking::Decision;
 use crate::model::socket::{Direction, SockState};
 

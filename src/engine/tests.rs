@@ -1,0 +1,204 @@
+//! The whole engine, without BPF: discovery events in, marks out to a recording
+//! [`MarkStore`], control requests answered from what it holds.
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::marker::maps::{Counters, MapError};
+use crate::model::socket::{Direction, FlowKey, Protocol, SockState, SocketObservation, Source};
+use crate::model::tag::Tag;
+
+const NETNS: u64 = 4026531840;
+
+/// The marker map as a plain table: key -> (tag, entropy). `capacity` makes it
+/// fill up like the BPF map does.
+struct RecordingStore {
+    marks: Mutex<HashMap<FlowKey, (Tag, u8)>>,
+    capacity: usize,
+}
+
+impl RecordingStore {
+    fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(RecordingStore {
+            marks: Mutex::new(HashMap::new()),
+            capacity,
+        })
+    }
+    fn get(&self, key: &FlowKey) -> Option<(Tag, u8)> {
+        self.marks.lock().unwrap().get(key).copied()
+    }
+    fn len(&self) -> usize {
+        self.marks.lock().unwrap().len()
+    }
+}
+
+impl MarkSink for RecordingStore {
+    fn insert(&self, key: &FlowKey, tag: Tag, entropy: u8) -> Result<(), MapError> {
+        let mut m = self.marks.lock().unwrap();
+        if !m.contains_key(key) && m.len() >= self.capacity {
+            return Err(MapError::Full {
+                capacity: self.capacity as u32,
+                flow: format!("{key:?}"),
+            });
+        }
+        m.insert(*key, (tag, entropy));
+        Ok(())
+    }
+    fn remove(&self, key: &FlowKey) -> Result<bool, MapError> {
+        Ok(self.marks.lock().unwrap().remove(key).is_some())
+    }
+    fn entropy(&self, _key: &FlowKey) -> u8 {
+        0b10101
+    }
+}
+
+impl MarkStore for RecordingStore {
+    fn capacity(&self) -> u32 {
+        self.capacity as u32
+    }
+    fn counters(&self) -> Result<Counters, MapError> {
+        Ok(Counters::default())
+    }
+    fn flow_counts(&self) -> Result<HashMap<FlowKey, (u64, u64)>, MapError> {
+        Ok(HashMap::new())
+    }
+    fn flow_count(&self, _key: &FlowKey) -> Result<Option<(u64, u64)>, MapError> {
+        Ok(None)
+    }
+    fn install_policy(&self, _k: &KernelPolicy) -> Result<(), MapError> {
+        Ok(())
+    }
+    fn disable_kernel_decisions(&self) {}
+}
+
+fn write_policy(dir: &Path, activity: &str) {
+    std::fs::write(
+        dir.join("atlas.toml"),
+        format!(
+            "experiment = \"atlas\"\n[[rule]]\nname = \"xrootd\"\nactivity = \"{activity}\"\nremote_ports = [1094]\n"
+        ),
+    )
+    .unwrap();
+}
+
+fn engine(dir: &Path, store: Arc<RecordingStore>) -> Engine {
+    let registry = Registry::bundled();
+    let policy = load_policy(dir, &registry).unwrap();
+    Engine::new(
+        NETNS,
+        policy,
+        dir,
+        registry,
+        store,
+        Arc::new(DaemonInfo {
+            version: "test",
+            pid: 1,
+            strategy: "label".into(),
+            header: None,
+            attached: Vec::new(),
+        }),
+        Arc::new(TrackerStatus::default()),
+    )
+}
+
+fn key(local_port: u16, remote_port: u16) -> FlowKey {
+    FlowKey::new(
+        Protocol::Tcp,
+        format!("[fd00::1]:{local_port}").parse().unwrap(),
+        format!("[fd00::2]:{remote_port}").parse().unwrap(),
+    )
+}
+
+fn observed(cookie: u64, key: FlowKey, state: SockState) -> Discovery {
+    Discovery::Observed(
+        SocketObservation {
+            key,
+            cookie,
+            netns: NETNS,
+            state,
+            direction: Direction::Outbound,
+            inode: 1000 + cookie,
+            uid: Some(1000),
+            pid: None,
+            comm: None,
+            cgroup_id: None,
+            tcp: None,
+            tcp_bytes: None,
+            source: Source::Tracker,
+        },
+        Instant::now(),
+    )
+}
+
+fn atlas(activity: u8) -> Tag {
+    Tag::new(2, activity).unwrap()
+}
+
+#[test]
+fn a_matching_connection_is_marked_until_it_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let store = RecordingStore::new(16);
+    let mut e = engine(dir.path(), store.clone());
+    let k = key(40000, 1094);
+    e.on_discovery(observed(1, k, SockState::Established));
+    let (tag, entropy) = store.get(&k).expect("marked");
+    assert_eq!(tag, Tag::new(2, 17).unwrap(), "atlas / Analysis Input");
+    assert_eq!(entropy, 0b10101, "the store's entropy, drawn once");
+    // Another port matches no rule: nothing written for it.
+    e.on_discovery(observed(2, key(40001, 22), SockState::Established));
+    assert_eq!(store.len(), 1);
+    e.on_discovery(observed(1, k, SockState::Close));
+    assert_eq!(store.get(&k), None, "the mark ends with the socket");
+}
+
+#[test]
+fn a_reload_retags_live_flows_and_keeps_their_entropy() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let store = RecordingStore::new(16);
+    let mut e = engine(dir.path(), store.clone());
+    let k = key(40000, 1094);
+    e.on_discovery(observed(1, k, SockState::Established));
+    let (_, entropy) = store.get(&k).unwrap();
+    write_policy(dir.path(), "Data Consolidation");
+    e.reload().unwrap();
+    assert_eq!(store.get(&k), Some((atlas(4), entropy)));
+    // A broken file is refused whole: the live mark stays as it was.
+    std::fs::write(dir.path().join("atlas.toml"), "experiment = \"nope\"\n").unwrap();
+    assert!(e.reload().is_err());
+    assert_eq!(store.get(&k), Some((atlas(4), entropy)));
+    assert_eq!((e.reloads_ok, e.reloads_failed), (1, 1));
+}
+
+#[test]
+fn a_full_map_is_counted_and_the_other_marks_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let store = RecordingStore::new(1);
+    let mut e = engine(dir.path(), store.clone());
+    e.on_discovery(observed(1, key(40000, 1094), SockState::Established));
+    e.on_discovery(observed(2, key(40001, 1094), SockState::Established));
+    assert!(store.get(&key(40000, 1094)).is_some());
+    assert_eq!(store.get(&key(40001, 1094)), None);
+    let status = e.status();
+    assert_eq!(status.map_full_total, 1);
+    assert_eq!(e.snapshot().map_full, 1);
+}
+
+#[test]
+fn the_flows_request_names_the_rule_that_tagged_each_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let store = RecordingStore::new(16);
+    let mut e = engine(dir.path(), store);
+    e.on_discovery(observed(7, key(40000, 1094), SockState::Established));
+    let reply = e.answer(Request::Flows { filter: None }).unwrap();
+    let v: serde_json::Value = serde_json::from_str(reply.get()).unwrap();
+    let flows = v["flows"].as_array().expect("flows array");
+    assert_eq!(flows.len(), 1, "{v}");
+    assert_eq!(flows[0]["cookie"], 7);
+    assert_eq!(flows[0]["rule"], "atlas.toml:xrootd");
+    assert_eq!(flows[0]["experiment"], 2);
+    assert_eq!(flows[0]["activity"], 17);
+}
