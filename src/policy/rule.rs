@@ -62,7 +62,7 @@ impl fmt::Display for Account {
 }
 
 /// How specific a rule is; greater = more specific = wins. Compared field by field:
-/// 1. `fields`: number of constrained match fields (0..=11);
+/// 1. `fields`: number of constrained match fields;
 /// 2. `prefix`: sum over `local_cidrs`/`remote_cidrs` of `CidrSet::prefix_score`;
 /// 3. `ports`: sum over `local_ports`/`remote_ports` of (65536 - ports in the set), so a
 ///    single port scores 65535 and `1-65535` scores 1.

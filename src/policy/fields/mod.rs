@@ -12,18 +12,19 @@
 //! 1. Write its definition, usually one file here: a type implementing [`MatchField`].
 //!    The trait has no default methods, so the compiler refuses a field that does not say
 //!    how it is compiled, matched, explained, intersected, ranked and measured.
-//! 2. Add one line to [`match_fields!`], where the documentation order of the rule table
-//!    puts it (that order is the order of `RULE_FIELDS` and of the "allowed fields"
-//!    error).
-//! 3. Say in `kernel::decides` whether the BPF first-packet decision can decide it: the
-//!    match there is exhaustive, so the build fails until it does. Only a field whose
-//!    value the kernel reads (bpf/flowd.h) and whose tables `kernel` compiles may say
-//!    `true`; everything else is decided in userspace.
-//! 4. If it needs a fact about the socket that [`SocketAttrs`] lacks, add that fact there
-//!    (and where sockets are described: `explain::describe_socket`, and where they are
-//!    built, outside `policy`).
-//! 5. Tests: its error messages (tests/policy_errors.rs), matching and explanation
-//!    (tests/policy_evaluate.rs), and a row in policies/README.md.
+//! 2. Declare the file's `mod` and add one line to [`match_fields!`], where the
+//!    documentation order of the rule table puts it (the order of `RULE_FIELDS` and of
+//!    the "allowed fields" error). Its `COST` places it in the evaluation order, which
+//!    `tests::fields_are_tested_cheapest_first` pins (it no longer builds: add the field).
+//! 3. Say in `kernel::decides` whether the BPF first-packet decision can decide it (an
+//!    exhaustive match: the build fails until it does). `true` needs the tables in
+//!    `kernel` and bpf/flowd.h that decide it; `kernel_tests::only` (also exhaustive)
+//!    gives a rule on the field alone and, if the kernel decides it, a socket it rejects,
+//!    and the test there checks that the tables agree with `decides`.
+//! 4. If it needs a fact [`SocketAttrs`] lacks, add the fact there, to
+//!    `explain::describe_socket`, and where sockets are built outside `policy`.
+//! 5. Test its error messages (tests/policy_errors.rs), matching and explanation
+//!    (tests/policy_evaluate.rs), and add its row to the table in policies/README.md.
 
 pub(super) mod cgroup;
 pub(super) mod cidrs;
