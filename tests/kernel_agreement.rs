@@ -21,7 +21,7 @@ use libbpf_rs::{MapCore, MapFlags, ProgramInput};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use policy_common::{render, Spec};
+use policy_common::{render, Spec, SpecShape};
 
 struct Kernel {
     skel: MarkerSkel<'static>,
@@ -153,46 +153,13 @@ fn ports() -> impl Strategy<Value = Vec<(u16, u16)>> {
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
-    let cidrs = || prop::collection::vec((prop::bool::weighted(0.3), net()), 1..4);
-    let w = 0.35;
-    (
-        (-1i32..=1, 1u8..=4),
-        prop::option::weighted(w, prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)]),
-        prop::option::weighted(
-            w,
-            prop_oneof![Just(Direction::Inbound), Just(Direction::Outbound)],
-        ),
-        (
-            prop::option::weighted(w, ports()),
-            prop::option::weighted(w, ports()),
-        ),
-        (
-            prop::option::weighted(w, cidrs()),
-            prop::option::weighted(w, cidrs()),
-        ),
-        prop::option::weighted(w, prop::collection::vec(0u32..3, 1..3)),
-        prop::option::weighted(
-            0.15,
-            prop::collection::vec(
-                prop_oneof![Just("a".to_owned()), Just("b".to_owned())],
-                1..2,
-            ),
-        ),
-    )
-        .prop_map(
-            |((priority, activity), proto, direction, (lp, rp), (lc, rc), users, process)| Spec {
-                priority,
-                activity,
-                proto,
-                direction,
-                local_ports: lp,
-                remote_ports: rp,
-                local_cidrs: lc,
-                remote_cidrs: rc,
-                users,
-                process,
-            },
-        )
+    policy_common::spec(&SpecShape {
+        net: net().boxed(),
+        ports: ports().boxed(),
+        weight: 0.35,
+        process_weight: 0.15,
+        max_activity: 4,
+    })
 }
 
 fn socket() -> impl Strategy<Value = (KernelSocket, Option<String>)> {

@@ -12,7 +12,7 @@ use flowd::policy::{ErrorKind, SocketAttrs};
 use ipnet::IpNet;
 use proptest::prelude::*;
 
-use common::{render, Spec};
+use common::{render, Spec, SpecShape};
 
 const EXAMPLES: &[&str] = &[
     include_str!("../policies/atlas.toml"),
@@ -75,48 +75,13 @@ fn ports() -> impl Strategy<Value = Vec<(u16, u16)>> {
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
-    let cidrs = || prop::collection::vec((prop::bool::weighted(0.3), net()), 1..4);
-    // Sparse constraints over small domains, so that rules often match the same
-    // sockets and precedence and conflict detection are exercised.
-    let w = 0.3;
-    (
-        (-1i32..=1, 1u8..=2),
-        prop::option::weighted(w, prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)]),
-        prop::option::weighted(
-            w,
-            prop_oneof![Just(Direction::Inbound), Just(Direction::Outbound)],
-        ),
-        (
-            prop::option::weighted(w, ports()),
-            prop::option::weighted(w, ports()),
-        ),
-        (
-            prop::option::weighted(w, cidrs()),
-            prop::option::weighted(w, cidrs()),
-        ),
-        prop::option::weighted(w, prop::collection::vec(0u32..3, 1..3)),
-        prop::option::weighted(
-            w,
-            prop::collection::vec(
-                prop_oneof![Just("a".to_owned()), Just("b".to_owned())],
-                1..2,
-            ),
-        ),
-    )
-        .prop_map(
-            |((priority, activity), proto, direction, (lp, rp), (lc, rc), users, process)| Spec {
-                priority,
-                activity,
-                proto,
-                direction,
-                local_ports: lp,
-                remote_ports: rp,
-                local_cidrs: lc,
-                remote_cidrs: rc,
-                users,
-                process,
-            },
-        )
+    common::spec(&SpecShape {
+        net: net().boxed(),
+        ports: ports().boxed(),
+        weight: 0.3,
+        process_weight: 0.3,
+        max_activity: 2,
+    })
 }
 
 // The reference: the documented semantics, written the obvious way.

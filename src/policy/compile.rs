@@ -11,11 +11,9 @@ use toml::{Spanned, Value};
 
 use super::accounts::Accounts;
 use super::error::{ErrorKind, LineIndex, PolicyError};
-use super::fields::{cgroup, cidrs, exe, ids, ports, process};
 use super::file::{RawFile, RawRule, SpannedList};
 use super::registry::{self, LookupError, Registry};
 use super::rule::{Match, Rule, RuleRef};
-use crate::model::socket::{Direction, Protocol};
 
 /// The result of compiling one file.
 pub struct CompiledFile {
@@ -23,7 +21,10 @@ pub struct CompiledFile {
     pub enabled: bool,
 }
 
-pub(super) struct Ctx<'a> {
+/// Where a file's errors are collected while it compiles. `pub` only because
+/// `MatchField::compile` takes it; `compile` is private, so it is not nameable
+/// outside `policy`.
+pub struct Ctx<'a> {
     path: &'a Path,
     text: &'a str,
     lines: &'a LineIndex,
@@ -214,37 +215,7 @@ fn compile_rule(
             0
         }),
     };
-    let m = Match {
-        protocol: raw.protocol.as_ref().and_then(|p| match p.get_ref().to_ascii_lowercase().as_str() {
-            "tcp" => Some(Protocol::Tcp),
-            "udp" => Some(Protocol::Udp),
-            other => {
-                cx.err(p.span(), ErrorKind::InvalidValue, format!("unknown protocol {other:?}; expected \"tcp\" or \"udp\""));
-                None
-            }
-        }),
-        direction: raw.direction.as_ref().and_then(|d| match d.get_ref().to_ascii_lowercase().as_str() {
-            "outbound" => Some(Direction::Outbound),
-            "inbound" => Some(Direction::Inbound),
-            other => {
-                cx.err(
-                    d.span(),
-                    ErrorKind::InvalidValue,
-                    format!("unknown direction {other:?}; expected \"outbound\" (this host connected) or \"inbound\" (this host accepted)"),
-                );
-                None
-            }
-        }),
-        local_cidrs: raw.local_cidrs.as_ref().and_then(|l| cidrs(cx, "local_cidrs", l)),
-        remote_cidrs: raw.remote_cidrs.as_ref().and_then(|l| cidrs(cx, "remote_cidrs", l)),
-        local_ports: raw.local_ports.as_ref().and_then(|l| ports(cx, "local_ports", l)),
-        remote_ports: raw.remote_ports.as_ref().and_then(|l| ports(cx, "remote_ports", l)),
-        users: raw.users.as_ref().and_then(|l| ids(cx, "users", l, |n| accounts.uid_of(n))),
-        groups: raw.groups.as_ref().and_then(|l| ids(cx, "groups", l, |n| accounts.gid_of(n))),
-        process: raw.process.as_ref().and_then(|l| process(cx, l)),
-        exe: raw.exe.as_ref().and_then(|l| exe(cx, l)),
-        cgroup: raw.cgroup.as_ref().and_then(|l| cgroup(cx, l)),
-    };
+    let m = Match::compile(cx, raw, accounts);
     (cx.errors.len() == before).then_some(())?;
     Some((activity?, priority, m))
 }

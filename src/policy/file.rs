@@ -12,29 +12,10 @@ use serde::Deserialize;
 use toml::{Spanned, Value};
 
 use super::error::{ErrorKind, LineIndex, PolicyError};
+use super::fields::{self, MatchField};
 
 /// Top-level fields, in documentation order (also used for "did you mean").
 pub const FILE_FIELDS: &[&str] = &["experiment", "enabled", "description", "rule"];
-
-/// Rule fields, in documentation order.
-pub const RULE_FIELDS: &[&str] = &[
-    "name",
-    "description",
-    "activity",
-    "scitag",
-    "priority",
-    "protocol",
-    "direction",
-    "local_cidrs",
-    "remote_cidrs",
-    "local_ports",
-    "remote_ports",
-    "users",
-    "groups",
-    "process",
-    "exe",
-    "cgroup",
-];
 
 pub type SpannedList<T> = Spanned<Vec<Spanned<T>>>;
 
@@ -49,27 +30,35 @@ pub struct RawFile {
     pub rule: Vec<Spanned<RawRule>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRule {
-    pub name: Spanned<String>,
-    #[allow(dead_code)]
-    pub description: Option<String>,
-    pub activity: Option<Spanned<Value>>,
-    pub scitag: Option<Spanned<i64>>,
-    pub priority: Option<Spanned<i64>>,
-    pub protocol: Option<Spanned<String>>,
-    pub direction: Option<Spanned<String>>,
-    pub local_cidrs: Option<SpannedList<String>>,
-    pub remote_cidrs: Option<SpannedList<String>>,
-    pub local_ports: Option<SpannedList<Value>>,
-    pub remote_ports: Option<SpannedList<Value>>,
-    pub users: Option<SpannedList<Value>>,
-    pub groups: Option<SpannedList<Value>>,
-    pub process: Option<SpannedList<String>>,
-    pub exe: Option<SpannedList<String>>,
-    pub cgroup: Option<SpannedList<String>>,
+/// Generates [`RawRule`] and [`RULE_FIELDS`]: the rule's own keys, then the match
+/// fields (`fields::match_fields!`), each parsed as its `MatchField::Raw`.
+macro_rules! raw_rule {
+    ($($key:ident: $V:ident = $m:ident::$T:ident,)*) => {
+        /// Rule fields, in documentation order.
+        pub const RULE_FIELDS: &[&str] = &[
+            "name",
+            "description",
+            "activity",
+            "scitag",
+            "priority",
+            $(stringify!($key),)*
+        ];
+
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RawRule {
+            pub name: Spanned<String>,
+            #[allow(dead_code)]
+            pub description: Option<String>,
+            pub activity: Option<Spanned<Value>>,
+            pub scitag: Option<Spanned<i64>>,
+            pub priority: Option<Spanned<i64>>,
+            $(pub $key: Option<<fields::$m::$T as MatchField>::Raw>,)*
+        }
+    };
 }
+
+fields::match_fields!(raw_rule);
 
 /// Parses one file's text; on failure returns the single error serde stops at.
 pub fn parse(path: &Path, text: &str, lines: &LineIndex) -> Result<RawFile, PolicyError> {

@@ -27,7 +27,7 @@ use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv6Net};
 
-use super::rule::Rule;
+use super::rule::{Field, Rule};
 use super::sets::{CidrSet, PortSet};
 use crate::model::socket::{Direction, Protocol};
 
@@ -130,6 +130,27 @@ pub enum KernelVerdict {
     Rule(usize),
     /// Userspace must decide.
     Userspace,
+}
+
+/// Whether the BPF decision can decide `f`, from the packet and the socket's uid
+/// alone. Userspace resolves process, exe and cgroup from /proc, and a socket carries
+/// only its owner's uid (`sk->sk_uid`), not a gid. Exhaustive on purpose: a new match
+/// field does not build until it is classified here, and `true` needs tables below
+/// and in bpf/flowd.h that decide it, or the kernel would mark flows the field rejects.
+pub fn decides(f: Field) -> bool {
+    match f {
+        // The `tcp`/`udp` masks.
+        Field::Protocol => true,
+        // The `outbound`/`inbound` masks.
+        Field::Direction => true,
+        // The per-side address tries.
+        Field::LocalCidrs | Field::RemoteCidrs => true,
+        // The per-side port tries.
+        Field::LocalPorts | Field::RemotePorts => true,
+        // The uid map and `any_uid`.
+        Field::Users => true,
+        Field::Groups | Field::Process | Field::Exe | Field::Cgroup => false,
+    }
 }
 
 fn bit(i: usize) -> RuleBits {

@@ -267,3 +267,82 @@ fn rules_past_the_limit_stay_in_userspace_and_say_so() {
         })
         .is_some());
 }
+
+/// A rule constraining only `f`, and, if the kernel decides `f`, a socket that `f`
+/// rejects; [`base`] passes every one of these rules.
+fn only(f: Field) -> (&'static str, Option<KernelSocket>) {
+    let s = base();
+    let with = |local: &str, remote: &str, uid| Some(sock(Protocol::Tcp, local, remote, uid));
+    match f {
+        Field::Protocol => (
+            "protocol = \"tcp\"",
+            Some(KernelSocket {
+                proto: Protocol::Udp,
+                ..s
+            }),
+        ),
+        Field::Direction => (
+            "direction = \"outbound\"",
+            Some(KernelSocket {
+                direction: Direction::Inbound,
+                ..s
+            }),
+        ),
+        Field::LocalCidrs => (
+            "local_cidrs = [\"fd00::1\"]",
+            with("[fd00::3]:4000", "[fd00::2]:1094", Some(996)),
+        ),
+        Field::RemoteCidrs => (
+            "remote_cidrs = [\"fd00::2\"]",
+            with("[fd00::1]:4000", "[fd00::3]:1094", Some(996)),
+        ),
+        Field::LocalPorts => (
+            "local_ports = [4000]",
+            with("[fd00::1]:4001", "[fd00::2]:1094", Some(996)),
+        ),
+        Field::RemotePorts => (
+            "remote_ports = [1094]",
+            with("[fd00::1]:4000", "[fd00::2]:1095", Some(996)),
+        ),
+        Field::Users => (
+            "users = [\"xrootd\"]",
+            with("[fd00::1]:4000", "[fd00::2]:1094", Some(0)),
+        ),
+        Field::Groups => ("groups = [\"root\"]", None),
+        Field::Process => ("process = [\"xrootd\"]", None),
+        Field::Exe => ("exe = [\"/usr/bin/xrootd\"]", None),
+        Field::Cgroup => ("cgroup = [\"/system.slice\"]", None),
+    }
+}
+
+fn base() -> KernelSocket {
+    sock(Protocol::Tcp, "[fd00::1]:4000", "[fd00::2]:1094", Some(996))
+}
+
+/// `decides` is what the tables do: a field the kernel claims is compiled into them
+/// (a socket it rejects finds no rule), every other field defers to userspace.
+#[test]
+fn every_field_the_kernel_decides_is_in_its_tables_and_every_other_defers() {
+    let s = base();
+    for f in Field::ALL {
+        let (body, rejected) = only(f);
+        let p = policy(&rule("r", body));
+        let k = KernelPolicy::compile(p.rules());
+        assert_eq!(decides(f), rejected.is_some(), "{f:?}");
+        match rejected {
+            Some(r) => {
+                assert_eq!(
+                    k.evaluate(&s),
+                    KernelVerdict::Rule(0),
+                    "{f:?} accepts {s:?}"
+                );
+                assert_eq!(
+                    k.evaluate(&r),
+                    KernelVerdict::NoMatch,
+                    "{f:?} rejects {r:?}"
+                );
+            }
+            None => assert_eq!(k.evaluate(&s), KernelVerdict::Userspace, "{f:?}"),
+        }
+    }
+}

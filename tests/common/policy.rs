@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ipnet::IpNet;
+use proptest::prelude::*;
 
 use flowd::model::socket::{Direction, Protocol};
 use flowd::policy::{Policy, PolicyErrors, Registry, SocketAttrs, StaticAccounts};
@@ -73,6 +74,63 @@ pub struct Spec {
     pub remote_cidrs: Option<Vec<(bool, IpNet)>>,
     pub users: Option<Vec<u32>>,
     pub process: Option<Vec<String>>,
+}
+
+/// How [`spec`] distributes rules: the address and port domains, how often a field is
+/// constrained, and how many activities there are (fewer = more conflicts).
+pub struct SpecShape {
+    pub net: BoxedStrategy<IpNet>,
+    pub ports: BoxedStrategy<Vec<(u16, u16)>>,
+    /// Probability that a rule constrains each field but `process`.
+    pub weight: f64,
+    pub process_weight: f64,
+    pub max_activity: u8,
+}
+
+/// Random rules over small domains with sparse constraints, so that rules often match
+/// the same sockets and precedence and conflict detection are exercised.
+pub fn spec(shape: &SpecShape) -> impl Strategy<Value = Spec> {
+    let net = shape.net.clone();
+    let cidrs = move || prop::collection::vec((prop::bool::weighted(0.3), net.clone()), 1..4);
+    let w = shape.weight;
+    (
+        (-1i32..=1, 1u8..=shape.max_activity),
+        prop::option::weighted(w, prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)]),
+        prop::option::weighted(
+            w,
+            prop_oneof![Just(Direction::Inbound), Just(Direction::Outbound)],
+        ),
+        (
+            prop::option::weighted(w, shape.ports.clone()),
+            prop::option::weighted(w, shape.ports.clone()),
+        ),
+        (
+            prop::option::weighted(w, cidrs()),
+            prop::option::weighted(w, cidrs()),
+        ),
+        prop::option::weighted(w, prop::collection::vec(0u32..3, 1..3)),
+        prop::option::weighted(
+            shape.process_weight,
+            prop::collection::vec(
+                prop_oneof![Just("a".to_owned()), Just("b".to_owned())],
+                1..2,
+            ),
+        ),
+    )
+        .prop_map(
+            |((priority, activity), proto, direction, (lp, rp), (lc, rc), users, process)| Spec {
+                priority,
+                activity,
+                proto,
+                direction,
+                local_ports: lp,
+                remote_ports: rp,
+                local_cidrs: lc,
+                remote_cidrs: rc,
+                users,
+                process,
+            },
+        )
 }
 
 /// One policy file (experiment 2) holding `specs` as rules r0, r1, ...
