@@ -266,9 +266,8 @@ for line in sys.stdin:
 }
 
 write_test_job() {
-    local share=$1 bins=$2 spec name exe
+    local bins=$1 spec name exe
     {
-        echo "export FLOWD_PRIVILEGED_TESTS=1 RUST_BACKTRACE=1"
         echo "cd '$REPO'"
         # A test binary gets a quarter of the guest's time at most, so one that hangs
         # still leaves the others their turn.
@@ -282,7 +281,7 @@ write_test_job() {
             echo "echo \"$name rc=\$rc \$((\$(date +%s) - s))s\"; echo \"$name \$rc\" >>/run/vmtest/results"
         done <"$bins"
         echo "exit 0"
-    } >"$share/job.sh"
+    }
 }
 
 # "P/F" from a libtest log, or why there is none.
@@ -328,10 +327,14 @@ for k in "${kernels[@]}"; do
     dir="$RUN/$KNAME"
     mkdir -p "$dir/share"
     log "$k: $KNAME ($KVER), accelerator $accel, guest timeout ${guest_timeout}s"
+    # The tests' deadlines are sized for real CPUs: stretch them (tests/common/patience.rs).
+    patience=2
+    [ "$accel" = tcg ] && patience=5
+    echo "export FLOWD_PRIVILEGED_TESTS=1 FLOWD_TEST_PATIENCE=$patience RUST_BACKTRACE=1" >"$dir/share/job.sh"
     if [ -n "$cmd" ]; then
-        printf '%s\n' "$cmd" >"$dir/share/job.sh"
+        printf '%s\n' "$cmd" >>"$dir/share/job.sh"
     else
-        write_test_job "$dir/share" "$bins"
+        write_test_job "$bins" >>"$dir/share/job.sh"
     fi
     start=$(date +%s)
     rc=0

@@ -22,6 +22,9 @@ use flowd::discovery::tracker_event::{EventKind, TrackerEvent};
 use flowd::discovery::types::SockState;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
 
+#[path = "patience.rs"]
+mod patience;
+
 /// True when the privileged tests must run. Prints a skip line and returns false
 /// when not root and FLOWD_PRIVILEGED_TESTS is not 1; panics when it is 1 but we
 /// are not root (the run must fail, not skip).
@@ -218,7 +221,7 @@ impl Probe {
         deadline: Duration,
         preds: &[Expect<'_>],
     ) -> Result<Vec<TrackerEvent>, String> {
-        let end = Instant::now() + deadline;
+        let end = Instant::now() + patience::patient(deadline);
         let done = |seen: &[TrackerEvent]| preds.iter().all(|(_, p)| seen.iter().any(p));
         while !done(&self.seen) && Instant::now() < end {
             self.poll_once();
