@@ -68,7 +68,7 @@ fi
 
 # --- host packages -----------------------------------------------------------
 install_tools() {
-    local pkgs=(qemu-system-x86 busybox-static cpio kmod xz-utils zstd debian-archive-keyring) missing=()
+    local pkgs=(qemu-system-x86 busybox-static cpio kmod xz-utils zstd bsdextrautils debian-archive-keyring) missing=()
     local p
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -368,12 +368,13 @@ if [ -z "$cmd" ]; then
     echo
     echo "passed/failed per test binary (logs in $RUN/<kernel>/share/<binary>.log)"
     { echo "kernel accel time $(awk '{print $1}' "$bins" | tr '\n' ' ')"; printf '%s\n' "${rows[@]}"; } | column -t
+    [ $status -eq 0 ] && echo "vmtests: every test passed" || echo "vmtests: FAILED (details below)"
     for d in "$RUN"/*/share; do
         for l in "$d"/*.log; do
             [ -e "$l" ] || continue
             grep -aq '^test result: ok' "$l" && continue
             echo "--- $(basename "$(dirname "$d")") $(basename "$l" .log):"
-            grep -a -E '^    [a-z_0-9:]+$|panicked at|^Error|error:' "$l" | head -n 6 || true
+            awk -f "$HERE/failures.awk" "$l"
         done
     done
 fi
