@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
+mod patience;
 pub mod sockdiag;
 pub mod tracker;
+pub use patience::patient;
 
 /// Whether privileged tests run. In CI (`FLOWD_PRIVILEGED_TESTS=1`) they must: a
 /// missing privilege is then a failure, not a skip.
@@ -218,7 +220,7 @@ impl Capture {
         // tcpdump says "listening on" once the capture is live.
         let mut err = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + patient(Duration::from_secs(10));
         while Instant::now() < deadline {
             line.clear();
             if err.read_line(&mut line).unwrap_or(0) == 0 || line.contains("listening on") {
@@ -244,7 +246,7 @@ impl Capture {
     /// Stops tcpdump (SIGINT flushes the file) and returns the captured packets.
     pub fn finish(mut self) -> Vec<Packet> {
         // Give packets in flight a moment to reach the capture.
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(patient(Duration::from_millis(200)));
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
@@ -442,7 +444,7 @@ impl Daemon {
             .stderr(File::create(&log).unwrap())
             .spawn()
             .expect("spawn flowd-rs");
-        let d = Daemon {
+        let mut d = Daemon {
             child,
             config,
             state_dir,
@@ -450,8 +452,12 @@ impl Daemon {
             log,
         };
         let sock = d.state_dir.join("control.sock");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patient(Duration::from_secs(20));
         while !sock.exists() {
+            // A daemon that refused to start says why at once, rather than at the deadline.
+            if let Some(status) = d.child.try_wait().expect("wait for flowd-rs") {
+                panic!("daemon exited ({status}) before it started:\n{}", d.log());
+            }
             assert!(
                 Instant::now() < deadline,
                 "daemon did not start:\n{}",

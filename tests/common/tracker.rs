@@ -107,7 +107,7 @@ impl Probe {
         deadline: Duration,
         preds: &[Expect<'_>],
     ) -> Result<Vec<TrackerEvent>, String> {
-        let end = Instant::now() + deadline;
+        let end = Instant::now() + super::patient(deadline);
         let done = |seen: &[TrackerEvent]| preds.iter().all(|(_, p)| seen.iter().any(p));
         while !done(&self.seen) && Instant::now() < end {
             self.poll_once();
