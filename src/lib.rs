@@ -12,6 +12,7 @@ pub mod control;
 pub mod daemon;
 pub mod discovery;
 pub mod engine;
+pub mod features;
 pub mod firefly;
 pub mod flows;
 pub mod inspect;
