@@ -301,6 +301,15 @@ struct flowd_sock_event {
 	__u64 bytes_received; /* tcp_sock.bytes_received when FLOWD_F_TCP_BYTES */
 };
 
+/* Value of the tracker's flowd_owners map: who called connect() on a socket, for
+ * the sockops program, which may not ask the task itself on older kernels. */
+struct flowd_owner {
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 tid;
+	char comm[FLOWD_COMM_LEN];
+};
+
 /* The Rust side reads records by hand (tests/layout.rs pins the same numbers). */
 _Static_assert(sizeof(struct flowd_sock_event) == 128, "flowd_sock_event size");
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, pid) == 40, "pid offset");
