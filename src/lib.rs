@@ -6,6 +6,7 @@
 
 pub mod announce;
 pub mod bpf;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
