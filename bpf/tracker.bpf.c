@@ -86,6 +86,11 @@ struct {
 	__type(value, struct flowd_owner);
 } flowd_owners SEC(".maps");
 
+/* Set by userspace before load: tracing programs may call bpf_get_socket_cookie()
+ * (Linux 5.12). Without, the cookie is read from the socket: the connect4/connect6
+ * hooks make sure a connecting socket has one before its first state change. */
+const volatile __u32 flowd_tracing_cookie = 1;
+
 /* Set by userspace before load: the cgroup/sock_release program may call
  * bpf_get_current_task_btf(), bpf_get_current_pid_tgid(), _comm() and
  * _cgroup_id() (probed at start; 5.10 has no bpf_get_current_task_btf at all).
@@ -271,7 +276,21 @@ int BPF_PROG(flowd_tcp_state, const struct sock *sk, int oldstate, int newstate)
 	flowd_fill_task(e, owner);
 	/* bpf_get_socket_cookie on a tp_btf sock allocates the cookie if needed; it is
 	 * the value SO_COOKIE and sock_diag report. */
-	e->cookie = bpf_get_socket_cookie((void *)sk);
+	__u64 cookie;
+
+	if (flowd_tracing_cookie) {
+		cookie = bpf_get_socket_cookie((void *)sk);
+	} else {
+		cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+		/* Never asked for (no cgroup hooks): no key to join on. */
+		if (!cookie) {
+			bpf_ringbuf_discard(e, 0);
+			return 0;
+		}
+	}
+	e->cookie = cookie;
+	/* Map keys and values from the stack: older verifiers (Linux 6.1) refuse
+	 * ring-buffer memory there. */
 	if (owner && newstate == FLOWD_TCP_SYN_SENT) {
 		struct flowd_owner o = {
 			.pid = e->pid,
@@ -280,7 +299,7 @@ int BPF_PROG(flowd_tcp_state, const struct sock *sk, int oldstate, int newstate)
 		};
 
 		__builtin_memcpy(o.comm, e->comm, sizeof(o.comm));
-		bpf_map_update_elem(&flowd_owners, &e->cookie, &o, BPF_ANY);
+		bpf_map_update_elem(&flowd_owners, &cookie, &o, BPF_ANY);
 	}
 	bpf_ringbuf_submit(e, 0);
 	return 0;
@@ -344,12 +363,14 @@ int flowd_sockops(struct bpf_sock_ops *skops)
 		*(__u32 *)e->daddr = skops->remote_ip4;
 	}
 	flowd_fill_sock_info(e, (const struct sock *)tp);
-	e->cookie = bpf_get_socket_cookie(skops);
+	__u64 cookie = bpf_get_socket_cookie(skops);
+
+	e->cookie = cookie;
 	/* TCP_CONNECT_CB runs inside connect()/sendmsg(MSG_FASTOPEN), right after the
 	 * tracepoint recorded the owner; the ESTABLISHED callbacks usually run in
 	 * softirq, where no task is the owner. */
 	if (kind == FLOWD_EV_TCP_CONNECT) {
-		struct flowd_owner *o = bpf_map_lookup_elem(&flowd_owners, &e->cookie);
+		struct flowd_owner *o = bpf_map_lookup_elem(&flowd_owners, &cookie);
 
 		if (o) {
 			e->pid = o->pid;
@@ -357,19 +378,21 @@ int flowd_sockops(struct bpf_sock_ops *skops)
 			e->cgroup_id = o->cgroup_id;
 			__builtin_memcpy(e->comm, o->comm, sizeof(e->comm));
 			e->flags |= FLOWD_F_OWNER_VALID;
-			bpf_map_delete_elem(&flowd_owners, &e->cookie);
+			bpf_map_delete_elem(&flowd_owners, &cookie);
 		}
 	}
 	bpf_ringbuf_submit(e, 0);
 	return 1;
 }
 
-/* UDP sockets get a cookie only when someone asks for one; asking here, before the
- * connect, makes the cookie that sys_exit reads (sk_cookie) the final one. */
+/* Sockets get a cookie only when someone asks for one; asking here, before the
+ * connect, makes the cookie that sys_exit reads (sk_cookie) the final one, and
+ * gives a TCP socket its cookie before its CLOSE->SYN_SENT event, which reads it
+ * from the socket where tracing programs cannot call bpf_get_socket_cookie. */
 SEC("cgroup/connect4")
 int flowd_connect4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol == IPPROTO_UDP)
+	if (ctx->protocol == IPPROTO_UDP || !flowd_tracing_cookie)
 		bpf_get_socket_cookie(ctx);
 	return 1;
 }
@@ -377,7 +400,7 @@ int flowd_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int flowd_connect6(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol == IPPROTO_UDP)
+	if (ctx->protocol == IPPROTO_UDP || !flowd_tracing_cookie)
 		bpf_get_socket_cookie(ctx);
 	return 1;
 }

@@ -21,6 +21,8 @@ pub enum Feature {
     RingBuffer,
     /// tp_btf programs (BPF_PROG_TYPE_TRACING): the tracker's TCP state hook.
     TpBtf,
+    /// bpf_get_socket_cookie in tp_btf programs.
+    TracingCookie,
     /// TCX egress links.
     Tcx,
     /// The bpf_check_mtu helper in TC programs.
@@ -42,10 +44,11 @@ pub enum Feature {
 }
 
 impl Feature {
-    pub const ALL: [Feature; 12] = [
+    pub const ALL: [Feature; 13] = [
         Feature::Btf,
         Feature::RingBuffer,
         Feature::TpBtf,
+        Feature::TracingCookie,
         Feature::Tcx,
         Feature::CheckMtu,
         Feature::SkStorageTc,
@@ -63,6 +66,7 @@ impl Feature {
             Feature::Btf => "kernel BTF",
             Feature::RingBuffer => "BPF ring buffer",
             Feature::TpBtf => "tp_btf programs",
+            Feature::TracingCookie => "bpf_get_socket_cookie in tp_btf",
             Feature::Tcx => "TCX links",
             Feature::CheckMtu => "bpf_check_mtu",
             Feature::SkStorageTc => "socket storage in TC",
@@ -81,6 +85,7 @@ impl Feature {
             Feature::Btf => "5.4 (CONFIG_DEBUG_INFO_BTF=y)",
             Feature::RingBuffer => "5.8",
             Feature::TpBtf => "5.5",
+            Feature::TracingCookie => "5.12",
             Feature::Tcx => "6.6",
             Feature::CheckMtu => "5.12",
             Feature::SkStorageTc => "5.2",
@@ -100,6 +105,7 @@ impl Feature {
             Feature::SkStorageTc => "in-kernel decisions and socket cache off: first packets leave unmarked until userspace decides",
             Feature::RingBuffer => "no tracker: sockets found by sock_diag polling, within one reconcile interval",
             Feature::TpBtf => "tracker without TCP state events: closes found by sock_diag polling",
+            Feature::TracingCookie => "the tracker reads the cookie from the socket: a TCP state change of a socket never given one (by the cgroup connect hooks, sockops or sock_diag) is not reported",
             Feature::Tcx => "marker attached through a clsact qdisc",
             Feature::CheckMtu => "option headers checked against the smallest interface MTU read at start",
             Feature::SkStorageIter | Feature::MmapableArray => "socket cache off: every packet looks its flow up in flowd_marks",
@@ -218,6 +224,8 @@ fn probe(f: Feature) -> bool {
         Feature::Tcx => tcx_known(),
         Feature::CheckMtu => helper(s::BPF_PROG_TYPE_SCHED_CLS, s::BPF_FUNC_check_mtu),
         Feature::SkStorageTc => helper(s::BPF_PROG_TYPE_SCHED_CLS, s::BPF_FUNC_sk_storage_get),
+        Feature::TracingCookie => vmlinux_type_id("btf_trace_softirq_exit", s::BTF_KIND_TYPEDEF)
+            .is_some_and(|id| helper_in_tracing(id, s::BPF_FUNC_get_socket_cookie)),
         Feature::SkStorageIter => {
             vmlinux_type_id("bpf_iter__bpf_sk_storage_map", s::BTF_KIND_STRUCT).is_some()
         }
@@ -295,27 +303,73 @@ fn mmapable_array() -> bool {
     true
 }
 
+/// Whether a tp_btf program (attached to BTF type `btf_id`) may call `helper`:
+/// libbpf's helper probe does not cover tracing programs, so this is the same
+/// test by hand: the verifier names an unknown helper before it checks arguments.
+fn helper_in_tracing(btf_id: u32, helper: u32) -> bool {
+    let insns = [
+        // BPF_MOV64_IMM(BPF_REG_1, 0)
+        insn(0xb7, 1, 0),
+        // BPF_EMIT_CALL(helper)
+        insn(0x85, 0, helper as i32),
+        // BPF_EXIT_INSN()
+        insn(0x95, 0, 0),
+    ];
+    let mut log = vec![0u8; 4096];
+    let mut opts = libbpf_sys::bpf_prog_load_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_prog_load_opts>() as _,
+        expected_attach_type: libbpf_sys::BPF_TRACE_RAW_TP,
+        attach_btf_id: btf_id,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr().cast(),
+        ..Default::default()
+    };
+    // SAFETY: insns, the license and the log buffer outlive the call; an fd (not
+    // expected: r1 is no socket) is closed right away.
+    let fd = unsafe {
+        libbpf_sys::bpf_prog_load(
+            libbpf_sys::BPF_PROG_TYPE_TRACING,
+            std::ptr::null(),
+            c"GPL".as_ptr(),
+            insns.as_ptr(),
+            insns.len() as _,
+            &mut opts,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: our fd.
+        unsafe { libc::close(fd) };
+        return true;
+    }
+    let log = String::from_utf8_lossy(&log);
+    let log = log.trim_end_matches('\0');
+    // An empty log: the load failed before verification (no privileges, no BTF).
+    !log.is_empty()
+        && ![
+            "invalid func ",
+            "unknown func ",
+            "program of this type cannot use helper ",
+        ]
+        .iter()
+        .any(|m| log.contains(m))
+}
+
+fn insn(code: u8, dst: u8, imm: i32) -> libbpf_sys::bpf_insn {
+    libbpf_sys::bpf_insn {
+        code,
+        _bitfield_align_1: [],
+        _bitfield_1: libbpf_sys::bpf_insn::new_bitfield_1(dst, 0),
+        off: 0,
+        imm,
+    }
+}
+
 /// Loads `r0 = 1; exit` as `prog_type` for `attach_type` (and BTF type `btf_id`, for
 /// tracing programs): whether the kernel knows the attach point.
 fn trivial_load(prog_type: u32, attach_type: u32, btf_id: u32) -> bool {
-    let insns = [
-        // BPF_MOV64_IMM(BPF_REG_0, 1)
-        libbpf_sys::bpf_insn {
-            code: 0xb7,
-            _bitfield_align_1: [],
-            _bitfield_1: libbpf_sys::bpf_insn::new_bitfield_1(0, 0),
-            off: 0,
-            imm: 1,
-        },
-        // BPF_EXIT_INSN()
-        libbpf_sys::bpf_insn {
-            code: 0x95,
-            _bitfield_align_1: [],
-            _bitfield_1: libbpf_sys::bpf_insn::new_bitfield_1(0, 0),
-            off: 0,
-            imm: 0,
-        },
-    ];
+    // BPF_MOV64_IMM(BPF_REG_0, 1); BPF_EXIT_INSN()
+    let insns = [insn(0xb7, 0, 1), insn(0x95, 0, 0)];
     let mut opts = libbpf_sys::bpf_prog_load_opts {
         sz: std::mem::size_of::<libbpf_sys::bpf_prog_load_opts>() as _,
         expected_attach_type: attach_type,
@@ -352,7 +406,7 @@ mod tests {
             .collect();
         assert_eq!(required, [Feature::Btf]);
         let mut k = KernelFeatures::all();
-        k.have[5].1 = false;
+        k.have[6].1 = false;
         assert_eq!(k.missing_required(), None);
         k.have[0].1 = false;
         assert_eq!(
@@ -364,18 +418,18 @@ mod tests {
     #[test]
     fn the_table_names_the_fallback_of_what_is_missing() {
         let mut k = KernelFeatures::all();
-        k.have[3].1 = false;
+        k.have[4].1 = false;
         let lines = k.lines();
-        assert_eq!(lines[3].feature, "TCX links");
-        assert!(!lines[3].available);
+        assert_eq!(lines[4].feature, "TCX links");
+        assert!(!lines[4].available);
         assert_eq!(
-            lines[3].fallback,
+            lines[4].fallback,
             Some("marker attached through a clsact qdisc")
         );
         assert!(lines
             .iter()
             .enumerate()
-            .all(|(i, l)| i == 3 || (l.available && l.fallback.is_none())));
+            .all(|(i, l)| i == 4 || (l.available && l.fallback.is_none())));
         let text = k.render();
         assert!(text.contains("NO   TCX links"), "{text}");
         assert!(text.contains("fallback: marker attached through a clsact qdisc"));

@@ -164,9 +164,10 @@ fn load(progs: &[Prog], ring_bytes: u32) -> Result<TrackerSkel<'static>> {
         .set_max_entries(ring_bytes)
         .map_err(TrackerError::Open)?;
     if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
-        ro.flowd_release_owner = u32::from(
-            crate::features::KernelFeatures::detect().has(crate::features::Feature::ReleaseOwner),
-        );
+        use crate::features::{Feature, KernelFeatures};
+        let k = KernelFeatures::detect();
+        ro.flowd_release_owner = u32::from(k.has(Feature::ReleaseOwner));
+        ro.flowd_tracing_cookie = u32::from(k.has(Feature::TracingCookie));
     }
     crate::bpf::clear_refusals();
     open.load().map_err(|source| TrackerError::Load {
