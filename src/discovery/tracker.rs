@@ -29,6 +29,8 @@ use std::{
 use libbpf_rs::{Link, MapCore, MapFlags, RingBuffer, RingBufferBuilder};
 use tracing::{debug, info, warn};
 
+use crate::features::{Feature, KernelFeatures};
+
 use super::{
     cgroup2::find_cgroup2_mount,
     tracker_event::{decode, parse_record, RawRecord, TrackerEvent},
@@ -141,6 +143,10 @@ fn wanted_programs(cfg: &TrackerConfig, cgroup: bool) -> Vec<Prog> {
         if cgroup {
             wanted.extend([Prog::Connect4, Prog::Connect6, Prog::SockRelease]);
         }
+    } else if cgroup && !KernelFeatures::detect().has(Feature::TracingCookie) {
+        // The connect hooks also give TCP sockets the cookie their first state
+        // change is reported under (bpf/tracker.bpf.c, flowd_tracing_cookie).
+        wanted.extend([Prog::Connect4, Prog::Connect6]);
     }
     wanted
 }
