@@ -52,6 +52,9 @@ const volatile __u32 flowd_fallback_mtu = 1500;
  * only labelled. Before that (or without cgroup2) the SYN-ACK writes the entry. */
 __u32 flowd_passive_at_established = 0;
 
+/* Not used by the programs: makes libbpf-cargo emit the enums of flowd.h. */
+struct flowd_contract flowd_contract_types = {};
+
 /* Flows to mark, written only by userspace (the daemon's marker module).
  * max_entries is resized by userspace before load (config marker.map_capacity). */
 struct {

@@ -107,6 +107,9 @@ __u32 flowd_softirq_tracking = 0;
 struct flowd_sock_event flowd_event_layout = {};
 
 
+/* Not used by the programs: makes libbpf-cargo emit the enums of flowd.h. */
+struct flowd_contract flowd_contract_types = {};
+
 static __always_inline void flowd_count_drop(void)
 {
 	__u32 zero = 0;
