@@ -139,9 +139,16 @@ impl KernelFeatures {
     /// Probes the running kernel once per process; later calls return the same.
     pub fn detect() -> &'static KernelFeatures {
         static ONCE: OnceLock<KernelFeatures> = OnceLock::new();
-        ONCE.get_or_init(|| KernelFeatures {
-            have: Feature::ALL.iter().map(|&f| (f, probe(f))).collect(),
-            unprivileged: !nix::unistd::geteuid().is_root(),
+        ONCE.get_or_init(|| {
+            // Parsed once: the kernel's BTF is megabytes.
+            let btf = VmlinuxBtf::load();
+            KernelFeatures {
+                have: Feature::ALL
+                    .iter()
+                    .map(|&f| (f, probe(f, btf.as_ref())))
+                    .collect(),
+                unprivileged: !nix::unistd::geteuid().is_root(),
+            }
         })
     }
 
@@ -201,7 +208,8 @@ impl KernelFeatures {
     }
 }
 
-fn probe(f: Feature) -> bool {
+fn probe(f: Feature, btf: Option<&VmlinuxBtf>) -> bool {
+    let type_id = |name: &str, kind: u32| btf.and_then(|b| b.type_id(name, kind));
     use libbpf_sys as s;
     let helper = |prog: u32, func: u32| {
         // SAFETY: plain probe calls; no pointers besides the (null) options.
@@ -219,15 +227,15 @@ fn probe(f: Feature) -> bool {
         },
         // Not libbpf_probe_bpf_prog_type(TRACING): it probes with fentry, which a
         // host may forbid while allowing tp_btf.
-        Feature::TpBtf => vmlinux_type_id("btf_trace_softirq_exit", s::BTF_KIND_TYPEDEF)
+        Feature::TpBtf => type_id("btf_trace_softirq_exit", s::BTF_KIND_TYPEDEF)
             .is_some_and(|id| trivial_load(s::BPF_PROG_TYPE_TRACING, s::BPF_TRACE_RAW_TP, id)),
         Feature::Tcx => tcx_known(),
         Feature::CheckMtu => helper(s::BPF_PROG_TYPE_SCHED_CLS, s::BPF_FUNC_check_mtu),
         Feature::SkStorageTc => helper(s::BPF_PROG_TYPE_SCHED_CLS, s::BPF_FUNC_sk_storage_get),
-        Feature::TracingCookie => vmlinux_type_id("btf_trace_softirq_exit", s::BTF_KIND_TYPEDEF)
+        Feature::TracingCookie => type_id("btf_trace_softirq_exit", s::BTF_KIND_TYPEDEF)
             .is_some_and(|id| helper_in_tracing(id, s::BPF_FUNC_get_socket_cookie)),
         Feature::SkStorageIter => {
-            vmlinux_type_id("bpf_iter__bpf_sk_storage_map", s::BTF_KIND_STRUCT).is_some()
+            type_id("bpf_iter__bpf_sk_storage_map", s::BTF_KIND_STRUCT).is_some()
         }
         Feature::MmapableArray => mmapable_array(),
         Feature::Sockops => {
@@ -263,19 +271,33 @@ fn tcx_known() -> bool {
     rc == 0
 }
 
-/// The id of type `name` of `kind` in the kernel's BTF.
-fn vmlinux_type_id(name: &str, kind: u32) -> Option<u32> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    // SAFETY: libbpf returns an owned BTF object (or an error pointer, checked) that
-    // is freed here and nowhere else.
-    unsafe {
-        let btf = libbpf_sys::btf__load_vmlinux_btf();
-        if btf.is_null() || libbpf_sys::libbpf_get_error(btf as *const _) != 0 {
+/// The kernel's BTF (/sys/kernel/btf/vmlinux), parsed by libbpf.
+struct VmlinuxBtf(std::ptr::NonNull<libbpf_sys::btf>);
+
+impl VmlinuxBtf {
+    fn load() -> Option<VmlinuxBtf> {
+        // SAFETY: libbpf returns an owned object or an error pointer (checked).
+        let btf = unsafe { libbpf_sys::btf__load_vmlinux_btf() };
+        if btf.is_null() || unsafe { libbpf_sys::libbpf_get_error(btf as *const _) } != 0 {
             return None;
         }
-        let id = libbpf_sys::btf__find_by_name_kind(btf, cname.as_ptr(), kind);
-        libbpf_sys::btf__free(btf);
+        std::ptr::NonNull::new(btf).map(VmlinuxBtf)
+    }
+
+    /// The id of type `name` of `kind`.
+    fn type_id(&self, name: &str, kind: u32) -> Option<u32> {
+        let cname = std::ffi::CString::new(name).ok()?;
+        // SAFETY: a live BTF object and a NUL-terminated name.
+        let id =
+            unsafe { libbpf_sys::btf__find_by_name_kind(self.0.as_ptr(), cname.as_ptr(), kind) };
         u32::try_from(id).ok().filter(|&id| id > 0)
+    }
+}
+
+impl Drop for VmlinuxBtf {
+    fn drop(&mut self) {
+        // SAFETY: owned since load(), freed once.
+        unsafe { libbpf_sys::btf__free(self.0.as_ptr()) }
     }
 }
 
