@@ -341,6 +341,16 @@ pub struct Daemon {
     log: PathBuf,
 }
 
+/// How long a daemon may take to start: 20 s, or FLOWD_TEST_START_TIMEOUT_S (a guest
+/// kernel under qemu without KVM runs the verifier many times slower).
+fn start_timeout() -> Duration {
+    let secs = std::env::var("FLOWD_TEST_START_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_flowd-rs")
 }
@@ -399,7 +409,7 @@ impl Daemon {
             log,
         };
         let sock = d.state_dir.join("control.sock");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + start_timeout();
         while !sock.exists() {
             assert!(
                 Instant::now() < deadline,
