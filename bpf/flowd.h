@@ -9,17 +9,28 @@
 #ifndef FLOWD_H
 #define FLOWD_H
 
-#define FLOWD_AF_INET 2
-#define FLOWD_AF_INET6 10
+/*
+ * Constants are enums, not #defines: libbpf-cargo emits an enum into the skeleton's
+ * `types` module (as a newtype with associated consts) when a type reachable from a
+ * map or a global uses it, so Rust reads these values from here rather than from a
+ * hand-kept copy. struct flowd_contract at the end of this file is that global.
+ */
+
+enum flowd_family {
+	FLOWD_AF_INET = 2,
+	FLOWD_AF_INET6 = 10,
+};
 
 /*
  * Marking strategy bits, set once before load through rodata (flowd_strategy).
  * The flow label and the two option headers combine freely; see
  * shared/spec/scitags.md ("IPv6 extension header option").
  */
-#define FLOWD_STRATEGY_LABEL 0x1
-#define FLOWD_STRATEGY_HOP_BY_HOP 0x2
-#define FLOWD_STRATEGY_DESTINATION 0x4
+enum flowd_strategy_bit {
+	FLOWD_STRATEGY_LABEL = 0x1,
+	FLOWD_STRATEGY_HOP_BY_HOP = 0x2,
+	FLOWD_STRATEGY_DESTINATION = 0x4,
+};
 
 /* Option type 0x1E: RFC 4727 experimental, action 00 (skip if unknown), C=0. */
 #define FLOWD_OPT_TYPE 0x1E
@@ -83,7 +94,9 @@ struct flowd_flow_mark {
 /* flowd_flow_mark.flags: the entry was written by the in-kernel decision (sockops
  * or the TC miss path), not by userspace. Userspace reads it to say whether a
  * flow was marked from its first packet and adopts the entry's entropy bits. */
-#define FLOWD_MARK_F_KERNEL 0x1
+enum flowd_mark_flag {
+	FLOWD_MARK_F_KERNEL = 0x1,
+};
 
 /* Packets and bytes marked for one tag (per CPU). */
 struct flowd_tag_counter {
@@ -91,7 +104,9 @@ struct flowd_tag_counter {
 	__u64 bytes;
 };
 
-#define FLOWD_TAG_SLOTS 1024
+enum flowd_tag_limits {
+	FLOWD_TAG_SLOTS = 1024,
+};
 
 /* ---- In-kernel policy decisions (marker.bpf.c; src/policy/kernel.rs compiles,
  * src/marker/compiled.rs writes) ----
@@ -108,9 +123,11 @@ struct flowd_tag_counter {
  * Every map is keyed by a slot (0 or 1): userspace fills the inactive slot, then
  * flips flowd_kstate.active, so a program never sees half a policy.
  */
-#define FLOWD_KRULES_MAX 128
-#define FLOWD_KWORDS 2
-#define FLOWD_KSLOTS 2
+enum flowd_krule_limits {
+	FLOWD_KRULES_MAX = 128,
+	FLOWD_KWORDS = 2,
+	FLOWD_KSLOTS = 2,
+};
 #define FLOWD_KSIDE_LOCAL 0
 #define FLOWD_KSIDE_REMOTE 1
 #define FLOWD_KDIR_OUTBOUND 1
@@ -255,15 +272,19 @@ enum flowd_event_kind {
 	FLOWD_EV_UDP_RELEASE = 6,
 };
 
-/* pid, tid, comm and cgroup_id are those of the socket's owner: the hook ran in the
- * context of a user task (a syscall), not in softirq/hardirq or a kernel thread. */
-#define FLOWD_F_OWNER_VALID 0x1
-/* netns, inode and uid were read from the socket itself (set by every hook; kept
- * as a flag so a hook that cannot read them can say so). */
-#define FLOWD_F_SOCK_INFO 0x2
-/* bytes_acked/bytes_received hold the socket's tcp_info counters (TCP state changes
- * to CLOSE: the last word on a flow's volume, which no later dump can give). */
-#define FLOWD_F_TCP_BYTES 0x4
+enum flowd_event_flag {
+	/* pid, tid, comm and cgroup_id are those of the socket's owner: the hook ran
+	 * in the context of a user task (a syscall), not in softirq/hardirq or a
+	 * kernel thread. */
+	FLOWD_F_OWNER_VALID = 0x1,
+	/* netns, inode and uid were read from the socket itself (set by every hook;
+	 * kept as a flag so a hook that cannot read them can say so). */
+	FLOWD_F_SOCK_INFO = 0x2,
+	/* bytes_acked/bytes_received hold the socket's tcp_info counters (TCP state
+	 * changes to CLOSE: the last word on a flow's volume, which no later dump can
+	 * give). */
+	FLOWD_F_TCP_BYTES = 0x4,
+};
 
 /* TCP states (include/net/tcp_states.h); UDP reuses ESTABLISHED and CLOSE. */
 #define FLOWD_TCP_ESTABLISHED 1
@@ -301,6 +322,15 @@ struct flowd_sock_event {
 	__u64 bytes_received; /* tcp_sock.bytes_received when FLOWD_F_TCP_BYTES */
 };
 
+/* Value of the tracker's flowd_owners map: who called connect() on a socket, for
+ * the sockops program, which may not ask the task itself on older kernels. */
+struct flowd_owner {
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 tid;
+	char comm[FLOWD_COMM_LEN];
+};
+
 /* The Rust side reads records by hand (tests/layout.rs pins the same numbers). */
 _Static_assert(sizeof(struct flowd_sock_event) == 128, "flowd_sock_event size");
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, pid) == 40, "pid offset");
@@ -308,5 +338,18 @@ _Static_assert(__builtin_offsetof(struct flowd_sock_event, saddr) == 56, "saddr 
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, sport) == 88, "sport offset");
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, comm) == 96, "comm offset");
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, bytes_acked) == 112, "bytes offset");
+
+/* Not used by the programs: each object defines one global of this type so that
+ * libbpf-cargo emits every enum above into its skeleton's `types`. */
+struct flowd_contract {
+	enum flowd_family family;
+	enum flowd_strategy_bit strategy;
+	enum flowd_outcome outcome;
+	enum flowd_mark_flag mark_flag;
+	enum flowd_tag_limits tag_limits;
+	enum flowd_krule_limits krule_limits;
+	enum flowd_event_kind event_kind;
+	enum flowd_event_flag event_flag;
+};
 
 #endif /* FLOWD_H */

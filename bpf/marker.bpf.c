@@ -42,10 +42,18 @@ const volatile __u32 flowd_netns_ino = 0;
 const volatile __u32 flowd_sk_cache_on = 0;
 /* Key of the entropy hash (flow_entropy): from the boot id (src/marker/mod.rs). */
 const volatile __u32 flowd_entropy_seed = 0;
+/* Whether the bpf_check_mtu helper exists (Linux 5.12; probed by userspace).
+ * Without it, option headers are only added to a packet that still fits
+ * flowd_fallback_mtu, the smallest MTU of the marked interfaces read at start. */
+const volatile __u32 flowd_have_check_mtu = 1;
+const volatile __u32 flowd_fallback_mtu = 1500;
 /* Set by userspace once the sockops program is attached: accepted connections are
  * then written into flowd_marks when their handshake completes, and a SYN-ACK is
  * only labelled. Before that (or without cgroup2) the SYN-ACK writes the entry. */
 __u32 flowd_passive_at_established = 0;
+
+/* Not used by the programs: makes libbpf-cargo emit the enums of flowd.h. */
+struct flowd_contract flowd_contract_types = {};
 
 /* Flows to mark, written only by userspace (the daemon's marker module).
  * max_entries is resized by userspace before load (config marker.map_capacity). */
@@ -583,8 +591,12 @@ static __always_inline __u32 add_option_headers(struct __sk_buff *skb, const str
 	if (p->vlan_tags || skb->protocol != bpf_htons(ETH_P_IPV6))
 		return FLOWD_OUT_SKIPPED_HEADER;
 	/* GSO packets pass this check: adjust_room lowers their gso_size instead. */
-	if (bpf_check_mtu(skb, 0, &mtu_len, grow, 0))
+	if (flowd_have_check_mtu) {
+		if (bpf_check_mtu(skb, 0, &mtu_len, grow, 0))
+			return FLOWD_OUT_SKIPPED_MTU;
+	} else if (!skb->gso_size && skb->len - ETH_HLEN + grow > flowd_fallback_mtu) {
 		return FLOWD_OUT_SKIPPED_MTU;
+	}
 	if (bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_NET, 0))
 		return FLOWD_OUT_SKIPPED_HEADER;
 
@@ -722,10 +734,15 @@ SEC("tc")
 int flowd_mark(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk = skb->sk;
+	struct bpf_sock *fsk = NULL;
 	__u32 generation = 0;
 
-	/* Fast path: a packet of a local socket whose flow is cached. */
-	if (flowd_sk_cache_on && sk) {
+	/* Fast path: a packet of a local socket whose flow is cached. Full sockets
+	 * only: a TIME_WAIT or request socket has no storage, and older kernels'
+	 * storage helpers accept nothing but a full socket. */
+	if (flowd_sk_cache_on && sk)
+		fsk = bpf_sk_fullsock(sk);
+	if (fsk) {
 		void *data = (void *)(long)skb->data;
 		void *end = (void *)(long)skb->data_end;
 		struct ethhdr *eth = data;
@@ -734,7 +751,7 @@ int flowd_mark(struct __sk_buff *skb)
 
 		if ((void *)(ports + 1) <= end && eth->h_proto == bpf_htons(ETH_P_IPV6) &&
 		    (ip6->nexthdr == NEXTHDR_TCP || ip6->nexthdr == NEXTHDR_UDP)) {
-			struct flowd_sk_cache *c = bpf_sk_storage_get(&flowd_sk_cache_map, sk, 0, 0);
+			struct flowd_sk_cache *c = bpf_sk_storage_get(&flowd_sk_cache_map, fsk, 0, 0);
 
 			generation = cache_generation();
 			if (c && c->generation == generation && cache_matches(c, ip6, *ports)) {
@@ -800,7 +817,7 @@ int flowd_mark(struct __sk_buff *skb)
 	}
 	/* generation is non-zero only for frames the fast path can read. */
 	if (generation && p.vlan_tags == 0 && p.l4 == ETH_HLEN + sizeof(struct ipv6hdr))
-		cache_store(sk, &key, m, generation);
+		cache_store(fsk, &key, m, generation);
 	if (!m) {
 		count(FLOWD_OUT_UNMARKED);
 		return TC_ACT_OK;
@@ -829,11 +846,15 @@ SEC("iter/bpf_sk_storage_map")
 int flowd_cache_counts(struct bpf_iter__bpf_sk_storage_map *ctx)
 {
 	struct flowd_sk_cache *c = ctx->value;
+	struct flowd_flow_key key;
 	struct flowd_flow_mark *m;
 
 	if (!c || !c->marked || !c->mark.packets)
 		return 0;
-	m = bpf_map_lookup_elem(&flowd_marks, &c->key);
+	/* A copy on the stack: older verifiers (Linux 6.1) refuse the iterator's
+	 * buffer as a map key. */
+	__builtin_memcpy(&key, &c->key, sizeof(key));
+	m = bpf_map_lookup_elem(&flowd_marks, &key);
 	if (!m)
 		return 0;
 	__u64 packets = c->mark.packets, bytes = c->mark.bytes;

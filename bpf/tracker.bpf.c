@@ -73,6 +73,31 @@ struct {
 	__type(value, __u32);
 } flowd_in_softirq SEC(".maps");
 
+/* The owner of each TCP socket in SYN_SENT, by cookie: recorded by the tracepoint
+ * program in connect() (the CLOSE->SYN_SENT transition runs in the owner's
+ * syscall), read by the sockops program at TCP_CONNECT_CB a moment later.
+ * Older kernels do not let sockops ask the task itself: Linux 6.1 refuses
+ * bpf_get_current_pid_tgid() there, 6.12 bpf_get_current_comm(). LRU: an
+ * entry whose TCP_CONNECT_CB never comes (no sockops attached) ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct flowd_owner);
+} flowd_owners SEC(".maps");
+
+/* Set by userspace before load: tracing programs may call bpf_get_socket_cookie()
+ * (Linux 5.12). Without, the cookie is read from the socket: the connect4/connect6
+ * hooks make sure a connecting socket has one before its first state change. */
+const volatile __u32 flowd_tracing_cookie = 1;
+
+/* Set by userspace before load: the cgroup/sock_release program may call
+ * bpf_get_current_task_btf(), bpf_get_current_pid_tgid(), _comm() and
+ * _cgroup_id() (probed at start; 5.10 has no bpf_get_current_task_btf at all).
+ * Without, the release event keeps
+ * the owner recorded at connect(). */
+const volatile __u32 flowd_release_owner = 1;
+
 /* Set to 1 by userspace once both softirq programs are attached; until then owner
  * fields are trusted only for transitions that happen in a syscall. */
 __u32 flowd_softirq_tracking = 0;
@@ -81,6 +106,9 @@ __u32 flowd_softirq_tracking = 0;
  * generates types that appear in maps or globals). */
 struct flowd_sock_event flowd_event_layout = {};
 
+
+/* Not used by the programs: makes libbpf-cargo emit the enums of flowd.h. */
+struct flowd_contract flowd_contract_types = {};
 
 static __always_inline void flowd_count_drop(void)
 {
@@ -105,9 +133,13 @@ static __always_inline struct flowd_sock_event *flowd_reserve(void)
 	return e;
 }
 
+/* bpf_get_current_task() and a CO-RE read rather than bpf_get_current_task_btf():
+ * the latter only exists from Linux 5.11, and this runs once per event. */
 static __always_inline bool flowd_is_kthread(void)
 {
-	return bpf_get_current_task_btf()->flags & PF_KTHREAD;
+	struct task_struct *task = (void *)bpf_get_current_task();
+
+	return BPF_CORE_READ(task, flags) & PF_KTHREAD;
 }
 
 /* True when `current` is the task operating on the socket: a user task, not in a
@@ -240,12 +272,38 @@ int BPF_PROG(flowd_tcp_state, const struct sock *sk, int oldstate, int newstate)
 	/* A server-side LISTEN->SYN_RECV, a SYN_SENT->ESTABLISHED or an RST runs in
 	 * softirq under whatever task was interrupted: owner fields are then not the
 	 * socket's. */
-	flowd_fill_task(e, flowd_softirq_tracking ? flowd_task_context()
-						   : !flowd_is_kthread() &&
-							     flowd_syscall_transition(oldstate, newstate));
+	bool owner = flowd_softirq_tracking ? flowd_task_context()
+					    : !flowd_is_kthread() &&
+						      flowd_syscall_transition(oldstate, newstate);
+
+	flowd_fill_task(e, owner);
 	/* bpf_get_socket_cookie on a tp_btf sock allocates the cookie if needed; it is
 	 * the value SO_COOKIE and sock_diag report. */
-	e->cookie = bpf_get_socket_cookie((void *)sk);
+	__u64 cookie;
+
+	if (flowd_tracing_cookie) {
+		cookie = bpf_get_socket_cookie((void *)sk);
+	} else {
+		cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+		/* Never asked for (no cgroup hooks): no key to join on. */
+		if (!cookie) {
+			bpf_ringbuf_discard(e, 0);
+			return 0;
+		}
+	}
+	e->cookie = cookie;
+	/* Map keys and values from the stack: older verifiers (Linux 6.1) refuse
+	 * ring-buffer memory there. */
+	if (owner && newstate == FLOWD_TCP_SYN_SENT) {
+		struct flowd_owner o = {
+			.pid = e->pid,
+			.tid = e->tid,
+			.cgroup_id = e->cgroup_id,
+		};
+
+		__builtin_memcpy(o.comm, e->comm, sizeof(o.comm));
+		bpf_map_update_elem(&flowd_owners, &cookie, &o, BPF_ANY);
+	}
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
@@ -308,20 +366,36 @@ int flowd_sockops(struct bpf_sock_ops *skops)
 		*(__u32 *)e->daddr = skops->remote_ip4;
 	}
 	flowd_fill_sock_info(e, (const struct sock *)tp);
-	/* TCP_CONNECT_CB runs inside connect()/sendmsg(MSG_FASTOPEN); the ESTABLISHED
-	 * callbacks usually in softirq. */
-	flowd_fill_task(e, kind == FLOWD_EV_TCP_CONNECT);
-	e->cookie = bpf_get_socket_cookie(skops);
+	__u64 cookie = bpf_get_socket_cookie(skops);
+
+	e->cookie = cookie;
+	/* TCP_CONNECT_CB runs inside connect()/sendmsg(MSG_FASTOPEN), right after the
+	 * tracepoint recorded the owner; the ESTABLISHED callbacks usually run in
+	 * softirq, where no task is the owner. */
+	if (kind == FLOWD_EV_TCP_CONNECT) {
+		struct flowd_owner *o = bpf_map_lookup_elem(&flowd_owners, &cookie);
+
+		if (o) {
+			e->pid = o->pid;
+			e->tid = o->tid;
+			e->cgroup_id = o->cgroup_id;
+			__builtin_memcpy(e->comm, o->comm, sizeof(e->comm));
+			e->flags |= FLOWD_F_OWNER_VALID;
+			bpf_map_delete_elem(&flowd_owners, &cookie);
+		}
+	}
 	bpf_ringbuf_submit(e, 0);
 	return 1;
 }
 
-/* UDP sockets get a cookie only when someone asks for one; asking here, before the
- * connect, makes the cookie that sys_exit reads (sk_cookie) the final one. */
+/* Sockets get a cookie only when someone asks for one; asking here, before the
+ * connect, makes the cookie that sys_exit reads (sk_cookie) the final one, and
+ * gives a TCP socket its cookie before its CLOSE->SYN_SENT event, which reads it
+ * from the socket where tracing programs cannot call bpf_get_socket_cookie. */
 SEC("cgroup/connect4")
 int flowd_connect4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol == IPPROTO_UDP)
+	if (ctx->protocol == IPPROTO_UDP || !flowd_tracing_cookie)
 		bpf_get_socket_cookie(ctx);
 	return 1;
 }
@@ -329,7 +403,7 @@ int flowd_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int flowd_connect6(struct bpf_sock_addr *ctx)
 {
-	if (ctx->protocol == IPPROTO_UDP)
+	if (ctx->protocol == IPPROTO_UDP || !flowd_tracing_cookie)
 		bpf_get_socket_cookie(ctx);
 	return 1;
 }
@@ -356,8 +430,8 @@ SEC("tp_btf/sys_exit")
 int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
 {
 #ifdef FLOWD_NR_CONNECT
+	struct flowd_sock_event ev = {};
 	struct task_struct *task;
-	struct flowd_sock_event *e;
 	struct file **fds, *file;
 	struct socket *sock;
 	struct sock *sk;
@@ -367,7 +441,9 @@ int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
 	if (ret != 0 || FLOWD_SYSCALL_NR(regs) != FLOWD_NR_CONNECT)
 		return 0;
 	fd = FLOWD_SYSCALL_ARG1(regs);
-	task = bpf_get_current_task_btf();
+	/* Not bpf_get_current_task_btf() (Linux 5.11+): every read below is a CO-RE
+	 * probe read anyway. */
+	task = (void *)bpf_get_current_task();
 	max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
 	if (fd >= max_fds)
 		return 0;
@@ -383,19 +459,19 @@ int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
 	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_UDP ||
 	    BPF_CORE_READ(sk, sk_type) != SOCK_DGRAM)
 		return 0;
-	e = flowd_reserve();
-	if (!e)
-		return 0;
-	e->kind = FLOWD_EV_UDP_CONNECT;
-	e->newstate = BPF_CORE_READ(sk, __sk_common.skc_state);
-	flowd_fill_tuple(e, sk);
-	flowd_fill_sock_info(e, sk);
-	flowd_fill_task(e, true);
+	/* Built on the stack, not in the ring buffer: older verifiers (Linux 6.1)
+	 * refuse ring-buffer memory as the value of a map update. */
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.kind = FLOWD_EV_UDP_CONNECT;
+	ev.newstate = BPF_CORE_READ(sk, __sk_common.skc_state);
+	flowd_fill_tuple(&ev, sk);
+	flowd_fill_sock_info(&ev, sk);
+	flowd_fill_task(&ev, true);
 	cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
-	e->cookie = cookie;
-	if (e->newstate == FLOWD_TCP_ESTABLISHED) {
+	ev.cookie = cookie;
+	if (ev.newstate == FLOWD_TCP_ESTABLISHED) {
 		if (cookie)
-			bpf_map_update_elem(&flowd_udp_socks, &cookie, e, BPF_ANY);
+			bpf_map_update_elem(&flowd_udp_socks, &cookie, &ev, BPF_ANY);
 	} else {
 		/* connect(AF_UNSPEC): udp_disconnect() has cleared the remote end (and
 		 * the port unless bound explicitly); report the tuple that was connected,
@@ -403,18 +479,17 @@ int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
 		struct flowd_sock_event *seen =
 			cookie ? bpf_map_lookup_elem(&flowd_udp_socks, &cookie) : NULL;
 
-		if (!seen) {
-			bpf_ringbuf_discard(e, 0);
+		if (!seen)
 			return 0;
-		}
-		__builtin_memcpy(e->saddr, seen->saddr, sizeof(e->saddr));
-		__builtin_memcpy(e->daddr, seen->daddr, sizeof(e->daddr));
-		e->sport = seen->sport;
-		e->dport = seen->dport;
-		e->oldstate = FLOWD_TCP_ESTABLISHED;
+		__builtin_memcpy(ev.saddr, seen->saddr, sizeof(ev.saddr));
+		__builtin_memcpy(ev.daddr, seen->daddr, sizeof(ev.daddr));
+		ev.sport = seen->sport;
+		ev.dport = seen->dport;
+		ev.oldstate = FLOWD_TCP_ESTABLISHED;
 		bpf_map_delete_elem(&flowd_udp_socks, &cookie);
 	}
-	bpf_ringbuf_submit(e, 0);
+	if (bpf_ringbuf_output(&flowd_events, &ev, sizeof(ev), 0))
+		flowd_count_drop();
 #endif
 	return 0;
 }
@@ -444,11 +519,15 @@ int flowd_sock_release(struct bpf_sock *ctx)
 	e->kind = FLOWD_EV_UDP_RELEASE;
 	e->oldstate = FLOWD_TCP_ESTABLISHED;
 	e->newstate = FLOWD_TCP_CLOSE;
-	e->flags = FLOWD_F_SOCK_INFO;
-	__builtin_memset(e->comm, 0, sizeof(e->comm));
 	/* Release runs from close()/exit() of the last holder, or from a deferred fput
-	 * in a kernel thread: the task is the owner unless it is a kthread. */
-	flowd_fill_task(e, !flowd_is_kthread());
+	 * in a kernel thread: the task is the owner unless it is a kthread. Where this
+	 * program type may not ask (flowd_release_owner == 0), the connecting task
+	 * recorded at connect() stands in. */
+	if (flowd_release_owner) {
+		e->flags = FLOWD_F_SOCK_INFO;
+		__builtin_memset(e->comm, 0, sizeof(e->comm));
+		flowd_fill_task(e, !(bpf_get_current_task_btf()->flags & PF_KTHREAD));
+	}
 	bpf_ringbuf_submit(e, 0);
 	return 1;
 }

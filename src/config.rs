@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::bpf::marker::types::flowd_strategy_bit;
+
 /// Where `flowd-rs` looks when `--config` is not given; a missing default file means
 /// "all defaults", a missing file named on the command line is an error.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/flowd-rs/flowd-rs.toml";
@@ -327,9 +329,9 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 pub struct Strategy(u32);
 
 impl Strategy {
-    pub const LABEL: Strategy = Strategy(0x1);
-    pub const HOP_BY_HOP: Strategy = Strategy(0x2);
-    pub const DESTINATION: Strategy = Strategy(0x4);
+    pub const LABEL: Strategy = Strategy(flowd_strategy_bit::FLOWD_STRATEGY_LABEL.0);
+    pub const HOP_BY_HOP: Strategy = Strategy(flowd_strategy_bit::FLOWD_STRATEGY_HOP_BY_HOP.0);
+    pub const DESTINATION: Strategy = Strategy(flowd_strategy_bit::FLOWD_STRATEGY_DESTINATION.0);
 
     pub fn bits(self) -> u32 {
         self.0

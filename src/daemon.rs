@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use crate::control::Server;
 use crate::discovery::feeds::{self, Feed, TrackerStatus};
 use crate::discovery::tracker::{TrackerConfig, TrackerMode};
 use crate::engine::{load_policy, Command, Engine};
+use crate::features::{Feature, KernelFeatures};
 use crate::firefly::{self, Fireflies, FireflyCounters};
 use crate::marker::Marker;
 use crate::metrics::{BuildInfo, Metrics, MetricsSource, Published};
@@ -134,11 +135,25 @@ async fn start_engine(
         disc_tx.clone(),
     )?;
     feeds.push(poller);
-    let mode = match cfg.discovery.tracker {
+    let mut mode = match cfg.discovery.tracker {
         TrackerSetting::Full => TrackerMode::Full,
         TrackerSetting::TracepointOnly => TrackerMode::TracepointOnly,
         TrackerSetting::Disabled => TrackerMode::Disabled,
     };
+    let kernel = KernelFeatures::detect();
+    let mut fallbacks = marker.fallbacks();
+    if mode != TrackerMode::Disabled && !kernel.has(Feature::RingBuffer) {
+        let f = Feature::RingBuffer;
+        fallbacks.push(format!(
+            "tracker off, sockets found by sock_diag polling: this kernel lacks {} (Linux >= {})",
+            f.name(),
+            f.since()
+        ));
+        mode = TrackerMode::Disabled;
+    }
+    for f in &fallbacks {
+        warn!("{f}");
+    }
     if mode != TrackerMode::Disabled {
         let tcfg = TrackerConfig {
             mode,
@@ -162,6 +177,8 @@ async fn start_engine(
         strategy: marker.strategy().to_string(),
         header: cfg.marker.strategy.headers(),
         attached: marker.attachments(),
+        kernel_features: kernel.lines(),
+        fallbacks,
     });
     let mut engine = Engine::new(
         netns,

@@ -7,6 +7,7 @@
 pub mod announce;
 pub mod api;
 pub mod bpf;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -14,6 +15,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod endpoint;
 pub mod engine;
+pub mod features;
 pub mod firefly;
 pub mod flows;
 pub mod inspect;

@@ -36,6 +36,9 @@ enum Command {
     Clean,
     /// Show the running daemon's status and counters.
     Status,
+    /// Check, without starting anything, whether this kernel runs the configuration:
+    /// prints the kernel features and the fallbacks taken; exit code 1 if it cannot.
+    Check,
     /// Show every socket the daemon tracks, its tag and why: live, or once for scripts.
     Inspect(flowd::inspect::InspectArgs),
     /// Reload the policy directory (as SIGHUP does); prints the new policy version.
@@ -249,6 +252,12 @@ fn dispatch(cli: Cli) -> Result<()> {
                     &serde_json::json!({"status": status, "counters": counters})
                 )?
             );
+            Ok(())
+        }
+        Command::Check => {
+            if !flowd::check::run(&cfg, &mut std::io::stdout().lock())? {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Inspect(args) => flowd::inspect::run(args, &cfg.control_socket()),

@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use crate::flows::{Flow, Lifecycle};
 use crate::marker::maps::{Counters, ExistingMark, MapError, MarkMaps};
 use crate::model::facts::ProcessInfo;
-use crate::model::socket::FlowKey;
+use crate::model::socket::{FlowKey, SockState};
 use crate::model::tag::Tag;
 use crate::policy::kernel::KernelPolicy;
 use crate::policy::{Policy, RuleRef, SocketAttrs, Verdict};
@@ -184,6 +184,28 @@ pub struct Marking {
     unclaimed: rustc_hash::FxHashSet<FlowKey>,
     /// The kernel's insert count when the last sweep walked the map.
     swept_at_inserts: Option<u64>,
+    /// Tagged TCP flows that closed first (FIN_WAIT*, CLOSING, TIME_WAIT seen): their
+    /// socket lives on in TIME_WAIT and still sends (the last ACK, answers to a
+    /// retransmitted FIN) after its close event.
+    active_closers: rustc_hash::FxHashSet<u64>,
+    /// Marks of ended active closers, kept until their TIME_WAIT socket is surely
+    /// gone: key -> when to remove it.
+    lingering: FxHashMap<FlowKey, std::time::Instant>,
+    /// How long a closed socket may still send: tcp_fin_timeout (the FIN_WAIT2 part
+    /// of an orphan) plus TIME_WAIT's fixed 60 s.
+    linger: std::time::Duration,
+}
+
+/// TCP_TIMEWAIT_LEN in the kernel: fixed, not a sysctl.
+const TIME_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// tcp_fin_timeout of the calling thread's network namespace (60 s by default).
+fn fin_timeout() -> std::time::Duration {
+    let secs = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(60);
+    std::time::Duration::from_secs(secs)
 }
 
 impl Marking {
@@ -194,7 +216,21 @@ impl Marking {
             counters: MarkingCounters::default(),
             unclaimed: Default::default(),
             swept_at_inserts: None,
+            active_closers: Default::default(),
+            lingering: FxHashMap::default(),
+            linger: fin_timeout() + TIME_WAIT,
         }
+    }
+
+    /// Sets how long the mark of a flow that closed first outlives its close event.
+    pub fn with_linger(mut self, linger: std::time::Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Marks kept for sockets in TIME_WAIT.
+    pub fn lingering(&self) -> usize {
+        self.lingering.len()
     }
 
     pub fn decisions(&self) -> impl Iterator<Item = &Decision> {
@@ -262,6 +298,17 @@ impl Marking {
         if flow.netns != self.local_netns || flow.key.local().port() == 0 {
             return;
         }
+        if flow.key.proto == crate::model::socket::Protocol::Tcp
+            && matches!(
+                flow.state,
+                SockState::FinWait1
+                    | SockState::FinWait2
+                    | SockState::Closing
+                    | SockState::TimeWait
+            )
+        {
+            self.active_closers.insert(flow.cookie);
+        }
         let from_announcement = announced.is_some();
         let verdict = announced.or_else(|| {
             let info = if policy.needs_process_facts() {
@@ -298,8 +345,9 @@ impl Marking {
             announced: from_announcement,
         };
         // Whether we already own this key's entry; if not, the kernel may have
-        // written one first.
-        let mut owned = false;
+        // written one first. A lingering mark of an earlier flow on the same tuple
+        // is ours to overwrite.
+        let mut owned = self.lingering.remove(&flow.key).is_some();
         if let Some(old) = self.decisions.get(&flow.cookie) {
             next.first_packet_exact = old.first_packet_exact;
             if old.tag == next.tag && old.key == next.key && old.in_map {
@@ -402,9 +450,25 @@ impl Marking {
         }
     }
 
-    /// Removes the mark of an ended flow, including one only the kernel wrote.
+    /// Removes the mark of an ended flow, including one only the kernel wrote. A TCP
+    /// flow that closed first keeps its mark while its TIME_WAIT socket may still
+    /// send (see [`Self::sweep`]): every packet of a tagged flow carries the tag.
     pub fn on_end(&mut self, flow: &Flow, sink: &dyn MarkSink) {
+        let active_closer = self.active_closers.remove(&flow.cookie);
         if let Some(old) = self.decisions.remove(&flow.cookie) {
+            if active_closer && old.in_map {
+                // Rewritten as userspace's own if the kernel wrote it: a lingering
+                // mark is no kernel mark waiting to be claimed.
+                if let Ok(Some(m)) = sink.existing(&old.key) {
+                    if m.kernel {
+                        let _ = sink.insert(&old.key, old.tag, old.entropy);
+                    }
+                }
+                self.lingering
+                    .insert(old.key, std::time::Instant::now() + self.linger);
+                debug!(flow = %flow_text(flow), "flow ended: mark kept through TIME_WAIT");
+                return;
+            }
             remove_from_map(&old, sink, &mut self.counters);
             debug!(flow = %flow_text(flow), "flow ended: mark removed");
         } else if flow.key.is_ipv6() && flow.netns == self.local_netns {
@@ -421,6 +485,7 @@ impl Marking {
     /// flows whose sockets userspace never saw (a handshake that never completed, a
     /// missed tracker event). Run after each reconcile.
     pub fn sweep(&mut self, sink: &dyn MarkSink) {
+        self.expire_lingering(sink, std::time::Instant::now());
         // Nothing to walk the map for: no kernel mark written since the last sweep
         // and none waiting for its second strike.
         let inserts = sink.kernel_inserts();
@@ -433,6 +498,7 @@ impl Marking {
             .values()
             .filter(|d| d.in_map)
             .map(|d| d.key)
+            .chain(self.lingering.keys().copied())
             .collect();
         let mut unclaimed = rustc_hash::FxHashSet::default();
         for key in sink.kernel_marked() {
@@ -449,6 +515,30 @@ impl Marking {
             }
         }
         self.unclaimed = unclaimed;
+    }
+}
+
+impl Marking {
+    /// Removes the lingering marks whose TIME_WAIT is over at `now`.
+    pub fn expire_lingering(&mut self, sink: &dyn MarkSink, now: std::time::Instant) {
+        let counters = &mut self.counters;
+        self.lingering.retain(|key, until| {
+            if *until > now {
+                return true;
+            }
+            if let Err(e) = sink.remove(key) {
+                counters.map_errors += 1;
+                warn!(error = %e, "removing mark failed");
+            }
+            false
+        });
+    }
+
+    /// Removes every lingering mark now (the daemon stops marking).
+    pub fn release_lingering(&mut self, sink: &dyn MarkSink) {
+        for key in std::mem::take(&mut self.lingering).into_keys() {
+            let _ = sink.remove(&key);
+        }
     }
 }
 

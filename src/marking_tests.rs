@@ -254,3 +254,58 @@ fn an_announcement_overrides_the_policy_and_its_withdrawal_restores_it() {
     assert!(!m.decision(1).unwrap().announced);
     assert_eq!(ann.counters().withdrawn, 1);
 }
+
+fn closing(cookie: u64, key: FlowKey, state: SockState) -> Flow {
+    Flow {
+        state,
+        ..flow(cookie, key, Lifecycle::Closing)
+    }
+}
+
+#[test]
+fn a_flow_that_closed_first_keeps_its_mark_through_time_wait() {
+    let (sink, mut m) = (Sink::default(), Marking::new(NETNS));
+    let (active, passive) = (key(40000, 1094), key(40001, 1094));
+    sink.kernel_writes(active, debug(), 5);
+    decide(&mut m, &flow(1, active, Lifecycle::Established), &sink);
+    decide(&mut m, &flow(2, passive, Lifecycle::Established), &sink);
+    // The client closes first (FIN_WAIT1); the other flow's peer did (LAST_ACK).
+    decide(&mut m, &closing(1, active, SockState::FinWait1), &sink);
+    decide(&mut m, &closing(2, passive, SockState::LastAck), &sink);
+    m.on_end(&flow(1, active, Lifecycle::Gone), &sink);
+    m.on_end(&flow(2, passive, Lifecycle::Gone), &sink);
+    assert_eq!(sink.get(&passive), None, "no TIME_WAIT: removed at once");
+    assert_eq!(
+        sink.get(&active),
+        Some((debug(), 5, false)),
+        "its last ACK leaves from TIME_WAIT; the mark is no longer a kernel one"
+    );
+    assert_eq!(m.lingering(), 1);
+    // Not swept as an unclaimed mark meanwhile, not removed before its time.
+    m.sweep(&sink);
+    m.sweep(&sink);
+    assert!(sink.get(&active).is_some());
+    m.expire_lingering(
+        &sink,
+        Instant::now() + m.linger - std::time::Duration::from_secs(1),
+    );
+    assert!(sink.get(&active).is_some());
+    m.expire_lingering(&sink, Instant::now() + m.linger);
+    assert_eq!(sink.get(&active), None);
+    assert_eq!(m.lingering(), 0);
+}
+
+#[test]
+fn a_new_flow_on_a_lingering_tuple_takes_the_entry_over() {
+    let (sink, mut m) = (Sink::default(), Marking::new(NETNS));
+    let k = key(40000, 1094);
+    decide(&mut m, &flow(1, k, Lifecycle::Established), &sink);
+    decide(&mut m, &closing(1, k, SockState::TimeWait), &sink);
+    m.on_end(&flow(1, k, Lifecycle::Gone), &sink);
+    decide(&mut m, &flow(2, k, Lifecycle::Established), &sink);
+    assert_eq!(m.lingering(), 0);
+    m.expire_lingering(&sink, Instant::now() + m.linger);
+    assert!(sink.get(&k).is_some(), "the new flow's mark stays");
+    m.release_lingering(&sink);
+    assert!(sink.get(&k).is_some());
+}

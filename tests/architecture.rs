@@ -15,8 +15,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("model", &["model"]),
     // Contracts and plumbing with no behaviour of the daemon's: the control
     // protocol's types and client, the skeletons, the configuration and its
-    // defaults, the local endpoints' permissions.
-    ("contracts", &["api", "bpf", "config", "endpoint"]),
+    // defaults, the local endpoints' permissions, what the running kernel offers.
+    (
+        "contracts",
+        &["api", "bpf", "config", "endpoint", "features"],
+    ),
     // Sources of facts, and the rules that judge them.
     ("sources", &["discovery", "policy"]),
     ("flows", &["flows"]),
@@ -29,7 +32,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("control", &["control"]),
     ("daemon", &["daemon"]),
     // User interfaces.
-    ("ui", &["cli", "inspect", "main"]),
+    ("ui", &["check", "cli", "inspect", "main"]),
 ];
 
 fn layer_of(module: &str) -> usize {

@@ -413,3 +413,75 @@ fn half_open_connections_get_labelled_syn_acks_and_no_map_entry() {
     assert_eq!(st["map_entries"], 0, "{st}");
     assert_eq!(st["kernel_marks"], 0, "{st}");
 }
+
+/// A connection A -> B:5201 that A closes first; B closes `late` after A's FIN, so
+/// A's last ACK leaves from its TIME_WAIT socket, after the daemon has heard of the
+/// close. Returns A's port.
+fn client_closes_first(pair: &Pair, late: Duration) -> u16 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = pair.b.run(move || {
+        let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), 5201)).unwrap();
+        tx.send(()).unwrap();
+        let (mut c, _) = l.accept().unwrap();
+        let _ = c.read_to_end(&mut Vec::new());
+        std::thread::sleep(late);
+        drop(c);
+    });
+    rx.recv().unwrap();
+    let port = pair
+        .a
+        .run(|| {
+            let mut s = TcpStream::connect(SocketAddr::new(ADDR_B.into(), 5201)).unwrap();
+            s.write_all(&[7; 1000]).unwrap();
+            s.local_addr().unwrap().port()
+        })
+        .join()
+        .unwrap();
+    srv.join().unwrap();
+    port
+}
+
+/// Every packet of a tagged flow carries its tag to the last: the final ACK of the
+/// side that closed first leaves from TIME_WAIT, after the close event.
+#[test]
+fn the_last_ack_from_time_wait_carries_the_tag() {
+    if !common::privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::new();
+    let d = daemon(&pair, dir.path(), true);
+    let cap = Capture::start(&pair.b, IF_B, "ip6 and tcp", dir.path());
+    let ports: Vec<u16> = (0..3)
+        .map(|_| client_closes_first(&pair, Duration::from_millis(200)))
+        .collect();
+    let pkts = cap.finish();
+    d.stop();
+    let want = Some(tag("Data Consolidation"));
+    for port in ports {
+        let flow = from_a(&pkts, port);
+        // From the peer: its FIN (to A's port), then A's ACK of it, the last packet.
+        let peer_fin = pkts
+            .iter()
+            .rposition(|p| p.dst.port() == port && tcp_flags(p) & 0x01 != 0)
+            .expect("the peer's FIN was captured");
+        let last = pkts
+            .iter()
+            .rposition(|p| p.src == SocketAddr::new(ADDR_A.into(), port))
+            .unwrap();
+        assert!(
+            last > peer_fin,
+            "port {port}: A acknowledged the peer's FIN"
+        );
+        assert_eq!(
+            tcp_flags(&pkts[last]) & 0x17,
+            0x10,
+            "port {port}: a pure ACK"
+        );
+        let t = tags(&flow);
+        assert!(
+            t.iter().all(|t| *t == want),
+            "port {port}: every packet, the ACK from TIME_WAIT too, must carry the tag: {t:?}"
+        );
+    }
+}

@@ -65,6 +65,10 @@ pub struct DaemonInfo {
     pub header: Option<&'static str>,
     /// (interface, attach mode)
     pub attached: Vec<(String, &'static str)>,
+    /// What the running kernel offers (the table `flowd-rs check` prints).
+    pub kernel_features: Vec<crate::features::FeatureLine>,
+    /// Fallbacks taken because the kernel lacks a feature, one line each.
+    pub fallbacks: Vec<String>,
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ use std::{
 use libbpf_rs::{Link, MapCore, MapFlags, RingBuffer, RingBufferBuilder};
 use tracing::{debug, info, warn};
 
+use crate::features::{Feature, KernelFeatures};
+
 use super::{
     cgroup2::find_cgroup2_mount,
     tracker_event::{decode, parse_record, RawRecord, TrackerEvent},
@@ -100,9 +102,11 @@ pub enum TrackerError {
     RingSize(u32),
     #[error("opening the tracker BPF object (bpf/tracker.bpf.c): {0}")]
     Open(#[source] libbpf_rs::Error),
-    #[error("loading tracker BPF programs [{programs}]: {source} (see the verifier log above)")]
+    #[error("loading tracker BPF programs [{programs}]: {source}{refusal}")]
     Load {
         programs: String,
+        /// What the verifier said, when it refused a program.
+        refusal: String,
         #[source]
         source: libbpf_rs::Error,
     },
@@ -114,7 +118,7 @@ pub enum TrackerError {
     },
     #[error(
         "no TCP source could be attached (tp_btf/inet_sock_set_state and cgroup sockops \
-         both failed): needs root, kernel BTF and kernel >= 5.8"
+         both failed; their errors are logged above): flowd-rs needs root and kernel BTF"
     )]
     NoTcpSource,
     #[error("reading tracker ring buffer flowd_events: {0}")]
@@ -124,6 +128,42 @@ pub enum TrackerError {
 }
 
 pub type Result<T, E = TrackerError> = std::result::Result<T, E>;
+
+/// The programs `cfg` asks for, in attach order. softirq_exit before softirq_entry:
+/// the other way, a softirq running between the two attaches sets its CPU's flag and
+/// nothing clears it until that CPU's next softirq, so the owner of a socket opened
+/// meanwhile would be reported unknown.
+fn wanted_programs(cfg: &TrackerConfig, cgroup: bool) -> Vec<Prog> {
+    let mut wanted = vec![Prog::TcpState, Prog::SoftirqExit, Prog::SoftirqEntry];
+    if cgroup {
+        wanted.push(Prog::Sockops);
+    }
+    if cfg.udp && cfg.mode == TrackerMode::Full {
+        wanted.push(Prog::SysExit);
+        if cgroup {
+            wanted.extend([Prog::Connect4, Prog::Connect6, Prog::SockRelease]);
+        }
+    } else if cgroup && !KernelFeatures::detect().has(Feature::TracingCookie) {
+        // The connect hooks also give TCP sockets the cookie their first state
+        // change is reported under (bpf/tracker.bpf.c, flowd_tracing_cookie).
+        wanted.extend([Prog::Connect4, Prog::Connect6]);
+    }
+    wanted
+}
+
+/// Loads, without attaching anything, the programs `cfg` asks for (cgroup ones
+/// included): each program's name and whether this kernel accepted it.
+pub fn check_programs(cfg: &TrackerConfig) -> Result<Vec<(&'static str, bool)>> {
+    if cfg.mode == TrackerMode::Disabled {
+        return Ok(Vec::new());
+    }
+    let wanted = wanted_programs(cfg, cfg.mode == TrackerMode::Full);
+    let (_skel, loaded) = load_degrading(&wanted, cfg.ring_bytes)?;
+    Ok(wanted
+        .iter()
+        .map(|p| (p.name(), loaded.contains(p)))
+        .collect())
+}
 
 pub use super::tracker_progs::AttachedProgram;
 use super::tracker_progs::TrackerSkel;
@@ -166,20 +206,8 @@ impl Tracker {
             TrackerMode::Full => open_cgroup2(cfg.cgroup2_path.as_deref())?,
             _ => None,
         };
-        // Attached in this order. softirq_exit before softirq_entry: the other way, a
-        // softirq running between the two attaches sets its CPU's flag and nothing
-        // clears it until that CPU's next softirq, so the owner of a socket opened
-        // meanwhile would be reported unknown.
-        let mut wanted = vec![Prog::TcpState, Prog::SoftirqExit, Prog::SoftirqEntry];
-        if cgroup.is_some() {
-            wanted.push(Prog::Sockops);
-        }
-        if cfg.udp && cfg.mode == TrackerMode::Full {
-            wanted.push(Prog::SysExit);
-            if cgroup.is_some() {
-                wanted.extend([Prog::Connect4, Prog::Connect6, Prog::SockRelease]);
-            }
-        }
+        // Attached in this order (see wanted_programs).
+        let wanted = wanted_programs(cfg, cgroup.is_some());
         let (mut skel, loaded) = load_degrading(&wanted, cfg.ring_bytes)?;
 
         let mut links = Vec::new();

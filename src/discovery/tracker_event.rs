@@ -13,14 +13,16 @@ pub use super::tracker_progs::skel::types::flowd_sock_event as RawRecord;
 /// Size of one record in the ring buffer (`_Static_assert`ed in the C header too).
 pub const RECORD_SIZE: usize = std::mem::size_of::<RawRecord>();
 
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
+use super::tracker_progs::skel::types::{flowd_event_flag, flowd_event_kind, flowd_family};
+
+const AF_INET: u16 = flowd_family::FLOWD_AF_INET.0 as u16;
+const AF_INET6: u16 = flowd_family::FLOWD_AF_INET6.0 as u16;
 /// `FLOWD_F_OWNER_VALID`: pid/tid/comm/cgroup belong to the socket's owner.
-pub const F_OWNER_VALID: u8 = 0x1;
+pub const F_OWNER_VALID: u8 = flowd_event_flag::FLOWD_F_OWNER_VALID.0 as u8;
 /// `FLOWD_F_SOCK_INFO`: netns/inode/uid were read from the socket.
-pub const F_SOCK_INFO: u8 = 0x2;
+pub const F_SOCK_INFO: u8 = flowd_event_flag::FLOWD_F_SOCK_INFO.0 as u8;
 /// `FLOWD_F_TCP_BYTES`: bytes_acked/bytes_received are the socket's (at close).
-pub const F_TCP_BYTES: u8 = 0x4;
+pub const F_TCP_BYTES: u8 = flowd_event_flag::FLOWD_F_TCP_BYTES.0 as u8;
 
 /// Which hook produced a record (`enum flowd_event_kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,13 +43,19 @@ pub enum EventKind {
 
 impl EventKind {
     pub fn from_raw(v: u8) -> Option<Self> {
+        const TCP_STATE: u8 = flowd_event_kind::FLOWD_EV_TCP_STATE.0 as u8;
+        const TCP_CONNECT: u8 = flowd_event_kind::FLOWD_EV_TCP_CONNECT.0 as u8;
+        const TCP_ACTIVE: u8 = flowd_event_kind::FLOWD_EV_TCP_ACTIVE_ESTABLISHED.0 as u8;
+        const TCP_PASSIVE: u8 = flowd_event_kind::FLOWD_EV_TCP_PASSIVE_ESTABLISHED.0 as u8;
+        const UDP_CONNECT: u8 = flowd_event_kind::FLOWD_EV_UDP_CONNECT.0 as u8;
+        const UDP_RELEASE: u8 = flowd_event_kind::FLOWD_EV_UDP_RELEASE.0 as u8;
         Some(match v {
-            1 => EventKind::TcpState,
-            2 => EventKind::TcpConnect,
-            3 => EventKind::TcpActiveEstablished,
-            4 => EventKind::TcpPassiveEstablished,
-            5 => EventKind::UdpConnect,
-            6 => EventKind::UdpRelease,
+            TCP_STATE => EventKind::TcpState,
+            TCP_CONNECT => EventKind::TcpConnect,
+            TCP_ACTIVE => EventKind::TcpActiveEstablished,
+            TCP_PASSIVE => EventKind::TcpPassiveEstablished,
+            UDP_CONNECT => EventKind::UdpConnect,
+            UDP_RELEASE => EventKind::UdpRelease,
             _ => return None,
         })
     }

@@ -163,8 +163,18 @@ fn load(progs: &[Prog], ring_bytes: u32) -> Result<TrackerSkel<'static>> {
         .flowd_events
         .set_max_entries(ring_bytes)
         .map_err(TrackerError::Open)?;
+    if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+        use crate::features::{Feature, KernelFeatures};
+        let k = KernelFeatures::detect();
+        ro.flowd_release_owner = u32::from(k.has(Feature::ReleaseOwner));
+        ro.flowd_tracing_cookie = u32::from(k.has(Feature::TracingCookie));
+    }
+    crate::bpf::clear_refusals();
     open.load().map_err(|source| TrackerError::Load {
         programs: names(progs),
+        refusal: crate::bpf::refusal()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default(),
         source,
     })
 }

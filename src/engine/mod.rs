@@ -374,6 +374,7 @@ impl Engine {
         for f in flows {
             self.marking.on_end(&f, self.maps.as_ref());
         }
+        self.marking.release_lingering(self.maps.as_ref());
         for key in self.maps.kernel_marked() {
             let _ = self.maps.remove(&key);
         }

@@ -96,6 +96,8 @@ fn engine(dir: &Path, store: Arc<RecordingStore>) -> Engine {
             strategy: "label".into(),
             header: None,
             attached: Vec::new(),
+            kernel_features: Vec::new(),
+            fallbacks: Vec::new(),
         }),
         Arc::new(TrackerStatus::default()),
     )

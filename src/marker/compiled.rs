@@ -27,7 +27,8 @@ unsafe impl Pod for flowd_kseen {}
 unsafe impl Pod for u32 {}
 
 /// FLOWD_MARK_F_KERNEL in bpf/flowd.h.
-pub const MARK_F_KERNEL: u8 = 0x1;
+pub const MARK_F_KERNEL: u8 =
+    crate::bpf::marker::types::flowd_mark_flag::FLOWD_MARK_F_KERNEL.0 as u8;
 
 pub fn kbits(b: RuleBits) -> flowd_kbits {
     flowd_kbits {

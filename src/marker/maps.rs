@@ -9,7 +9,10 @@ use std::sync::Mutex;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use crate::bpf::marker::types::{flowd_flow_key, flowd_flow_mark, flowd_tag_counter};
+use crate::bpf::marker::types::{
+    flowd_family, flowd_flow_key, flowd_flow_mark, flowd_outcome, flowd_tag_counter,
+    flowd_tag_limits,
+};
 use crate::marker::compiled::{KernelMaps, MARK_F_KERNEL};
 use crate::marker::sk_cache::SocketCache;
 use crate::model::socket::FlowKey;
@@ -17,10 +20,16 @@ use crate::model::tag::{decode, flow_entropy, Tag};
 use crate::policy::kernel::KernelPolicy;
 
 /// Tag counter slots in the BPF map (FLOWD_TAG_SLOTS in bpf/flowd.h).
-pub const TAG_SLOTS: u32 = 1024;
+pub const TAG_SLOTS: u32 = flowd_tag_limits::FLOWD_TAG_SLOTS.0;
+
+/// `flowd_flow_key.family` of an IPv6 flow (FLOWD_AF_INET6 in bpf/flowd.h).
+const AF_INET6: u8 = flowd_family::FLOWD_AF_INET6.0 as u8;
+
+/// Number of outcome counters (FLOWD_OUT_MAX in bpf/flowd.h).
+pub const OUTCOME_COUNT: usize = flowd_outcome::FLOWD_OUT_MAX.0 as usize;
 
 /// Outcome counter names, indexed as `enum flowd_outcome` in bpf/flowd.h.
-pub const OUTCOMES: [&str; 7] = [
+pub const OUTCOMES: [&str; OUTCOME_COUNT] = [
     "marked",
     "unmarked",
     "skipped_mtu",
@@ -49,7 +58,7 @@ pub enum MapError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
     /// Packets per outcome, in the order of [`OUTCOMES`].
-    pub outcomes: [u64; 7],
+    pub outcomes: [u64; OUTCOME_COUNT],
     pub per_tag: Vec<TagCount>,
 }
 
@@ -431,7 +440,7 @@ pub fn bpf_key(f: &FlowKey) -> Option<flowd_flow_key> {
         return None;
     };
     Some(flowd_flow_key {
-        family: 10,
+        family: AF_INET6,
         proto: f.proto.ip_proto(),
         pad: 0,
         sport: f.local().port().to_be(),
@@ -444,7 +453,7 @@ pub fn bpf_key(f: &FlowKey) -> Option<flowd_flow_key> {
 /// The flow a BPF key stands for (IPv6 TCP/UDP only).
 pub fn flow_key(k: &flowd_flow_key) -> Option<FlowKey> {
     let proto = crate::model::socket::Protocol::from_ip_proto(k.proto)?;
-    if k.family != 10 {
+    if k.family != AF_INET6 {
         return None;
     }
     let local = std::net::SocketAddr::new(

@@ -20,6 +20,7 @@ use tracing::info;
 
 use crate::bpf::marker::{MarkerSkel, MarkerSkelBuilder};
 use crate::config::{Config, Strategy};
+use crate::features::{Feature, KernelFeatures};
 use attach::{Attachment, StateFile};
 use maps::MarkMaps;
 use netif::Interface;
@@ -40,6 +41,11 @@ pub struct LoadOptions {
     pub with_test_program: bool,
     /// Config `marker.socket_cache`: cache each socket's lookup in the socket.
     pub socket_cache: bool,
+    /// The kernel has bpf_check_mtu (5.12); without it option headers are checked
+    /// against `fallback_mtu`.
+    pub check_mtu: bool,
+    /// The smallest MTU of the marked interfaces, read at start.
+    pub fallback_mtu: u32,
 }
 
 impl Default for LoadOptions {
@@ -52,7 +58,48 @@ impl Default for LoadOptions {
             netns_ino: 0,
             with_test_program: false,
             socket_cache: true,
+            check_mtu: true,
+            fallback_mtu: 1500,
         }
+    }
+}
+
+impl LoadOptions {
+    /// Turns off what this kernel cannot run; returns one line per fallback taken,
+    /// naming the feature missing and the first kernel that has it.
+    pub fn adapt_to(&mut self, k: &KernelFeatures) -> Vec<String> {
+        let mut taken = Vec::new();
+        let mut off = |what: &str, f: Feature| {
+            taken.push(format!(
+                "{what}: this kernel lacks {} (Linux >= {})",
+                f.name(),
+                f.since()
+            ))
+        };
+        if !k.has(Feature::SkStorageTc) {
+            if self.in_kernel {
+                self.in_kernel = false;
+                off("in-kernel decisions off", Feature::SkStorageTc);
+            }
+            if self.socket_cache {
+                self.socket_cache = false;
+                off("socket cache off", Feature::SkStorageTc);
+            }
+        }
+        for f in [Feature::SkStorageIter, Feature::MmapableArray] {
+            if self.socket_cache && !k.has(f) {
+                self.socket_cache = false;
+                off("socket cache off", f);
+            }
+        }
+        if self.check_mtu && !k.has(Feature::CheckMtu) {
+            self.check_mtu = false;
+            off(
+                "option headers checked against the interface MTU read at start",
+                Feature::CheckMtu,
+            );
+        }
+        taken
     }
 }
 
@@ -73,6 +120,8 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         ro.flowd_netns_ino = opts.netns_ino;
         ro.flowd_sk_cache_on = u32::from(opts.socket_cache);
         ro.flowd_entropy_seed = entropy_seed();
+        ro.flowd_have_check_mtu = u32::from(opts.check_mtu);
+        ro.flowd_fallback_mtu = opts.fallback_mtu;
     }
     open.maps
         .flowd_marks
@@ -91,7 +140,11 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
     open.progs
         .flowd_mark
         .set_attach_type(libbpf_rs::ProgramAttachType::TcxEgress);
+    crate::bpf::clear_refusals();
     open.load().map_err(|e| {
+        if let Some(r) = crate::bpf::refusal() {
+            return anyhow::anyhow!("loading the marker (bpf/marker.bpf.c): {r}");
+        }
         let hint = match e.kind() {
             libbpf_rs::ErrorKind::PermissionDenied => {
                 ": permission denied, run as root (CAP_BPF and CAP_NET_ADMIN are needed)"
@@ -100,6 +153,31 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
         };
         anyhow::anyhow!("loading the marker BPF program: {e}{hint}")
     })
+}
+
+/// The load options of configuration `cfg` on this kernel, and the fallbacks taken.
+pub fn options_for(
+    cfg: &Config,
+    ifaces: &[Interface],
+    k: &KernelFeatures,
+) -> Result<(LoadOptions, Vec<String>)> {
+    let mut opts = LoadOptions {
+        strategy: cfg.marker.strategy,
+        map_capacity: cfg.marker.map_capacity,
+        in_kernel: cfg.marker.in_kernel_decisions,
+        netns_ino: own_netns_ino()?,
+        socket_cache: cfg.marker.socket_cache,
+        ..Default::default()
+    };
+    let taken = opts.adapt_to(k);
+    if !opts.check_mtu {
+        opts.fallback_mtu = ifaces
+            .iter()
+            .filter_map(|i| netif::mtu(&i.name).ok())
+            .min()
+            .unwrap_or(1280);
+    }
+    Ok((opts, taken))
 }
 
 /// Key of the flows' entropy hash: drawn from the kernel's boot id, so that it is
@@ -171,6 +249,7 @@ pub struct Marker {
     rtnl: rtnetlink::Handle,
     state: StateFile,
     strategy: Strategy,
+    fallbacks: Vec<String>,
 }
 
 impl Marker {
@@ -185,14 +264,14 @@ impl Marker {
             info!(interfaces = ?leftovers.filters_removed, "removed filters left by an earlier instance");
         }
         let ifaces: Vec<Interface> = netif::resolve(&rtnl, &cfg.marker.interfaces).await?;
-        let opts = LoadOptions {
-            strategy: cfg.marker.strategy,
-            map_capacity: cfg.marker.map_capacity,
-            in_kernel: cfg.marker.in_kernel_decisions,
-            netns_ino: own_netns_ino()?,
-            socket_cache: cfg.marker.socket_cache,
-            ..Default::default()
-        };
+        let kernel = KernelFeatures::detect();
+        if let Some(missing) = kernel.missing_required() {
+            anyhow::bail!("{missing}");
+        }
+        let (opts, fallbacks) = options_for(cfg, &ifaces, kernel)?;
+        for f in &fallbacks {
+            tracing::warn!("marker: {f}");
+        }
         let mut skel = load(&opts)?;
         let maps = Arc::new(maps_of(&skel, opts.map_capacity)?);
         let attachments = attach::attach_all(
@@ -221,11 +300,27 @@ impl Marker {
             rtnl,
             state,
             strategy: cfg.marker.strategy,
+            fallbacks,
         })
     }
 
     pub fn maps(&self) -> Arc<MarkMaps> {
         self.maps.clone()
+    }
+
+    /// The fallbacks taken because this kernel lacks a feature, one line each.
+    pub fn fallbacks(&self) -> Vec<String> {
+        let mut all = self.fallbacks.clone();
+        if self.attachments.iter().any(|a| a.mode() == "clsact")
+            && !KernelFeatures::detect().has(Feature::Tcx)
+        {
+            all.push(format!(
+                "marker attached through clsact: this kernel lacks {} (Linux >= {})",
+                Feature::Tcx.name(),
+                Feature::Tcx.since()
+            ));
+        }
+        all
     }
 
     pub fn strategy(&self) -> Strategy {

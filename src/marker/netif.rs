@@ -129,3 +129,26 @@ pub async fn clsact_filter_count(h: &Handle, ifindex: u32) -> Result<usize> {
     }
     Ok(n)
 }
+
+/// The MTU of interface `name` in the calling thread's network namespace
+/// (SIOCGIFMTU: /sys/class/net may show another namespace's interfaces).
+pub fn mtu(name: &str) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let sock = std::net::UdpSocket::bind("[::1]:0")
+        .or_else(|_| std::net::UdpSocket::bind("127.0.0.1:0"))?;
+    // SAFETY: ifreq is plain data; the name is copied NUL-terminated within bounds.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        let bytes = name.as_bytes();
+        if bytes.len() >= req.ifr_name.len() {
+            return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        }
+        for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(req.ifr_ifru.ifru_mtu as u32)
+    }
+}

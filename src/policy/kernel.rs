@@ -32,7 +32,8 @@ use super::sets::{CidrSet, PortSet};
 use crate::model::socket::{Direction, Protocol};
 
 /// Rules the kernel evaluates (FLOWD_KRULES_MAX in bpf/flowd.h).
-pub const MAX_RULES: usize = 128;
+pub const MAX_RULES: usize =
+    crate::bpf::marker::types::flowd_krule_limits::FLOWD_KRULES_MAX.0 as usize;
 
 /// A set of rules, bit `i` = rule `i` in precedence order.
 pub type RuleBits = u128;
