@@ -215,7 +215,7 @@ static __always_inline const struct flowd_kbits *lookup_port(__u32 slot, __u8 si
 
 /*
  * The compiled policy applied to one socket (the kernel half of Policy::evaluate;
- * tests/kernel_agreement.rs checks that both agree). On FLOWD_KV_MATCH, *out is
+ * tests/marker_kernel_agreement.rs checks that both agree). On FLOWD_KV_MATCH, *out is
  * the winning rule's mark with zero entropy and *rule its precedence index.
  * Only the miss paths call this; the per-packet hit path never does.
  */

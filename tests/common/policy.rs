@@ -61,7 +61,7 @@ pub fn sock(proto: Protocol, local: &str, remote: &str, direction: Direction) ->
 }
 
 /// A randomly generated rule for property tests (tests/policy_props.rs,
-/// tests/kernel_agreement.rs), rendered to TOML by [`render`].
+/// tests/marker_kernel_agreement.rs), rendered to TOML by [`render`].
 #[derive(Debug, Clone)]
 pub struct Spec {
     pub priority: i32,
