@@ -116,6 +116,7 @@ pub enum Remote {}
 
 impl Side for Local {
     const NAME: &'static str = "local";
+    #[inline]
     fn addr(s: &SocketAttrs) -> SocketAddr {
         s.local
     }
@@ -123,6 +124,7 @@ impl Side for Local {
 
 impl Side for Remote {
     const NAME: &'static str = "remote";
+    #[inline]
     fn addr(s: &SocketAttrs) -> SocketAddr {
         s.remote
     }
