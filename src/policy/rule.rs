@@ -90,9 +90,7 @@ impl Match {
     /// The first field that rejects `s`, or `None` if `s` matches. Never allocates: this
     /// is the evaluation hot path.
     pub fn first_failure(&self, s: &SocketAttrs) -> Option<Field> {
-        Field::EVAL_ORDER
-            .into_iter()
-            .find(|&f| !self.field_accepts(f, s))
+        self.first_rejecting(s)
     }
 
     pub fn matches(&self, s: &SocketAttrs) -> bool {

@@ -32,6 +32,7 @@ impl MatchField for Cgroup {
         (out.len() == items.len()).then_some(out)
     }
 
+    #[inline]
     fn accepts(v: &Vec<CgroupPrefix>, s: &SocketAttrs) -> bool {
         s.cgroup
             .as_ref()

@@ -44,6 +44,7 @@ impl<S: Side> MatchField for Cidrs<S> {
         ok.then_some(set)
     }
 
+    #[inline]
     fn accepts(v: &CidrSet, s: &SocketAttrs) -> bool {
         v.contains(S::addr(s).ip())
     }

@@ -37,6 +37,7 @@ impl MatchField for DirectionField {
     }
 
     /// A socket of unknown direction never matches: the value compiled is never `Unknown`.
+    #[inline]
     fn accepts(v: &Direction, s: &SocketAttrs) -> bool {
         *v == s.direction
     }

@@ -38,6 +38,7 @@ impl MatchField for Exe {
         ok.then(|| items.iter().map(|i| PathBuf::from(i.get_ref())).collect())
     }
 
+    #[inline]
     fn accepts(v: &Vec<PathBuf>, s: &SocketAttrs) -> bool {
         s.exe.as_ref().is_some_and(|e| v.contains(e))
     }

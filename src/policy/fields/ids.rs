@@ -116,6 +116,7 @@ impl<K: IdKind> MatchField for Ids<K> {
         ok.then_some(out)
     }
 
+    #[inline]
     fn accepts(v: &Vec<Account>, s: &SocketAttrs) -> bool {
         K::of(s).is_some_and(|id| v.binary_search_by_key(&id, |a| a.id).is_ok())
     }

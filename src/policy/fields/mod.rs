@@ -66,7 +66,8 @@ pub trait MatchField {
     ) -> Option<Self::Value>;
 
     /// Does the socket satisfy the constraint? A fact the socket lacks never does (a tag
-    /// must never be a guess). The evaluation hot path: must not allocate.
+    /// must never be a guess). The evaluation hot path: must not allocate (and its
+    /// implementations are `#[inline]`).
     fn accepts(v: &Self::Value, s: &SocketAttrs) -> bool;
 
     /// Why `v` rejects `s`, e.g. `remote 10.0.0.1 not in [2001:db8::/32]`.
@@ -115,6 +116,7 @@ pub enum Remote {}
 
 impl Side for Local {
     const NAME: &'static str = "local";
+    #[inline]
     fn addr(s: &SocketAttrs) -> SocketAddr {
         s.local
     }
@@ -122,6 +124,7 @@ impl Side for Local {
 
 impl Side for Remote {
     const NAME: &'static str = "remote";
+    #[inline]
     fn addr(s: &SocketAttrs) -> SocketAddr {
         s.remote
     }
@@ -206,7 +209,24 @@ macro_rules! define_fields {
                 }
             }
 
+            /// The first field, in [`Field::EVAL_ORDER`], that rejects `s`. Straight-line
+            /// code for the evaluation hot path: block `i` tests `EVAL_ORDER[i]`, a
+            /// constant, so each `field_accepts` folds to that one field's test (a loop
+            /// over the fields would dispatch on every field of every rule).
+            #[inline]
+            pub(in crate::policy) fn first_rejecting(&self, s: &SocketAttrs) -> Option<Field> {
+                $({
+                    // `Field::$V as usize` only numbers the blocks 0, 1, 2, ...
+                    const F: Field = Field::EVAL_ORDER[Field::$V as usize];
+                    if !self.field_accepts(F, s) {
+                        return Some(F);
+                    }
+                })*
+                None
+            }
+
             /// Does `f` let `s` through (an unconstrained field always does)?
+            #[inline(always)]
             pub(in crate::policy) fn field_accepts(&self, f: Field, s: &SocketAttrs) -> bool {
                 match f {
                     $(Field::$V => self.$key.as_ref().is_none_or(|v| {

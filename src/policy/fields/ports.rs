@@ -50,6 +50,7 @@ impl<S: Side> MatchField for Ports<S> {
         ok.then(|| PortSet::new(ranges))
     }
 
+    #[inline]
     fn accepts(v: &PortSet, s: &SocketAttrs) -> bool {
         v.contains(S::addr(s).port())
     }

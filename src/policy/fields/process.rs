@@ -54,6 +54,7 @@ impl MatchField for Process {
         ok.then(|| items.iter().map(|i| i.get_ref().clone()).collect())
     }
 
+    #[inline]
     fn accepts(v: &Vec<String>, s: &SocketAttrs) -> bool {
         s.comm.as_ref().is_some_and(|c| v.contains(c))
     }

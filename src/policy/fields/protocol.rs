@@ -36,6 +36,7 @@ impl MatchField for ProtocolField {
         }
     }
 
+    #[inline]
     fn accepts(v: &Protocol, s: &SocketAttrs) -> bool {
         *v == s.proto
     }
