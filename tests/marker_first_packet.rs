@@ -108,15 +108,19 @@ fn passive(pair: &Pair) {
 
 /// A connected UDP socket on A sends 3 datagrams to B:5501 right after connect().
 fn udp(pair: &Pair) -> u16 {
-    let rcv = pair.b.run(|| {
+    let (bound_tx, bound) = std::sync::mpsc::channel();
+    let rcv = pair.b.run(move || {
         let s = UdpSocket::bind(SocketAddr::new(ADDR_B.into(), 5501)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(patient(Duration::from_secs(5)))).unwrap();
+        bound_tx.send(()).unwrap();
         let mut buf = [0u8; 100];
         for _ in 0..3 {
             s.recv(&mut buf).unwrap();
         }
     });
-    std::thread::sleep(Duration::from_millis(50));
+    // Sending before the receiver is bound would be refused (ICMP port unreachable):
+    // on a slow guest the bind can take longer than any fixed sleep.
+    bound.recv().unwrap();
     let port = pair
         .a
         .run(|| {
