@@ -145,6 +145,10 @@ impl Engine {
             policy_reloads_failed: self.reloads_failed,
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
             announcements: self.announcements.as_ref().map(Announcements::counters),
+            facts_denied: {
+                let st = self.procs.stats();
+                Fact::ALL.map(|f| (f.name(), st.denied(f))).to_vec()
+            },
         }
     }
 }

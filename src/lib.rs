@@ -18,5 +18,6 @@ pub mod inspect;
 pub mod marker;
 pub mod marking;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod view;
