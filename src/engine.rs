@@ -391,7 +391,7 @@ impl Engine {
                     warn!(
                         rule = %rule.id,
                         fact = fact.name(),
-                        "cannot read the {} of another user's process (/proc refused it: the daemon needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH); this rule cannot match that process's sockets",
+                        "cannot read the {} of a socket's process: /proc refused it (the daemon lacks CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH, or the process is protected); this rule cannot match such sockets",
                         fact.name()
                     );
                 }

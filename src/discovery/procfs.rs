@@ -70,8 +70,8 @@ pub struct ResolverStats {
     pub misses: u64,
     pub vanished: u64,
     pub evictions: u64,
-    /// Reads refused (EACCES/EPERM), per fact: fd tables of processes (owner),
-    /// executables, cgroups.
+    /// Reads refused (EACCES/EPERM), per fact: sockets whose owner was not found
+    /// while some process's fd table was refused (owner); executables; cgroups.
     pub denied_owner: u64,
     pub denied_exe: u64,
     pub denied_cgroup: u64,
@@ -200,6 +200,8 @@ impl ProcResolver {
     fn scan(&mut self, wanted: &HashSet<u64>) -> Result<HashMap<u64, Arc<ProcessInfo>>, ProcError> {
         self.stats.scans += 1;
         let mut found = HashMap::new();
+        // Some process's fd table could not be read: an inode not found may be its.
+        let mut refused_any = false;
         let dir = fs::read_dir(&self.root).map_err(|source| ProcError::ListProc {
             path: self.root.clone(),
             source,
@@ -213,7 +215,7 @@ impl ProcResolver {
             let fds = match fs::read_dir(pid_dir.join("fd")) {
                 Ok(fds) => fds,
                 Err(e) if refused(&e) => {
-                    self.stats.denied_owner += 1;
+                    refused_any = true;
                     continue;
                 }
                 Err(_) => {
@@ -227,7 +229,7 @@ impl ProcResolver {
                     Ok(t) => t,
                     Err(e) if refused(&e) => {
                         // The directory listed, the links do not: no ptrace access.
-                        self.stats.denied_owner += 1;
+                        refused_any = true;
                         break;
                     }
                     Err(_) => continue,
@@ -247,6 +249,10 @@ impl ProcResolver {
             if found.len() == wanted.len() {
                 break;
             }
+        }
+        if refused_any {
+            // Owners not found while some fd table was refused: unknown, not absent.
+            self.stats.denied_owner += (wanted.len() - found.len()) as u64;
         }
         tracing::debug!(
             wanted = wanted.len(),
