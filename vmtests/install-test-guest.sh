@@ -2,7 +2,8 @@
 # Runs inside the guest (systemd as PID 1), as install-test.service: installs the
 # .deb with apt, starts, reloads, marks real traffic, stops and purges, and says
 # PASS or FAIL for each step. vmtests/install-test.sh boots the guest.
-exec > >(tee /root/install-test.log >/dev/ttyS0) 2>&1
+# The unit sends stdout to the journal and the console (serial: console.log).
+exec > >(tee /root/install-test.log) 2>&1
 set -u
 fails=0
 step() { echo; echo "=== $*"; }
@@ -14,7 +15,8 @@ PY=$(readlink -f /usr/bin/python3)
 
 step "kernel $(uname -r), systemd $(systemctl --version | head -n1 | cut -d' ' -f2), PID 1 $(cat /proc/1/comm)"
 step "apt install"
-check "apt installs the .deb offline" apt-get install -y --no-download /root/flowd-rs_*_amd64.deb
+# Offline: its dependencies (libc6, libelf1, zlib1g, systemd) are installed.
+check "apt installs the .deb" apt-get install -y /root/flowd-rs_*_amd64.deb
 dpkg -L flowd-rs | sort | sed 's/^/  /'
 check "the unit is enabled" systemctl is-enabled flowd-rs
 check "the account exists" id flowd-rs
@@ -86,14 +88,14 @@ rm /etc/flowd-rs/policies.d/broken.toml
 check "systemctl reload succeeds again" systemctl reload flowd-rs
 
 step "traffic: port 5201 (perfsonar rule, kernel-decided), port 5202 (exe rule, another user's process)"
-capture 5201 /tmp/p5201.txt; send 5201 3 & sleep 1.5
+capture 5201 /tmp/p5201.txt; send 5201 3 & c=$!; sleep 1.5
 flowd-rs inspect --once | sed 's/^/  /' | head -n 20
 inspect=$(flowd-rs inspect --once)
-wait
-capture 5202 /tmp/p5202.txt; send 5202 7 & sleep 6.5
+wait $c
+capture 5202 /tmp/p5202.txt; send 5202 7 & c=$!; sleep 6.5
 inspect2=$(flowd-rs inspect --once)
 echo "$inspect2" | grep 5202 | sed 's/^/  /'
-wait; sleep 1
+wait $c; sleep 2
 for port in 5201 5202; do
     echo "  labels seen by the peer, port $port:"
     grep -o 'flowlabel 0x[0-9a-f]*' /tmp/p$port.txt | sort | uniq -c | sed 's/^/    /'

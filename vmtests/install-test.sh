@@ -83,9 +83,11 @@ Type=oneshot
 ExecStart=/bin/bash /root/install-test-guest.sh
 StandardOutput=journal+console
 [Install]
-WantedBy=default.target
+WantedBy=multi-user.target
 UNIT
 ln -sf /etc/systemd/system/install-test.service "$tree/etc/systemd/system/multi-user.target.wants/install-test.service"
+# No login prompt on the console the test writes to.
+ln -sf /dev/null "$tree/etc/systemd/system/serial-getty@ttyS0.service"
 mkfs.ext4 -q -F -L root -d "$tree" "$work/disk.img" 3G
 
 echo "== booting (TCG; a few minutes)"
