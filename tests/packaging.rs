@@ -240,3 +240,28 @@ fn systemd_analyze_rates_the_unit_at_most_3_5() {
         .unwrap_or_else(|| panic!("unparsable: {line}"));
     assert!(score <= 3.5, "{line}\n{out}");
 }
+
+#[test]
+fn under_the_journal_lines_carry_their_syslog_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("flowd-rs.toml");
+    std::fs::write(&cfg, "[marker]\nmap_capacity = 0\n").unwrap();
+    let o = Command::new(BIN)
+        .args(["-c", cfg.to_str().unwrap(), "run"])
+        .env("JOURNAL_STREAM", "8:1234")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.starts_with("<3>flowd-rs: "), "{err}");
+    let o = Command::new(BIN)
+        .args(["-c", cfg.to_str().unwrap(), "run"])
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    assert!(
+        text(&o.stderr).starts_with("flowd-rs: "),
+        "{}",
+        text(&o.stderr)
+    );
+}

@@ -71,6 +71,9 @@ capture 5201 /tmp/before.txt; send 5201; sleep 2
 echo "  labels before any policy:"; grep -o 'flowlabel 0x[0-9a-f]*' /tmp/before.txt | sort | uniq -c | sed 's/^/    /'
 
 step "drop policies, reload"
+# The perfSONAR example names the accounts of pScheduler and OWAMP: this guest
+# becomes a perfSONAR node first (a missing account is a load error, by design).
+useradd --system pscheduler; useradd --system owamp
 cp /etc/flowd-rs/policies.d/perfsonar.toml.example /etc/flowd-rs/policies.d/perfsonar.toml
 cat >/etc/flowd-rs/policies.d/site.toml <<POL
 experiment = "atlas"
@@ -82,10 +85,6 @@ remote_ports = [5202]
 POL
 check "flowd-rs policy check" flowd-rs policy check
 check "systemctl reload succeeds" systemctl reload flowd-rs
-echo "broken = [" >/etc/flowd-rs/policies.d/broken.toml
-check "systemctl reload fails on a broken policy" sh -c '! systemctl reload flowd-rs'
-rm /etc/flowd-rs/policies.d/broken.toml
-check "systemctl reload succeeds again" systemctl reload flowd-rs
 
 step "traffic: port 5201 (perfsonar rule, kernel-decided), port 5202 (exe rule, another user's process)"
 capture 5201 /tmp/p5201.txt; send 5201 3 & c=$!; sleep 1.5
@@ -114,6 +113,14 @@ check "inspect --once shows the 5202 flow with the exe rule" sh -c "echo \"\$0\"
 curl -s 127.0.0.1:9617/metrics | grep -E '^flowd_(flows_tagged|marked_packets_total|fact_denied_total|policy_reloads_total)' | sed 's/^/  /'
 check "no error in the journal" sh -c '! journalctl -u flowd-rs -p err --no-pager -q | grep .'
 echo "  journal (warnings and above):"; journalctl -u flowd-rs -p warning --no-pager -q | sed 's/^/    /'
+
+step "a broken policy is refused by reload, the previous one stays"
+echo "broken = [" >/etc/flowd-rs/policies.d/broken.toml
+check "systemctl reload fails on a broken policy" sh -c '! systemctl reload flowd-rs'
+journalctl -u flowd-rs -p err --no-pager -q | tail -n 3 | sed 's/^/    /'
+check "still active, still marking" sh -c '[ "$(systemctl show -P ActiveState flowd-rs)" = active ] && flowd-rs status | grep -q "\"policy_version\""'
+rm /etc/flowd-rs/policies.d/broken.toml
+check "systemctl reload succeeds again" systemctl reload flowd-rs
 
 step "stop"
 check "systemctl stop" systemctl stop flowd-rs
