@@ -111,12 +111,16 @@ echo "-- requires"; rpm -qp --requires "$rpm" 2>/dev/null
 echo "-- scripts"; rpm -qp --scripts "$rpm" 2>/dev/null
 rc=0
 grep -q "INSTALL-TEST: ALL PASSED" "$work/install-test.log" || { echo "guest test failed (console: $work/console.log)"; rc=1; }
+# Lists first: grep -q closing the pipe early would fail rpm under pipefail.
+files=$(rpm -qlp "$rpm" 2>/dev/null)
+requires=$(rpm -qp --requires "$rpm" 2>/dev/null)
 for f in /usr/bin/flowd-rs /usr/lib/systemd/system/flowd-rs.service /etc/flowd-rs/flowd-rs.toml /usr/lib/sysusers.d/flowd-rs.conf /usr/share/man/man1/flowd-rs-run.1 /usr/share/licenses/flowd-rs/LICENSE; do
-    rpm -qlp "$rpm" 2>/dev/null | grep -qx "$f" || { echo "rpm lacks $f"; rc=1; }
+    grep -qx "$f" <<<"$files" || { echo "rpm lacks $f"; rc=1; }
 done
 for r in 'libelf.so.1()(64bit)' 'libz.so.1()(64bit)' elfutils-libelf zlib; do
-    rpm -qp --requires "$rpm" 2>/dev/null | grep -qF "$r" || { echo "rpm does not require $r"; rc=1; }
+    grep -qF "$r" <<<"$requires" || { echo "rpm does not require $r"; rc=1; }
 done
-rpm -qp --requires "$rpm" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -V | tail -n1 | grep -qE 'GLIBC_2\.(1?[0-9]|2[0-9]|3[0-4])$' || { echo "rpm requires a glibc newer than 2.34"; rc=1; }
+newest=$(grep -o 'GLIBC_[0-9.]*' <<<"$requires" | sort -V | tail -n1)
+[ "$(printf '%s\n' "$newest" GLIBC_2.34 | sort -V | tail -n1)" = GLIBC_2.34 ] || { echo "rpm requires $newest, newer than EL9's glibc 2.34"; rc=1; }
 [ $rc -eq 0 ] && rm -rf "$tree" && echo "INSTALL TEST PASSED (logs in $work)"
 exit $rc
