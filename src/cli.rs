@@ -52,6 +52,12 @@ pub fn policy_check(
                 p.rules().len(),
                 p.version()
             )?;
+            if p.rules().len() == 0 {
+                writeln!(
+                    out,
+                    "  no policies: nothing is tagged (the daemon runs, marking nothing)"
+                )?;
+            }
             // With marker.in_kernel_decisions (the default): which rules the kernel
             // decides before a flow's first packet leaves.
             let compiled = crate::policy::kernel::KernelPolicy::compile(p.rules());

@@ -67,15 +67,30 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     let policy = load_policy(&cfg.policy.dir, &registry).map_err(|e| anyhow::anyhow!("{e}"))?;
     info!(dir = %cfg.policy.dir.display(), rules = policy.rules().len(), version = policy.version(), "policy loaded");
+    let policy_version = policy.version().to_string();
 
     let marker = Marker::start(&cfg).await?;
     match start_engine(&cfg, &marker, policy, registry).await {
-        Ok(running) => {
+        Ok(mut running) => {
+            let first_dump = running.first_dump.take();
+            let commands = running.commands.clone();
+            let version = policy_version;
             tokio::select! {
                 _ = sigterm.recv() => info!("SIGTERM: shutting down"),
                 _ = sigint.recv() => info!("SIGINT: shutting down"),
-                _ = async { loop { sighup.recv().await; let _ = running.commands.send(Command::Reload).await; } } => {}
+                _ = async {
+                    // Ready once the marker is attached and the first dump has
+                    // marked what already existed: `systemctl start` then returns.
+                    if let Some(rx) = first_dump {
+                        if rx.await.is_ok() {
+                            info!("first sock_diag dump reconciled: marking is live");
+                            crate::notify::ready(&format!("marking, policy {version}"));
+                        }
+                    }
+                    loop { sighup.recv().await; let _ = commands.send(Command::Reload).await; }
+                } => {}
             }
+            crate::notify::stopping();
             running.stop().await;
         }
         Err(e) => {
@@ -100,6 +115,8 @@ struct Running {
     feeds: Vec<Feed>,
     /// The announcement FIFO, removed when this is dropped.
     _pipe: Option<Pipe>,
+    /// Fires once the engine has applied the first complete sock_diag dump.
+    first_dump: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Running {
@@ -244,7 +261,12 @@ async fn start_engine(
         }));
         engine = engine.with_metrics(metrics, published);
     }
-    let engine = tokio::spawn(engine.run(disc_rx, cmd_rx, announce_rx));
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let engine = tokio::spawn(engine.with_first_dump_signal(first_tx).run(
+        disc_rx,
+        cmd_rx,
+        announce_rx,
+    ));
     tasks.push(tokio::spawn(server.serve(cmd_tx.clone())));
     info!(strategy = %info.strategy, interfaces = ?info.attached, "flowd-rs running");
     Ok(Running {
@@ -254,6 +276,7 @@ async fn start_engine(
         drains,
         feeds,
         _pipe: pipe,
+        first_dump: Some(first_rx),
     })
 }
 

@@ -23,4 +23,5 @@ pub mod marker;
 pub mod marking;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod policy;

@@ -58,8 +58,15 @@ enum Command {
         #[command(subcommand)]
         action: RegistryAction,
     },
-    /// Print the manual page (roff), e.g. `flowd-rs man > /usr/share/man/man1/flowd-rs.1`.
-    Man,
+    /// Print the manual page (roff), e.g. `flowd-rs man > /usr/share/man/man1/flowd-rs.1`;
+    /// with --dir, write flowd-rs.1 and one page per subcommand into DIR.
+    Man {
+        /// Write every page (flowd-rs.1, flowd-rs-run.1, flowd-rs-policy-check.1, ...) here.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Mark or unmark one flow by hand (internal: for tests until discovery decides marks).
     #[command(hide = true)]
     Mark {
@@ -169,7 +176,13 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("flowd-rs: {e:#}");
+            // `<3>`: an error for journald (see JournalPriority).
+            let prefix = if std::env::var_os("JOURNAL_STREAM").is_some() {
+                "<3>"
+            } else {
+                ""
+            };
+            eprintln!("{prefix}flowd-rs: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -186,9 +199,44 @@ fn init_logging(filter: &str) {
         .with_ansi(is_tty)
         .with_target(false);
     if under_journal {
-        builder.without_time().init();
+        builder
+            .event_format(JournalPriority(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_target(false)
+                    .with_ansi(false),
+            ))
+            .init();
     } else {
         builder.init();
+    }
+}
+
+/// Under systemd, each line starts with its syslog priority (`<4>` for a warning),
+/// which journald takes from stderr: `journalctl -p warning` then shows the
+/// daemon's warnings, not every line at the default "info".
+struct JournalPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 
@@ -206,11 +254,42 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The command as the manual pages show it: built, so every subcommand knows its
+/// full name (`flowd-rs-policy-check`), and without clap's `help` subcommand.
+fn man_command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    cmd
+}
+
+/// `man --dir DIR`: flowd-rs.1 and a page for every subcommand it names, so that
+/// each `flowd-rs-NAME(1)` reference resolves.
+fn man_pages(dir: &std::path::Path) -> Result<()> {
+    fn sub_pages(cmd: &clap::Command, dir: &std::path::Path) -> Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = sub.get_display_name().unwrap_or(sub.get_name()).to_owned();
+            let path = dir.join(format!("{name}.1"));
+            let mut page = Vec::new();
+            clap_mangen::Man::new(sub.clone()).render(&mut page)?;
+            page.extend_from_slice(b".SH SEE ALSO\n\\fBflowd\\-rs\\fR(1)\n");
+            std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+            sub_pages(sub, dir)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("flowd-rs.1");
+    let mut page = Vec::new();
+    man_page(&mut page)?;
+    std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    sub_pages(&man_command(), dir)
+}
+
 /// The manual page: clap's own rendering of the command line, then the files and
 /// signals an operator needs, which the options do not say.
 fn man_page(out: &mut dyn std::io::Write) -> Result<()> {
-    use clap::CommandFactory;
-    clap_mangen::Man::new(Cli::command()).render(out)?;
+    clap_mangen::Man::new(man_command()).render(out)?;
     out.write_all(
         br#".SH FILES
 .TP
@@ -228,15 +307,27 @@ What is attached where, so \fBflowd\-rs clean\fR can undo a crashed instance.
 .SH SIGNALS
 SIGHUP reloads the policy directory (a broken one is refused and the previous policy kept). SIGINT and SIGTERM detach everything and leave each interface as found.
 .SH SEE ALSO
-https://www.scitags.org, the README of flowd\-rs.
+\fBsystemctl\fR(1), \fBjournalctl\fR(1); https://www.scitags.org; /usr/share/doc/flowd\-rs/README.md (operations: capabilities, metrics, upgrades).
 "#,
     )?;
     Ok(())
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
-    if let Command::Man = cli.command {
-        return man_page(&mut std::io::stdout().lock());
+    match &cli.command {
+        Command::Man { dir: None } => return man_page(&mut std::io::stdout().lock()),
+        Command::Man { dir: Some(dir) } => return man_pages(dir),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "flowd-rs",
+                &mut std::io::stdout().lock(),
+            );
+            return Ok(());
+        }
+        _ => {}
     }
     let cfg = load_config(&cli)?;
     match cli.command {
@@ -274,7 +365,19 @@ fn dispatch(cli: Cli) -> Result<()> {
             let mut out = std::io::stdout().lock();
             match action {
                 PolicyAction::Check { dir, offline } => {
-                    let dir = dir.unwrap_or(cfg.policy.dir.clone());
+                    let dir = match dir {
+                        Some(d) => d,
+                        // What the daemon would load: a missing directory means no
+                        // policies (a fresh install), which it runs with.
+                        None if !cfg.policy.dir.exists() => {
+                            println!(
+                                "{}: does not exist: no policies, nothing is tagged",
+                                cfg.policy.dir.display()
+                            );
+                            return Ok(());
+                        }
+                        None => cfg.policy.dir.clone(),
+                    };
                     if !cli::policy_check(
                         &dir,
                         &reg,
@@ -332,7 +435,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             action: RegistryAction::Update { url, output },
         } => cli::registry_update(&url, &output, &mut std::io::stdout().lock()),
         // Answered above, before the configuration is read.
-        Command::Man => unreachable!("man is dispatched before the configuration"),
+        Command::Man { .. } | Command::Completions { .. } => {
+            unreachable!("man and completions are dispatched before the configuration")
+        }
         Command::Mark { action } => {
             let req = match action {
                 MarkAction::Add {

@@ -79,6 +79,9 @@ pub struct Snapshot {
     pub fireflies: Option<FireflyStatus>,
     /// Present when an announcement input is on.
     pub announcements: Option<AnnouncementCounters>,
+    /// Reads of socket owners' facts /proc refused, by fact (owner, exe, cgroup):
+    /// the daemon lacks a capability, and rules on that fact cannot match.
+    pub facts_denied: Vec<(&'static str, u64)>,
 }
 
 /// Gives the current [`Snapshot`]; called once per scrape, on a blocking thread.
@@ -349,6 +352,16 @@ impl Collector for SnapshotCollector {
             ),
         ] {
             labelled_counters(&mut enc, &mut mono, name, help, key, &pairs)?;
+        }
+        if !s.facts_denied.is_empty() {
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_fact_denied",
+                "Reads of a socket owner's facts /proc refused (the daemon lacks CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH), by fact.",
+                "fact",
+                &s.facts_denied,
+            )?;
         }
         if let Some(ff) = &s.fireflies {
             gauge(

@@ -49,6 +49,7 @@ fn snapshot(scale: u64) -> Snapshot {
         kernel_overridden: 7 * scale,
         fireflies: None,
         announcements: None,
+        facts_denied: vec![("owner", 0), ("exe", scale), ("cgroup", 0)],
     }
 }
 
@@ -296,4 +297,116 @@ fn closures_are_sources() {
         .encode_prometheus()
         .unwrap()
         .contains("flowd_flows_tracked 9\n"));
+}
+
+/// Every series the daemon can export, fireflies on: what a dashboard may name.
+fn everything() -> String {
+    let source = Arc::new(Published::default());
+    source.set(Snapshot {
+        fireflies: Some(FireflyStatus {
+            announced: 1,
+            starts_waiting: 0,
+            sent_start: 1,
+            sent_ongoing: 0,
+            sent_end: 1,
+            queue_full: 0,
+            send_errors: 0,
+        }),
+        ..snapshot(1)
+    });
+    let m = metrics(source);
+    m.observe_poll(Duration::from_millis(3));
+    m.encode_prometheus().unwrap()
+}
+
+#[test]
+fn refused_proc_reads_are_counted_per_fact() {
+    let v = values(&everything());
+    assert_eq!(
+        v.get("flowd_fact_denied_total{fact=exe}"),
+        Some(&1.0),
+        "{v:#?}"
+    );
+    assert_eq!(
+        v.get("flowd_fact_denied_total{fact=owner}"),
+        Some(&0.0),
+        "{v:#?}"
+    );
+}
+
+/// Splits `text` into the words of a PromQL expression (names, labels).
+fn words(text: &str) -> Vec<&str> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+#[test]
+fn every_query_of_the_packaged_dashboard_names_series_the_daemon_exports() {
+    let dash: serde_json::Value =
+        serde_json::from_str(include_str!("../packaging/grafana-dashboard.json")).unwrap();
+    let text = everything();
+    // Exported sample names and, per name, the label names its series carry.
+    let mut exported: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name_end = line.find(['{', ' ']).unwrap();
+        let labels = exported.entry(line[..name_end].to_string()).or_default();
+        if let Some(rest) = line[name_end..].strip_prefix('{') {
+            for pair in rest[..rest.find('}').unwrap()].split(',') {
+                labels.insert(pair.split('=').next().unwrap().to_string());
+            }
+        }
+    }
+    let mut exprs: Vec<String> = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["query"].as_str().filter(|q| q.contains("flowd_")) {
+            exprs.push(q.to_string());
+        }
+    }
+    assert!(exprs.len() >= 15, "{} queries", exprs.len());
+    let mut named = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let metrics: Vec<&str> = words(e)
+            .into_iter()
+            .filter(|w| w.starts_with("flowd_"))
+            .collect();
+        assert!(!metrics.is_empty(), "query names no flowd_ series: {e}");
+        for m in &metrics {
+            assert!(
+                exported.contains_key(*m),
+                "`{m}` (in `{e}`) is not exported:\n{text}"
+            );
+            named.insert(m.to_string());
+        }
+        // Labels grouped by must be labels of the series queried.
+        for group in e.split("by (").skip(1) {
+            for label in words(&group[..group.find(')').unwrap()]) {
+                if label == "instance" || label == "le" {
+                    continue;
+                }
+                assert!(
+                    metrics.iter().any(|m| exported[*m].contains(label)),
+                    "label `{label}` of `{e}` is on none of {metrics:?}"
+                );
+            }
+        }
+    }
+    // And the dashboard watches every family worth an alert.
+    for must in [
+        "flowd_packets_total",
+        "flowd_ringbuf_drops_total",
+        "flowd_fact_denied_total",
+        "flowd_policy_reloads_total",
+        "flowd_marker_map_entries",
+    ] {
+        assert!(named.contains(must), "{must} missing from the dashboard");
+    }
 }

@@ -15,10 +15,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("model", &["model"]),
     // Contracts and plumbing with no behaviour of the daemon's: the control
     // protocol's types and client, the skeletons, the configuration and its
-    // defaults, the local endpoints' permissions, what the running kernel offers.
+    // defaults, the local endpoints' permissions, what the running kernel offers,
+    // the service manager's readiness protocol.
     (
         "contracts",
-        &["api", "bpf", "config", "endpoint", "features"],
+        &["api", "bpf", "config", "endpoint", "features", "notify"],
     ),
     // Sources of facts, and the rules that judge them.
     ("sources", &["discovery", "policy"]),

@@ -111,7 +111,8 @@ fn udp(pair: &Pair) -> u16 {
     let (bound_tx, bound) = std::sync::mpsc::channel();
     let rcv = pair.b.run(move || {
         let s = UdpSocket::bind(SocketAddr::new(ADDR_B.into(), 5501)).unwrap();
-        s.set_read_timeout(Some(patient(Duration::from_secs(5)))).unwrap();
+        s.set_read_timeout(Some(common::patient(Duration::from_secs(5))))
+            .unwrap();
         bound_tx.send(()).unwrap();
         let mut buf = [0u8; 100];
         for _ in 0..3 {

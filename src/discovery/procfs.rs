@@ -2,8 +2,10 @@
 //! the `socket:[INODE]` links. Done lazily, only for the inodes asked about (a flow that
 //! policy needs to attribute), with one walk for a whole batch, and cached.
 //!
-//! Processes come and go during a walk; every per-process failure (ENOENT, EACCES,
-//! ESRCH) is skipped, never an error.
+//! Processes come and go during a walk; every per-process failure (ENOENT, ESRCH) is
+//! skipped, never an error. A refusal (EACCES, EPERM: the daemon lacks
+//! CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH for another user's process) is skipped too,
+//! but counted per [`Fact`], so the engine can say which rules cannot see it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
@@ -12,6 +14,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::model::facts::ProcessInfo;
+
+/// What the daemon reads of a socket's owner that the kernel may refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fact {
+    /// The process's fd table (/proc/PID/fd): which process holds a socket at all.
+    Owner,
+    /// /proc/PID/exe.
+    Exe,
+    /// /proc/PID/cgroup.
+    Cgroup,
+}
+
+impl Fact {
+    pub const ALL: [Fact; 3] = [Fact::Owner, Fact::Exe, Fact::Cgroup];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fact::Owner => "owner",
+            Fact::Exe => "exe",
+            Fact::Cgroup => "cgroup",
+        }
+    }
+}
+
+fn refused(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EPERM)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
@@ -30,6 +59,21 @@ pub struct ResolverStats {
     pub misses: u64,
     pub vanished: u64,
     pub evictions: u64,
+    /// Reads refused (EACCES/EPERM), per fact: sockets whose owner was not found
+    /// while some process's fd table was refused (owner); executables; cgroups.
+    pub denied_owner: u64,
+    pub denied_exe: u64,
+    pub denied_cgroup: u64,
+}
+
+impl ResolverStats {
+    pub fn denied(&self, fact: Fact) -> u64 {
+        match fact {
+            Fact::Owner => self.denied_owner,
+            Fact::Exe => self.denied_exe,
+            Fact::Cgroup => self.denied_cgroup,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -145,6 +189,8 @@ impl ProcResolver {
     fn scan(&mut self, wanted: &HashSet<u64>) -> Result<HashMap<u64, Arc<ProcessInfo>>, ProcError> {
         self.stats.scans += 1;
         let mut found = HashMap::new();
+        // Some process's fd table could not be read: an inode not found may be its.
+        let mut refused_any = false;
         let dir = fs::read_dir(&self.root).map_err(|source| ProcError::ListProc {
             path: self.root.clone(),
             source,
@@ -155,14 +201,27 @@ impl ProcResolver {
                 continue;
             };
             let pid_dir = ent.path();
-            let Ok(fds) = fs::read_dir(pid_dir.join("fd")) else {
-                self.stats.vanished += 1;
-                continue;
+            let fds = match fs::read_dir(pid_dir.join("fd")) {
+                Ok(fds) => fds,
+                Err(e) if refused(&e) => {
+                    refused_any = true;
+                    continue;
+                }
+                Err(_) => {
+                    self.stats.vanished += 1;
+                    continue;
+                }
             };
             let mut info: Option<Arc<ProcessInfo>> = None;
             for fd in fds.flatten() {
-                let Ok(target) = fs::read_link(fd.path()) else {
-                    continue;
+                let target = match fs::read_link(fd.path()) {
+                    Ok(t) => t,
+                    Err(e) if refused(&e) => {
+                        // The directory listed, the links do not: no ptrace access.
+                        refused_any = true;
+                        break;
+                    }
+                    Err(_) => continue,
                 };
                 let Some(inode) = socket_inode(&target) else {
                     continue;
@@ -170,14 +229,19 @@ impl ProcResolver {
                 if !wanted.contains(&inode) || found.contains_key(&inode) {
                     continue;
                 }
+                let stats = &mut self.stats;
                 let info = info
-                    .get_or_insert_with(|| Arc::new(process_info(&pid_dir, pid)))
+                    .get_or_insert_with(|| Arc::new(process_info(&pid_dir, pid, stats)))
                     .clone();
                 found.insert(inode, info);
             }
             if found.len() == wanted.len() {
                 break;
             }
+        }
+        if refused_any {
+            // Owners not found while some fd table was refused: unknown, not absent.
+            self.stats.denied_owner += (wanted.len() - found.len()) as u64;
         }
         tracing::debug!(
             wanted = wanted.len(),
@@ -197,12 +261,16 @@ pub fn socket_inode(link: &Path) -> Option<u64> {
         .ok()
 }
 
-fn process_info(pid_dir: &Path, pid: u32) -> ProcessInfo {
+fn process_info(pid_dir: &Path, pid: u32, stats: &mut ResolverStats) -> ProcessInfo {
     let comm = fs::read_to_string(pid_dir.join("comm"))
         .map(|s| s.trim_end_matches('\n').to_owned())
         .unwrap_or_default();
-    let exe = fs::read_link(pid_dir.join("exe")).ok();
+    // Kernel threads have no exe (ENOENT): only a refusal is counted.
+    let exe = fs::read_link(pid_dir.join("exe"))
+        .inspect_err(|e| stats.denied_exe += u64::from(refused(e)))
+        .ok();
     let cgroup = fs::read_to_string(pid_dir.join("cgroup"))
+        .inspect_err(|e| stats.denied_cgroup += u64::from(refused(e)))
         .ok()
         .and_then(|s| cgroup_v2_path(&s).map(str::to_owned));
     let gid = fs::read_to_string(pid_dir.join("status"))

@@ -20,7 +20,7 @@ use crate::announce::Announcements;
 use crate::api::request::{DaemonInfo, Request};
 use crate::api::view::{FlowView, StatusView, TagTotals};
 use crate::discovery::feeds::{Discovery, TrackerStatus};
-use crate::discovery::procfs::ProcResolver;
+use crate::discovery::procfs::{Fact, ProcResolver};
 use crate::firefly::Fireflies;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
 use crate::marking::{MarkSink, MarkStore, Marking};
@@ -68,16 +68,27 @@ pub struct Engine {
     fireflies: Option<Fireflies>,
     /// Present when an announcement input is configured.
     announcements: Option<Announcements>,
+    /// Told once, when the first complete sock_diag dump has been applied.
+    first_dump: Option<oneshot::Sender<()>>,
+    /// Refused /proc reads already warned about: (rule, fact), once each per policy.
+    denied_warned: std::collections::HashSet<(String, Fact)>,
+    /// The resolver's refusal counts at the last check.
+    denied_seen: [u64; 3],
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
 /// warning), a broken one an error listing every problem.
 pub fn load_policy(dir: &Path, registry: &Registry) -> Result<Policy, String> {
     if !dir.exists() {
-        warn!(dir = %dir.display(), "policy directory does not exist: no flow will be marked");
+        warn!(dir = %dir.display(), "no policies: nothing is tagged (the policy directory does not exist)");
         return Policy::from_sources(&[], registry).map_err(|e| e.to_string());
     }
-    Policy::load_dir(dir, registry).map_err(|e| e.to_string())
+    let p = Policy::load_dir(dir, registry).map_err(|e| e.to_string())?;
+    if p.rules().len() == 0 {
+        // A fresh install: the examples ship disabled (*.toml.example).
+        warn!(dir = %dir.display(), "no policies: nothing is tagged (no rule in any *.toml file)");
+    }
+    Ok(p)
 }
 
 impl Engine {
@@ -116,7 +127,17 @@ impl Engine {
             exactness: Vec::new(),
             fireflies: None,
             announcements: None,
+            first_dump: None,
+            denied_warned: Default::default(),
+            denied_seen: [0; 3],
         }
+    }
+
+    /// `tx` is told when the first complete sock_diag dump has been reconciled: from
+    /// then on every pre-existing socket carries its mark (readiness for systemd).
+    pub fn with_first_dump_signal(mut self, tx: oneshot::Sender<()>) -> Self {
+        self.first_dump = Some(tx);
+        self
     }
 
     /// Takes explicit announcements (config `[announcements]`), which wait `grace`
@@ -239,6 +260,9 @@ impl Engine {
                             let table = &self.table;
                             ff.ongoing(|cookie| table.get(cookie));
                         }
+                        if let Some(tx) = self.first_dump.take() {
+                            let _ = tx.send(());
+                        }
                         release_free_memory();
                         return;
                     }
@@ -288,6 +312,7 @@ impl Engine {
             if let Err(e) = self.procs.resolve(inodes) {
                 warn!(error = %e, "resolving socket owners from /proc failed");
             }
+            self.warn_denied_facts();
         }
         for ev in events {
             match ev {
@@ -342,12 +367,51 @@ impl Engine {
         self.apply(named);
     }
 
+    /// A /proc read the kernel refused means the rules on that fact cannot match
+    /// the process's sockets: said once per rule and fact (and counted in
+    /// `flowd_fact_denied_total`), never a silent non-match.
+    fn warn_denied_facts(&mut self) {
+        let stats = self.procs.stats();
+        for (i, fact) in Fact::ALL.into_iter().enumerate() {
+            let n = stats.denied(fact);
+            if n == self.denied_seen[i] {
+                continue;
+            }
+            self.denied_seen[i] = n;
+            for rule in self.policy.rules() {
+                let m = &rule.matcher;
+                let uses = match fact {
+                    // Without the owner, no process fact is known.
+                    Fact::Owner => !m.kernel_decidable(),
+                    Fact::Exe => m.exe.is_some(),
+                    Fact::Cgroup => m.cgroup.is_some(),
+                };
+                if uses && self.denied_warned.insert((rule.id.to_string(), fact)) {
+                    warn!(
+                        rule = %rule.id,
+                        fact = fact.name(),
+                        "cannot read the {} of a socket's process: /proc refused it (the daemon lacks CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH, or the process is protected); this rule cannot match such sockets",
+                        fact.name()
+                    );
+                }
+            }
+        }
+    }
+
     /// Parses and validates the whole directory, then swaps atomically and
     /// re-decides every live flow; on error the old policy stays.
     pub fn reload(&mut self) -> Result<String, String> {
+        crate::notify::reloading();
+        let r = self.reload_policy();
+        crate::notify::ready(&format!("marking, policy {}", self.policy.version()));
+        r
+    }
+
+    fn reload_policy(&mut self) -> Result<String, String> {
         match load_policy(&self.policy_dir, &self.registry) {
             Ok(p) => {
                 self.policy = Arc::new(p);
+                self.denied_warned.clear();
                 self.install_kernel_policy();
                 self.reloads_ok += 1;
                 let flows: Vec<Arc<Flow>> =

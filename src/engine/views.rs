@@ -148,6 +148,10 @@ impl Engine {
             kernel_overridden: mc.kernel_overridden,
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
             announcements: self.announcements.as_ref().map(Announcements::counters),
+            facts_denied: {
+                let st = self.procs.stats();
+                Fact::ALL.map(|f| (f.name(), st.denied(f))).to_vec()
+            },
         }
     }
 }
