@@ -26,7 +26,9 @@
 #   VMTEST_MODULES    modules loaded in the guest (default below)
 #   VMTEST_SMP, VMTEST_MEM  guest CPUs and MiB (default 2, 2048)
 set -euo pipefail
-
+# In braces, so that bash reads the whole script before running any of it: a run in
+# progress (other checkouts use this one) survives an edit of the file.
+{
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=${VMTEST_REPO:-$(dirname "$HERE")}
 CACHE=${VMTEST_CACHE:-/var/cache/flowd-rs-vmtests}
@@ -308,9 +310,11 @@ RUN=$(mktemp -d /tmp/flowd-vmtests.XXXXXX)
 log "logs in $RUN"
 bins="$RUN/binaries"
 if [ -z "$cmd" ]; then
-    build_tests >"$bins"
+    build_tests >"$RUN/built"
+    # In the order asked for, each binary once.
     for spec in $tests; do
-        grep -q "^${spec%%:*} " "$bins" || die "no test binary ${spec%%:*} in $REPO (see tests/*.rs)"
+        grep -q "^${spec%%:*} " "$bins" 2>/dev/null && continue
+        grep "^${spec%%:*} " "$RUN/built" >>"$bins" || die "no test binary ${spec%%:*} in $REPO (see tests/*.rs)"
     done
 fi
 
@@ -379,3 +383,4 @@ if [ -z "$cmd" ]; then
     done
 fi
 exit $status
+}
