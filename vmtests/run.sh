@@ -350,7 +350,9 @@ for k in "${kernels[@]}"; do
         [ -s "$dir/qemu.log" ] && { log "qemu said:"; cat "$dir/qemu.log" >&2; }
     fi
     if [ -n "$cmd" ]; then
-        log "$k: exit status $rc (${secs}s)"
+        why=""
+        [ $rc -eq 137 ] && why=", killed at the guest timeout (--timeout)"
+        log "$k: exit status $rc (${secs}s$why)"
         [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
         continue
     fi
