@@ -208,12 +208,10 @@ boot() {
         -virtfs "local,path=$share,mount_tag=results,security_model=none,multidevs=remap" \
         -device virtio-rng-pci </dev/null >"$share/../qemu.log" 2>&1 &
     local qemu=$!
-    if [ "$quiet" = 1 ]; then
-        wait $qemu || true
-    else
-        tail -n +1 -f --pid=$qemu "$share/out" || true
-        wait $qemu || true
-    fi
+    [ "$quiet" = 1 ] || tail -n +1 -f --pid=$qemu "$share/out" || true
+    local qrc=0
+    wait $qemu || qrc=$?
+    echo "$qrc" >"$share/../qemu.rc"
     if [ -s "$share/status" ]; then
         return "$(cat "$share/status")"
     fi
@@ -345,8 +343,9 @@ for k in "${kernels[@]}"; do
     boot "$accel" "$dir/share" "$guest_timeout" || rc=$?
     secs=$(($(date +%s) - start))
     if [ $rc -eq 255 ] && [ ! -s "$dir/share/status" ]; then
-        log "$k: the guest reported no exit status (boot failure, crash or timeout); last console lines:"
+        log "$k: the guest reported no exit status (boot failure, crash or timeout); qemu exited with $(cat "$dir/qemu.rc") after ${secs}s; last console lines:"
         tail -n 20 "$dir/console.log" >&2 || true
+        [ -s "$dir/console.log" ] || log "(the console is empty)"
         [ -s "$dir/qemu.log" ] && { log "qemu said:"; cat "$dir/qemu.log" >&2; }
     fi
     if [ -n "$cmd" ]; then
@@ -358,7 +357,8 @@ for k in "${kernels[@]}"; do
     fi
     row="$KVER $accel ${secs}s"
     while read -r name _; do
-        trc=$(awk -v n="$name" '$1 == n {print $2}' "$dir/share/results" 2>/dev/null)
+        # No results file when the guest ran nothing: every cell is then not-run.
+        trc=$(awk -v n="$name" '$1 == n {print $2}' "$dir/share/results" 2>/dev/null || true)
         if [ -z "$trc" ]; then
             c="not-run"
         else
