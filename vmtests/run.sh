@@ -26,7 +26,9 @@
 #   VMTEST_MODULES    modules loaded in the guest (default below)
 #   VMTEST_SMP, VMTEST_MEM  guest CPUs and MiB (default 2, 2048)
 set -euo pipefail
-
+# In braces, so that bash reads the whole script before running any of it: a run in
+# progress (other checkouts use this one) survives an edit of the file.
+{
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=${VMTEST_REPO:-$(dirname "$HERE")}
 CACHE=${VMTEST_CACHE:-/var/cache/flowd-rs-vmtests}
@@ -206,12 +208,10 @@ boot() {
         -virtfs "local,path=$share,mount_tag=results,security_model=none,multidevs=remap" \
         -device virtio-rng-pci </dev/null >"$share/../qemu.log" 2>&1 &
     local qemu=$!
-    if [ "$quiet" = 1 ]; then
-        wait $qemu || true
-    else
-        tail -n +1 -f --pid=$qemu "$share/out" || true
-        wait $qemu || true
-    fi
+    [ "$quiet" = 1 ] || tail -n +1 -f --pid=$qemu "$share/out" || true
+    local qrc=0
+    wait $qemu || qrc=$?
+    echo "$qrc" >"$share/../qemu.rc"
     if [ -s "$share/status" ]; then
         return "$(cat "$share/status")"
     fi
@@ -308,9 +308,11 @@ RUN=$(mktemp -d /tmp/flowd-vmtests.XXXXXX)
 log "logs in $RUN"
 bins="$RUN/binaries"
 if [ -z "$cmd" ]; then
-    build_tests >"$bins"
+    build_tests >"$RUN/built"
+    # In the order asked for, each binary once.
     for spec in $tests; do
-        grep -q "^${spec%%:*} " "$bins" || die "no test binary ${spec%%:*} in $REPO (see tests/*.rs)"
+        grep -q "^${spec%%:*} " "$bins" 2>/dev/null && continue
+        grep "^${spec%%:*} " "$RUN/built" >>"$bins" || die "no test binary ${spec%%:*} in $REPO (see tests/*.rs)"
     done
 fi
 
@@ -341,18 +343,22 @@ for k in "${kernels[@]}"; do
     boot "$accel" "$dir/share" "$guest_timeout" || rc=$?
     secs=$(($(date +%s) - start))
     if [ $rc -eq 255 ] && [ ! -s "$dir/share/status" ]; then
-        log "$k: the guest reported no exit status (boot failure, crash or timeout); last console lines:"
+        log "$k: the guest reported no exit status (boot failure, crash or timeout); qemu exited with $(cat "$dir/qemu.rc") after ${secs}s; last console lines:"
         tail -n 20 "$dir/console.log" >&2 || true
+        [ -s "$dir/console.log" ] || log "(the console is empty)"
         [ -s "$dir/qemu.log" ] && { log "qemu said:"; cat "$dir/qemu.log" >&2; }
     fi
     if [ -n "$cmd" ]; then
-        log "$k: exit status $rc (${secs}s)"
+        why=""
+        [ $rc -eq 137 ] && why=", killed at the guest timeout (--timeout)"
+        log "$k: exit status $rc (${secs}s$why)"
         [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
         continue
     fi
     row="$KVER $accel ${secs}s"
     while read -r name _; do
-        trc=$(awk -v n="$name" '$1 == n {print $2}' "$dir/share/results" 2>/dev/null)
+        # No results file when the guest ran nothing: every cell is then not-run.
+        trc=$(awk -v n="$name" '$1 == n {print $2}' "$dir/share/results" 2>/dev/null || true)
         if [ -z "$trc" ]; then
             c="not-run"
         else
@@ -379,3 +385,4 @@ if [ -z "$cmd" ]; then
     done
 fi
 exit $status
+}
