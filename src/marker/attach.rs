@@ -156,6 +156,14 @@ async fn attach_one(
             Err(e) if mode == AttachMode::Auto && e.raw_os_error() == Some(libc::EINVAL) => {
                 warn!(interface = %iface.name, "TCX not supported by this kernel, using a clsact qdisc");
             }
+            // Asked for TCX by name: refuse with the feature and the first kernel
+            // that has it, not a bare EINVAL.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                anyhow::bail!(
+                    "{}: marker.attach = \"tcx\", but this kernel lacks TCX links (Linux >= 6.6); use attach = \"auto\" (TCX where the kernel has it, else clsact) or \"clsact\"",
+                    iface.name
+                )
+            }
             Err(e) => return Err(os_error(e, "attaching TCX egress program", &iface.name)),
         }
     }
