@@ -59,6 +59,15 @@ pub struct AnnouncementConfig {
     pub pipe: Option<PathBuf>,
     /// How long an announcement waits for discovery to find its flow, seconds.
     pub grace_secs: u64,
+    /// Local users (names or uids) whose fireflies are heard besides root's; each
+    /// may name only flows of its own sockets. The sender is identified by the
+    /// owner of its UDP socket (sock_diag); other local users are refused.
+    pub allow_users: Vec<String>,
+    /// Groups (names or gids) whose members are heard as `allow_users` are.
+    pub allow_groups: Vec<String>,
+    /// At most this many announcements are held; more are dropped and counted
+    /// (`dropped_full` in status, `flowd_announcements_dropped_total`).
+    pub max_held: usize,
 }
 
 impl Default for AnnouncementConfig {
@@ -71,6 +80,9 @@ impl Default for AnnouncementConfig {
             ],
             pipe: None,
             grace_secs: 30,
+            allow_users: Vec::new(),
+            allow_groups: Vec::new(),
+            max_held: 16_384,
         }
     }
 }

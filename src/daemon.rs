@@ -193,7 +193,11 @@ async fn start_engine(
     let mut pipe = None;
     if cfg.announcements.enabled() {
         let ann = &cfg.announcements;
-        engine = engine.with_announcements(Duration::from_secs(ann.grace_secs));
+        let rule = announce::auth::AuthRule::new(&ann.allow_users, &ann.allow_groups)?;
+        let held =
+            announce::Announcements::with_limit(Duration::from_secs(ann.grace_secs), ann.max_held);
+        let refused = held.refusals();
+        engine = engine.with_announcements(held);
         if let Some(path) = &ann.pipe {
             let p = Pipe::create(path, cfg.control.group.as_deref())?;
             tasks.push(p.spawn(registry.clone(), announce_tx.clone())?);
@@ -204,6 +208,8 @@ async fn start_engine(
                 &ann.firefly_listen,
                 ann.firefly_allow.clone(),
                 own_ports,
+                rule,
+                refused,
                 announce_tx.clone(),
             )
             .await?,

@@ -410,6 +410,18 @@ impl Collector for SnapshotCollector {
                 "reason",
                 &[("withdrawn", a.withdrawn), ("expired", a.expired)],
             )?;
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_announcements_dropped",
+                "Announcements not applied: over announcements.max_held, from a local sender not allowed to announce, or naming another user's flow.",
+                "reason",
+                &[
+                    ("full", a.dropped_full),
+                    ("refused", a.refused),
+                    ("foreign_flow", a.foreign_flow),
+                ],
+            )?;
         }
         Ok(())
     }

@@ -242,6 +242,9 @@ fn announcement_series_exist_only_when_an_input_is_on() {
             withdrawn: 3,
             expired: 2,
             held: 6,
+            dropped_full: 7,
+            refused: 8,
+            foreign_flow: 1,
         }),
         ..snapshot(1)
     });
@@ -252,6 +255,12 @@ fn announcement_series_exist_only_when_an_input_is_on() {
         ("flowd_announcements_received_total{input=pipe}", 9.0),
         ("flowd_announcements_ended_total{reason=withdrawn}", 3.0),
         ("flowd_announcements_ended_total{reason=expired}", 2.0),
+        ("flowd_announcements_dropped_total{reason=full}", 7.0),
+        ("flowd_announcements_dropped_total{reason=refused}", 8.0),
+        (
+            "flowd_announcements_dropped_total{reason=foreign_flow}",
+            1.0,
+        ),
     ] {
         assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
     }

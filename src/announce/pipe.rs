@@ -63,6 +63,7 @@ pub fn parse_line(line: &str, registry: &Registry) -> Result<Announcement, Strin
         key: FlowKey::new(proto, src, dst),
         tag,
         origin: Origin::Pipe,
+        only_for_uid: None,
     })
 }
 

@@ -238,6 +238,13 @@ pub struct AnnouncementCounters {
     pub expired: u64,
     /// Held now (matched or still waiting for their flow).
     pub held: usize,
+    /// Dropped because `announcements.max_held` were already held.
+    pub dropped_full: u64,
+    /// Refused before parsing: a local sender not allowed to announce.
+    pub refused: u64,
+    /// Times an announcement named a flow of another user than its sender and
+    /// was not applied to it.
+    pub foreign_flow: u64,
 }
 
 #[cfg(test)]

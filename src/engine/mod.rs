@@ -119,10 +119,10 @@ impl Engine {
         }
     }
 
-    /// Takes explicit announcements (config `[announcements]`), which wait `grace`
-    /// for their flow to be discovered.
-    pub fn with_announcements(mut self, grace: Duration) -> Self {
-        self.announcements = Some(Announcements::new(grace));
+    /// Takes explicit announcements (config `[announcements]`), held in
+    /// `announcements` until their flow ends or their grace passes.
+    pub fn with_announcements(mut self, announcements: Announcements) -> Self {
+        self.announcements = Some(announcements);
         self
     }
 
@@ -297,7 +297,7 @@ impl Engine {
                     let announced = self
                         .announcements
                         .as_mut()
-                        .and_then(|a| a.verdict_for(&f.key));
+                        .and_then(|a| a.verdict_for(&f.key, f.owner.uid));
                     self.marking.on_flow_with(
                         &f,
                         &policy,
