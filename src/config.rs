@@ -250,13 +250,28 @@ impl Default for MarkerConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     /// The control socket; default `<state_dir>/control.sock`.
     pub socket: Option<PathBuf>,
     /// Group allowed to use the control socket besides root (mode 0660).
     pub group: Option<String>,
+    /// Connections one user other than root may hold open at once.
+    pub max_connections_per_user: usize,
+    /// A connection without a request for this long is closed, seconds.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: None,
+            group: None,
+            max_connections_per_user: 16,
+            idle_timeout_secs: 60,
+        }
+    }
 }
 
 impl Config {
@@ -274,7 +289,20 @@ impl Config {
 
     /// Parses config text; the error reads `line:col: message`.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let cfg: Config = toml::from_str(text).map_err(|e| located(text, &e))?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| located(text, &e))?;
+        // An interface named twice is one interface: attaching twice would fail
+        // with the kernel's bare "File exists".
+        let mut seen = std::collections::HashSet::new();
+        cfg.marker.interfaces.retain(|i| seen.insert(i.clone()));
+        if cfg.control.max_connections_per_user == 0 || cfg.control.idle_timeout_secs == 0 {
+            return Err(
+                "control.max_connections_per_user and control.idle_timeout_secs must be at least 1"
+                    .into(),
+            );
+        }
+        if cfg.announcements.max_held == 0 {
+            return Err("announcements.max_held must be at least 1".into());
+        }
         if cfg.marker.map_capacity == 0 {
             return Err("marker.map_capacity must be at least 1".into());
         }
@@ -460,6 +488,12 @@ mod tests {
         assert_eq!(Strategy::LABEL.headers(), None);
         assert_eq!(c.marker.attach, AttachMode::Clsact);
         assert_eq!(c.control_socket(), PathBuf::from("/tmp/s"));
+        let twice = Config::parse("[marker]\ninterfaces = [\"eth0\", \"eth1\", \"eth0\"]\n");
+        assert_eq!(
+            twice.unwrap().marker.interfaces,
+            ["eth0", "eth1"],
+            "listed twice, attached once"
+        );
     }
 
     #[test]

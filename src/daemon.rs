@@ -233,8 +233,18 @@ async fn start_engine(
         }));
         engine = engine.with_metrics(metrics, published);
     }
+    let connections = Arc::new(crate::endpoint::ConnectionStats::default());
+    engine = engine.with_connection_stats(connections.clone());
+    let limits = crate::control::Limits {
+        per_user: cfg.control.max_connections_per_user,
+        idle: Duration::from_secs(cfg.control.idle_timeout_secs),
+    };
     let engine = tokio::spawn(engine.run(disc_rx, cmd_rx, announce_rx));
-    tasks.push(tokio::spawn(server.serve(cmd_tx.clone())));
+    tasks.push(tokio::spawn(server.serve(
+        cmd_tx.clone(),
+        limits,
+        connections,
+    )));
     info!(strategy = %info.strategy, interfaces = ?info.attached, "flowd-rs running");
     Ok(Running {
         commands: cmd_tx,

@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::api::view::AnnouncementCounters;
+use crate::api::view::{AnnouncementCounters, ControlConnections};
 use crate::api::view::{FireflyStatus, TagTotals};
 
 /// Upper bounds of the sock_diag poll duration histogram, in seconds.
@@ -79,6 +79,7 @@ pub struct Snapshot {
     pub fireflies: Option<FireflyStatus>,
     /// Present when an announcement input is on.
     pub announcements: Option<AnnouncementCounters>,
+    pub control: ControlConnections,
 }
 
 /// Gives the current [`Snapshot`]; called once per scrape, on a blocking thread.
@@ -387,6 +388,23 @@ impl Collector for SnapshotCollector {
                 ],
             )?;
         }
+        gauge(
+            &mut enc,
+            "flowd_control_connections",
+            "Control socket connections open now.",
+            s.control.open as u64,
+        )?;
+        labelled_counters(
+            &mut enc,
+            &mut mono,
+            "flowd_control_connections_closed",
+            "Control socket connections refused over control.max_connections_per_user, or closed after control.idle_timeout_secs without a request.",
+            "reason",
+            &[
+                ("refused", s.control.refused),
+                ("idle", s.control.closed_idle),
+            ],
+        )?;
         if let Some(a) = &s.announcements {
             gauge(
                 &mut enc,

@@ -49,6 +49,11 @@ fn snapshot(scale: u64) -> Snapshot {
         kernel_overridden: 7 * scale,
         fireflies: None,
         announcements: None,
+        control: ControlConnections {
+            open: 2,
+            refused: 3 * scale,
+            closed_idle: scale,
+        },
     }
 }
 
@@ -224,6 +229,12 @@ fn map_full_dump_errors_and_kernel_overrides_are_counters() {
         ("flowd_marker_map_full_total{}", 5.0),
         ("flowd_sockdiag_dump_errors_total{}", 6.0),
         ("flowd_kernel_overrides_total{}", 7.0),
+        ("flowd_control_connections{}", 2.0),
+        (
+            "flowd_control_connections_closed_total{reason=refused}",
+            3.0,
+        ),
+        ("flowd_control_connections_closed_total{reason=idle}", 1.0),
     ] {
         assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
     }

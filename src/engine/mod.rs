@@ -21,6 +21,7 @@ use crate::api::request::{DaemonInfo, Request};
 use crate::api::view::{FlowView, StatusView, TagTotals};
 use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::ProcResolver;
+use crate::endpoint::ConnectionStats;
 use crate::firefly::Fireflies;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
 use crate::marking::{MarkSink, MarkStore, Marking};
@@ -33,6 +34,8 @@ use crate::policy::{Policy, Registry};
 /// A control request and where its answer goes.
 pub struct ControlCall {
     pub request: Request,
+    /// The client's uid (SO_PEERCRED), when the kernel gave it.
+    pub peer_uid: Option<u32>,
     /// The serialized `result`, or the error text.
     pub reply: oneshot::Sender<Result<Box<RawValue>, String>>,
 }
@@ -68,6 +71,8 @@ pub struct Engine {
     fireflies: Option<Fireflies>,
     /// Present when an announcement input is configured.
     announcements: Option<Announcements>,
+    /// The control server's connection counts, when one serves this engine.
+    connections: Option<Arc<ConnectionStats>>,
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
@@ -116,6 +121,7 @@ impl Engine {
             exactness: Vec::new(),
             fireflies: None,
             announcements: None,
+            connections: None,
         }
     }
 
@@ -123,6 +129,12 @@ impl Engine {
     /// `announcements` until their flow ends or their grace passes.
     pub fn with_announcements(mut self, announcements: Announcements) -> Self {
         self.announcements = Some(announcements);
+        self
+    }
+
+    /// Shows the control server's connection counts in status and metrics.
+    pub fn with_connection_stats(mut self, stats: Arc<ConnectionStats>) -> Self {
+        self.connections = Some(stats);
         self
     }
 
@@ -190,7 +202,15 @@ impl Engine {
                     Some(Command::Control(call)) => {
                         let t0 = Instant::now();
                         let op = format!("{:?}", call.request).split([' ', '{']).next().unwrap_or("").to_string();
-                        let answer = self.answer(call.request);
+                        let answer = if call.request.root_only() && call.peer_uid != Some(0) {
+                            Err(format!(
+                                "{op}: a debugging aid for root only (this client is uid {}); \
+                                 announce flows or write a policy instead",
+                                call.peer_uid.map_or_else(|| "unknown".into(), |u| u.to_string())
+                            ))
+                        } else {
+                            self.answer(call.request)
+                        };
                         tracing::debug!(op, elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0, "control request answered");
                         let _ = call.reply.send(answer);
                     }
@@ -390,6 +410,8 @@ impl Engine {
             Request::Flows { filter } => {
                 self.cache_user_names();
                 let filter = filter.unwrap_or_default();
+                // Otherwise a bad address matches nothing and looks like "no flows".
+                filter.validate().map_err(|e| e.to_string())?;
                 let counts = self.maps.flow_counts().unwrap_or_default();
                 let flows = self
                     .table
