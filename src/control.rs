@@ -23,7 +23,11 @@ use crate::engine::{Command, ControlCall};
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
+    group: Option<String>,
 }
+
+/// How often the server checks that its socket still exists.
+const SOCKET_CHECK: Duration = Duration::from_secs(2);
 
 impl Server {
     /// Binds the socket at `path` (replacing a stale one), mode 0660, group `group`.
@@ -48,6 +52,7 @@ impl Server {
         Ok(Server {
             listener,
             path: path.to_path_buf(),
+            group: group.map(str::to_string),
         })
     }
 
@@ -63,8 +68,27 @@ impl Server {
         stats: Arc<ConnectionStats>,
     ) {
         let per_user: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+        let mut listener = self.listener;
+        let mut check = tokio::time::interval(SOCKET_CHECK);
         loop {
-            match self.listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = check.tick() => {
+                    // The state directory (or the socket) deleted under us: the
+                    // daemon would run on, unreachable. Make the socket again.
+                    if !self.path.exists() {
+                        match Server::bind(&self.path, self.group.as_deref()) {
+                            Ok(s) => {
+                                warn!(socket = %self.path.display(), "control socket was removed: made it again");
+                                listener = s.listener;
+                            }
+                            Err(e) => warn!(error = %format!("{e:#}"), "control socket was removed and cannot be made again"),
+                        }
+                    }
+                    continue;
+                }
+            };
+            match accepted {
                 Ok((stream, _)) => {
                     let uid = stream.peer_cred().ok().map(|c| c.uid());
                     let Some(slot) = Slot::take(uid, &limits, &per_user, &stats) else {

@@ -27,9 +27,29 @@ use crate::metrics::{BuildInfo, Metrics, MetricsSource, Published};
 use crate::policy::Registry;
 
 /// Holds `<state_dir>/lock` for the daemon's life: one daemon per state directory,
-/// and `clean` can tell whether one is running.
+/// and `clean` can tell whether one is running. Also holds an abstract socket
+/// named [`NETNS_LOCK`] in the daemon's network namespace: abstract names live
+/// with the process, not the file system, so a state directory deleted under a
+/// running daemon does not let a second one attach to the same interfaces.
 pub struct InstanceLock {
     _lock: Flock<File>,
+    _netns: std::os::unix::net::UnixListener,
+}
+
+/// One flowd-rs per network namespace: two would discover the same sockets and
+/// mark the same interfaces.
+pub const NETNS_LOCK: &[u8] = b"flowd-rs/instance";
+
+fn netns_lock() -> Result<std::os::unix::net::UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(NETNS_LOCK)?;
+    std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| {
+        anyhow::anyhow!(
+            "another flowd-rs daemon runs in this network namespace (it holds the abstract socket \
+             @{}: {e}), even if its state directory is gone: stop it first",
+            String::from_utf8_lossy(NETNS_LOCK)
+        )
+    })
 }
 
 impl InstanceLock {
@@ -49,7 +69,10 @@ impl InstanceLock {
                 path.display()
             )
         })?;
-        Ok(InstanceLock { _lock: lock })
+        Ok(InstanceLock {
+            _lock: lock,
+            _netns: netns_lock()?,
+        })
     }
 }
 
