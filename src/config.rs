@@ -61,6 +61,15 @@ pub struct AnnouncementConfig {
     pub pipe: Option<PathBuf>,
     /// How long an announcement waits for discovery to find its flow, seconds.
     pub grace_secs: u64,
+    /// Local users (names or uids) whose fireflies are heard besides root's; each
+    /// may name only flows of its own sockets. The sender is identified by the
+    /// owner of its UDP socket (sock_diag); other local users are refused.
+    pub allow_users: Vec<String>,
+    /// Groups (names or gids) whose members are heard as `allow_users` are.
+    pub allow_groups: Vec<String>,
+    /// At most this many announcements are held; more are dropped and counted
+    /// (`dropped_full` in status, `flowd_announcements_dropped_total`).
+    pub max_held: usize,
 }
 
 impl Default for AnnouncementConfig {
@@ -73,6 +82,9 @@ impl Default for AnnouncementConfig {
             ],
             pipe: None,
             grace_secs: 30,
+            allow_users: Vec::new(),
+            allow_groups: Vec::new(),
+            max_held: 16_384,
         }
     }
 }
@@ -240,13 +252,28 @@ impl Default for MarkerConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     /// The control socket; default `<state_dir>/control.sock`.
     pub socket: Option<PathBuf>,
     /// Group allowed to use the control socket besides root (mode 0660).
     pub group: Option<String>,
+    /// Connections one user other than root may hold open at once.
+    pub max_connections_per_user: usize,
+    /// A connection without a request for this long is closed, seconds.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: None,
+            group: None,
+            max_connections_per_user: 16,
+            idle_timeout_secs: 60,
+        }
+    }
 }
 
 impl Config {
@@ -264,7 +291,20 @@ impl Config {
 
     /// Parses config text; the error reads `line:col: message`.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let cfg: Config = toml::from_str(text).map_err(|e| located(text, &e))?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| located(text, &e))?;
+        // An interface named twice is one interface: attaching twice would fail
+        // with the kernel's bare "File exists".
+        let mut seen = std::collections::HashSet::new();
+        cfg.marker.interfaces.retain(|i| seen.insert(i.clone()));
+        if cfg.control.max_connections_per_user == 0 || cfg.control.idle_timeout_secs == 0 {
+            return Err(
+                "control.max_connections_per_user and control.idle_timeout_secs must be at least 1"
+                    .into(),
+            );
+        }
+        if cfg.announcements.max_held == 0 {
+            return Err("announcements.max_held must be at least 1".into());
+        }
         if cfg.marker.map_capacity == 0 {
             return Err("marker.map_capacity must be at least 1".into());
         }
@@ -450,6 +490,12 @@ mod tests {
         assert_eq!(Strategy::LABEL.headers(), None);
         assert_eq!(c.marker.attach, AttachMode::Clsact);
         assert_eq!(c.control_socket(), PathBuf::from("/tmp/s"));
+        let twice = Config::parse("[marker]\ninterfaces = [\"eth0\", \"eth1\", \"eth0\"]\n");
+        assert_eq!(
+            twice.unwrap().marker.interfaces,
+            ["eth0", "eth1"],
+            "listed twice, attached once"
+        );
     }
 
     #[test]

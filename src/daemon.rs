@@ -28,9 +28,29 @@ use crate::metrics::{BuildInfo, Metrics, MetricsSource, Published};
 use crate::policy::Registry;
 
 /// Holds `<state_dir>/lock` for the daemon's life: one daemon per state directory,
-/// and `clean` can tell whether one is running.
+/// and `clean` can tell whether one is running. Also holds an abstract socket
+/// named [`NETNS_LOCK`] in the daemon's network namespace: abstract names live
+/// with the process, not the file system, so a state directory deleted under a
+/// running daemon does not let a second one attach to the same interfaces.
 pub struct InstanceLock {
     _lock: Flock<File>,
+    _netns: std::os::unix::net::UnixListener,
+}
+
+/// One flowd-rs per network namespace: two would discover the same sockets and
+/// mark the same interfaces.
+pub const NETNS_LOCK: &[u8] = b"flowd-rs/instance";
+
+fn netns_lock() -> Result<std::os::unix::net::UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(NETNS_LOCK)?;
+    std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| {
+        anyhow::anyhow!(
+            "another flowd-rs daemon runs in this network namespace (it holds the abstract socket \
+             @{}: {e}), even if its state directory is gone: stop it first",
+            String::from_utf8_lossy(NETNS_LOCK)
+        )
+    })
 }
 
 impl InstanceLock {
@@ -50,7 +70,10 @@ impl InstanceLock {
                 path.display()
             )
         })?;
-        Ok(InstanceLock { _lock: lock })
+        Ok(InstanceLock {
+            _lock: lock,
+            _netns: netns_lock()?,
+        })
     }
 }
 
@@ -227,7 +250,11 @@ async fn start_engine(
     let mut pipe = None;
     if cfg.announcements.enabled() {
         let ann = &cfg.announcements;
-        engine = engine.with_announcements(Duration::from_secs(ann.grace_secs));
+        let rule = announce::auth::AuthRule::new(&ann.allow_users, &ann.allow_groups)?;
+        let held =
+            announce::Announcements::with_limit(Duration::from_secs(ann.grace_secs), ann.max_held);
+        let refused = held.refusals();
+        engine = engine.with_announcements(held);
         if let Some(path) = &ann.pipe {
             let p = Pipe::create(path, cfg.control.group.as_deref())?;
             tasks.push(p.spawn(registry.clone(), announce_tx.clone())?);
@@ -238,6 +265,8 @@ async fn start_engine(
                 &ann.firefly_listen,
                 ann.firefly_allow.clone(),
                 own_ports,
+                rule,
+                refused,
                 announce_tx.clone(),
             )
             .await?,
@@ -262,12 +291,22 @@ async fn start_engine(
         engine = engine.with_metrics(metrics, published);
     }
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let connections = Arc::new(crate::endpoint::ConnectionStats::default());
+    engine = engine.with_connection_stats(connections.clone());
+    let limits = crate::control::Limits {
+        per_user: cfg.control.max_connections_per_user,
+        idle: Duration::from_secs(cfg.control.idle_timeout_secs),
+    };
     let engine = tokio::spawn(engine.with_first_dump_signal(first_tx).run(
         disc_rx,
         cmd_rx,
         announce_rx,
     ));
-    tasks.push(tokio::spawn(server.serve(cmd_tx.clone())));
+    tasks.push(tokio::spawn(server.serve(
+        cmd_tx.clone(),
+        limits,
+        connections,
+    )));
     info!(strategy = %info.strategy, interfaces = ?info.attached, "flowd-rs running");
     Ok(Running {
         commands: cmd_tx,

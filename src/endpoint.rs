@@ -25,3 +25,23 @@ pub fn restrict_to_group(path: &Path, mode: u32, group: Option<&str>) -> Result<
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting mode of {}", path.display()))
 }
+
+/// The control socket's connection counts, kept by the server and shown by the
+/// engine in `status` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    pub open: std::sync::atomic::AtomicUsize,
+    pub refused: std::sync::atomic::AtomicU64,
+    pub closed_idle: std::sync::atomic::AtomicU64,
+}
+
+impl ConnectionStats {
+    pub fn view(&self) -> crate::api::view::ControlConnections {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::api::view::ControlConnections {
+            open: self.open.load(Relaxed),
+            refused: self.refused.load(Relaxed),
+            closed_idle: self.closed_idle.load(Relaxed),
+        }
+    }
+}

@@ -220,7 +220,7 @@ fn an_announcement_overrides_the_policy_and_its_withdrawal_restores_it() {
     let mut ann = Announcements::new(std::time::Duration::from_secs(30));
     let f = flow(1, key(40000, 1094), Lifecycle::Established);
     let decide_now = |m: &mut Marking, ann: &mut Announcements| {
-        let v = ann.verdict_for(&f.key);
+        let v = ann.verdict_for(&f.key, None);
         m.on_flow_with(&f, &policy, &sink, &mut |_| None, v);
     };
     decide_now(&mut m, &mut ann);
@@ -233,6 +233,7 @@ fn an_announcement_overrides_the_policy_and_its_withdrawal_restores_it() {
         key: f.key.reversed(),
         tag: Some(cms),
         origin: Origin::Pipe,
+        only_for_uid: None,
     });
     decide_now(&mut m, &mut ann);
     assert_eq!(
@@ -248,6 +249,7 @@ fn an_announcement_overrides_the_policy_and_its_withdrawal_restores_it() {
         key: f.key,
         tag: None,
         origin: Origin::Pipe,
+        only_for_uid: None,
     });
     decide_now(&mut m, &mut ann);
     assert_eq!(sink.get(&f.key), Some((policy_tag, entropy, false)));

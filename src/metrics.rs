@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::api::view::AnnouncementCounters;
+use crate::api::view::{AnnouncementCounters, ControlConnections};
 use crate::api::view::{FireflyStatus, TagTotals};
 
 /// Upper bounds of the sock_diag poll duration histogram, in seconds.
@@ -82,6 +82,7 @@ pub struct Snapshot {
     /// Reads of socket owners' facts /proc refused, by fact (owner, exe, cgroup):
     /// the daemon lacks a capability, and rules on that fact cannot match.
     pub facts_denied: Vec<(&'static str, u64)>,
+    pub control: ControlConnections,
 }
 
 /// Gives the current [`Snapshot`]; called once per scrape, on a blocking thread.
@@ -400,6 +401,23 @@ impl Collector for SnapshotCollector {
                 ],
             )?;
         }
+        gauge(
+            &mut enc,
+            "flowd_control_connections",
+            "Control socket connections open now.",
+            s.control.open as u64,
+        )?;
+        labelled_counters(
+            &mut enc,
+            &mut mono,
+            "flowd_control_connections_closed",
+            "Control socket connections refused over control.max_connections_per_user, or closed after control.idle_timeout_secs without a request.",
+            "reason",
+            &[
+                ("refused", s.control.refused),
+                ("idle", s.control.closed_idle),
+            ],
+        )?;
         if let Some(a) = &s.announcements {
             gauge(
                 &mut enc,
@@ -422,6 +440,18 @@ impl Collector for SnapshotCollector {
                 "Announcements that ended without their flow ending: withdrawn by an `end`, or expired (no live flow matched within the grace time).",
                 "reason",
                 &[("withdrawn", a.withdrawn), ("expired", a.expired)],
+            )?;
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_announcements_dropped",
+                "Announcements not applied: over announcements.max_held, from a local sender not allowed to announce, or naming another user's flow.",
+                "reason",
+                &[
+                    ("full", a.dropped_full),
+                    ("refused", a.refused),
+                    ("foreign_flow", a.foreign_flow),
+                ],
             )?;
         }
         Ok(())

@@ -50,6 +50,11 @@ fn snapshot(scale: u64) -> Snapshot {
         fireflies: None,
         announcements: None,
         facts_denied: vec![("owner", 0), ("exe", scale), ("cgroup", 0)],
+        control: ControlConnections {
+            open: 2,
+            refused: 3 * scale,
+            closed_idle: scale,
+        },
     }
 }
 
@@ -225,6 +230,12 @@ fn map_full_dump_errors_and_kernel_overrides_are_counters() {
         ("flowd_marker_map_full_total{}", 5.0),
         ("flowd_sockdiag_dump_errors_total{}", 6.0),
         ("flowd_kernel_overrides_total{}", 7.0),
+        ("flowd_control_connections{}", 2.0),
+        (
+            "flowd_control_connections_closed_total{reason=refused}",
+            3.0,
+        ),
+        ("flowd_control_connections_closed_total{reason=idle}", 1.0),
     ] {
         assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
     }
@@ -243,6 +254,9 @@ fn announcement_series_exist_only_when_an_input_is_on() {
             withdrawn: 3,
             expired: 2,
             held: 6,
+            dropped_full: 7,
+            refused: 8,
+            foreign_flow: 1,
         }),
         ..snapshot(1)
     });
@@ -253,6 +267,12 @@ fn announcement_series_exist_only_when_an_input_is_on() {
         ("flowd_announcements_received_total{input=pipe}", 9.0),
         ("flowd_announcements_ended_total{reason=withdrawn}", 3.0),
         ("flowd_announcements_ended_total{reason=expired}", 2.0),
+        ("flowd_announcements_dropped_total{reason=full}", 7.0),
+        ("flowd_announcements_dropped_total{reason=refused}", 8.0),
+        (
+            "flowd_announcements_dropped_total{reason=foreign_flow}",
+            1.0,
+        ),
     ] {
         assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
     }

@@ -47,16 +47,17 @@ fn firefly(state: State, local: SocketAddr, remote: SocketAddr, t: Tag) -> Vec<u
     .datagram(Some("se01"))
 }
 
-/// Sends `datagram` from `ns` (from `from`) to `to`.
-fn send_udp(ns: &Netns, from: SocketAddr, to: SocketAddr, datagram: Vec<u8>) {
+/// Sends `datagram` from `ns` (from `from`) to `to`. The socket is returned: the
+/// daemon identifies a local sender by its socket, which must still exist when
+/// the datagram is read.
+fn send_udp(ns: &Netns, from: SocketAddr, to: SocketAddr, datagram: Vec<u8>) -> UdpSocket {
     ns.run(move || {
-        UdpSocket::bind(from)
-            .unwrap()
-            .send_to(&datagram, to)
-            .unwrap();
+        let s = UdpSocket::bind(from).unwrap();
+        s.send_to(&datagram, to).unwrap();
+        s
     })
     .join()
-    .unwrap();
+    .unwrap()
 }
 
 fn announcements(d: &Daemon) -> Value {
@@ -146,7 +147,7 @@ fn pipe_lines_and_fireflies_retag_a_live_flow_and_their_end_gives_it_back_to_the
     step(2);
     // The application describes the flow from the peer's side here: either
     // orientation names the same connection.
-    send_udp(
+    let _app = send_udp(
         &pair.a,
         app_lo,
         daemon_lo,
@@ -154,7 +155,7 @@ fn pipe_lines_and_fireflies_retag_a_live_flow_and_their_end_gives_it_back_to_the
     );
     wait_received(&d, "received_firefly", 1);
     step(3);
-    send_udp(
+    let _app = send_udp(
         &pair.a,
         app_lo,
         daemon_lo,

@@ -4,6 +4,8 @@
 //! changes how the host's traffic is marked.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
@@ -11,8 +13,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::auth::{AuthRule, Authenticator};
 use crate::firefly::{message, State};
 use crate::model::announcement::{Announcement, Origin};
+use crate::model::socket::Protocol;
 
 /// Counts refused datagrams; logged at warn for the first and then at powers of
 /// two, so a misconfigured sender does not flood the journal.
@@ -41,6 +45,7 @@ pub fn announcement(
         key: r.key,
         tag: (r.state != State::End).then_some(r.tag),
         origin: Origin::Firefly(from),
+        only_for_uid: None,
     })
 }
 
@@ -59,11 +64,14 @@ pub fn heard(from: SocketAddr, allow: &[IpNet], own_ports: &[u16]) -> Result<(),
 
 /// Binds every address in `listen` (all or nothing) and forwards what allowed
 /// sources announce until the command channel closes; `own_ports` are those of
-/// this daemon's firefly sender.
+/// this daemon's firefly sender. A local sender is judged by `rule`
+/// ([`super::auth`]); what is refused is counted in `refused`.
 pub async fn spawn(
     listen: &[SocketAddr],
     allow: Vec<IpNet>,
     own_ports: Vec<u16>,
+    rule: AuthRule,
+    refused: Arc<AtomicU64>,
     announced: mpsc::Sender<Announcement>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut sockets = Vec::new();
@@ -76,6 +84,12 @@ pub async fn spawn(
     let mut tasks = Vec::new();
     for socket in sockets {
         let (allow, own_ports, announced) = (allow.clone(), own_ports.clone(), announced.clone());
+        let refused = refused.clone();
+        let local = socket
+            .local_addr()
+            .context("announcements.firefly_listen")?;
+        let mut auth = Authenticator::new(rule.clone())
+            .context("announcements: cannot open sock_diag to identify local senders")?;
         info!(listen = %socket.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "announcements: listening for fireflies");
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
@@ -89,11 +103,22 @@ pub async fn spawn(
                     }
                 };
                 if let Err(why) = heard(from, &allow, &own_ports) {
+                    refused.fetch_add(1, Ordering::Relaxed);
                     refusals.note(from, &why);
                     continue;
                 }
+                // Judged before parsing: a refused sender costs one lookup.
+                let scope = match auth.authorize(Protocol::Udp, from, local) {
+                    Ok(scope) => scope,
+                    Err(why) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        refusals.note(from, &why);
+                        continue;
+                    }
+                };
                 match announcement(&buf[..n], from) {
-                    Ok(a) => {
+                    Ok(mut a) => {
+                        a.only_for_uid = scope.only_for_uid();
                         if announced.send(a).await.is_err() {
                             break;
                         }
@@ -112,7 +137,7 @@ mod tests {
 
     use super::*;
     use crate::firefly::Firefly;
-    use crate::model::socket::{FlowKey, Protocol};
+    use crate::model::socket::FlowKey;
     use crate::model::tag::Tag;
 
     fn datagram(state: State) -> Vec<u8> {

@@ -11,9 +11,11 @@
 //! passes. [`pipe`] and [`listener`] are the inputs; they hand [`Announcement`]s to
 //! the engine through its command channel.
 
+pub mod auth;
 pub mod listener;
 pub mod pipe;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,28 +32,53 @@ struct Held {
     since: Instant,
     /// A live flow has used it: it now lasts until that flow ends.
     matched: bool,
+    /// Applies only to flows whose local socket this uid owns.
+    only_for_uid: Option<u32>,
 }
 
 /// The announcements in force, by the key they were announced under.
 pub struct Announcements {
     held: FxHashMap<FlowKey, Held>,
     grace: Duration,
+    /// At most this many held; a new key beyond is dropped.
+    max_held: usize,
     counters: AnnouncementCounters,
+    /// Refusals counted by the inputs, which run on their own tasks.
+    refused: Arc<AtomicU64>,
+    /// One rule per origin rather than one allocation per announcement.
+    rules: FxHashMap<String, Arc<RuleRef>>,
 }
+
+/// Default of `announcements.max_held`.
+pub const DEFAULT_MAX_HELD: usize = 16_384;
 
 impl Announcements {
     /// `grace`: how long an announcement waits for discovery to find its flow.
     pub fn new(grace: Duration) -> Self {
+        Self::with_limit(grace, DEFAULT_MAX_HELD)
+    }
+
+    /// As [`Announcements::new`], holding at most `max_held`.
+    pub fn with_limit(grace: Duration, max_held: usize) -> Self {
         Announcements {
             held: FxHashMap::default(),
             grace,
+            max_held,
             counters: AnnouncementCounters::default(),
+            refused: Arc::default(),
+            rules: FxHashMap::default(),
         }
+    }
+
+    /// Where the inputs count what they refuse (shown with the counters).
+    pub fn refusals(&self) -> Arc<AtomicU64> {
+        self.refused.clone()
     }
 
     pub fn counters(&self) -> AnnouncementCounters {
         AnnouncementCounters {
             held: self.held.len(),
+            refused: self.refused.load(Ordering::Relaxed),
             ..self.counters
         }
     }
@@ -66,18 +93,32 @@ impl Announcements {
         let keys = [a.key, a.key.reversed()];
         match a.tag {
             Some(tag) => {
-                let verdict = Verdict {
-                    tag,
-                    rule: Arc::new(RuleRef {
-                        file: ANNOUNCED_RULE_FILE.into(),
-                        name: a.origin.to_string().into(),
-                        line: 0,
-                    }),
-                };
+                let exists =
+                    self.held.contains_key(&a.key) || self.held.contains_key(&a.key.reversed());
+                if !exists && self.held.len() >= self.max_held {
+                    self.counters.dropped_full += 1;
+                    return keys;
+                }
+                if self.rules.len() >= self.max_held {
+                    self.rules.clear();
+                }
+                let origin = a.origin.to_string();
+                let rule = self
+                    .rules
+                    .entry(origin)
+                    .or_insert_with_key(|origin| {
+                        Arc::new(RuleRef {
+                            file: ANNOUNCED_RULE_FILE.into(),
+                            name: origin.as_str().into(),
+                            line: 0,
+                        })
+                    })
+                    .clone();
                 let held = Held {
-                    verdict,
+                    verdict: Verdict { tag, rule },
                     since: Instant::now(),
                     matched: false,
+                    only_for_uid: a.only_for_uid,
                 };
                 // The latest word on a connection wins, whichever end it names first.
                 self.held.remove(&a.key.reversed());
@@ -94,8 +135,10 @@ impl Announcements {
         keys
     }
 
-    /// The announced verdict for a live flow, if any (marking it as matched).
-    pub fn verdict_for(&mut self, key: &FlowKey) -> Option<Verdict> {
+    /// The announced verdict for a live flow whose local socket `owner` owns, if
+    /// any (marking it as matched). An announcement from a user names only that
+    /// user's flows.
+    pub fn verdict_for(&mut self, key: &FlowKey, owner: Option<u32>) -> Option<Verdict> {
         if self.held.is_empty() {
             return None;
         }
@@ -103,6 +146,10 @@ impl Announcements {
             Some(h) => h,
             None => self.held.get_mut(&key.reversed())?,
         };
+        if held.only_for_uid.is_some_and(|uid| owner != Some(uid)) {
+            self.counters.foreign_flow += 1;
+            return None;
+        }
         held.matched = true;
         Some(held.verdict.clone())
     }
@@ -122,6 +169,13 @@ impl Announcements {
         self.held
             .retain(|_, h| h.matched || h.since.elapsed() < grace);
         self.counters.expired += (before - self.held.len()) as u64;
+        // After a flood the table would keep its peak size: give the memory back.
+        if self.held.capacity() > 64 && self.held.len() < self.held.capacity() / 4 {
+            self.held.shrink_to_fit();
+        }
+        if self.held.is_empty() {
+            self.rules = FxHashMap::default();
+        }
     }
 }
 

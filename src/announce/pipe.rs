@@ -4,7 +4,7 @@
 //! or registry names without spaces, e.g. `atlas data-consolidation`).
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -63,6 +63,7 @@ pub fn parse_line(line: &str, registry: &Registry) -> Result<Announcement, Strin
         key: FlowKey::new(proto, src, dst),
         tag,
         origin: Origin::Pipe,
+        only_for_uid: None,
     })
 }
 
@@ -86,22 +87,48 @@ fn tag(exp: &str, act: &str, registry: &Registry) -> Result<Tag, String> {
 
 /// The FIFO, created at start (mode 0620: root writes, and the control group when
 /// configured) and removed at exit.
+///
+/// A line carries no credentials: whoever may open the FIFO for writing may name
+/// any flow, so its group (`control.group`) decides who may announce through it.
+/// That is why the daemon never adopts a file it did not create: a FIFO made first
+/// by a user in a shared directory would keep that user's write access.
 pub struct Pipe {
     path: PathBuf,
 }
 
 impl Pipe {
-    /// Creates the FIFO at `path`; an existing FIFO (a crashed instance's) is reused,
-    /// anything else there is an error.
+    /// Creates the FIFO at `path`. A FIFO this daemon's user left behind (a crashed
+    /// instance's) is replaced; anything else there (a symlink, another user's
+    /// file, a file of another type) is an error.
     pub fn create(path: &Path, group: Option<&str>) -> Result<Pipe> {
+        let me = nix::unistd::geteuid().as_raw();
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_fifo() => {}
-            Ok(_) => bail!(
-                "announcements.pipe {}: exists and is not a named pipe; remove it or choose another path",
-                path.display()
+            Ok(m) if m.file_type().is_fifo() && m.uid() == me => std::fs::remove_file(path)
+                .with_context(|| {
+                    format!("announcements.pipe {}: cannot remove the stale FIFO", path.display())
+                })?,
+            Ok(m) => bail!(
+                "announcements.pipe {}: exists ({}, owner uid {}); the daemon creates the FIFO itself \
+                 and never adopts one it did not make: remove it or choose another path",
+                path.display(),
+                kind(&m),
+                m.uid()
             ),
-            Err(_) => nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o620))
-                .with_context(|| format!("announcements.pipe {}: cannot create", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("announcements.pipe {}: {e}", path.display()),
+        }
+        // mkfifo fails if anything appeared at the path meanwhile.
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("announcements.pipe {}: cannot create", path.display()))?;
+        let m = std::fs::symlink_metadata(path)
+            .with_context(|| format!("announcements.pipe {}", path.display()))?;
+        if !m.file_type().is_fifo() || m.uid() != me {
+            bail!(
+                "announcements.pipe {}: replaced while being created ({}, owner uid {})",
+                path.display(),
+                kind(&m),
+                m.uid()
+            );
         }
         crate::endpoint::restrict_to_group(path, 0o620, group)
             .with_context(|| format!("announcements.pipe {}", path.display()))?;
@@ -110,69 +137,125 @@ impl Pipe {
         })
     }
 
-    /// Reads lines until the command channel closes. Opened read-write, so the
-    /// pipe never reports end-of-file when a writer closes it.
+    /// Reads lines until the command channel closes. The daemon holds no write end:
+    /// when the last writer closes, the read ends, a line left without its newline
+    /// is dropped (it must not be glued to the next writer's first line), and the
+    /// FIFO is opened again for the next writer. Writers open at the same time
+    /// share one stream; a line of up to PIPE_BUF bytes written at once is never
+    /// interleaved with another's.
     pub fn spawn(
         &self,
         registry: Registry,
         announced: mpsc::Sender<Announcement>,
     ) -> Result<tokio::task::JoinHandle<()>> {
-        let receiver = tokio::net::unix::pipe::OpenOptions::new()
-            .read_write(true)
-            .open_receiver(&self.path)
-            .with_context(|| format!("announcements.pipe {}: cannot open", self.path.display()))?;
+        let open = {
+            let path = self.path.clone();
+            move || {
+                tokio::net::unix::pipe::OpenOptions::new()
+                    .open_receiver(&path)
+                    .with_context(|| format!("announcements.pipe {}: cannot open", path.display()))
+            }
+        };
+        let first = open()?;
         let path = self.path.clone();
         info!(pipe = %path.display(), "announcements: reading flow events from the named pipe");
         Ok(tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(receiver);
-            let mut buf = Vec::new();
+            let mut receiver = Some(first);
             loop {
-                buf.clear();
-                match (&mut lines)
-                    .take(MAX_LINE as u64 + 1)
-                    .read_until(b'\n', &mut buf)
-                    .await
-                {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        warn!(pipe = %path.display(), error = %e, "announcements: reading the named pipe failed; no more pipe events");
-                        break;
-                    }
-                }
-                if buf.len() > MAX_LINE && !buf.ends_with(b"\n") {
-                    warn!(pipe = %path.display(), "announcements: line over {MAX_LINE} bytes ignored");
-                    // Skip to the end of that line, a bounded piece at a time.
-                    loop {
-                        buf.clear();
-                        match (&mut lines)
-                            .take(MAX_LINE as u64)
-                            .read_until(b'\n', &mut buf)
-                            .await
-                        {
-                            Ok(n) if n > 0 && !buf.ends_with(b"\n") => continue,
-                            _ => break,
+                let r = match receiver.take() {
+                    Some(r) => r,
+                    None => match open() {
+                        Ok(r) => r,
+                        Err(e) => {
+                            warn!(error = %format!("{e:#}"), "announcements: no more pipe events");
+                            return;
                         }
-                    }
-                    continue;
-                }
-                let line = String::from_utf8_lossy(&buf);
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                match parse_line(line, &registry) {
-                    Ok(a) => {
-                        if announced.send(a).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(pipe = %path.display(), line, error = %e, "announcements: line ignored")
-                    }
+                    },
+                };
+                if !read_session(r, &path, &registry, &announced).await {
+                    return;
                 }
             }
         }))
+    }
+}
+
+/// Reads one writer session (until every writer has closed); false when the
+/// engine is gone or the pipe failed.
+async fn read_session(
+    receiver: tokio::net::unix::pipe::Receiver,
+    path: &Path,
+    registry: &Registry,
+    announced: &mpsc::Sender<Announcement>,
+) -> bool {
+    let mut lines = tokio::io::BufReader::new(receiver);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match (&mut lines)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) => {
+                warn!(pipe = %path.display(), error = %e, "announcements: reading the named pipe failed; no more pipe events");
+                return false;
+            }
+        }
+        if buf.len() > MAX_LINE && !buf.ends_with(b"\n") {
+            warn!(pipe = %path.display(), "announcements: line over {MAX_LINE} bytes ignored");
+            // Skip to the end of that line, a bounded piece at a time.
+            loop {
+                buf.clear();
+                match (&mut lines)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut buf)
+                    .await
+                {
+                    Ok(n) if n > 0 && !buf.ends_with(b"\n") => continue,
+                    Ok(0) => return true,
+                    _ => break,
+                }
+            }
+            continue;
+        }
+        if !buf.ends_with(b"\n") {
+            // End of file inside a line: its writer closed without finishing it.
+            warn!(pipe = %path.display(), partial = %String::from_utf8_lossy(&buf), "announcements: a writer closed the pipe inside a line; partial line dropped");
+            return true;
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match parse_line(line, registry) {
+            Ok(a) => {
+                if announced.send(a).await.is_err() {
+                    return false;
+                }
+            }
+            Err(e) => {
+                warn!(pipe = %path.display(), line, error = %e, "announcements: line ignored")
+            }
+        }
+    }
+}
+
+fn kind(m: &std::fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a named pipe"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
     }
 }
 
@@ -238,5 +321,69 @@ mod tests {
         }
         // An end needs no valid tag: the peers write the start's fields again.
         assert!(parse("end tcp 10.0.0.1 1 10.0.0.2 2 0 0").is_ok());
+    }
+
+    #[test]
+    fn the_fifo_is_made_by_the_daemon_and_never_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flowd.pipe");
+        // A symlink (to anything), a regular file: refused, and left alone.
+        std::os::unix::fs::symlink("/dev/null", &path).unwrap();
+        let e = format!("{:#}", Pipe::create(&path, None).err().unwrap());
+        assert!(
+            e.contains("a symbolic link") && e.contains("never adopts"),
+            "{e}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "").unwrap();
+        let e = format!("{:#}", Pipe::create(&path, None).err().unwrap());
+        assert!(e.contains("a regular file"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        // Another user's FIFO (made first in a shared directory): refused.
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+            nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let e = format!("{:#}", Pipe::create(&path, None).err().unwrap());
+            assert!(e.contains("owner uid 65534"), "{e}");
+            std::fs::remove_file(&path).unwrap();
+        }
+        // Its own stale FIFO is replaced by a fresh one with the daemon's mode.
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        let p = Pipe::create(&path, None).unwrap();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert!(m.file_type().is_fifo());
+        assert_eq!(m.mode() & 0o777, 0o620);
+        drop(p);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_writer_closing_inside_a_line_does_not_spoil_the_next_writers_line() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flowd.pipe");
+        let pipe = Pipe::create(&path, None).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let task = pipe.spawn(Registry::bundled(), tx).unwrap();
+        let write = |text: &'static str| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+                f.write_all(text.as_bytes()).unwrap();
+            })
+            .join()
+            .unwrap();
+        };
+        write("start tcp 10.0.0.1 1 10.0.0.2 2 2");
+        // Let the reader see the first writer's close before the second opens.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        write("start tcp 10.0.0.1 3 10.0.0.2 4 3 12\n");
+        let a = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the second writer's line arrives")
+            .unwrap();
+        assert_eq!(a.key.local(), "10.0.0.1:3".parse().unwrap());
+        assert_eq!(a.tag, Some(Tag::new(3, 12).unwrap()));
+        task.abort();
     }
 }

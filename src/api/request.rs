@@ -55,6 +55,15 @@ pub enum Request {
     Reload {},
 }
 
+impl Request {
+    /// `mark-add` and `mark-del` set a kernel mark directly, bypassing policy and
+    /// announcements: they would let any member of `control.group` re-tag any
+    /// flow, so the daemon takes them from root (SO_PEERCRED uid 0) only.
+    pub fn root_only(&self) -> bool {
+        matches!(self, Request::MarkAdd { .. } | Request::MarkDel { .. })
+    }
+}
+
 /// What the daemon reports about itself in `status`, fixed at start.
 #[derive(Debug, Clone, Serialize)]
 pub struct DaemonInfo {

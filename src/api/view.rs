@@ -149,6 +149,20 @@ pub struct StatusView {
     pub fireflies: Option<FireflyStatus>,
     /// Present when an announcement input (named pipe, firefly listener) is on.
     pub announcements: Option<AnnouncementCounters>,
+    /// The control socket's connections.
+    #[serde(default)]
+    pub control: ControlConnections,
+}
+
+/// The control socket's connections: open now, refused over the per-user cap
+/// (`control.max_connections_per_user`), closed after `control.idle_timeout_secs`
+/// without a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControlConnections {
+    pub open: usize,
+    pub refused: u64,
+    pub closed_idle: u64,
 }
 
 /// What the firefly sender has done, cumulative but for `announced`.
@@ -238,6 +252,13 @@ pub struct AnnouncementCounters {
     pub expired: u64,
     /// Held now (matched or still waiting for their flow).
     pub held: usize,
+    /// Dropped because `announcements.max_held` were already held.
+    pub dropped_full: u64,
+    /// Refused before parsing: a local sender not allowed to announce.
+    pub refused: u64,
+    /// Times an announcement named a flow of another user than its sender and
+    /// was not applied to it.
+    pub foreign_flow: u64,
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod cgroup2;
 pub mod feeds;
+pub mod peer_owner;
 pub mod procfs;
 pub mod sockdiag;
 pub mod tracker;

@@ -21,6 +21,7 @@ use crate::api::request::{DaemonInfo, Request};
 use crate::api::view::{FlowView, StatusView, TagTotals};
 use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::{Fact, ProcResolver};
+use crate::endpoint::ConnectionStats;
 use crate::firefly::Fireflies;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
 use crate::marking::{MarkSink, MarkStore, Marking};
@@ -33,6 +34,8 @@ use crate::policy::{Policy, Registry};
 /// A control request and where its answer goes.
 pub struct ControlCall {
     pub request: Request,
+    /// The client's uid (SO_PEERCRED), when the kernel gave it.
+    pub peer_uid: Option<u32>,
     /// The serialized `result`, or the error text.
     pub reply: oneshot::Sender<Result<Box<RawValue>, String>>,
 }
@@ -74,6 +77,8 @@ pub struct Engine {
     denied_warned: std::collections::HashSet<(String, Fact)>,
     /// The resolver's refusal counts at the last check.
     denied_seen: [u64; 3],
+    /// The control server's connection counts, when one serves this engine.
+    connections: Option<Arc<ConnectionStats>>,
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
@@ -130,6 +135,7 @@ impl Engine {
             first_dump: None,
             denied_warned: Default::default(),
             denied_seen: [0; 3],
+            connections: None,
         }
     }
 
@@ -140,10 +146,16 @@ impl Engine {
         self
     }
 
-    /// Takes explicit announcements (config `[announcements]`), which wait `grace`
-    /// for their flow to be discovered.
-    pub fn with_announcements(mut self, grace: Duration) -> Self {
-        self.announcements = Some(Announcements::new(grace));
+    /// Takes explicit announcements (config `[announcements]`), held in
+    /// `announcements` until their flow ends or their grace passes.
+    pub fn with_announcements(mut self, announcements: Announcements) -> Self {
+        self.announcements = Some(announcements);
+        self
+    }
+
+    /// Shows the control server's connection counts in status and metrics.
+    pub fn with_connection_stats(mut self, stats: Arc<ConnectionStats>) -> Self {
+        self.connections = Some(stats);
         self
     }
 
@@ -211,7 +223,15 @@ impl Engine {
                     Some(Command::Control(call)) => {
                         let t0 = Instant::now();
                         let op = format!("{:?}", call.request).split([' ', '{']).next().unwrap_or("").to_string();
-                        let answer = self.answer(call.request);
+                        let answer = if call.request.root_only() && call.peer_uid != Some(0) {
+                            Err(format!(
+                                "{op}: a debugging aid for root only (this client is uid {}); \
+                                 announce flows or write a policy instead",
+                                call.peer_uid.map_or_else(|| "unknown".into(), |u| u.to_string())
+                            ))
+                        } else {
+                            self.answer(call.request)
+                        };
                         tracing::debug!(op, elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0, "control request answered");
                         let _ = call.reply.send(answer);
                     }
@@ -322,7 +342,7 @@ impl Engine {
                     let announced = self
                         .announcements
                         .as_mut()
-                        .and_then(|a| a.verdict_for(&f.key));
+                        .and_then(|a| a.verdict_for(&f.key, f.owner.uid));
                     self.marking.on_flow_with(
                         &f,
                         &policy,
@@ -455,6 +475,8 @@ impl Engine {
             Request::Flows { filter } => {
                 self.cache_user_names();
                 let filter = filter.unwrap_or_default();
+                // Otherwise a bad address matches nothing and looks like "no flows".
+                filter.validate().map_err(|e| e.to_string())?;
                 let counts = self.maps.flow_counts().unwrap_or_default();
                 let flows = self
                     .table

@@ -204,3 +204,22 @@ fn the_flows_request_names_the_rule_that_tagged_each_flow() {
     assert_eq!(flows[0]["experiment"], 2);
     assert_eq!(flows[0]["activity"], 17);
 }
+
+#[test]
+fn a_flows_request_with_a_bad_address_filter_is_an_error_not_an_empty_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = engine(dir.path(), RecordingStore::new(16));
+    let filter = crate::api::filter::FlowFilter {
+        address: Some("garbage/99".into()),
+        ..Default::default()
+    };
+    let err = e
+        .answer(Request::Flows {
+            filter: Some(filter),
+        })
+        .unwrap_err();
+    assert!(
+        err.contains("`garbage/99` is neither an IP address"),
+        "{err}"
+    );
+}

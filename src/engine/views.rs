@@ -110,6 +110,7 @@ impl Engine {
             policy_first_packet_exact_rules: self.exactness.iter().filter(|e| e.is_exact()).count(),
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
             announcements: self.announcements.as_ref().map(Announcements::counters),
+            control: self.control_view(),
             flows_first_packet_exact: self
                 .marking
                 .decisions()
@@ -152,7 +153,15 @@ impl Engine {
                 let st = self.procs.stats();
                 Fact::ALL.map(|f| (f.name(), st.denied(f))).to_vec()
             },
+            control: self.control_view(),
         }
+    }
+
+    fn control_view(&self) -> crate::api::view::ControlConnections {
+        self.connections
+            .as_ref()
+            .map(|c| c.view())
+            .unwrap_or_default()
     }
 }
 

@@ -34,4 +34,9 @@ pub struct Announcement {
     pub key: FlowKey,
     pub tag: Option<Tag>,
     pub origin: Origin,
+    /// `Some(uid)`: the announcer is the local user `uid`, who may name only flows
+    /// whose local socket is its own; `None`: it may name any flow (root, the named
+    /// pipe, whose group decides who writes, or a remote host in
+    /// `announcements.firefly_allow`).
+    pub only_for_uid: Option<u32>,
 }

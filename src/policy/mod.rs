@@ -17,6 +17,7 @@ pub mod kernel;
 pub mod registry;
 mod rule;
 mod sets;
+mod source;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,6 +72,12 @@ impl Policy {
             message: format!("cannot read: {e}"),
         };
         let entries = std::fs::read_dir(dir).map_err(|e| PolicyErrors(vec![io_err(dir, e)]))?;
+        if let Some(w) = std::fs::metadata(dir)
+            .ok()
+            .and_then(|m| source::world_writable(&m, "policy directory"))
+        {
+            tracing::warn!(dir = %dir.display(), "{w}");
+        }
         let mut sources = Vec::new();
         let mut errors = Vec::new();
         for entry in entries {
@@ -85,15 +92,22 @@ impl Policy {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if name.starts_with('.')
-                || path.extension().is_none_or(|x| x != "toml")
-                || path.is_dir()
-            {
+            // A directory named *.toml is read (and refused) too: skipping it
+            // silently hides a policy the admin meant to install.
+            if name.starts_with('.') || path.extension().is_none_or(|x| x != "toml") {
                 continue;
             }
-            match std::fs::read_to_string(&path) {
-                Ok(text) => sources.push((path, text)),
-                Err(e) => errors.push(io_err(&path, e)),
+            match source::read_policy_file(&path) {
+                Ok((text, warning)) => {
+                    if let Some(w) = warning {
+                        tracing::warn!(file = %path.display(), "{w}");
+                    }
+                    sources.push((path, text))
+                }
+                Err(message) => errors.push(PolicyError {
+                    message,
+                    ..io_err(&path, std::io::Error::other(""))
+                }),
             }
         }
         match Policy::from_sources_with(&sources, reg, accounts) {
