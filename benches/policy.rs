@@ -122,10 +122,12 @@ fn sockets(rng: &mut Rng, n: usize) -> Vec<SocketAttrs> {
                     Direction::Outbound
                 },
                 uid: Some(rng.below(60) as u32),
-                gid: None,
-                comm: Some(format!("proc{}", rng.below(120))),
-                exe: None,
-                cgroup: Some(format!("/system.slice/svc{}@x.service", rng.below(120))),
+                owner: flowd::model::facts::OwnerFacts {
+                    gid: None,
+                    comm: Some(format!("proc{}", rng.below(120))),
+                    exe: None,
+                    cgroup: Some(format!("/system.slice/svc{}@x.service", rng.below(120))),
+                },
             }
         })
         .collect()

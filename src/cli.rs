@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::config::Config;
+use crate::model::facts::OwnerFacts;
 use crate::model::socket::{Direction, FlowKey, Protocol};
 use crate::model::tag::{decode, Tag};
 use crate::policy::{OfflineAccounts, Policy, Registry, SocketAttrs};
@@ -149,10 +150,12 @@ pub fn policy_explain(
         remote: key.remote(),
         direction,
         uid,
-        gid: None,
-        comm: a.comm.clone(),
-        exe: a.exe.clone(),
-        cgroup: a.cgroup.clone(),
+        owner: OwnerFacts {
+            gid: None,
+            comm: a.comm.clone(),
+            exe: a.exe.clone(),
+            cgroup: a.cgroup.clone(),
+        },
     };
     write!(out, "{}", policy.explain(&attrs))?;
     Ok(())

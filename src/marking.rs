@@ -257,14 +257,14 @@ impl Marking {
             remote: flow.key.remote(),
             direction: flow.direction,
             uid: flow.owner.uid,
-            gid: proc.and_then(|p| p.gid),
-            comm: flow
-                .owner
-                .comm
-                .map(|c| c.to_string())
-                .or_else(|| proc.map(|p| p.comm.clone())),
-            exe: proc.and_then(|p| p.exe.clone()),
-            cgroup: proc.and_then(|p| p.cgroup.clone()),
+            owner: {
+                let mut facts = proc.map(|p| p.facts.clone()).unwrap_or_default();
+                // The tracker's comm is the task's at the socket's birth: it wins.
+                if let Some(c) = flow.owner.comm {
+                    facts.comm = Some(c.to_string());
+                }
+                facts
+            },
         }
     }
 

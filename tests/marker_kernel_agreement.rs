@@ -192,10 +192,12 @@ fn attrs(s: &KernelSocket, comm: Option<String>) -> SocketAttrs {
         remote: SocketAddr::V6(s.remote),
         direction: s.direction,
         uid: s.uid,
-        gid: None,
-        comm,
-        exe: None,
-        cgroup: None,
+        owner: flowd::model::facts::OwnerFacts {
+            gid: None,
+            comm,
+            exe: None,
+            cgroup: None,
+        },
     }
 }
 

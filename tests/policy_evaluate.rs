@@ -212,8 +212,8 @@ cgroup = ["/system.slice/xrootd@*", "/system.slice/cmsd.service"]
         "192.0.2.2:2",
         Direction::Inbound,
     );
-    s.comm = Some("xrootd".into());
-    s.exe = Some("/usr/bin/xrootd".into());
+    s.owner.comm = Some("xrootd".into());
+    s.owner.exe = Some("/usr/bin/xrootd".into());
     for (cg, want) in [
         ("/system.slice/xrootd@atlas.service", true),
         ("/system.slice/xrootd@atlas.service/payload", true),
@@ -222,7 +222,7 @@ cgroup = ["/system.slice/xrootd@*", "/system.slice/cmsd.service"]
         ("/system.slice/xrootd.service", false),
         ("/user.slice", false),
     ] {
-        s.cgroup = Some(cg.into());
+        s.owner.cgroup = Some(cg.into());
         assert_eq!(p.evaluate(&s).is_some(), want, "{cg}");
     }
 }
@@ -330,7 +330,7 @@ fn example_policies_validate_together() {
         "198.51.100.7:40000",
         Direction::Inbound,
     );
-    s.comm = Some("globus-gridftp-".into());
+    s.owner.comm = Some("globus-gridftp-".into());
     let v = p.evaluate(&s).unwrap();
     assert_eq!((v.tag.experiment, v.tag.activity), (3, 12));
 }

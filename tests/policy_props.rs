@@ -115,7 +115,7 @@ fn ref_matches(s: &Spec, x: &SocketAttrs) -> bool {
             .is_none_or(|v| x.uid.is_some_and(|u| v.contains(&u)))
         && s.process
             .as_ref()
-            .is_none_or(|v| x.comm.as_ref().is_some_and(|c| v.contains(c)))
+            .is_none_or(|v| x.owner.comm.as_ref().is_some_and(|c| v.contains(c)))
 }
 
 fn ref_specificity(s: &Spec) -> (u32, u32, u32) {
@@ -186,10 +186,12 @@ fn socket() -> impl Strategy<Value = SocketAttrs> {
                 remote: addr(v6, ra, rp),
                 direction,
                 uid,
-                gid: None,
-                comm,
-                exe: None,
-                cgroup: None,
+                owner: flowd::model::facts::OwnerFacts {
+                    gid: None,
+                    comm,
+                    exe: None,
+                    cgroup: None,
+                },
             },
         )
 }

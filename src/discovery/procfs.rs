@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::model::facts::ProcessInfo;
+use crate::model::facts::{OwnerFacts, ProcessInfo};
 
 /// What the daemon reads of a socket's owner that the kernel may refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -278,10 +278,12 @@ fn process_info(pid_dir: &Path, pid: u32, stats: &mut ResolverStats) -> ProcessI
         .and_then(|s| effective_gid(&s));
     ProcessInfo {
         pid,
-        comm,
-        exe,
-        cgroup,
-        gid,
+        facts: OwnerFacts {
+            gid,
+            comm: Some(comm),
+            exe,
+            cgroup,
+        },
     }
 }
 
@@ -345,9 +347,12 @@ mod tests {
         r.resolve([555, 777, 999, 0]).unwrap();
         assert_eq!(r.stats().scans, 1);
         let a = r.lookup(555).unwrap().unwrap();
-        assert_eq!((a.pid, a.comm.as_str()), (100, "xrootd"));
-        assert_eq!(a.exe.as_deref(), Some(Path::new("/usr/bin/xrootd")));
-        assert_eq!(a.cgroup.as_deref(), Some("/system.slice/xrootd.service"));
+        assert_eq!((a.pid, a.facts.comm.as_deref()), (100, Some("xrootd")));
+        assert_eq!(a.facts.exe.as_deref(), Some(Path::new("/usr/bin/xrootd")));
+        assert_eq!(
+            a.facts.cgroup.as_deref(),
+            Some("/system.slice/xrootd.service")
+        );
         assert_eq!(r.lookup(777).unwrap().unwrap().pid, 200);
         assert_eq!(r.lookup(999).unwrap(), None, "negative answer cached");
         assert_eq!(r.stats().scans, 1, "lookups after resolve hit the cache");

@@ -86,10 +86,10 @@ fn describe_socket(s: &SocketAttrs) -> String {
         s.remote,
         direction_str(s.direction),
         opt(s.uid.map(|u| u.to_string())),
-        opt(s.gid.map(|g| g.to_string())),
-        opt(s.comm.clone()),
-        opt(s.exe.as_ref().map(|e| e.display().to_string())),
-        opt(s.cgroup.clone()),
+        opt(s.owner.gid.map(|g| g.to_string())),
+        opt(s.owner.comm.clone()),
+        opt(s.owner.exe.as_ref().map(|e| e.display().to_string())),
+        opt(s.owner.cgroup.clone()),
     )
 }
 

@@ -163,7 +163,7 @@ impl Index {
             b.by_remote_net
                 .get(&addr_key(s.remote.ip()))
                 .map_or(empty, Vec::as_slice),
-            match &s.comm {
+            match &s.owner.comm {
                 Some(c) if !b.by_process.is_empty() => {
                     b.by_process.get(c.as_str()).map_or(empty, Vec::as_slice)
                 }

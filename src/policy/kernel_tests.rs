@@ -260,10 +260,12 @@ fn rules_past_the_limit_stay_in_userspace_and_say_so() {
             remote: s.remote.into(),
             direction: Direction::Outbound,
             uid: Some(0),
-            gid: None,
-            comm: None,
-            exe: None,
-            cgroup: None,
+            owner: crate::model::facts::OwnerFacts {
+                gid: None,
+                comm: None,
+                exe: None,
+                cgroup: None,
+            },
         })
         .is_some());
 }

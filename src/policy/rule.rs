@@ -5,11 +5,11 @@
 use std::cmp::Reverse;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use super::fields::{Field, Match};
 use super::kernel;
+use crate::model::facts::OwnerFacts;
 use crate::model::socket::{Direction, Protocol};
 use crate::model::tag::Tag;
 
@@ -23,12 +23,9 @@ pub struct SocketAttrs {
     pub remote: SocketAddr,
     pub direction: Direction,
     pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    /// The kernel's `comm` (at most 15 bytes).
-    pub comm: Option<String>,
-    pub exe: Option<PathBuf>,
-    /// cgroup v2 path, as in `/proc/PID/cgroup` after `0::`.
-    pub cgroup: Option<String>,
+    /// The owning process's facts (gid, comm, exe, cgroup), as the fact sources
+    /// found them.
+    pub owner: OwnerFacts,
 }
 
 /// Names a rule for humans: Display is `atlas.toml:xrootd-data`.

@@ -53,10 +53,12 @@ pub fn sock(proto: Protocol, local: &str, remote: &str, direction: Direction) ->
         remote: remote.parse::<SocketAddr>().expect("test address"),
         direction,
         uid: None,
-        gid: None,
-        comm: None,
-        exe: None,
-        cgroup: None,
+        owner: flowd::model::facts::OwnerFacts {
+            gid: None,
+            comm: None,
+            exe: None,
+            cgroup: None,
+        },
     }
 }
 

@@ -34,13 +34,14 @@ impl MatchField for Cgroup {
 
     #[inline]
     fn accepts(v: &Vec<CgroupPrefix>, s: &SocketAttrs) -> bool {
-        s.cgroup
+        s.owner
+            .cgroup
             .as_ref()
             .is_some_and(|c| v.iter().any(|p| p.matches(c)))
     }
 
     fn describe_failure(v: &Vec<CgroupPrefix>, s: &SocketAttrs) -> String {
-        match &s.cgroup {
+        match &s.owner.cgroup {
             None => "cgroup unknown".to_owned(),
             Some(c) => format!("cgroup {c} not under {}", list(v)),
         }

@@ -40,11 +40,11 @@ impl MatchField for Exe {
 
     #[inline]
     fn accepts(v: &Vec<PathBuf>, s: &SocketAttrs) -> bool {
-        s.exe.as_ref().is_some_and(|e| v.contains(e))
+        s.owner.exe.as_ref().is_some_and(|e| v.contains(e))
     }
 
     fn describe_failure(v: &Vec<PathBuf>, s: &SocketAttrs) -> String {
-        match &s.exe {
+        match &s.owner.exe {
             None => "exe unknown".to_owned(),
             Some(e) => {
                 let paths: Vec<String> = v.iter().map(|p| p.display().to_string()).collect();

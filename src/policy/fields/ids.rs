@@ -47,7 +47,7 @@ impl IdKind for Gid {
         accounts.gid_of(name)
     }
     fn of(s: &SocketAttrs) -> Option<u32> {
-        s.gid
+        s.owner.gid
     }
 }
 

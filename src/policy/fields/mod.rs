@@ -21,8 +21,10 @@
 //!    `kernel` and bpf/flowd.h that decide it; `kernel_tests::only` (also exhaustive)
 //!    gives a rule on the field alone and, if the kernel decides it, a socket it rejects,
 //!    and the test there checks that the tables agree with `decides`.
-//! 4. If it needs a fact [`SocketAttrs`] lacks, add the fact there, to
-//!    `explain::describe_socket`, and where sockets are built outside `policy`.
+//! 4. If it needs a fact of the owning process that is not known yet, add it to
+//!    [`crate::model::facts::OwnerFacts`] (which `SocketAttrs::owner` carries) and
+//!    fill it in its source (`discovery::procfs` today); show it in
+//!    `explain::describe_socket`. Nothing between the source and the field changes.
 //! 5. Test its error messages (tests/policy_errors.rs), matching and explanation
 //!    (tests/policy_evaluate.rs), and add its row to the table in policies/README.md.
 

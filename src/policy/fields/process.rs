@@ -56,11 +56,11 @@ impl MatchField for Process {
 
     #[inline]
     fn accepts(v: &Vec<String>, s: &SocketAttrs) -> bool {
-        s.comm.as_ref().is_some_and(|c| v.contains(c))
+        s.owner.comm.as_ref().is_some_and(|c| v.contains(c))
     }
 
     fn describe_failure(v: &Vec<String>, s: &SocketAttrs) -> String {
-        match &s.comm {
+        match &s.owner.comm {
             None => "process name unknown".to_owned(),
             Some(c) => {
                 let quoted: Vec<String> = v.iter().map(|x| format!("{x:?}")).collect();
