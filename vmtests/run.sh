@@ -195,6 +195,7 @@ boot() {
     local accel=$1 share=$2 timeout=$3 quiet=${4:-0} initrd
     initrd=$(initramfs_for)
     echo "$timeout" >"$share/timeout"
+    realpath "$REPO" >"$share/repo"
     rm -f "$share/status" "$share/out"
     : >"$share/out"
     local cpu=(-accel tcg,thread=multi -cpu max)
@@ -206,6 +207,7 @@ boot() {
         -kernel "$KIMG" -initrd "$initrd" -append "console=ttyS0 panic=-1" \
         -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
         -virtfs "local,path=$share,mount_tag=results,security_model=none,multidevs=remap" \
+        -virtfs "local,path=$(realpath "$REPO"),mount_tag=repo,security_model=none,readonly=on,multidevs=remap" \
         -device virtio-rng-pci </dev/null >"$share/../qemu.log" 2>&1 &
     local qemu=$!
     [ "$quiet" = 1 ] || tail -n +1 -f --pid=$qemu "$share/out" || true
