@@ -59,6 +59,19 @@ pub struct AnnouncementConfig {
     pub pipe: Option<PathBuf>,
     /// How long an announcement waits for discovery to find its flow, seconds.
     pub grace_secs: u64,
+    /// The inputs whose flows get this daemon's fireflies (when `fireflies.enabled`),
+    /// as flowd-go sends one for every flow event its plugins receive. An
+    /// application that announces through the pipe sends none itself; one that
+    /// announces by firefly already sent its own, so `firefly` is left out by default.
+    pub fireflies_for: Vec<AnnounceInput>,
+}
+
+/// An announcement input, as named in `announcements.fireflies_for`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnnounceInput {
+    Pipe,
+    Firefly,
 }
 
 impl Default for AnnouncementConfig {
@@ -71,6 +84,7 @@ impl Default for AnnouncementConfig {
             ],
             pipe: None,
             grace_secs: 30,
+            fireflies_for: vec![AnnounceInput::Pipe],
         }
     }
 }
@@ -506,6 +520,16 @@ mod tests {
         .announcements;
         assert!(c.enabled());
         assert_eq!(c.pipe, Some(PathBuf::from("/run/flowd")));
+        assert_eq!(c.fireflies_for, [AnnounceInput::Pipe], "the default");
+        let c = Config::parse("[announcements]\nfireflies_for = [\"pipe\", \"firefly\"]\n")
+            .unwrap()
+            .announcements;
+        assert_eq!(
+            c.fireflies_for,
+            [AnnounceInput::Pipe, AnnounceInput::Firefly]
+        );
+        let e = Config::parse("[announcements]\nfireflies_for = [\"http\"]\n").unwrap_err();
+        assert!(e.starts_with("2:18: unknown variant `http`"), "{e}");
         let e = Config::parse("[announcements]\nfirefly_allow = [\"10.0.0.0/33\"]\n").unwrap_err();
         assert!(e.starts_with("2:18:"), "{e}");
     }

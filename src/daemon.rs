@@ -193,7 +193,7 @@ async fn start_engine(
     let mut pipe = None;
     if cfg.announcements.enabled() {
         let ann = &cfg.announcements;
-        engine = engine.with_announcements(Duration::from_secs(ann.grace_secs));
+        engine = engine.with_announcements(Duration::from_secs(ann.grace_secs), &ann.fireflies_for);
         if let Some(path) = &ann.pipe {
             let p = Pipe::create(path, cfg.control.group.as_deref())?;
             tasks.push(p.spawn(registry.clone(), announce_tx.clone())?);

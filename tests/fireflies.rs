@@ -215,3 +215,95 @@ fn tagged_flows_are_announced_at_start_and_end_to_the_collector_and_the_remote_h
     assert_eq!(ff["queue_full"], 0);
     d.stop();
 }
+
+/// Announced flows on the wire: a flow named through the named pipe gets this
+/// daemon's start and end fireflies with the announced tag (flowd-go sends one per
+/// plugin event); a flow its application announced by firefly gets none from us
+/// (the application sends its own).
+#[test]
+fn pipe_announced_flows_get_fireflies_firefly_announced_ones_stay_quiet() {
+    if !common::privileged() {
+        return;
+    }
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = common::policies_with(dir.path(), &[]);
+    let pipe = dir.path().join("flowd.pipe");
+    let collector = udp_listener(&pair.b, COLLECTOR_PORT);
+    let d = Daemon::start_with(
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[fireflies]\nenabled = true\nto_remote = false\n\
+             collectors = [\"[{ADDR_B}]:{COLLECTOR_PORT}\"]\n\
+             [announcements]\npipe = \"{}\"\nfirefly_listen = [\"127.0.0.1:10514\"]\n",
+            policies.display(),
+            pipe.display()
+        ),
+    );
+    let announcements = |field: &str| -> u64 {
+        let v: Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+        v["status"]["announcements"][field].as_u64().unwrap()
+    };
+    let wait_for = |field: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while announcements(field) != 1 {
+            assert!(Instant::now() < deadline, "{field}\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let a = |p: u16| SocketAddr::new(ADDR_A.into(), p);
+    let piped = (a(41030), SocketAddr::new(ADDR_B.into(), 5310));
+    let fireflied = (a(41031), SocketAddr::new(ADDR_B.into(), 5311));
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&pipe).unwrap();
+        writeln!(f, "start tcp {ADDR_A} 41030 {ADDR_B} 5310 3 12").unwrap();
+    }
+    wait_for("received_pipe");
+    let datagram = flowd::firefly::Firefly {
+        state: flowd::firefly::State::Start,
+        key: flowd::model::socket::FlowKey::new(
+            flowd::model::socket::Protocol::Tcp,
+            fireflied.0,
+            fireflied.1,
+        ),
+        tag: flowd::model::tag::Tag::new(5, 1).unwrap(),
+        start: std::time::SystemTime::now(),
+        now: std::time::SystemTime::now(),
+        end: None,
+        usage: None,
+        application: Some("xrootd".into()),
+    }
+    .datagram(Some("se01"));
+    pair.a
+        .run(move || {
+            UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .send_to(&datagram, "127.0.0.1:10514")
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+    wait_for("received_firefly");
+    transfer(&pair.a, &pair.b, piped.0, piped.1, 30_000);
+    transfer(&pair.a, &pair.b, fireflied.0, fireflied.1, 30_000);
+
+    let got = receive(&[&collector], 2, Duration::from_secs(20));
+    let log = d.log();
+    assert_eq!(got[0].len(), 2, "{:?}\n{log}", got[0]);
+    let schema = schema();
+    let mut states = Vec::new();
+    for datagram in &got[0] {
+        let (_, v) = split(datagram);
+        let errors: Vec<String> = schema.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?} in {v}");
+        assert_eq!(v["flow-id"]["src-port"], 41030, "{v}");
+        assert_eq!(v["flow-id"]["dst-port"], 5310, "{v}");
+        assert_eq!(v["context"]["experiment-id"], 3);
+        assert_eq!(v["context"]["activity-id"], 12);
+        states.push(v["flow-lifecycle"]["state"].as_str().unwrap().to_string());
+    }
+    assert_eq!(states, ["start", "end"]);
+    d.stop();
+}

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 
 use crate::api::view::{AnnouncementCounters, ANNOUNCED_RULE_FILE};
+use crate::config::AnnounceInput;
 use crate::model::announcement::{Announcement, Origin};
 use crate::model::socket::FlowKey;
 use crate::policy::{RuleRef, Verdict};
@@ -30,6 +31,9 @@ struct Held {
     since: Instant,
     /// A live flow has used it: it now lasts until that flow ends.
     matched: bool,
+    /// This daemon announces the flow with fireflies (config
+    /// `announcements.fireflies_for` names its input).
+    ours: bool,
 }
 
 /// The announcements in force, by the key they were announced under.
@@ -37,6 +41,7 @@ pub struct Announcements {
     held: FxHashMap<FlowKey, Held>,
     grace: Duration,
     counters: AnnouncementCounters,
+    fireflies_for: Vec<AnnounceInput>,
 }
 
 impl Announcements {
@@ -46,7 +51,23 @@ impl Announcements {
             held: FxHashMap::default(),
             grace,
             counters: AnnouncementCounters::default(),
+            fireflies_for: Vec::new(),
         }
+    }
+
+    /// The inputs whose flows this daemon announces with its own fireflies.
+    pub fn with_fireflies_for(mut self, inputs: &[AnnounceInput]) -> Self {
+        self.fireflies_for = inputs.to_vec();
+        self
+    }
+
+    /// Whether this daemon sends the fireflies of the announced flow with this key
+    /// (either orientation); false for a flow not announced.
+    pub fn fireflies_ours(&self, key: &FlowKey) -> bool {
+        self.held
+            .get(key)
+            .or_else(|| self.held.get(&key.reversed()))
+            .is_some_and(|h| h.ours)
     }
 
     pub fn counters(&self) -> AnnouncementCounters {
@@ -59,10 +80,16 @@ impl Announcements {
     /// Records `a`; returns the keys (both orientations) whose flows must be
     /// re-decided.
     pub fn apply(&mut self, a: Announcement) -> [FlowKey; 2] {
-        match a.origin {
-            Origin::Firefly(_) => self.counters.received_firefly += 1,
-            Origin::Pipe => self.counters.received_pipe += 1,
-        }
+        let input = match a.origin {
+            Origin::Firefly(_) => {
+                self.counters.received_firefly += 1;
+                AnnounceInput::Firefly
+            }
+            Origin::Pipe => {
+                self.counters.received_pipe += 1;
+                AnnounceInput::Pipe
+            }
+        };
         let keys = [a.key, a.key.reversed()];
         match a.tag {
             Some(tag) => {
@@ -78,6 +105,7 @@ impl Announcements {
                     verdict,
                     since: Instant::now(),
                     matched: false,
+                    ours: self.fireflies_for.contains(&input),
                 };
                 // The latest word on a connection wins, whichever end it names first.
                 self.held.remove(&a.key.reversed());

@@ -19,6 +19,7 @@ pub use self::views::{add_tag_counts, MarkerShape, SeqOf};
 use crate::announce::Announcements;
 use crate::api::request::{DaemonInfo, Request};
 use crate::api::view::{FlowView, StatusView, TagTotals};
+use crate::config::AnnounceInput;
 use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::ProcResolver;
 use crate::firefly::Fireflies;
@@ -121,8 +122,9 @@ impl Engine {
 
     /// Takes explicit announcements (config `[announcements]`), which wait `grace`
     /// for their flow to be discovered.
-    pub fn with_announcements(mut self, grace: Duration) -> Self {
-        self.announcements = Some(Announcements::new(grace));
+    /// `fireflies_for`: the inputs whose flows get this daemon's fireflies.
+    pub fn with_announcements(mut self, grace: Duration, fireflies_for: &[AnnounceInput]) -> Self {
+        self.announcements = Some(Announcements::new(grace).with_fireflies_for(fireflies_for));
         self
     }
 
@@ -306,7 +308,15 @@ impl Engine {
                         announced,
                     );
                     if let Some(ff) = &mut self.fireflies {
-                        ff.on_flow(&f, self.marking.decision(f.cookie));
+                        let d = self.marking.decision(f.cookie);
+                        // An announced flow is ours to announce when its input is
+                        // in `announcements.fireflies_for`.
+                        let app_speaks = d.is_some_and(|d| d.announced)
+                            && !self
+                                .announcements
+                                .as_ref()
+                                .is_some_and(|a| a.fireflies_ours(&f.key));
+                        ff.on_flow_with(&f, d, app_speaks);
                     }
                 }
                 FlowEvent::Ended(f, _) => {

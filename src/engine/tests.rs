@@ -202,3 +202,59 @@ fn the_flows_request_names_the_rule_that_tagged_each_flow() {
     assert_eq!(flows[0]["experiment"], 2);
     assert_eq!(flows[0]["activity"], 17);
 }
+
+/// Fireflies for announced flows: a pipe announcement gets this daemon's start and,
+/// once withdrawn, its end (flowd-go's behaviour); a firefly announcement is left to
+/// the application that sent it, unless `fireflies_for` names that input too.
+#[test]
+fn pipe_announced_flows_get_our_fireflies_firefly_announced_ones_do_not() {
+    use crate::firefly::{Firefly, FireflyCounters, State};
+    use crate::model::announcement::{Announcement, Origin};
+
+    let run = |origin: Origin, fireflies_for: &[AnnounceInput]| -> Vec<(State, Tag)> {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel::<Firefly>(16);
+        let mut e = engine(dir.path(), RecordingStore::new(16))
+            .with_announcements(Duration::from_secs(30), fireflies_for)
+            .with_fireflies(Fireflies::new(
+                tx,
+                Arc::new(FireflyCounters::default()),
+                None,
+            ));
+        let k = key(40000, 1094);
+        e.on_discovery(observed(1, k, SockState::Established));
+        let tag = Tag::new(3, 12).unwrap();
+        // Announced as the application sees it: source first, either orientation.
+        e.announce(Announcement {
+            key: k.reversed(),
+            tag: Some(tag),
+            origin: origin.clone(),
+        });
+        e.announce(Announcement {
+            key: k,
+            tag: None,
+            origin,
+        });
+        let mut out = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            assert_eq!(f.key, k, "the firefly names the flow as the table has it");
+            out.push((f.state, f.tag));
+        }
+        out
+    };
+    let t = Tag::new(3, 12).unwrap();
+    assert_eq!(
+        run(Origin::Pipe, &[AnnounceInput::Pipe]),
+        [(State::Start, t), (State::End, t)]
+    );
+    let app: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    assert_eq!(run(Origin::Firefly(app), &[AnnounceInput::Pipe]), []);
+    assert_eq!(
+        run(
+            Origin::Firefly(app),
+            &[AnnounceInput::Pipe, AnnounceInput::Firefly]
+        ),
+        [(State::Start, t), (State::End, t)]
+    );
+    assert_eq!(run(Origin::Pipe, &[]), [], "configurable per input");
+}

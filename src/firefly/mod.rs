@@ -115,12 +115,19 @@ impl Fireflies {
     /// A TCP flow is announced once its handshake completes (a refused or timed-out
     /// connect carried no data and gets no firefly); a UDP flow at once. A tag that
     /// changes (policy reload) ends the old announcement and starts a new one; a tag
-    /// that goes away ends it. A flow its application announced (named pipe,
-    /// firefly) is the application's to announce: that one sends its own fireflies.
+    /// that goes away ends it. A flow its application announced is the
+    /// application's to announce (see [`Self::on_flow_with`]).
     pub fn on_flow(&mut self, flow: &Flow, decision: Option<&Decision>) {
+        self.on_flow_with(flow, decision, decision.is_some_and(|d| d.announced));
+    }
+
+    /// Like [`Self::on_flow`]; `app_speaks`: the application sends this flow's
+    /// fireflies itself (it announced the flow by firefly), so this daemon stays
+    /// quiet about it. A flow announced through the pipe gets ours, as flowd-go
+    /// sends one for every flow event its plugins receive.
+    pub fn on_flow_with(&mut self, flow: &Flow, decision: Option<&Decision>, app_speaks: bool) {
         let ready = flow.key.proto == Protocol::Udp || flow.lifecycle >= Lifecycle::Established;
-        let wanted =
-            decision.filter(|d| ready && !d.announced && flow.lifecycle != Lifecycle::Gone);
+        let wanted = decision.filter(|_| ready && !app_speaks && flow.lifecycle != Lifecycle::Gone);
         let had = self.announced.get(&flow.cookie).copied();
         match (had, wanted) {
             (Some(a), Some(d)) if a.tag == d.tag => {}
