@@ -105,9 +105,13 @@ pub struct FireflyConfig {
     /// Send a firefly (UDP, JSON) at the start and end of every tagged flow, IPv4 and
     /// IPv6. Off by default: it sends packets to hosts besides the flow's own.
     pub enabled: bool,
-    /// Collectors that receive every firefly, as `address:port` (no host names: the
-    /// daemon never needs DNS to start).
-    pub collectors: Vec<std::net::SocketAddr>,
+    /// Collectors that receive every firefly, as `address:port` or `name:port`
+    /// (`global.scitags.org:10514`). Names are resolved in the background, at start
+    /// and every `resolve_interval_s`, never on the send path: the daemon needs no
+    /// DNS to start, and a failed lookup keeps the addresses last resolved.
+    pub collectors: Vec<Collector>,
+    /// How often collector names are resolved again, seconds (>= 1).
+    pub resolve_interval_s: u64,
     /// Also send each firefly to the flow's remote host, on `remote_port` (the
     /// convention: the far site may listen for its peers' fireflies).
     pub to_remote: bool,
@@ -130,7 +134,60 @@ impl Default for FireflyConfig {
             remote_port: FIREFLY_PORT,
             syslog_header: true,
             ongoing_interval_s: 0,
+            resolve_interval_s: 300,
         }
+    }
+}
+
+/// A firefly collector: an address, or a host name resolved by the sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collector {
+    Addr(std::net::SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl FromStr for Collector {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+            if a.port() == 0 || a.ip().is_unspecified() {
+                return Err(format!(
+                    "{a} is not a destination (needs an address and a port)"
+                ));
+            }
+            return Ok(Collector::Addr(a));
+        }
+        let bad = || format!("`{s}` is not `address:port` nor `host.name:port`");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let name_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if port == 0 || !name_ok {
+            return Err(bad());
+        }
+        Ok(Collector::Name {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Collector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Collector::Addr(a) => write!(f, "{a}"),
+            Collector::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Collector {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -294,14 +351,8 @@ impl Config {
         if ff.to_remote && ff.remote_port == 0 {
             return Err("fireflies.remote_port must not be 0".into());
         }
-        if let Some(c) = ff
-            .collectors
-            .iter()
-            .find(|c| c.port() == 0 || c.ip().is_unspecified())
-        {
-            return Err(format!(
-                "fireflies.collectors: {c} is not a destination (needs an address and a port)"
-            ));
+        if ff.resolve_interval_s == 0 {
+            return Err("fireflies.resolve_interval_s must be at least 1".into());
         }
         Ok(cfg)
     }
@@ -490,20 +541,46 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.fireflies.collectors[0],
-            "[fd00::9]:10514".parse().unwrap()
+            Collector::Addr("[fd00::9]:10514".parse().unwrap())
         );
-        assert_eq!(c.fireflies.collectors[1].port(), 9999);
+        assert_eq!(
+            c.fireflies.collectors[1],
+            Collector::Addr("10.0.0.9:9999".parse().unwrap())
+        );
         assert!(!c.fireflies.to_remote && !c.fireflies.syslog_header);
         assert_eq!(c.fireflies.ongoing_interval_s, 60);
 
         let e = Config::parse("[fireflies]\nenabled = true\nto_remote = false\n").unwrap_err();
         assert!(e.contains("nowhere to send"), "{e}");
         let e = Config::parse("[fireflies]\ncollectors = [\"[::]:10514\"]\n").unwrap_err();
-        assert!(e.contains("[::]:10514 is not a destination"), "{e}");
-        // A host name is refused where it is written.
-        let e =
-            Config::parse("[fireflies]\ncollectors = [\"collector.example:10514\"]\n").unwrap_err();
-        assert!(e.starts_with("2:15: invalid socket address"), "{e}");
+        assert!(
+            e.starts_with("2:14: [::]:10514 is not a destination"),
+            "{e}"
+        );
+        // Host names are taken (as flowd-go's collectorAddress), lower-cased.
+        let c =
+            Config::parse("[fireflies]\ncollectors = [\"Global.SciTags.org:10514\"]\n").unwrap();
+        assert_eq!(
+            c.fireflies.collectors,
+            [Collector::Name {
+                host: "global.scitags.org".into(),
+                port: 10514
+            }]
+        );
+        assert_eq!(
+            c.fireflies.collectors[0].to_string(),
+            "global.scitags.org:10514"
+        );
+        for bad in [
+            "collector.example",
+            "collector.example:0",
+            "a..b:1",
+            "a b:1",
+            ":1",
+        ] {
+            let e = Config::parse(&format!("[fireflies]\ncollectors = [\"{bad}\"]\n")).unwrap_err();
+            assert!(e.starts_with("2:14:") && e.contains("is not"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -386,6 +386,17 @@ impl Collector for SnapshotCollector {
                     ("send_error", ff.send_errors),
                 ],
             )?;
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_fireflies_collector_lookups",
+                "Lookups of collector host names, by result (a failure keeps the last address).",
+                "result",
+                &[
+                    ("ok", ff.collector_lookups_ok),
+                    ("failed", ff.collector_lookups_failed),
+                ],
+            )?;
         }
         if let Some(a) = &s.announcements {
             gauge(

@@ -198,6 +198,8 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
             sent_end: 7,
             queue_full: 2,
             send_errors: 1,
+            collector_lookups_ok: 4,
+            collector_lookups_failed: 5,
         }),
         ..snapshot(1)
     });
@@ -210,6 +212,11 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
         ("flowd_fireflies_sent_total{state=end}", 7.0),
         ("flowd_fireflies_lost_total{reason=queue_full}", 2.0),
         ("flowd_fireflies_lost_total{reason=send_error}", 1.0),
+        ("flowd_fireflies_collector_lookups_total{result=ok}", 4.0),
+        (
+            "flowd_fireflies_collector_lookups_total{result=failed}",
+            5.0,
+        ),
     ] {
         assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
     }

@@ -307,3 +307,69 @@ fn pipe_announced_flows_get_fireflies_firefly_announced_ones_stay_quiet() {
     assert_eq!(states, ["start", "end"]);
     d.stop();
 }
+
+/// Collectors by host name: the daemon runs with an /etc/hosts of the test's own
+/// (bind-mounted in a mount namespace of its own), resolves the collector's name to
+/// the peer's address and sends there; a name no resolver knows is counted as a
+/// failed lookup and costs nothing else.
+#[test]
+fn a_collector_named_by_host_name_is_resolved_through_the_hosts_file() {
+    if !common::privileged() {
+        return;
+    }
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = common::policies_with(
+        dir.path(),
+        &[(
+            "atlas.toml",
+            "experiment = \"atlas\"\n[[rule]]\nname = \"to-5320\"\nactivity = 4\nremote_ports = [5320]\n",
+        )],
+    );
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{ADDR_B} collector.flowd.test\n"),
+    )
+    .unwrap();
+    let collector = udp_listener(&pair.b, COLLECTOR_PORT);
+    let mount = format!("mount --bind {} /etc/hosts && exec \"$@\"", hosts.display());
+    let d = Daemon::start_via(
+        &["unshare", "-m", "--propagation", "private", "sh", "-c", &mount, "sh"],
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[fireflies]\nenabled = true\nto_remote = false\n\
+             collectors = [\"collector.flowd.test:{COLLECTOR_PORT}\", \"nowhere.flowd.test:{COLLECTOR_PORT}\"]\n",
+            policies.display()
+        ),
+    );
+    transfer(
+        &pair.a,
+        &pair.b,
+        SocketAddr::new(ADDR_A.into(), 41040),
+        SocketAddr::new(ADDR_B.into(), 5320),
+        10_000,
+    );
+    let got = receive(&[&collector], 2, Duration::from_secs(20));
+    let log = d.log();
+    let states: Vec<String> = got[0]
+        .iter()
+        .map(|d| {
+            let (_, v) = split(d);
+            assert_eq!(v["flow-id"]["src-port"], 41040, "{v}");
+            v["flow-lifecycle"]["state"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(states, ["start", "end"], "{log}");
+    assert!(
+        log.contains("firefly collector resolved") && log.contains(&ADDR_B.to_string()),
+        "{log}"
+    );
+    let status: Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+    let ff = &status["status"]["fireflies"];
+    assert_eq!(ff["collector_lookups_ok"], 1, "{ff}");
+    assert_eq!(ff["collector_lookups_failed"], 1, "{ff}");
+    assert_eq!(ff["send_errors"], 0, "{ff}");
+    d.stop();
+}

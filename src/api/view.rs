@@ -166,6 +166,9 @@ pub struct FireflyStatus {
     /// Dropped because the send queue was full.
     pub queue_full: u64,
     pub send_errors: u64,
+    /// Lookups of collector host names, answered and failed.
+    pub collector_lookups_ok: u64,
+    pub collector_lookups_failed: u64,
 }
 
 /// Counters of one tag.

@@ -13,6 +13,7 @@
 //! is dropped and counted.
 
 pub mod message;
+pub mod resolve;
 pub mod sender;
 
 use std::collections::VecDeque;
@@ -40,6 +41,9 @@ pub struct FireflyCounters {
     pub queue_full: AtomicU64,
     /// Datagrams the kernel refused (no route, no socket of that family, ...).
     pub send_errors: AtomicU64,
+    /// Lookups of collector names that answered, and that failed.
+    pub resolve_ok: AtomicU64,
+    pub resolve_errors: AtomicU64,
 }
 
 impl FireflyCounters {
@@ -51,6 +55,8 @@ impl FireflyCounters {
         status.sent_end = sent(State::End);
         status.queue_full = self.queue_full.load(Ordering::Relaxed);
         status.send_errors = self.send_errors.load(Ordering::Relaxed);
+        status.collector_lookups_ok = self.resolve_ok.load(Ordering::Relaxed);
+        status.collector_lookups_failed = self.resolve_errors.load(Ordering::Relaxed);
     }
 }
 

@@ -5,18 +5,24 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use super::{Firefly, FireflyCounters};
-use crate::config::FireflyConfig;
+use super::{resolve, Firefly, FireflyCounters};
+use crate::config::{Collector, FireflyConfig};
 
 /// Fireflies waiting to be sent: a burst of this many new flows is absorbed while
 /// the sender is busy; beyond it they are dropped and counted.
 pub const QUEUE: usize = 16_384;
+
+/// How long the first fireflies wait for the first lookup of collector names (they
+/// queue meanwhile); a resolver slower than this leaves them to the literal
+/// collectors.
+const FIRST_LOOKUP_WAIT: Duration = Duration::from_secs(5);
 
 /// Where each firefly goes and how it is framed.
 #[derive(Debug, Clone)]
@@ -110,8 +116,27 @@ pub struct Sender {
 pub fn spawn(cfg: &FireflyConfig, counters: Arc<FireflyCounters>) -> Result<Sender> {
     let sockets = Sockets::bind().context("starting the firefly sender")?;
     let local_ports = sockets.local_ports();
+    let literal: Vec<SocketAddr> = cfg
+        .collectors
+        .iter()
+        .filter_map(|c| match c {
+            Collector::Addr(a) => Some(*a),
+            Collector::Name { .. } => None,
+        })
+        .collect();
+    // Names are resolved on a task of their own; the sender picks up each round.
+    let resolver = resolve::has_names(&cfg.collectors).then(|| {
+        let (tx, rx) = watch::channel(literal.clone());
+        let task = resolve::spawn(
+            cfg.collectors.clone(),
+            Duration::from_secs(cfg.resolve_interval_s),
+            counters.clone(),
+            tx,
+        );
+        (rx, task)
+    });
     let dest = Destinations {
-        collectors: cfg.collectors.clone(),
+        collectors: literal,
         remote_port: cfg.to_remote.then_some(cfg.remote_port),
         syslog_host: cfg.syslog_header.then(|| {
             nix::unistd::gethostname()
@@ -121,7 +146,7 @@ pub fn spawn(cfg: &FireflyConfig, counters: Arc<FireflyCounters>) -> Result<Send
         }),
     };
     let (queue, rx) = mpsc::channel(QUEUE);
-    let task = tokio::spawn(run(rx, sockets, dest, counters));
+    let task = tokio::spawn(run(rx, sockets, dest, counters, resolver));
     Ok(Sender {
         queue,
         task,
@@ -134,8 +159,26 @@ async fn run(
     sockets: Sockets,
     dest: Destinations,
     counters: Arc<FireflyCounters>,
+    resolver: Option<(
+        watch::Receiver<Vec<SocketAddr>>,
+        tokio::task::JoinHandle<()>,
+    )>,
 ) {
+    let mut dest = dest;
+    let (mut names, resolver_task) = resolver.unzip();
+    // The first fireflies may wait (queued) for the first lookup, not longer.
+    let mut first_round = names.is_some();
     while let Some(f) = rx.recv().await {
+        if let Some(names) = &mut names {
+            if first_round {
+                first_round = false;
+                // `changed` marks what it saw as seen: take it here.
+                let _ = tokio::time::timeout(FIRST_LOOKUP_WAIT, names.changed()).await;
+                dest.collectors = names.borrow_and_update().clone();
+            } else if names.has_changed().unwrap_or(false) {
+                dest.collectors = names.borrow_and_update().clone();
+            }
+        }
         let datagram = f.datagram(dest.syslog_host.as_deref());
         for to in dest.for_flow(f.key.remote()) {
             match sockets.send_to(&datagram, to).await {
@@ -154,6 +197,9 @@ async fn run(
                 }
             }
         }
+    }
+    if let Some(t) = resolver_task {
+        t.abort();
     }
 }
 
