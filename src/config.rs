@@ -120,9 +120,12 @@ pub struct FireflyConfig {
     /// collectors expect); `false` sends the bare JSON object.
     pub syslog_header: bool,
     /// Also send an `ongoing` firefly for every announced flow this often, seconds;
-    /// 0 never. Checked at each reconcile, so effectively rounded up to
-    /// `discovery.reconcile_interval_ms`.
+    /// 0 never. A timer of its own, independent of the reconcile interval.
     pub ongoing_interval_s: u64,
+    /// Add the flow's TCP facts (tcp_info, congestion control) to `ongoing`
+    /// fireflies as flowd-go's enrichment does (its `netlink` object): `lean` or
+    /// `full`; absent, none.
+    pub enrich: Option<EnrichMode>,
 }
 
 impl Default for FireflyConfig {
@@ -134,9 +137,20 @@ impl Default for FireflyConfig {
             remote_port: FIREFLY_PORT,
             syslog_header: true,
             ongoing_interval_s: 0,
+            enrich: None,
             resolve_interval_s: 300,
         }
     }
+}
+
+/// Which TCP facts enriched `ongoing` fireflies carry (`fireflies.enrich`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnrichMode {
+    /// flowd-go's `lean`: what fits a datagram beside the rest of the firefly.
+    Lean,
+    /// Every `tcp_info` field.
+    Full,
 }
 
 /// A firefly collector: an address, or a host name resolved by the sender.
@@ -549,6 +563,11 @@ mod tests {
         );
         assert!(!c.fireflies.to_remote && !c.fireflies.syslog_header);
         assert_eq!(c.fireflies.ongoing_interval_s, 60);
+        assert_eq!(c.fireflies.enrich, None, "off unless asked");
+        let c = Config::parse("[fireflies]\nenrich = \"full\"\n").unwrap();
+        assert_eq!(c.fireflies.enrich, Some(EnrichMode::Full));
+        let e = Config::parse("[fireflies]\nenrich = \"compatible\"\n").unwrap_err();
+        assert!(e.starts_with("2:10: unknown variant `compatible`"), "{e}");
 
         let e = Config::parse("[fireflies]\nenabled = true\nto_remote = false\n").unwrap_err();
         assert!(e.contains("nowhere to send"), "{e}");

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod endpoint;
 pub mod engine;
+pub mod enrich;
 pub mod firefly;
 pub mod flows;
 pub mod inspect;

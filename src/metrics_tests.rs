@@ -198,6 +198,7 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
             sent_end: 7,
             queue_full: 2,
             send_errors: 1,
+            enrich_errors: 0,
             collector_lookups_ok: 4,
             collector_lookups_failed: 5,
         }),

@@ -18,7 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     // defaults, the local endpoints' permissions.
     ("contracts", &["api", "bpf", "config", "endpoint"]),
     // Sources of facts, and the rules that judge them.
-    ("sources", &["discovery", "policy"]),
+    ("sources", &["discovery", "enrich", "policy"]),
     ("flows", &["flows"]),
     // From flows to marks: the decision and the kernel side that applies it.
     ("marking", &["marking", "marker"]),

@@ -373,3 +373,76 @@ fn a_collector_named_by_host_name_is_resolved_through_the_hosts_file() {
     assert_eq!(ff["send_errors"], 0, "{ff}");
     d.stop();
 }
+
+/// Enriched `ongoing` fireflies: every second (the reconcile interval is a minute, so
+/// the timer is its own), each carrying flowd-go's lean `netlink` object with the
+/// live connection's tcp_info, schema-valid.
+#[test]
+fn ongoing_fireflies_carry_tcp_info_every_second_whatever_the_reconcile_interval() {
+    if !common::privileged() {
+        return;
+    }
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = common::policies_with(
+        dir.path(),
+        &[(
+            "atlas.toml",
+            "experiment = \"atlas\"\n[[rule]]\nname = \"to-5330\"\nactivity = 4\nremote_ports = [5330]\n",
+        )],
+    );
+    let collector = udp_listener(&pair.b, COLLECTOR_PORT);
+    let d = Daemon::start_with(
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[discovery]\nreconcile_interval_ms = 60000\n\
+             [fireflies]\nenabled = true\nto_remote = false\nongoing_interval_s = 1\nenrich = \"lean\"\n\
+             collectors = [\"[{ADDR_B}]:{COLLECTOR_PORT}\"]\n",
+            policies.display()
+        ),
+    );
+    let server = common::serve_once(&pair.b, 5330);
+    let client = pair.a.run(|| {
+        use std::io::Write;
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(ADDR_A.into(), 41050).into())
+            .unwrap();
+        s.connect(&SocketAddr::new(ADDR_B.into(), 5330).into())
+            .unwrap();
+        let mut s: std::net::TcpStream = s.into();
+        for _ in 0..7 {
+            s.write_all(&[1u8; 10_000]).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    client.join().unwrap();
+    assert_eq!(server.join().unwrap(), 70_000);
+    let got = receive(&[&collector], 4, Duration::from_secs(10));
+    let log = d.log();
+    let schema = schema();
+    let mut ongoing = Vec::new();
+    for datagram in &got[0] {
+        let (_, v) = split(datagram);
+        let errors: Vec<String> = schema.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?} in {v}");
+        if v["flow-lifecycle"]["state"] == "ongoing" {
+            ongoing.push(v);
+        } else {
+            assert!(v.get("netlink").is_none(), "start and end are plain: {v}");
+        }
+    }
+    assert!(ongoing.len() >= 2, "{} ongoing\n{log}", ongoing.len());
+    let mut last_sent = 0;
+    for v in &ongoing {
+        let tcp = &v["netlink"]["tcpInfo"];
+        let sent = tcp["bytesSent"].as_u64().unwrap_or_else(|| panic!("{v}"));
+        assert!(sent >= last_sent && sent <= 70_000, "{v}");
+        last_sent = sent;
+        assert!(tcp["rtt"].as_u64().unwrap() > 0, "{v}");
+        assert!(tcp["sndCwnd"].as_u64().unwrap() > 0, "{v}");
+        assert!(v["netlink"]["cong"]["algorithm"].is_string(), "{v}");
+    }
+    assert!(last_sent > 0);
+    d.stop();
+}

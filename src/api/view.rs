@@ -166,6 +166,8 @@ pub struct FireflyStatus {
     /// Dropped because the send queue was full.
     pub queue_full: u64,
     pub send_errors: u64,
+    /// `ongoing` fireflies sent without their TCP facts (sock_diag request failed).
+    pub enrich_errors: u64,
     /// Lookups of collector host names, answered and failed.
     pub collector_lookups_ok: u64,
     pub collector_lookups_failed: u64,

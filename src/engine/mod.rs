@@ -183,6 +183,8 @@ impl Engine {
         mut announced: mpsc::Receiver<Announcement>,
     ) {
         loop {
+            // `ongoing` fireflies keep a timer of their own (fireflies.ongoing_interval_s).
+            let ongoing = self.fireflies.as_ref().and_then(Fireflies::next_ongoing);
             tokio::select! {
                 d = discovery.recv() => match d {
                     Some(d) => self.on_discovery(d),
@@ -202,6 +204,13 @@ impl Engine {
                 // Inputs (named pipe, firefly listener) name flows; they hold only
                 // this channel's sender, never the engine.
                 Some(a) = announced.recv() => self.announce(a),
+                _ = tokio::time::sleep_until(ongoing.unwrap_or_else(Instant::now).into()),
+                    if ongoing.is_some() => {
+                    if let Some(ff) = &mut self.fireflies {
+                        let table = &self.table;
+                        ff.ongoing(|cookie| table.get(cookie));
+                    }
+                }
                 // While firefly starts wait (a burst outran the sender), offer them
                 // the room the sender has made, every 10 ms.
                 _ = tokio::time::sleep(Duration::from_millis(10)),
@@ -235,11 +244,6 @@ impl Engine {
                         }
                         if let Some(a) = &mut self.announcements {
                             a.expire();
-                        }
-                        if let Some(ff) = &mut self.fireflies {
-                            // Right after a dump: the flows' byte counts are fresh.
-                            let table = &self.table;
-                            ff.ongoing(|cookie| table.get(cookie));
                         }
                         release_free_memory();
                         return;

@@ -41,6 +41,9 @@ pub struct FireflyCounters {
     pub queue_full: AtomicU64,
     /// Datagrams the kernel refused (no route, no socket of that family, ...).
     pub send_errors: AtomicU64,
+    /// `ongoing` fireflies sent without their TCP facts (the targeted sock_diag
+    /// request failed).
+    pub enrich_errors: AtomicU64,
     /// Lookups of collector names that answered, and that failed.
     pub resolve_ok: AtomicU64,
     pub resolve_errors: AtomicU64,
@@ -55,6 +58,7 @@ impl FireflyCounters {
         status.sent_end = sent(State::End);
         status.queue_full = self.queue_full.load(Ordering::Relaxed);
         status.send_errors = self.send_errors.load(Ordering::Relaxed);
+        status.enrich_errors = self.enrich_errors.load(Ordering::Relaxed);
         status.collector_lookups_ok = self.resolve_ok.load(Ordering::Relaxed);
         status.collector_lookups_failed = self.resolve_errors.load(Ordering::Relaxed);
     }
@@ -226,6 +230,11 @@ impl Fireflies {
     /// Starts and ongoings may fill half the queue: the rest is kept for ends.
     fn room_for_starts(&self) -> bool {
         self.queue.capacity() > self.queue.max_capacity() / 2
+    }
+
+    /// When the next round of `ongoing` is due, if they are on.
+    pub fn next_ongoing(&self) -> Option<Instant> {
+        self.ongoing_every.map(|every| self.last_ongoing + every)
     }
 
     /// Queues `ongoing` for every announced flow when the configured interval has

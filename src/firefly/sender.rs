@@ -12,8 +12,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use super::{resolve, Firefly, FireflyCounters};
+use super::{resolve, Firefly, FireflyCounters, State};
 use crate::config::{Collector, FireflyConfig};
+use crate::enrich::{render, Mode, TcpInfoQuery};
 
 /// Fireflies waiting to be sent: a burst of this many new flows is absorbed while
 /// the sender is busy; beyond it they are dropped and counted.
@@ -145,8 +146,16 @@ pub fn spawn(cfg: &FireflyConfig, counters: Arc<FireflyCounters>) -> Result<Send
                 .unwrap_or_default()
         }),
     };
+    // Opened here, in the daemon's namespace; a failure leaves fireflies plain.
+    let enrich = cfg.enrich.and_then(|mode| match TcpInfoQuery::new() {
+        Ok(q) => Some((q, mode)),
+        Err(e) => {
+            warn!(error = %e, "fireflies.enrich: no sock_diag socket; ongoing fireflies go without TCP facts");
+            None
+        }
+    });
     let (queue, rx) = mpsc::channel(QUEUE);
-    let task = tokio::spawn(run(rx, sockets, dest, counters, resolver));
+    let task = tokio::spawn(run(rx, sockets, dest, counters, resolver, enrich));
     Ok(Sender {
         queue,
         task,
@@ -163,6 +172,7 @@ async fn run(
         watch::Receiver<Vec<SocketAddr>>,
         tokio::task::JoinHandle<()>,
     )>,
+    mut enrich: Option<(TcpInfoQuery, Mode)>,
 ) {
     let mut dest = dest;
     let (mut names, resolver_task) = resolver.unzip();
@@ -179,7 +189,11 @@ async fn run(
                 dest.collectors = names.borrow_and_update().clone();
             }
         }
-        let datagram = f.datagram(dest.syslog_host.as_deref());
+        let netlink = match &mut enrich {
+            Some((q, mode)) if f.state == State::Ongoing => enrichment(q, *mode, &f, &counters),
+            _ => None,
+        };
+        let datagram = f.datagram_with(dest.syslog_host.as_deref(), netlink.as_deref());
         for to in dest.for_flow(f.key.remote()) {
             match sockets.send_to(&datagram, to).await {
                 Ok(()) => {
@@ -200,6 +214,26 @@ async fn run(
     }
     if let Some(t) = resolver_task {
         t.abort();
+    }
+}
+
+/// The flow's TCP facts as flowd-go's `netlink` object; None for UDP, a socket
+/// closed since, or a failed request (counted).
+fn enrichment(
+    q: &mut TcpInfoQuery,
+    mode: Mode,
+    f: &Firefly,
+    counters: &FireflyCounters,
+) -> Option<String> {
+    match q.query(&f.key) {
+        Ok(facts) => facts.map(|facts| render(&facts, mode)),
+        Err(e) => {
+            let n = counters.enrich_errors.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() || n == 0 {
+                warn!(flow = ?f.key, error = %e, errors = n + 1, "tcp_info for an ongoing firefly not read");
+            }
+            None
+        }
     }
 }
 
