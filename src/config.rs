@@ -211,6 +211,13 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// Loopback by default: per-experiment flow counts are not for the whole network.
     pub listen: std::net::SocketAddr,
+    /// Also export `flow_tcp_*` series for every tagged TCP flow (flowd-go's names
+    /// and labels), refreshed at each reconcile dump. Off by default: a series set
+    /// per flow.
+    pub per_flow: bool,
+    /// At most this many flows get series; the rest are counted
+    /// (`flowd_metrics_flows_left_out_total`).
+    pub per_flow_max: usize,
 }
 
 /// Where `/metrics` listens unless configured otherwise. 9617 is in the exporters'
@@ -223,6 +230,8 @@ impl Default for MetricsConfig {
         MetricsConfig {
             enabled: true,
             listen: DEFAULT_METRICS_LISTEN.parse().expect("valid default"),
+            per_flow: false,
+            per_flow_max: 1000,
         }
     }
 }

@@ -226,6 +226,9 @@ async fn start_engine(
             }
         }));
         engine = engine.with_metrics(metrics, published);
+        if cfg.metrics.per_flow {
+            engine = engine.with_per_flow_metrics(cfg.metrics.per_flow_max);
+        }
     }
     let engine = tokio::spawn(engine.run(disc_rx, cmd_rx, announce_rx));
     tasks.push(tokio::spawn(server.serve(cmd_tx.clone())));

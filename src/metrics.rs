@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+pub use self::per_flow::{FlowSeries, PerFlow};
 use crate::api::view::AnnouncementCounters;
 use crate::api::view::{FireflyStatus, TagTotals};
 
@@ -43,6 +44,8 @@ use crate::api::view::{FireflyStatus, TagTotals};
 pub const POLL_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+mod per_flow;
+
 /// Scrapes served at once; more wait for a slot (backpressure, not an error).
 const MAX_CONNECTIONS: usize = 16;
 
@@ -79,6 +82,8 @@ pub struct Snapshot {
     pub fireflies: Option<FireflyStatus>,
     /// Present when an announcement input is on.
     pub announcements: Option<AnnouncementCounters>,
+    /// Present when `metrics.per_flow` is on.
+    pub per_flow: Option<Arc<PerFlow>>,
 }
 
 /// Gives the current [`Snapshot`]; called once per scrape, on a blocking thread.
@@ -397,6 +402,17 @@ impl Collector for SnapshotCollector {
                     ("failed", ff.collector_lookups_failed),
                 ],
             )?;
+        }
+        if let Some(p) = &s.per_flow {
+            let v = mono.total("flowd_metrics_flows_left_out".into(), p.left_out_total);
+            let m = enc.encode_descriptor(
+                "flowd_metrics_flows_left_out",
+                "Tagged flows given no flow_tcp_* series because metrics.per_flow_max was reached.",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(v).encode(m)?;
+            per_flow::encode(&mut enc, p)?;
         }
         if let Some(a) = &s.announcements {
             gauge(

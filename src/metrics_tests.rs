@@ -49,6 +49,7 @@ fn snapshot(scale: u64) -> Snapshot {
         kernel_overridden: 7 * scale,
         fireflies: None,
         announcements: None,
+        per_flow: None,
     }
 }
 

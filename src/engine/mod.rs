@@ -25,7 +25,7 @@ use crate::discovery::procfs::ProcResolver;
 use crate::firefly::Fireflies;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
 use crate::marking::{MarkSink, MarkStore, Marking};
-use crate::metrics::{Metrics, Published, Snapshot};
+use crate::metrics::{FlowSeries, Metrics, PerFlow, Published, Snapshot};
 use crate::model::announcement::Announcement;
 use crate::model::tag::Tag;
 use crate::policy::kernel::{Exactness, KernelPolicy};
@@ -69,6 +69,16 @@ pub struct Engine {
     fireflies: Option<Fireflies>,
     /// Present when an announcement input is configured.
     announcements: Option<Announcements>,
+    /// Config metrics.per_flow: the series cap, the flows left out so far (each
+    /// counted once), and the last series published.
+    per_flow: Option<PerFlowState>,
+}
+
+struct PerFlowState {
+    max: usize,
+    left_out: rustc_hash::FxHashSet<u64>,
+    left_out_total: u64,
+    published: Arc<PerFlow>,
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
@@ -117,7 +127,56 @@ impl Engine {
             exactness: Vec::new(),
             fireflies: None,
             announcements: None,
+            per_flow: None,
         }
+    }
+
+    /// Config metrics.per_flow: `flow_tcp_*` series for at most `max` tagged flows.
+    pub fn with_per_flow_metrics(mut self, max: usize) -> Self {
+        self.per_flow = Some(PerFlowState {
+            max,
+            left_out: Default::default(),
+            left_out_total: 0,
+            published: Arc::default(),
+        });
+        self
+    }
+
+    /// Rebuilds the per-flow series from the table (after a dump: its tcp_info is
+    /// fresh). Flows beyond the cap are counted once each while they live.
+    fn refresh_per_flow(&mut self) {
+        let Some(p) = &mut self.per_flow else {
+            return;
+        };
+        let mut series = Vec::with_capacity(p.max.min(self.table.len()));
+        let mut over = rustc_hash::FxHashSet::default();
+        for f in self.table.iter() {
+            let (Some(tcp), Some(d)) = (f.tcp, self.marking.decision(f.cookie)) else {
+                continue;
+            };
+            if series.len() >= p.max {
+                if !p.left_out.contains(&f.cookie) {
+                    p.left_out_total += 1;
+                }
+                over.insert(f.cookie);
+                continue;
+            }
+            let (src, dst) = (f.key.local(), f.key.remote());
+            series.push(FlowSeries {
+                experiment: d.tag.experiment,
+                activity: d.tag.activity,
+                src: src.ip(),
+                dst: dst.ip(),
+                sport: src.port(),
+                dport: dst.port(),
+                tcp,
+            });
+        }
+        p.left_out = over;
+        p.published = Arc::new(PerFlow {
+            series,
+            left_out_total: p.left_out_total,
+        });
     }
 
     /// Takes explicit announcements (config `[announcements]`), which wait `grace`
@@ -244,6 +303,12 @@ impl Engine {
                         }
                         if let Some(a) = &mut self.announcements {
                             a.expire();
+                        }
+                        self.refresh_per_flow();
+                        if self.per_flow.is_some() {
+                            if let Some((_, published)) = &self.metrics {
+                                published.set(self.snapshot());
+                            }
                         }
                         release_free_memory();
                         return;

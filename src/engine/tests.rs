@@ -258,3 +258,65 @@ fn pipe_announced_flows_get_our_fireflies_firefly_announced_ones_do_not() {
     );
     assert_eq!(run(Origin::Pipe, &[]), [], "configurable per input");
 }
+
+/// Per-flow series: flowd-go's `flow_tcp_*` names and labels for tagged TCP flows,
+/// at most `per_flow_max` of them, the others counted once each.
+#[test]
+fn per_flow_series_carry_flowd_go_names_and_labels_up_to_the_cap() {
+    use crate::metrics::{BuildInfo, Metrics};
+    use crate::model::socket::TcpStats;
+
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let mut e = engine(dir.path(), RecordingStore::new(16)).with_per_flow_metrics(1);
+    let with_tcp = |cookie: u64, local_port: u16, rtt_us: u32| {
+        let Discovery::Observed(mut obs, at) =
+            observed(cookie, key(local_port, 1094), SockState::Established)
+        else {
+            unreachable!()
+        };
+        obs.tcp = Some(TcpStats {
+            rtt_us,
+            snd_cwnd: 10,
+            bytes_acked: 5000,
+            ..TcpStats::default()
+        });
+        Discovery::Observed(obs, at)
+    };
+    e.on_discovery(with_tcp(1, 40000, 1234));
+    e.on_discovery(with_tcp(2, 40001, 999));
+    // Untagged: never a series, never counted.
+    e.on_discovery(observed(3, key(40002, 22), SockState::Established));
+    e.refresh_per_flow();
+    e.refresh_per_flow();
+    let snap = e.snapshot();
+    let p = snap.per_flow.clone().expect("on");
+    assert_eq!(p.series.len(), 1);
+    assert_eq!(p.left_out_total, 1, "the flow over the cap, counted once");
+    let m = Metrics::new(
+        BuildInfo {
+            version: "t".into(),
+            strategy: "label".into(),
+        },
+        move || snap.clone(),
+    );
+    let text = m.encode_prometheus().unwrap();
+    let exported = p.series[0].sport;
+    let rtt = if exported == 40000 { 1234 } else { 999 };
+    let line = format!(
+        "flow_tcp_rtt{{act=\"17\",exp=\"2\",src=\"fd00::1\",dst=\"fd00::2\",flow=\"<{exported}:1094>\",flavour=\"netlink\"}} {rtt}"
+    );
+    assert!(text.contains(&line), "{line} not in\n{text}");
+    assert!(
+        text.contains("# TYPE flow_tcp_bytes_acked_total gauge"),
+        "{text}"
+    );
+    assert!(
+        text.contains("flow_tcp_bytes_acked_total{act=\"17\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("flowd_metrics_flows_left_out_total 1"),
+        "{text}"
+    );
+}

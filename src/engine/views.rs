@@ -148,6 +148,7 @@ impl Engine {
             kernel_overridden: mc.kernel_overridden,
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
             announcements: self.announcements.as_ref().map(Announcements::counters),
+            per_flow: self.per_flow.as_ref().map(|p| p.published.clone()),
         }
     }
 }
