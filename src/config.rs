@@ -112,6 +112,11 @@ pub struct FireflyConfig {
     pub collectors: Vec<Collector>,
     /// How often collector names are resolved again, seconds (>= 1).
     pub resolve_interval_s: u64,
+    /// Source addresses rewritten in fireflies (a host behind NAT reports the
+    /// address the far side sees): private prefix -> public address, e.g.
+    /// `{ "10.0.0.0/8" = "192.0.2.7" }`. The longest matching prefix wins; the
+    /// public address must be of the prefix's family.
+    pub public_addresses: std::collections::BTreeMap<String, std::net::IpAddr>,
     /// Also send each firefly to the flow's remote host, on `remote_port` (the
     /// convention: the far site may listen for its peers' fireflies).
     pub to_remote: bool,
@@ -139,7 +144,29 @@ impl Default for FireflyConfig {
             ongoing_interval_s: 0,
             enrich: None,
             resolve_interval_s: 300,
+            public_addresses: Default::default(),
         }
+    }
+}
+
+impl FireflyConfig {
+    /// `public_addresses` parsed, longest prefix first.
+    pub fn address_map(&self) -> Result<Vec<(ipnet::IpNet, std::net::IpAddr)>, String> {
+        let mut map = Vec::with_capacity(self.public_addresses.len());
+        for (prefix, public) in &self.public_addresses {
+            let net: ipnet::IpNet = prefix
+                .parse()
+                .or_else(|_| prefix.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("`{prefix}` is not a prefix (10.0.0.0/8) nor an address"))?;
+            if net.addr().is_ipv4() != public.is_ipv4() {
+                return Err(format!(
+                    "`{prefix}` maps to {public}, of the other address family"
+                ));
+            }
+            map.push((net.trunc(), *public));
+        }
+        map.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        Ok(map)
     }
 }
 
@@ -373,6 +400,9 @@ impl Config {
         }
         if ff.to_remote && ff.remote_port == 0 {
             return Err("fireflies.remote_port must not be 0".into());
+        }
+        if let Err(e) = ff.address_map() {
+            return Err(format!("fireflies.public_addresses: {e}"));
         }
         if ff.resolve_interval_s == 0 {
             return Err("fireflies.resolve_interval_s must be at least 1".into());
@@ -609,6 +639,31 @@ mod tests {
             let e = Config::parse(&format!("[fireflies]\ncollectors = [\"{bad}\"]\n")).unwrap_err();
             assert!(e.starts_with("2:14:") && e.contains("is not"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn public_addresses_parse_longest_prefix_first_and_families_must_agree() {
+        let c = Config::parse(
+            "[fireflies.public_addresses]\n\"10.0.0.0/8\" = \"192.0.2.7\"\n\
+             \"10.1.0.0/16\" = \"192.0.2.8\"\n\"fd00::1\" = \"2001:db8::1\"\n",
+        )
+        .unwrap();
+        let map = c.fireflies.address_map().unwrap();
+        let shown: Vec<String> = map.iter().map(|(n, a)| format!("{n}={a}")).collect();
+        assert_eq!(
+            shown,
+            [
+                "fd00::1/128=2001:db8::1",
+                "10.1.0.0/16=192.0.2.8",
+                "10.0.0.0/8=192.0.2.7"
+            ]
+        );
+        let e = Config::parse("[fireflies.public_addresses]\n\"10.0.0.0/8\" = \"2001:db8::1\"\n")
+            .unwrap_err();
+        assert!(e.contains("other address family"), "{e}");
+        let e =
+            Config::parse("[fireflies.public_addresses]\n\"nat\" = \"192.0.2.1\"\n").unwrap_err();
+        assert!(e.contains("`nat` is not a prefix"), "{e}");
     }
 
     #[test]

@@ -29,6 +29,8 @@ const FIRST_LOOKUP_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 struct Destinations {
     collectors: Vec<SocketAddr>,
+    /// fireflies.public_addresses, longest prefix first.
+    public: Vec<(ipnet::IpNet, std::net::IpAddr)>,
     /// The port on the flow's remote host, when fireflies go there too.
     remote_port: Option<u16>,
     /// The syslog HOSTNAME, when the RFC 5424 header is on.
@@ -36,6 +38,21 @@ struct Destinations {
 }
 
 impl Destinations {
+    /// The firefly as it goes out: its source (the local end) replaced by the public
+    /// address its prefix maps to, if any. Only the wire changes: the flow's own
+    /// key still names the socket (for its tcp_info) and the remote host.
+    fn on_the_wire(&self, f: &Firefly) -> Option<Firefly> {
+        let local = f.key.local();
+        let (_, public) = self.public.iter().find(|(n, _)| n.contains(&local.ip()))?;
+        let mut out = f.clone();
+        out.key = crate::model::socket::FlowKey::new(
+            f.key.proto,
+            SocketAddr::new(*public, local.port()),
+            f.key.remote(),
+        );
+        Some(out)
+    }
+
     /// Where one flow's firefly goes: every collector, then the flow's remote host
     /// unless it is a collector already or this host itself (loopback: a firefly
     /// about a local connection sent to our own port would only come back to us).
@@ -138,6 +155,9 @@ pub fn spawn(cfg: &FireflyConfig, counters: Arc<FireflyCounters>) -> Result<Send
     });
     let dest = Destinations {
         collectors: literal,
+        public: cfg
+            .address_map()
+            .map_err(|e| anyhow::anyhow!("fireflies.public_addresses: {e}"))?,
         remote_port: cfg.to_remote.then_some(cfg.remote_port),
         syslog_host: cfg.syslog_header.then(|| {
             nix::unistd::gethostname()
@@ -193,7 +213,11 @@ async fn run(
             Some((q, mode)) if f.state == State::Ongoing => enrichment(q, *mode, &f, &counters),
             _ => None,
         };
-        let datagram = f.datagram_with(dest.syslog_host.as_deref(), netlink.as_deref());
+        let mapped = dest.on_the_wire(&f);
+        let datagram = mapped
+            .as_ref()
+            .unwrap_or(&f)
+            .datagram_with(dest.syslog_host.as_deref(), netlink.as_deref());
         for to in dest.for_flow(f.key.remote()) {
             match sockets.send_to(&datagram, to).await {
                 Ok(()) => {
@@ -242,9 +266,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_mapped_source_goes_out_public_and_the_rest_unchanged() {
+        let cfg: FireflyConfig = toml::from_str(
+            "[public_addresses]\n\"10.0.0.0/8\" = \"192.0.2.7\"\n\"10.1.0.0/16\" = \"192.0.2.8\"\n",
+        )
+        .unwrap();
+        let dest = Destinations {
+            collectors: Vec::new(),
+            public: cfg.address_map().unwrap(),
+            remote_port: None,
+            syslog_host: None,
+        };
+        let firefly = |local: &str| Firefly {
+            state: State::Start,
+            key: crate::model::socket::FlowKey::new(
+                crate::model::socket::Protocol::Tcp,
+                local.parse().unwrap(),
+                "198.51.100.9:1094".parse().unwrap(),
+            ),
+            tag: crate::model::tag::Tag::new(2, 4).unwrap(),
+            start: std::time::SystemTime::UNIX_EPOCH,
+            now: std::time::SystemTime::UNIX_EPOCH,
+            end: None,
+            usage: None,
+            application: None,
+        };
+        let wire = |local: &str| -> serde_json::Value {
+            let f = firefly(local);
+            let out = dest.on_the_wire(&f).unwrap_or(f);
+            serde_json::from_slice(&out.json()).unwrap()
+        };
+        let v = wire("10.1.2.3:40000");
+        assert_eq!(v["flow-id"]["src-ip"], "192.0.2.8", "longest prefix: {v}");
+        assert_eq!(v["flow-id"]["src-port"], 40000);
+        assert_eq!(v["flow-id"]["dst-ip"], "198.51.100.9");
+        assert_eq!(wire("10.9.0.1:40000")["flow-id"]["src-ip"], "192.0.2.7");
+        assert_eq!(wire("172.16.0.1:40000")["flow-id"]["src-ip"], "172.16.0.1");
+    }
+
+    #[test]
     fn a_firefly_goes_to_every_collector_and_the_remote_host_once_never_to_loopback() {
         let dest = Destinations {
             collectors: vec!["[fd00::9]:10514".parse().unwrap()],
+            public: Vec::new(),
             remote_port: Some(10514),
             syslog_host: None,
         };
