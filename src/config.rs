@@ -57,6 +57,10 @@ pub struct AnnouncementConfig {
     /// A named pipe created at start taking the peers' flow events, one per line:
     /// `start|end tcp|udp SRC SPORT DST DPORT EXPERIMENT ACTIVITY`.
     pub pipe: Option<PathBuf>,
+    /// flowd-go's HTTP API (`POST /flow`), e.g. "127.0.0.1:7777" (flowd-go's
+    /// default); absent: off. Anyone who can connect can retag this host's flows:
+    /// keep it on loopback.
+    pub http_listen: Option<std::net::SocketAddr>,
     /// How long an announcement waits for discovery to find its flow, seconds.
     pub grace_secs: u64,
     /// The inputs whose flows get this daemon's fireflies (when `fireflies.enabled`),
@@ -72,6 +76,7 @@ pub struct AnnouncementConfig {
 pub enum AnnounceInput {
     Pipe,
     Firefly,
+    Http,
 }
 
 impl Default for AnnouncementConfig {
@@ -83,15 +88,16 @@ impl Default for AnnouncementConfig {
                 "::1/128".parse().expect("valid"),
             ],
             pipe: None,
+            http_listen: None,
             grace_secs: 30,
-            fireflies_for: vec![AnnounceInput::Pipe],
+            fireflies_for: vec![AnnounceInput::Pipe, AnnounceInput::Http],
         }
     }
 }
 
 impl AnnouncementConfig {
     pub fn enabled(&self) -> bool {
-        !self.firefly_listen.is_empty() || self.pipe.is_some()
+        !self.firefly_listen.is_empty() || self.pipe.is_some() || self.http_listen.is_some()
     }
 }
 
@@ -680,7 +686,11 @@ mod tests {
         .announcements;
         assert!(c.enabled());
         assert_eq!(c.pipe, Some(PathBuf::from("/run/flowd")));
-        assert_eq!(c.fireflies_for, [AnnounceInput::Pipe], "the default");
+        assert_eq!(
+            c.fireflies_for,
+            [AnnounceInput::Pipe, AnnounceInput::Http],
+            "the default"
+        );
         let c = Config::parse("[announcements]\nfireflies_for = [\"pipe\", \"firefly\"]\n")
             .unwrap()
             .announcements;
@@ -688,8 +698,8 @@ mod tests {
             c.fireflies_for,
             [AnnounceInput::Pipe, AnnounceInput::Firefly]
         );
-        let e = Config::parse("[announcements]\nfireflies_for = [\"http\"]\n").unwrap_err();
-        assert!(e.starts_with("2:18: unknown variant `http`"), "{e}");
+        let e = Config::parse("[announcements]\nfireflies_for = [\"ftp\"]\n").unwrap_err();
+        assert!(e.starts_with("2:18: unknown variant `ftp`"), "{e}");
         let e = Config::parse("[announcements]\nfirefly_allow = [\"10.0.0.0/33\"]\n").unwrap_err();
         assert!(e.starts_with("2:18:"), "{e}");
     }

@@ -199,6 +199,12 @@ async fn start_engine(
             tasks.push(p.spawn(registry.clone(), announce_tx.clone())?);
             pipe = Some(p);
         }
+        if let Some(listen) = ann.http_listen {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("announcements.http_listen {listen}: cannot listen"))?;
+            tasks.push(tokio::spawn(announce::http::serve(l, announce_tx.clone())));
+        }
         tasks.extend(
             announce::listener::spawn(
                 &ann.firefly_listen,

@@ -427,7 +427,11 @@ impl Collector for SnapshotCollector {
                 "flowd_announcements_received",
                 "Announcements received, by input.",
                 "input",
-                &[("firefly", a.received_firefly), ("pipe", a.received_pipe)],
+                &[
+                    ("firefly", a.received_firefly),
+                    ("pipe", a.received_pipe),
+                    ("http", a.received_http),
+                ],
             )?;
             labelled_counters(
                 &mut enc,

@@ -248,6 +248,7 @@ fn announcement_series_exist_only_when_an_input_is_on() {
         announcements: Some(AnnouncementCounters {
             received_firefly: 4,
             received_pipe: 9,
+            received_http: 0,
             withdrawn: 3,
             expired: 2,
             held: 6,

@@ -11,6 +11,7 @@
 //! passes. [`pipe`] and [`listener`] are the inputs; they hand [`Announcement`]s to
 //! the engine through its command channel.
 
+pub mod http;
 pub mod listener;
 pub mod pipe;
 
@@ -88,6 +89,10 @@ impl Announcements {
             Origin::Pipe => {
                 self.counters.received_pipe += 1;
                 AnnounceInput::Pipe
+            }
+            Origin::Http(_) => {
+                self.counters.received_http += 1;
+                AnnounceInput::Http
             }
         };
         let keys = [a.key, a.key.reversed()];

@@ -237,6 +237,7 @@ pub const ANNOUNCED_RULE_FILE: &str = "(announced)";
 pub struct AnnouncementCounters {
     pub received_firefly: u64,
     pub received_pipe: u64,
+    pub received_http: u64,
     /// Withdrawn by an `end`.
     pub withdrawn: u64,
     /// Dropped because no live flow matched them within the grace period.
