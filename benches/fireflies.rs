@@ -91,7 +91,7 @@ fn loopback_collector() -> (FireflyConfig, std::thread::JoinHandle<u64>) {
     });
     let cfg = FireflyConfig {
         enabled: true,
-        collectors: vec![to],
+        collectors: vec![flowd::config::Collector::Addr(to)],
         to_remote: false,
         ..FireflyConfig::default()
     };

@@ -59,6 +59,10 @@ pub struct AnnouncementConfig {
     /// A named pipe created at start taking the peers' flow events, one per line:
     /// `start|end tcp|udp SRC SPORT DST DPORT EXPERIMENT ACTIVITY`.
     pub pipe: Option<PathBuf>,
+    /// flowd-go's HTTP API (`POST /flow`), e.g. "127.0.0.1:7777" (flowd-go's
+    /// default); absent: off. Anyone who can connect can retag this host's flows:
+    /// keep it on loopback.
+    pub http_listen: Option<std::net::SocketAddr>,
     /// How long an announcement waits for discovery to find its flow, seconds.
     pub grace_secs: u64,
     /// Local users (names or uids) whose fireflies are heard besides root's; each
@@ -70,6 +74,20 @@ pub struct AnnouncementConfig {
     /// At most this many announcements are held; more are dropped and counted
     /// (`dropped_full` in status, `flowd_announcements_dropped_total`).
     pub max_held: usize,
+    /// The inputs whose flows get this daemon's fireflies (when `fireflies.enabled`),
+    /// as flowd-go sends one for every flow event its plugins receive. An
+    /// application that announces through the pipe sends none itself; one that
+    /// announces by firefly already sent its own, so `firefly` is left out by default.
+    pub fireflies_for: Vec<AnnounceInput>,
+}
+
+/// An announcement input, as named in `announcements.fireflies_for`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnnounceInput {
+    Pipe,
+    Firefly,
+    Http,
 }
 
 impl Default for AnnouncementConfig {
@@ -81,17 +99,19 @@ impl Default for AnnouncementConfig {
                 "::1/128".parse().expect("valid"),
             ],
             pipe: None,
+            http_listen: None,
             grace_secs: 30,
             allow_users: Vec::new(),
             allow_groups: Vec::new(),
             max_held: 16_384,
+            fireflies_for: vec![AnnounceInput::Pipe, AnnounceInput::Http],
         }
     }
 }
 
 impl AnnouncementConfig {
     pub fn enabled(&self) -> bool {
-        !self.firefly_listen.is_empty() || self.pipe.is_some()
+        !self.firefly_listen.is_empty() || self.pipe.is_some() || self.http_listen.is_some()
     }
 }
 
@@ -105,9 +125,18 @@ pub struct FireflyConfig {
     /// Send a firefly (UDP, JSON) at the start and end of every tagged flow, IPv4 and
     /// IPv6. Off by default: it sends packets to hosts besides the flow's own.
     pub enabled: bool,
-    /// Collectors that receive every firefly, as `address:port` (no host names: the
-    /// daemon never needs DNS to start).
-    pub collectors: Vec<std::net::SocketAddr>,
+    /// Collectors that receive every firefly, as `address:port` or `name:port`
+    /// (`global.scitags.org:10514`). Names are resolved in the background, at start
+    /// and every `resolve_interval_s`, never on the send path: the daemon needs no
+    /// DNS to start, and a failed lookup keeps the addresses last resolved.
+    pub collectors: Vec<Collector>,
+    /// How often collector names are resolved again, seconds (>= 1).
+    pub resolve_interval_s: u64,
+    /// Source addresses rewritten in fireflies (a host behind NAT reports the
+    /// address the far side sees): private prefix -> public address, e.g.
+    /// `{ "10.0.0.0/8" = "192.0.2.7" }`. The longest matching prefix wins; the
+    /// public address must be of the prefix's family.
+    pub public_addresses: std::collections::BTreeMap<String, std::net::IpAddr>,
     /// Also send each firefly to the flow's remote host, on `remote_port` (the
     /// convention: the far site may listen for its peers' fireflies).
     pub to_remote: bool,
@@ -116,9 +145,12 @@ pub struct FireflyConfig {
     /// collectors expect); `false` sends the bare JSON object.
     pub syslog_header: bool,
     /// Also send an `ongoing` firefly for every announced flow this often, seconds;
-    /// 0 never. Checked at each reconcile, so effectively rounded up to
-    /// `discovery.reconcile_interval_ms`.
+    /// 0 never. A timer of its own, independent of the reconcile interval.
     pub ongoing_interval_s: u64,
+    /// Add the flow's TCP facts (tcp_info, congestion control) to `ongoing`
+    /// fireflies as flowd-go's enrichment does (its `netlink` object): `lean` or
+    /// `full`; absent, none.
+    pub enrich: Option<EnrichMode>,
 }
 
 impl Default for FireflyConfig {
@@ -130,7 +162,93 @@ impl Default for FireflyConfig {
             remote_port: FIREFLY_PORT,
             syslog_header: true,
             ongoing_interval_s: 0,
+            enrich: None,
+            resolve_interval_s: 300,
+            public_addresses: Default::default(),
         }
+    }
+}
+
+impl FireflyConfig {
+    /// `public_addresses` parsed, longest prefix first.
+    pub fn address_map(&self) -> Result<Vec<(ipnet::IpNet, std::net::IpAddr)>, String> {
+        let mut map = Vec::with_capacity(self.public_addresses.len());
+        for (prefix, public) in &self.public_addresses {
+            let net: ipnet::IpNet = prefix
+                .parse()
+                .or_else(|_| prefix.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("`{prefix}` is not a prefix (10.0.0.0/8) nor an address"))?;
+            if net.addr().is_ipv4() != public.is_ipv4() {
+                return Err(format!(
+                    "`{prefix}` maps to {public}, of the other address family"
+                ));
+            }
+            map.push((net.trunc(), *public));
+        }
+        map.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        Ok(map)
+    }
+}
+
+/// Which TCP facts enriched `ongoing` fireflies carry (`fireflies.enrich`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnrichMode {
+    /// flowd-go's `lean`: what fits a datagram beside the rest of the firefly.
+    Lean,
+    /// Every `tcp_info` field.
+    Full,
+}
+
+/// A firefly collector: an address, or a host name resolved by the sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collector {
+    Addr(std::net::SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl FromStr for Collector {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+            if a.port() == 0 || a.ip().is_unspecified() {
+                return Err(format!(
+                    "{a} is not a destination (needs an address and a port)"
+                ));
+            }
+            return Ok(Collector::Addr(a));
+        }
+        let bad = || format!("`{s}` is not `address:port` nor `host.name:port`");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let name_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if port == 0 || !name_ok {
+            return Err(bad());
+        }
+        Ok(Collector::Name {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Collector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Collector::Addr(a) => write!(f, "{a}"),
+            Collector::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Collector {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -140,6 +258,13 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// Loopback by default: per-experiment flow counts are not for the whole network.
     pub listen: std::net::SocketAddr,
+    /// Also export `flow_tcp_*` series for every tagged TCP flow (flowd-go's names
+    /// and labels), refreshed at each reconcile dump. Off by default: a series set
+    /// per flow.
+    pub per_flow: bool,
+    /// At most this many flows get series; the rest are counted
+    /// (`flowd_metrics_flows_left_out_total`).
+    pub per_flow_max: usize,
 }
 
 /// Where `/metrics` listens unless configured otherwise. 9617 is in the exporters'
@@ -152,6 +277,8 @@ impl Default for MetricsConfig {
         MetricsConfig {
             enabled: true,
             listen: DEFAULT_METRICS_LISTEN.parse().expect("valid default"),
+            per_flow: false,
+            per_flow_max: 1000,
         }
     }
 }
@@ -322,14 +449,11 @@ impl Config {
         if ff.to_remote && ff.remote_port == 0 {
             return Err("fireflies.remote_port must not be 0".into());
         }
-        if let Some(c) = ff
-            .collectors
-            .iter()
-            .find(|c| c.port() == 0 || c.ip().is_unspecified())
-        {
-            return Err(format!(
-                "fireflies.collectors: {c} is not a destination (needs an address and a port)"
-            ));
+        if let Err(e) = ff.address_map() {
+            return Err(format!("fireflies.public_addresses: {e}"));
+        }
+        if ff.resolve_interval_s == 0 {
+            return Err("fireflies.resolve_interval_s must be at least 1".into());
         }
         Ok(cfg)
     }
@@ -524,20 +648,76 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.fireflies.collectors[0],
-            "[fd00::9]:10514".parse().unwrap()
+            Collector::Addr("[fd00::9]:10514".parse().unwrap())
         );
-        assert_eq!(c.fireflies.collectors[1].port(), 9999);
+        assert_eq!(
+            c.fireflies.collectors[1],
+            Collector::Addr("10.0.0.9:9999".parse().unwrap())
+        );
         assert!(!c.fireflies.to_remote && !c.fireflies.syslog_header);
         assert_eq!(c.fireflies.ongoing_interval_s, 60);
+        assert_eq!(c.fireflies.enrich, None, "off unless asked");
+        let c = Config::parse("[fireflies]\nenrich = \"full\"\n").unwrap();
+        assert_eq!(c.fireflies.enrich, Some(EnrichMode::Full));
+        let e = Config::parse("[fireflies]\nenrich = \"compatible\"\n").unwrap_err();
+        assert!(e.starts_with("2:10: unknown variant `compatible`"), "{e}");
 
         let e = Config::parse("[fireflies]\nenabled = true\nto_remote = false\n").unwrap_err();
         assert!(e.contains("nowhere to send"), "{e}");
         let e = Config::parse("[fireflies]\ncollectors = [\"[::]:10514\"]\n").unwrap_err();
-        assert!(e.contains("[::]:10514 is not a destination"), "{e}");
-        // A host name is refused where it is written.
+        assert!(
+            e.starts_with("2:14: [::]:10514 is not a destination"),
+            "{e}"
+        );
+        // Host names are taken (as flowd-go's collectorAddress), lower-cased.
+        let c =
+            Config::parse("[fireflies]\ncollectors = [\"Global.SciTags.org:10514\"]\n").unwrap();
+        assert_eq!(
+            c.fireflies.collectors,
+            [Collector::Name {
+                host: "global.scitags.org".into(),
+                port: 10514
+            }]
+        );
+        assert_eq!(
+            c.fireflies.collectors[0].to_string(),
+            "global.scitags.org:10514"
+        );
+        for bad in [
+            "collector.example",
+            "collector.example:0",
+            "a..b:1",
+            "a b:1",
+            ":1",
+        ] {
+            let e = Config::parse(&format!("[fireflies]\ncollectors = [\"{bad}\"]\n")).unwrap_err();
+            assert!(e.starts_with("2:14:") && e.contains("is not"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn public_addresses_parse_longest_prefix_first_and_families_must_agree() {
+        let c = Config::parse(
+            "[fireflies.public_addresses]\n\"10.0.0.0/8\" = \"192.0.2.7\"\n\
+             \"10.1.0.0/16\" = \"192.0.2.8\"\n\"fd00::1\" = \"2001:db8::1\"\n",
+        )
+        .unwrap();
+        let map = c.fireflies.address_map().unwrap();
+        let shown: Vec<String> = map.iter().map(|(n, a)| format!("{n}={a}")).collect();
+        assert_eq!(
+            shown,
+            [
+                "fd00::1/128=2001:db8::1",
+                "10.1.0.0/16=192.0.2.8",
+                "10.0.0.0/8=192.0.2.7"
+            ]
+        );
+        let e = Config::parse("[fireflies.public_addresses]\n\"10.0.0.0/8\" = \"2001:db8::1\"\n")
+            .unwrap_err();
+        assert!(e.contains("other address family"), "{e}");
         let e =
-            Config::parse("[fireflies]\ncollectors = [\"collector.example:10514\"]\n").unwrap_err();
-        assert!(e.starts_with("2:15: invalid socket address"), "{e}");
+            Config::parse("[fireflies.public_addresses]\n\"nat\" = \"192.0.2.1\"\n").unwrap_err();
+        assert!(e.contains("`nat` is not a prefix"), "{e}");
     }
 
     #[test]
@@ -554,6 +734,20 @@ mod tests {
         .announcements;
         assert!(c.enabled());
         assert_eq!(c.pipe, Some(PathBuf::from("/run/flowd")));
+        assert_eq!(
+            c.fireflies_for,
+            [AnnounceInput::Pipe, AnnounceInput::Http],
+            "the default"
+        );
+        let c = Config::parse("[announcements]\nfireflies_for = [\"pipe\", \"firefly\"]\n")
+            .unwrap()
+            .announcements;
+        assert_eq!(
+            c.fireflies_for,
+            [AnnounceInput::Pipe, AnnounceInput::Firefly]
+        );
+        let e = Config::parse("[announcements]\nfireflies_for = [\"ftp\"]\n").unwrap_err();
+        assert!(e.starts_with("2:18: unknown variant `ftp`"), "{e}");
         let e = Config::parse("[announcements]\nfirefly_allow = [\"10.0.0.0/33\"]\n").unwrap_err();
         assert!(e.starts_with("2:18:"), "{e}");
     }

@@ -252,13 +252,25 @@ async fn start_engine(
         let ann = &cfg.announcements;
         let rule = announce::auth::AuthRule::new(&ann.allow_users, &ann.allow_groups)?;
         let held =
-            announce::Announcements::with_limit(Duration::from_secs(ann.grace_secs), ann.max_held);
+            announce::Announcements::with_limit(Duration::from_secs(ann.grace_secs), ann.max_held)
+                .with_fireflies_for(&ann.fireflies_for);
         let refused = held.refusals();
         engine = engine.with_announcements(held);
         if let Some(path) = &ann.pipe {
             let p = Pipe::create(path, cfg.control.group.as_deref())?;
             tasks.push(p.spawn(registry.clone(), announce_tx.clone())?);
             pipe = Some(p);
+        }
+        if let Some(listen) = ann.http_listen {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("announcements.http_listen {listen}: cannot listen"))?;
+            tasks.push(tokio::spawn(announce::http::serve(
+                l,
+                announce_tx.clone(),
+                rule.clone(),
+                refused.clone(),
+            )));
         }
         tasks.extend(
             announce::listener::spawn(
@@ -289,6 +301,9 @@ async fn start_engine(
             }
         }));
         engine = engine.with_metrics(metrics, published);
+        if cfg.metrics.per_flow {
+            engine = engine.with_per_flow_metrics(cfg.metrics.per_flow_max);
+        }
     }
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let connections = Arc::new(crate::endpoint::ConnectionStats::default());

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod endpoint;
 pub mod engine;
+pub mod enrich;
 pub mod features;
 pub mod firefly;
 pub mod flows;

@@ -36,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+pub use self::per_flow::{FlowSeries, PerFlow};
 use crate::api::view::{AnnouncementCounters, ControlConnections};
 use crate::api::view::{FireflyStatus, TagTotals};
 
@@ -43,6 +44,8 @@ use crate::api::view::{FireflyStatus, TagTotals};
 pub const POLL_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+mod per_flow;
+
 /// Scrapes served at once; more wait for a slot (backpressure, not an error).
 const MAX_CONNECTIONS: usize = 16;
 
@@ -83,6 +86,8 @@ pub struct Snapshot {
     /// the daemon lacks a capability, and rules on that fact cannot match.
     pub facts_denied: Vec<(&'static str, u64)>,
     pub control: ControlConnections,
+    /// Present when `metrics.per_flow` is on.
+    pub per_flow: Option<Arc<PerFlow>>,
 }
 
 /// Gives the current [`Snapshot`]; called once per scrape, on a blocking thread.
@@ -400,6 +405,28 @@ impl Collector for SnapshotCollector {
                     ("send_error", ff.send_errors),
                 ],
             )?;
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_fireflies_collector_lookups",
+                "Lookups of collector host names, by result (a failure keeps the last address).",
+                "result",
+                &[
+                    ("ok", ff.collector_lookups_ok),
+                    ("failed", ff.collector_lookups_failed),
+                ],
+            )?;
+        }
+        if let Some(p) = &s.per_flow {
+            let v = mono.total("flowd_metrics_flows_left_out".into(), p.left_out_total);
+            let m = enc.encode_descriptor(
+                "flowd_metrics_flows_left_out",
+                "Tagged flows given no flow_tcp_* series because metrics.per_flow_max was reached.",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(v).encode(m)?;
+            per_flow::encode(&mut enc, p)?;
         }
         gauge(
             &mut enc,
@@ -431,7 +458,11 @@ impl Collector for SnapshotCollector {
                 "flowd_announcements_received",
                 "Announcements received, by input.",
                 "input",
-                &[("firefly", a.received_firefly), ("pipe", a.received_pipe)],
+                &[
+                    ("firefly", a.received_firefly),
+                    ("pipe", a.received_pipe),
+                    ("http", a.received_http),
+                ],
             )?;
             labelled_counters(
                 &mut enc,

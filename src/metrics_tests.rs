@@ -55,6 +55,7 @@ fn snapshot(scale: u64) -> Snapshot {
             refused: 3 * scale,
             closed_idle: scale,
         },
+        per_flow: None,
     }
 }
 
@@ -204,6 +205,9 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
             sent_end: 7,
             queue_full: 2,
             send_errors: 1,
+            enrich_errors: 0,
+            collector_lookups_ok: 4,
+            collector_lookups_failed: 5,
         }),
         ..snapshot(1)
     });
@@ -216,6 +220,11 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
         ("flowd_fireflies_sent_total{state=end}", 7.0),
         ("flowd_fireflies_lost_total{reason=queue_full}", 2.0),
         ("flowd_fireflies_lost_total{reason=send_error}", 1.0),
+        ("flowd_fireflies_collector_lookups_total{result=ok}", 4.0),
+        (
+            "flowd_fireflies_collector_lookups_total{result=failed}",
+            5.0,
+        ),
     ] {
         assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
     }
@@ -251,6 +260,7 @@ fn announcement_series_exist_only_when_an_input_is_on() {
         announcements: Some(AnnouncementCounters {
             received_firefly: 4,
             received_pipe: 9,
+            received_http: 0,
             withdrawn: 3,
             expired: 2,
             held: 6,
@@ -331,7 +341,11 @@ fn everything() -> String {
             sent_end: 1,
             queue_full: 0,
             send_errors: 0,
+            enrich_errors: 0,
+            collector_lookups_ok: 1,
+            collector_lookups_failed: 0,
         }),
+        announcements: Some(AnnouncementCounters::default()),
         ..snapshot(1)
     });
     let m = metrics(source);

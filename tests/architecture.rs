@@ -22,7 +22,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["api", "bpf", "config", "endpoint", "features", "notify"],
     ),
     // Sources of facts, and the rules that judge them.
-    ("sources", &["discovery", "policy"]),
+    ("sources", &["discovery", "enrich", "policy"]),
     ("flows", &["flows"]),
     // From flows to marks: the decision and the kernel side that applies it.
     ("marking", &["marking", "marker"]),

@@ -215,3 +215,237 @@ fn tagged_flows_are_announced_at_start_and_end_to_the_collector_and_the_remote_h
     assert_eq!(ff["queue_full"], 0);
     d.stop();
 }
+
+/// Announced flows on the wire: a flow named through the named pipe gets this
+/// daemon's start and end fireflies with the announced tag (flowd-go sends one per
+/// plugin event); a flow its application announced by firefly gets none from us
+/// (the application sends its own).
+#[test]
+fn pipe_announced_flows_get_fireflies_firefly_announced_ones_stay_quiet() {
+    if !common::privileged() {
+        return;
+    }
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = common::policies_with(dir.path(), &[]);
+    let pipe = dir.path().join("flowd.pipe");
+    let collector = udp_listener(&pair.b, COLLECTOR_PORT);
+    let d = Daemon::start_with(
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[fireflies]\nenabled = true\nto_remote = false\n\
+             collectors = [\"[{ADDR_B}]:{COLLECTOR_PORT}\"]\n\
+             [announcements]\npipe = \"{}\"\nfirefly_listen = [\"127.0.0.1:10514\"]\n",
+            policies.display(),
+            pipe.display()
+        ),
+    );
+    let announcements = |field: &str| -> u64 {
+        let v: Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+        v["status"]["announcements"][field].as_u64().unwrap()
+    };
+    let wait_for = |field: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while announcements(field) != 1 {
+            assert!(Instant::now() < deadline, "{field}\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let a = |p: u16| SocketAddr::new(ADDR_A.into(), p);
+    let piped = (a(41030), SocketAddr::new(ADDR_B.into(), 5310));
+    let fireflied = (a(41031), SocketAddr::new(ADDR_B.into(), 5311));
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&pipe).unwrap();
+        writeln!(f, "start tcp {ADDR_A} 41030 {ADDR_B} 5310 3 12").unwrap();
+    }
+    wait_for("received_pipe");
+    let datagram = flowd::firefly::Firefly {
+        state: flowd::firefly::State::Start,
+        key: flowd::model::socket::FlowKey::new(
+            flowd::model::socket::Protocol::Tcp,
+            fireflied.0,
+            fireflied.1,
+        ),
+        tag: flowd::model::tag::Tag::new(5, 1).unwrap(),
+        start: std::time::SystemTime::now(),
+        now: std::time::SystemTime::now(),
+        end: None,
+        usage: None,
+        application: Some("xrootd".into()),
+    }
+    .datagram(Some("se01"));
+    // The sender keeps its socket until the daemon has read the datagram: a local
+    // sender is identified by its socket's owner (sock_diag), a closed one is not.
+    let sender = pair
+        .a
+        .run(move || {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.send_to(&datagram, "127.0.0.1:10514").unwrap();
+            s
+        })
+        .join()
+        .unwrap();
+    wait_for("received_firefly");
+    drop(sender);
+    transfer(&pair.a, &pair.b, piped.0, piped.1, 30_000);
+    transfer(&pair.a, &pair.b, fireflied.0, fireflied.1, 30_000);
+
+    let got = receive(&[&collector], 2, Duration::from_secs(20));
+    let log = d.log();
+    assert_eq!(got[0].len(), 2, "{:?}\n{log}", got[0]);
+    let schema = schema();
+    let mut states = Vec::new();
+    for datagram in &got[0] {
+        let (_, v) = split(datagram);
+        let errors: Vec<String> = schema.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?} in {v}");
+        assert_eq!(v["flow-id"]["src-port"], 41030, "{v}");
+        assert_eq!(v["flow-id"]["dst-port"], 5310, "{v}");
+        assert_eq!(v["context"]["experiment-id"], 3);
+        assert_eq!(v["context"]["activity-id"], 12);
+        states.push(v["flow-lifecycle"]["state"].as_str().unwrap().to_string());
+    }
+    assert_eq!(states, ["start", "end"]);
+    d.stop();
+}
+
+/// Collectors by host name: the daemon runs with an /etc/hosts of the test's own
+/// (bind-mounted in a mount namespace of its own), resolves the collector's name to
+/// the peer's address and sends there; a name no resolver knows is counted as a
+/// failed lookup and costs nothing else.
+#[test]
+fn a_collector_named_by_host_name_is_resolved_through_the_hosts_file() {
+    if !common::privileged() {
+        return;
+    }
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = common::policies_with(
+        dir.path(),
+        &[(
+            "atlas.toml",
+            "experiment = \"atlas\"\n[[rule]]\nname = \"to-5320\"\nactivity = 4\nremote_ports = [5320]\n",
+        )],
+    );
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{ADDR_B} collector.flowd.test\n"),
+    )
+    .unwrap();
+    let collector = udp_listener(&pair.b, COLLECTOR_PORT);
+    let mount = format!("mount --bind {} /etc/hosts && exec \"$@\"", hosts.display());
+    let d = Daemon::start_via(
+        &["unshare", "-m", "--propagation", "private", "sh", "-c", &mount, "sh"],
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[fireflies]\nenabled = true\nto_remote = false\n\
+             collectors = [\"collector.flowd.test:{COLLECTOR_PORT}\", \"nowhere.flowd.test:{COLLECTOR_PORT}\"]\n",
+            policies.display()
+        ),
+    );
+    transfer(
+        &pair.a,
+        &pair.b,
+        SocketAddr::new(ADDR_A.into(), 41040),
+        SocketAddr::new(ADDR_B.into(), 5320),
+        10_000,
+    );
+    let got = receive(&[&collector], 2, Duration::from_secs(20));
+    let log = d.log();
+    let states: Vec<String> = got[0]
+        .iter()
+        .map(|d| {
+            let (_, v) = split(d);
+            assert_eq!(v["flow-id"]["src-port"], 41040, "{v}");
+            v["flow-lifecycle"]["state"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(states, ["start", "end"], "{log}");
+    assert!(
+        log.contains("firefly collector resolved") && log.contains(&ADDR_B.to_string()),
+        "{log}"
+    );
+    let status: Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+    let ff = &status["status"]["fireflies"];
+    assert_eq!(ff["collector_lookups_ok"], 1, "{ff}");
+    assert_eq!(ff["collector_lookups_failed"], 1, "{ff}");
+    assert_eq!(ff["send_errors"], 0, "{ff}");
+    d.stop();
+}
+
+/// Enriched `ongoing` fireflies: every second (the reconcile interval is a minute, so
+/// the timer is its own), each carrying flowd-go's lean `netlink` object with the
+/// live connection's tcp_info, schema-valid.
+#[test]
+fn ongoing_fireflies_carry_tcp_info_every_second_whatever_the_reconcile_interval() {
+    if !common::privileged() {
+        return;
+    }
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = common::policies_with(
+        dir.path(),
+        &[(
+            "atlas.toml",
+            "experiment = \"atlas\"\n[[rule]]\nname = \"to-5330\"\nactivity = 4\nremote_ports = [5330]\n",
+        )],
+    );
+    let collector = udp_listener(&pair.b, COLLECTOR_PORT);
+    let d = Daemon::start_with(
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[discovery]\nreconcile_interval_ms = 60000\n\
+             [fireflies]\nenabled = true\nto_remote = false\nongoing_interval_s = 1\nenrich = \"lean\"\n\
+             collectors = [\"[{ADDR_B}]:{COLLECTOR_PORT}\"]\n",
+            policies.display()
+        ),
+    );
+    let server = common::serve_once(&pair.b, 5330);
+    let client = pair.a.run(|| {
+        use std::io::Write;
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(ADDR_A.into(), 41050).into())
+            .unwrap();
+        s.connect(&SocketAddr::new(ADDR_B.into(), 5330).into())
+            .unwrap();
+        let mut s: std::net::TcpStream = s.into();
+        for _ in 0..7 {
+            s.write_all(&[1u8; 10_000]).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    client.join().unwrap();
+    assert_eq!(server.join().unwrap(), 70_000);
+    let got = receive(&[&collector], 4, Duration::from_secs(10));
+    let log = d.log();
+    let schema = schema();
+    let mut ongoing = Vec::new();
+    for datagram in &got[0] {
+        let (_, v) = split(datagram);
+        let errors: Vec<String> = schema.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?} in {v}");
+        if v["flow-lifecycle"]["state"] == "ongoing" {
+            ongoing.push(v);
+        } else {
+            assert!(v.get("netlink").is_none(), "start and end are plain: {v}");
+        }
+    }
+    assert!(ongoing.len() >= 2, "{} ongoing\n{log}", ongoing.len());
+    let mut last_sent = 0;
+    for v in &ongoing {
+        let tcp = &v["netlink"]["tcpInfo"];
+        let sent = tcp["bytesSent"].as_u64().unwrap_or_else(|| panic!("{v}"));
+        assert!(sent >= last_sent && sent <= 70_000, "{v}");
+        last_sent = sent;
+        assert!(tcp["rtt"].as_u64().unwrap() > 0, "{v}");
+        assert!(tcp["sndCwnd"].as_u64().unwrap() > 0, "{v}");
+        assert!(v["netlink"]["cong"]["algorithm"].is_string(), "{v}");
+    }
+    assert!(last_sent > 0);
+    d.stop();
+}

@@ -12,6 +12,7 @@
 //! the engine through its command channel.
 
 pub mod auth;
+pub mod http;
 pub mod listener;
 pub mod pipe;
 
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 
 use crate::api::view::{AnnouncementCounters, ANNOUNCED_RULE_FILE};
+use crate::config::AnnounceInput;
 use crate::model::announcement::{Announcement, Origin};
 use crate::model::socket::FlowKey;
 use crate::policy::{RuleRef, Verdict};
@@ -34,6 +36,9 @@ struct Held {
     matched: bool,
     /// Applies only to flows whose local socket this uid owns.
     only_for_uid: Option<u32>,
+    /// This daemon announces the flow with fireflies (config
+    /// `announcements.fireflies_for` names its input).
+    ours: bool,
 }
 
 /// The announcements in force, by the key they were announced under.
@@ -47,6 +52,7 @@ pub struct Announcements {
     refused: Arc<AtomicU64>,
     /// One rule per origin rather than one allocation per announcement.
     rules: FxHashMap<String, Arc<RuleRef>>,
+    fireflies_for: Vec<AnnounceInput>,
 }
 
 /// Default of `announcements.max_held`.
@@ -67,7 +73,23 @@ impl Announcements {
             counters: AnnouncementCounters::default(),
             refused: Arc::default(),
             rules: FxHashMap::default(),
+            fireflies_for: Vec::new(),
         }
+    }
+
+    /// The inputs whose flows this daemon announces with its own fireflies.
+    pub fn with_fireflies_for(mut self, inputs: &[AnnounceInput]) -> Self {
+        self.fireflies_for = inputs.to_vec();
+        self
+    }
+
+    /// Whether this daemon sends the fireflies of the announced flow with this key
+    /// (either orientation); false for a flow not announced.
+    pub fn fireflies_ours(&self, key: &FlowKey) -> bool {
+        self.held
+            .get(key)
+            .or_else(|| self.held.get(&key.reversed()))
+            .is_some_and(|h| h.ours)
     }
 
     /// Where the inputs count what they refuse (shown with the counters).
@@ -86,10 +108,20 @@ impl Announcements {
     /// Records `a`; returns the keys (both orientations) whose flows must be
     /// re-decided.
     pub fn apply(&mut self, a: Announcement) -> [FlowKey; 2] {
-        match a.origin {
-            Origin::Firefly(_) => self.counters.received_firefly += 1,
-            Origin::Pipe => self.counters.received_pipe += 1,
-        }
+        let input = match a.origin {
+            Origin::Firefly(_) => {
+                self.counters.received_firefly += 1;
+                AnnounceInput::Firefly
+            }
+            Origin::Pipe => {
+                self.counters.received_pipe += 1;
+                AnnounceInput::Pipe
+            }
+            Origin::Http(_) => {
+                self.counters.received_http += 1;
+                AnnounceInput::Http
+            }
+        };
         let keys = [a.key, a.key.reversed()];
         match a.tag {
             Some(tag) => {
@@ -119,6 +151,7 @@ impl Announcements {
                     since: Instant::now(),
                     matched: false,
                     only_for_uid: a.only_for_uid,
+                    ours: self.fireflies_for.contains(&input),
                 };
                 // The latest word on a connection wins, whichever end it names first.
                 self.held.remove(&a.key.reversed());

@@ -180,6 +180,11 @@ pub struct FireflyStatus {
     /// Dropped because the send queue was full.
     pub queue_full: u64,
     pub send_errors: u64,
+    /// `ongoing` fireflies sent without their TCP facts (sock_diag request failed).
+    pub enrich_errors: u64,
+    /// Lookups of collector host names, answered and failed.
+    pub collector_lookups_ok: u64,
+    pub collector_lookups_failed: u64,
 }
 
 /// Counters of one tag.
@@ -246,6 +251,7 @@ pub const ANNOUNCED_RULE_FILE: &str = "(announced)";
 pub struct AnnouncementCounters {
     pub received_firefly: u64,
     pub received_pipe: u64,
+    pub received_http: u64,
     /// Withdrawn by an `end`.
     pub withdrawn: u64,
     /// Dropped because no live flow matched them within the grace period.

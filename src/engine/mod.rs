@@ -25,7 +25,7 @@ use crate::endpoint::ConnectionStats;
 use crate::firefly::Fireflies;
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
 use crate::marking::{MarkSink, MarkStore, Marking};
-use crate::metrics::{Metrics, Published, Snapshot};
+use crate::metrics::{FlowSeries, Metrics, PerFlow, Published, Snapshot};
 use crate::model::announcement::Announcement;
 use crate::model::tag::Tag;
 use crate::policy::kernel::{Exactness, KernelPolicy};
@@ -79,6 +79,16 @@ pub struct Engine {
     denied_seen: [u64; 3],
     /// The control server's connection counts, when one serves this engine.
     connections: Option<Arc<ConnectionStats>>,
+    /// Config metrics.per_flow: the series cap, the flows left out so far (each
+    /// counted once), and the last series published.
+    per_flow: Option<PerFlowState>,
+}
+
+struct PerFlowState {
+    max: usize,
+    left_out: rustc_hash::FxHashSet<u64>,
+    left_out_total: u64,
+    published: Arc<PerFlow>,
 }
 
 /// Loads the policy directory; a missing directory is an empty policy (with a
@@ -136,6 +146,7 @@ impl Engine {
             denied_warned: Default::default(),
             denied_seen: [0; 3],
             connections: None,
+            per_flow: None,
         }
     }
 
@@ -151,6 +162,54 @@ impl Engine {
     pub fn with_announcements(mut self, announcements: Announcements) -> Self {
         self.announcements = Some(announcements);
         self
+    }
+
+    /// Config metrics.per_flow: `flow_tcp_*` series for at most `max` tagged flows.
+    pub fn with_per_flow_metrics(mut self, max: usize) -> Self {
+        self.per_flow = Some(PerFlowState {
+            max,
+            left_out: Default::default(),
+            left_out_total: 0,
+            published: Arc::default(),
+        });
+        self
+    }
+
+    /// Rebuilds the per-flow series from the table (after a dump: its tcp_info is
+    /// fresh). Flows beyond the cap are counted once each while they live.
+    fn refresh_per_flow(&mut self) {
+        let Some(p) = &mut self.per_flow else {
+            return;
+        };
+        let mut series = Vec::with_capacity(p.max.min(self.table.len()));
+        let mut over = rustc_hash::FxHashSet::default();
+        for f in self.table.iter() {
+            let (Some(tcp), Some(d)) = (f.tcp, self.marking.decision(f.cookie)) else {
+                continue;
+            };
+            if series.len() >= p.max {
+                if !p.left_out.contains(&f.cookie) {
+                    p.left_out_total += 1;
+                }
+                over.insert(f.cookie);
+                continue;
+            }
+            let (src, dst) = (f.key.local(), f.key.remote());
+            series.push(FlowSeries {
+                experiment: d.tag.experiment,
+                activity: d.tag.activity,
+                src: src.ip(),
+                dst: dst.ip(),
+                sport: src.port(),
+                dport: dst.port(),
+                tcp,
+            });
+        }
+        p.left_out = over;
+        p.published = Arc::new(PerFlow {
+            series,
+            left_out_total: p.left_out_total,
+        });
     }
 
     /// Shows the control server's connection counts in status and metrics.
@@ -214,6 +273,8 @@ impl Engine {
         mut announced: mpsc::Receiver<Announcement>,
     ) {
         loop {
+            // `ongoing` fireflies keep a timer of their own (fireflies.ongoing_interval_s).
+            let ongoing = self.fireflies.as_ref().and_then(Fireflies::next_ongoing);
             tokio::select! {
                 d = discovery.recv() => match d {
                     Some(d) => self.on_discovery(d),
@@ -241,6 +302,13 @@ impl Engine {
                 // Inputs (named pipe, firefly listener) name flows; they hold only
                 // this channel's sender, never the engine.
                 Some(a) = announced.recv() => self.announce(a),
+                _ = tokio::time::sleep_until(ongoing.unwrap_or_else(Instant::now).into()),
+                    if ongoing.is_some() => {
+                    if let Some(ff) = &mut self.fireflies {
+                        let table = &self.table;
+                        ff.ongoing(|cookie| table.get(cookie));
+                    }
+                }
                 // While firefly starts wait (a burst outran the sender), offer them
                 // the room the sender has made, every 10 ms.
                 _ = tokio::time::sleep(Duration::from_millis(10)),
@@ -275,10 +343,11 @@ impl Engine {
                         if let Some(a) = &mut self.announcements {
                             a.expire();
                         }
-                        if let Some(ff) = &mut self.fireflies {
-                            // Right after a dump: the flows' byte counts are fresh.
-                            let table = &self.table;
-                            ff.ongoing(|cookie| table.get(cookie));
+                        self.refresh_per_flow();
+                        if self.per_flow.is_some() {
+                            if let Some((_, published)) = &self.metrics {
+                                published.set(self.snapshot());
+                            }
                         }
                         if let Some(tx) = self.first_dump.take() {
                             let _ = tx.send(());
@@ -351,7 +420,15 @@ impl Engine {
                         announced,
                     );
                     if let Some(ff) = &mut self.fireflies {
-                        ff.on_flow(&f, self.marking.decision(f.cookie));
+                        let d = self.marking.decision(f.cookie);
+                        // An announced flow is ours to announce when its input is
+                        // in `announcements.fireflies_for`.
+                        let app_speaks = d.is_some_and(|d| d.announced)
+                            && !self
+                                .announcements
+                                .as_ref()
+                                .is_some_and(|a| a.fireflies_ours(&f.key));
+                        ff.on_flow_with(&f, d, app_speaks);
                     }
                 }
                 FlowEvent::Ended(f, _) => {

@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use super::*;
+use crate::config::AnnounceInput;
 use crate::marker::maps::{Counters, MapError};
 use crate::model::socket::{Direction, FlowKey, Protocol, SockState, SocketObservation, Source};
 use crate::model::tag::Tag;
@@ -221,5 +222,127 @@ fn a_flows_request_with_a_bad_address_filter_is_an_error_not_an_empty_list() {
     assert!(
         err.contains("`garbage/99` is neither an IP address"),
         "{err}"
+    );
+}
+
+/// Fireflies for announced flows: a pipe announcement gets this daemon's start and,
+/// once withdrawn, its end (flowd-go's behaviour); a firefly announcement is left to
+/// the application that sent it, unless `fireflies_for` names that input too.
+#[test]
+fn pipe_announced_flows_get_our_fireflies_firefly_announced_ones_do_not() {
+    use crate::firefly::{Firefly, FireflyCounters, State};
+    use crate::model::announcement::{Announcement, Origin};
+
+    let run = |origin: Origin, fireflies_for: &[AnnounceInput]| -> Vec<(State, Tag)> {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel::<Firefly>(16);
+        let mut e = engine(dir.path(), RecordingStore::new(16))
+            .with_announcements(
+                Announcements::new(Duration::from_secs(30)).with_fireflies_for(fireflies_for),
+            )
+            .with_fireflies(Fireflies::new(
+                tx,
+                Arc::new(FireflyCounters::default()),
+                None,
+            ));
+        let k = key(40000, 1094);
+        e.on_discovery(observed(1, k, SockState::Established));
+        let tag = Tag::new(3, 12).unwrap();
+        // Announced as the application sees it: source first, either orientation.
+        e.announce(Announcement {
+            key: k.reversed(),
+            tag: Some(tag),
+            origin: origin.clone(),
+            only_for_uid: None,
+        });
+        e.announce(Announcement {
+            key: k,
+            tag: None,
+            origin,
+            only_for_uid: None,
+        });
+        let mut out = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            assert_eq!(f.key, k, "the firefly names the flow as the table has it");
+            out.push((f.state, f.tag));
+        }
+        out
+    };
+    let t = Tag::new(3, 12).unwrap();
+    assert_eq!(
+        run(Origin::Pipe, &[AnnounceInput::Pipe]),
+        [(State::Start, t), (State::End, t)]
+    );
+    let app: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    assert_eq!(run(Origin::Firefly(app), &[AnnounceInput::Pipe]), []);
+    assert_eq!(
+        run(
+            Origin::Firefly(app),
+            &[AnnounceInput::Pipe, AnnounceInput::Firefly]
+        ),
+        [(State::Start, t), (State::End, t)]
+    );
+    assert_eq!(run(Origin::Pipe, &[]), [], "configurable per input");
+}
+
+/// Per-flow series: flowd-go's `flow_tcp_*` names and labels for tagged TCP flows,
+/// at most `per_flow_max` of them, the others counted once each.
+#[test]
+fn per_flow_series_carry_flowd_go_names_and_labels_up_to_the_cap() {
+    use crate::metrics::{BuildInfo, Metrics};
+    use crate::model::socket::TcpStats;
+
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let mut e = engine(dir.path(), RecordingStore::new(16)).with_per_flow_metrics(1);
+    let with_tcp = |cookie: u64, local_port: u16, rtt_us: u32| {
+        let Discovery::Observed(mut obs, at) =
+            observed(cookie, key(local_port, 1094), SockState::Established)
+        else {
+            unreachable!()
+        };
+        obs.tcp = Some(TcpStats {
+            rtt_us,
+            snd_cwnd: 10,
+            bytes_acked: 5000,
+            ..TcpStats::default()
+        });
+        Discovery::Observed(obs, at)
+    };
+    e.on_discovery(with_tcp(1, 40000, 1234));
+    e.on_discovery(with_tcp(2, 40001, 999));
+    // Untagged: never a series, never counted.
+    e.on_discovery(observed(3, key(40002, 22), SockState::Established));
+    e.refresh_per_flow();
+    e.refresh_per_flow();
+    let snap = e.snapshot();
+    let p = snap.per_flow.clone().expect("on");
+    assert_eq!(p.series.len(), 1);
+    assert_eq!(p.left_out_total, 1, "the flow over the cap, counted once");
+    let m = Metrics::new(
+        BuildInfo {
+            version: "t".into(),
+            strategy: "label".into(),
+        },
+        move || snap.clone(),
+    );
+    let text = m.encode_prometheus().unwrap();
+    let exported = p.series[0].sport;
+    let rtt = if exported == 40000 { 1234 } else { 999 };
+    let line = format!(
+        "flow_tcp_rtt{{act=\"17\",exp=\"2\",src=\"fd00::1\",dst=\"fd00::2\",flow=\"<{exported}:1094>\",flavour=\"netlink\"}} {rtt}"
+    );
+    assert!(text.contains(&line), "{line} not in\n{text}");
+    assert!(
+        text.contains("# TYPE flow_tcp_bytes_acked_total gauge"),
+        "{text}"
+    );
+    assert!(
+        text.contains("flow_tcp_bytes_acked_total{act=\"17\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("flowd_metrics_flows_left_out_total 1"),
+        "{text}"
     );
 }

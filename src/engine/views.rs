@@ -154,6 +154,7 @@ impl Engine {
                 Fact::ALL.map(|f| (f.name(), st.denied(f))).to_vec()
             },
             control: self.control_view(),
+            per_flow: self.per_flow.as_ref().map(|p| p.published.clone()),
         }
     }
 

@@ -77,6 +77,9 @@ struct Wire<'a> {
     context: Context<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Usage>,
+    /// flowd-go's enrichment object (tcp_info, congestion control), pre-rendered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netlink: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Serialize)]
@@ -113,6 +116,14 @@ impl Firefly {
     /// The JSON object. The flow is described as this host sends it: source is the
     /// local end (spec: "as seen by the host that sends the packets").
     pub fn json(&self) -> Vec<u8> {
+        self.json_with(None)
+    }
+
+    /// The JSON object with `netlink` (a JSON object's text, see `crate::enrich`)
+    /// added; text that is not JSON is left out.
+    pub fn json_with(&self, netlink: Option<&str>) -> Vec<u8> {
+        let netlink: Option<&serde_json::value::RawValue> =
+            netlink.and_then(|n| serde_json::from_str(n).ok());
         let (local, remote): (SocketAddr, SocketAddr) = (self.key.local(), self.key.remote());
         let wire = Wire {
             version: 1,
@@ -139,6 +150,7 @@ impl Firefly {
                 application: self.application.as_deref().map(truncate_application),
             },
             usage: self.usage,
+            netlink,
         };
         serde_json::to_vec(&wire).expect("a firefly always serializes")
     }
@@ -146,7 +158,13 @@ impl Firefly {
     /// The datagram: the JSON, behind an RFC 5424 header when `syslog_host` is given
     /// (priority 134 = local0.info, version 1, app flowd-rs, msgid firefly-json).
     pub fn datagram(&self, syslog_host: Option<&str>) -> Vec<u8> {
-        let json = self.json();
+        self.datagram_with(syslog_host, None)
+    }
+
+    /// The datagram with flowd-go's `netlink` enrichment object (see
+    /// [`Self::json_with`]).
+    pub fn datagram_with(&self, syslog_host: Option<&str>, netlink: Option<&str>) -> Vec<u8> {
+        let json = self.json_with(netlink);
         match syslog_host {
             None => json,
             Some(host) => {

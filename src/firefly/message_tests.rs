@@ -247,3 +247,38 @@ fn received_fireflies_that_cannot_name_a_flow_and_tag_are_refused_with_the_reaso
     let extra = good.replace("\"version\":1", "\"version\":1,\"netlink\":{\"x\":1}");
     assert!(parse(extra.as_bytes()).is_ok());
 }
+
+/// Enriched `ongoing`: flowd-go's `netlink` object sits at the top level beside
+/// `usage`, the datagram stays schema-valid and, lean, within one MTU.
+#[test]
+fn an_enriched_ongoing_carries_the_netlink_object_and_stays_valid_and_small() {
+    use crate::enrich::{render, Mode, TcpFacts};
+    let v = schema();
+    let facts = TcpFacts {
+        info: vec![0xff; 232],
+        cong: Some("cubic".into()),
+    };
+    let f = Firefly {
+        state: State::Ongoing,
+        key: key(
+            Protocol::Tcp,
+            "[fd00:f1::1234:5678:9abc:def0]:40000",
+            "[fd00:f2::1234:5678:9abc:def0]:1094",
+        ),
+        ..start_v4()
+    };
+    for mode in [Mode::Lean, Mode::Full] {
+        let netlink = render(&facts, mode);
+        let datagram = f.datagram_with(Some("se01.example.org"), Some(&netlink));
+        let doc: Value = serde_json::from_slice(&f.json_with(Some(&netlink))).unwrap();
+        assert_eq!(errors(&v, &doc), Vec::<String>::new(), "{doc}");
+        assert_eq!(doc["netlink"]["cong"]["algorithm"], "cubic");
+        assert_eq!(doc["netlink"]["tcpInfo"]["rtt"], u64::from(u32::MAX));
+        if mode == Mode::Lean {
+            assert!(datagram.len() < 1400, "{} bytes", datagram.len());
+        }
+    }
+    // Not JSON: left out rather than sent broken.
+    let doc: Value = serde_json::from_slice(&f.json_with(Some("{broken"))).unwrap();
+    assert!(doc.get("netlink").is_none());
+}

@@ -13,6 +13,7 @@
 //! is dropped and counted.
 
 pub mod message;
+pub mod resolve;
 pub mod sender;
 
 use std::collections::VecDeque;
@@ -40,6 +41,12 @@ pub struct FireflyCounters {
     pub queue_full: AtomicU64,
     /// Datagrams the kernel refused (no route, no socket of that family, ...).
     pub send_errors: AtomicU64,
+    /// `ongoing` fireflies sent without their TCP facts (the targeted sock_diag
+    /// request failed).
+    pub enrich_errors: AtomicU64,
+    /// Lookups of collector names that answered, and that failed.
+    pub resolve_ok: AtomicU64,
+    pub resolve_errors: AtomicU64,
 }
 
 impl FireflyCounters {
@@ -51,6 +58,9 @@ impl FireflyCounters {
         status.sent_end = sent(State::End);
         status.queue_full = self.queue_full.load(Ordering::Relaxed);
         status.send_errors = self.send_errors.load(Ordering::Relaxed);
+        status.enrich_errors = self.enrich_errors.load(Ordering::Relaxed);
+        status.collector_lookups_ok = self.resolve_ok.load(Ordering::Relaxed);
+        status.collector_lookups_failed = self.resolve_errors.load(Ordering::Relaxed);
     }
 }
 
@@ -115,12 +125,19 @@ impl Fireflies {
     /// A TCP flow is announced once its handshake completes (a refused or timed-out
     /// connect carried no data and gets no firefly); a UDP flow at once. A tag that
     /// changes (policy reload) ends the old announcement and starts a new one; a tag
-    /// that goes away ends it. A flow its application announced (named pipe,
-    /// firefly) is the application's to announce: that one sends its own fireflies.
+    /// that goes away ends it. A flow its application announced is the
+    /// application's to announce (see [`Self::on_flow_with`]).
     pub fn on_flow(&mut self, flow: &Flow, decision: Option<&Decision>) {
+        self.on_flow_with(flow, decision, decision.is_some_and(|d| d.announced));
+    }
+
+    /// Like [`Self::on_flow`]; `app_speaks`: the application sends this flow's
+    /// fireflies itself (it announced the flow by firefly), so this daemon stays
+    /// quiet about it. A flow announced through the pipe gets ours, as flowd-go
+    /// sends one for every flow event its plugins receive.
+    pub fn on_flow_with(&mut self, flow: &Flow, decision: Option<&Decision>, app_speaks: bool) {
         let ready = flow.key.proto == Protocol::Udp || flow.lifecycle >= Lifecycle::Established;
-        let wanted =
-            decision.filter(|d| ready && !d.announced && flow.lifecycle != Lifecycle::Gone);
+        let wanted = decision.filter(|_| ready && !app_speaks && flow.lifecycle != Lifecycle::Gone);
         let had = self.announced.get(&flow.cookie).copied();
         match (had, wanted) {
             (Some(a), Some(d)) if a.tag == d.tag => {}
@@ -213,6 +230,11 @@ impl Fireflies {
     /// Starts and ongoings may fill half the queue: the rest is kept for ends.
     fn room_for_starts(&self) -> bool {
         self.queue.capacity() > self.queue.max_capacity() / 2
+    }
+
+    /// When the next round of `ongoing` is due, if they are on.
+    pub fn next_ongoing(&self) -> Option<Instant> {
+        self.ongoing_every.map(|every| self.last_ongoing + every)
     }
 
     /// Queues `ongoing` for every announced flow when the configured interval has

@@ -5,23 +5,32 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use super::{Firefly, FireflyCounters};
-use crate::config::FireflyConfig;
+use super::{resolve, Firefly, FireflyCounters, State};
+use crate::config::{Collector, FireflyConfig};
+use crate::enrich::{render, Mode, TcpInfoQuery};
 
 /// Fireflies waiting to be sent: a burst of this many new flows is absorbed while
 /// the sender is busy; beyond it they are dropped and counted.
 pub const QUEUE: usize = 16_384;
 
+/// How long the first fireflies wait for the first lookup of collector names (they
+/// queue meanwhile); a resolver slower than this leaves them to the literal
+/// collectors.
+const FIRST_LOOKUP_WAIT: Duration = Duration::from_secs(5);
+
 /// Where each firefly goes and how it is framed.
 #[derive(Debug, Clone)]
 struct Destinations {
     collectors: Vec<SocketAddr>,
+    /// fireflies.public_addresses, longest prefix first.
+    public: Vec<(ipnet::IpNet, std::net::IpAddr)>,
     /// The port on the flow's remote host, when fireflies go there too.
     remote_port: Option<u16>,
     /// The syslog HOSTNAME, when the RFC 5424 header is on.
@@ -29,6 +38,21 @@ struct Destinations {
 }
 
 impl Destinations {
+    /// The firefly as it goes out: its source (the local end) replaced by the public
+    /// address its prefix maps to, if any. Only the wire changes: the flow's own
+    /// key still names the socket (for its tcp_info) and the remote host.
+    fn on_the_wire(&self, f: &Firefly) -> Option<Firefly> {
+        let local = f.key.local();
+        let (_, public) = self.public.iter().find(|(n, _)| n.contains(&local.ip()))?;
+        let mut out = f.clone();
+        out.key = crate::model::socket::FlowKey::new(
+            f.key.proto,
+            SocketAddr::new(*public, local.port()),
+            f.key.remote(),
+        );
+        Some(out)
+    }
+
     /// Where one flow's firefly goes: every collector, then the flow's remote host
     /// unless it is a collector already or this host itself (loopback: a firefly
     /// about a local connection sent to our own port would only come back to us).
@@ -110,8 +134,30 @@ pub struct Sender {
 pub fn spawn(cfg: &FireflyConfig, counters: Arc<FireflyCounters>) -> Result<Sender> {
     let sockets = Sockets::bind().context("starting the firefly sender")?;
     let local_ports = sockets.local_ports();
+    let literal: Vec<SocketAddr> = cfg
+        .collectors
+        .iter()
+        .filter_map(|c| match c {
+            Collector::Addr(a) => Some(*a),
+            Collector::Name { .. } => None,
+        })
+        .collect();
+    // Names are resolved on a task of their own; the sender picks up each round.
+    let resolver = resolve::has_names(&cfg.collectors).then(|| {
+        let (tx, rx) = watch::channel(literal.clone());
+        let task = resolve::spawn(
+            cfg.collectors.clone(),
+            Duration::from_secs(cfg.resolve_interval_s),
+            counters.clone(),
+            tx,
+        );
+        (rx, task)
+    });
     let dest = Destinations {
-        collectors: cfg.collectors.clone(),
+        collectors: literal,
+        public: cfg
+            .address_map()
+            .map_err(|e| anyhow::anyhow!("fireflies.public_addresses: {e}"))?,
         remote_port: cfg.to_remote.then_some(cfg.remote_port),
         syslog_host: cfg.syslog_header.then(|| {
             nix::unistd::gethostname()
@@ -120,8 +166,16 @@ pub fn spawn(cfg: &FireflyConfig, counters: Arc<FireflyCounters>) -> Result<Send
                 .unwrap_or_default()
         }),
     };
+    // Opened here, in the daemon's namespace; a failure leaves fireflies plain.
+    let enrich = cfg.enrich.and_then(|mode| match TcpInfoQuery::new() {
+        Ok(q) => Some((q, mode)),
+        Err(e) => {
+            warn!(error = %e, "fireflies.enrich: no sock_diag socket; ongoing fireflies go without TCP facts");
+            None
+        }
+    });
     let (queue, rx) = mpsc::channel(QUEUE);
-    let task = tokio::spawn(run(rx, sockets, dest, counters));
+    let task = tokio::spawn(run(rx, sockets, dest, counters, resolver, enrich));
     Ok(Sender {
         queue,
         task,
@@ -134,9 +188,36 @@ async fn run(
     sockets: Sockets,
     dest: Destinations,
     counters: Arc<FireflyCounters>,
+    resolver: Option<(
+        watch::Receiver<Vec<SocketAddr>>,
+        tokio::task::JoinHandle<()>,
+    )>,
+    mut enrich: Option<(TcpInfoQuery, Mode)>,
 ) {
+    let mut dest = dest;
+    let (mut names, resolver_task) = resolver.unzip();
+    // The first fireflies may wait (queued) for the first lookup, not longer.
+    let mut first_round = names.is_some();
     while let Some(f) = rx.recv().await {
-        let datagram = f.datagram(dest.syslog_host.as_deref());
+        if let Some(names) = &mut names {
+            if first_round {
+                first_round = false;
+                // `changed` marks what it saw as seen: take it here.
+                let _ = tokio::time::timeout(FIRST_LOOKUP_WAIT, names.changed()).await;
+                dest.collectors = names.borrow_and_update().clone();
+            } else if names.has_changed().unwrap_or(false) {
+                dest.collectors = names.borrow_and_update().clone();
+            }
+        }
+        let netlink = match &mut enrich {
+            Some((q, mode)) if f.state == State::Ongoing => enrichment(q, *mode, &f, &counters),
+            _ => None,
+        };
+        let mapped = dest.on_the_wire(&f);
+        let datagram = mapped
+            .as_ref()
+            .unwrap_or(&f)
+            .datagram_with(dest.syslog_host.as_deref(), netlink.as_deref());
         for to in dest.for_flow(f.key.remote()) {
             match sockets.send_to(&datagram, to).await {
                 Ok(()) => {
@@ -155,6 +236,29 @@ async fn run(
             }
         }
     }
+    if let Some(t) = resolver_task {
+        t.abort();
+    }
+}
+
+/// The flow's TCP facts as flowd-go's `netlink` object; None for UDP, a socket
+/// closed since, or a failed request (counted).
+fn enrichment(
+    q: &mut TcpInfoQuery,
+    mode: Mode,
+    f: &Firefly,
+    counters: &FireflyCounters,
+) -> Option<String> {
+    match q.query(&f.key) {
+        Ok(facts) => facts.map(|facts| render(&facts, mode)),
+        Err(e) => {
+            let n = counters.enrich_errors.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() || n == 0 {
+                warn!(flow = ?f.key, error = %e, errors = n + 1, "tcp_info for an ongoing firefly not read");
+            }
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -162,9 +266,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_mapped_source_goes_out_public_and_the_rest_unchanged() {
+        let cfg: FireflyConfig = toml::from_str(
+            "[public_addresses]\n\"10.0.0.0/8\" = \"192.0.2.7\"\n\"10.1.0.0/16\" = \"192.0.2.8\"\n",
+        )
+        .unwrap();
+        let dest = Destinations {
+            collectors: Vec::new(),
+            public: cfg.address_map().unwrap(),
+            remote_port: None,
+            syslog_host: None,
+        };
+        let firefly = |local: &str| Firefly {
+            state: State::Start,
+            key: crate::model::socket::FlowKey::new(
+                crate::model::socket::Protocol::Tcp,
+                local.parse().unwrap(),
+                "198.51.100.9:1094".parse().unwrap(),
+            ),
+            tag: crate::model::tag::Tag::new(2, 4).unwrap(),
+            start: std::time::SystemTime::UNIX_EPOCH,
+            now: std::time::SystemTime::UNIX_EPOCH,
+            end: None,
+            usage: None,
+            application: None,
+        };
+        let wire = |local: &str| -> serde_json::Value {
+            let f = firefly(local);
+            let out = dest.on_the_wire(&f).unwrap_or(f);
+            serde_json::from_slice(&out.json()).unwrap()
+        };
+        let v = wire("10.1.2.3:40000");
+        assert_eq!(v["flow-id"]["src-ip"], "192.0.2.8", "longest prefix: {v}");
+        assert_eq!(v["flow-id"]["src-port"], 40000);
+        assert_eq!(v["flow-id"]["dst-ip"], "198.51.100.9");
+        assert_eq!(wire("10.9.0.1:40000")["flow-id"]["src-ip"], "192.0.2.7");
+        assert_eq!(wire("172.16.0.1:40000")["flow-id"]["src-ip"], "172.16.0.1");
+    }
+
+    #[test]
     fn a_firefly_goes_to_every_collector_and_the_remote_host_once_never_to_loopback() {
         let dest = Destinations {
             collectors: vec!["[fd00::9]:10514".parse().unwrap()],
+            public: Vec::new(),
             remote_port: Some(10514),
             syslog_host: None,
         };

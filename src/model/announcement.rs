@@ -15,6 +15,8 @@ pub enum Origin {
     Firefly(SocketAddr),
     /// A line written to the named pipe.
     Pipe,
+    /// A `POST /flow` of the HTTP API from this address.
+    Http(SocketAddr),
 }
 
 impl fmt::Display for Origin {
@@ -22,6 +24,7 @@ impl fmt::Display for Origin {
         match self {
             Origin::Firefly(from) => write!(f, "firefly from {from}"),
             Origin::Pipe => f.write_str("named pipe"),
+            Origin::Http(from) => write!(f, "HTTP API from {from}"),
         }
     }
 }

@@ -420,6 +420,12 @@ impl Daemon {
     /// It runs through nsenter rather than `ip netns exec`, which would hide the
     /// host's cgroup2 mount the tracker attaches to.
     pub fn start_with(ns: &Netns, dir: &Path, config_toml: &str) -> Daemon {
+        Daemon::start_via(&[], ns, dir, config_toml)
+    }
+
+    /// Like [`Daemon::start_with`], run through the command `wrapper` (e.g. `unshare
+    /// -m sh -c '...; exec "$@"' sh` to give the daemon a mount namespace of its own).
+    pub fn start_via(wrapper: &[&str], ns: &Netns, dir: &Path, config_toml: &str) -> Daemon {
         let state_dir = dir.join(format!("state-{}", SEQ.fetch_add(1, Ordering::Relaxed)));
         let config = dir.join(format!(
             "flowd-{}.toml",
@@ -434,7 +440,13 @@ impl Daemon {
             "daemon-{}.log",
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let child = Command::new("nsenter")
+        let (program, pre) = wrapper.split_first().unwrap_or((&"nsenter", &[]));
+        let mut cmd = Command::new(program);
+        cmd.args(pre);
+        if !wrapper.is_empty() {
+            cmd.arg("nsenter");
+        }
+        let child = cmd
             .arg(format!("--net={}", ns.path().display()))
             .arg(bin())
             .args(["--log-level", "info", "-c"])
