@@ -208,6 +208,13 @@ fn privileged_tracepoint_only_mode_still_sees_tcp() {
         "{f:?}"
     );
     assert!(t.attached_programs().iter().all(|p| !p.cgroup));
+    use flowd::features::{Feature, KernelFeatures};
+    if !KernelFeatures::detect().has(Feature::TracingCookie) {
+        // Before 5.12 the tracepoint reads the cookie from the socket, and in this
+        // mode nothing (no connect hook) gives a new socket one first: its events
+        // are not reported and polling finds it (bpf/README.md, "Kernels").
+        return;
+    }
     let p = tcp_pair(&mut t, &ns, "127.0.0.1:0", "127.0.0.1", graceful);
     let cc = p.client_cookie;
     let evs = t.wait_for(
@@ -261,7 +268,11 @@ fn privileged_drop_detaches_every_program() {
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let before = show();
-    for p in progs.iter().filter(|p| p.cgroup) {
+    // bpftool 7.1 (Debian 12's) stops listing at the first attach type a 5.10
+    // kernel does not know, and prints only its header there: the listing can only
+    // be checked on newer kernels. The programs' unload below is checked everywhere.
+    let listable = before.lines().count() > 1 || !kernel_before(5, 11);
+    for p in progs.iter().filter(|p| p.cgroup && listable) {
         assert!(
             before
                 .lines()
@@ -324,4 +335,14 @@ fn privileged_missing_configured_cgroup_path_is_an_error_naming_it() {
         err.to_string().contains("/nonexistent/flowd-cgroup"),
         "{err}"
     );
+}
+
+/// Whether the running kernel is older than `major.minor` (from uname's release).
+fn kernel_before(major: u32, minor: u32) -> bool {
+    let u = nix::sys::utsname::uname().unwrap();
+    let release = u.release().to_string_lossy();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (major, minor)
 }

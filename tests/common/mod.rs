@@ -647,3 +647,40 @@ pub fn cookie(fd: &impl AsRawFd) -> u64 {
 pub fn inode(fd: &impl std::os::fd::AsFd) -> u64 {
     nix::sys::stat::fstat(fd).expect("fstat").st_ino
 }
+
+/// On a kernel without TCX links (before 6.6), checks that a daemon told
+/// `attach = "tcx"` refuses in one line naming the feature and leaves nothing on
+/// the interface, and returns true: the caller's TCX test has nothing more to do.
+/// Returns false where the kernel has TCX.
+pub fn tcx_refused_where_missing(pair: &Pair, dir: &Path) -> bool {
+    use flowd::features::{Feature, KernelFeatures};
+    if KernelFeatures::detect().has(Feature::Tcx) {
+        return false;
+    }
+    let cfg = dir.join("tcx-refused.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\n[policy]\ndir = \"{}\"\n[marker]\nattach = \"tcx\"\n",
+            dir.join("tcx-refused-state").display(),
+            dir.join("tcx-refused-none").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", pair.a.path().display()))
+        .arg(bin())
+        .arg("-c")
+        .arg(&cfg)
+        .arg("run")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("lacks TCX links (Linux >= 6.6)"),
+        "no clear refusal: {err}"
+    );
+    assert_eq!(pair.a.sh(&format!("tc filter show dev {IF_A} egress")), "");
+    true
+}
