@@ -23,8 +23,10 @@ enum flowd_family {
 
 /*
  * Marking strategy bits, set once before load through rodata (flowd_strategy).
- * The flow label and the two option headers combine freely; see
- * shared/spec/scitags.md ("IPv6 extension header option").
+ * The flow label and the two option headers combine freely: each option header
+ * (hop-by-hop, destination) is 8 bytes: next header, length 0, one option of type
+ * FLOWD_OPT_TYPE with 3 data bytes (experiment, 16 bits big-endian; activity),
+ * then one Pad1 (marker.bpf.c, fill_option_header).
  */
 enum flowd_strategy_bit {
 	FLOWD_STRATEGY_LABEL = 0x1,

@@ -4,7 +4,8 @@
  * packets (flow label and/or an 8-byte option header). It never drops a packet:
  * anything it cannot or should not mark passes unchanged and is counted.
  *
- * Layouts: shared/spec/scitags.md. Shared types: flowd.h.
+ * Layouts: the flow label as in src/model/tag.rs, the option header as in flowd.h.
+ * Shared types: flowd.h.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -873,7 +874,7 @@ int flowd_cache_counts(struct bpf_iter__bpf_sk_storage_map *ctx)
  * same object):
  *  - active opens: BPF_SOCK_OPS_TCP_CONNECT_CB runs in connect() with the source
  *    port bound and before the SYN is built, so the mark written here labels the
- *    SYN itself (shared/notes/ebpf-here.md);
+ *    SYN itself (verified on the wire: tests/marker_first_packet.rs);
  *  - passive opens: BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB runs when the handshake
  *    completes, before the new socket sends anything; its SYN-ACK was labelled by
  *    the TC miss path with the same mark (same rule, same uid: the listener's,

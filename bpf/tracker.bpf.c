@@ -2,7 +2,7 @@
 /*
  * flowd socket tracker: reports TCP and connected-UDP sockets to userspace through
  * one ring buffer, without help from applications and without kprobes/fentry
- * (refused on the target hosts, see shared/notes/ebpf-here.md).
+ * (refused where kernel lockdown forbids them, as on some hosts).
  *
  *   tp_btf/inet_sock_set_state   every TCP state change (opens, closes, RST, timeouts)
  *   tp_btf/softirq_entry, _exit  per-CPU "in softirq" flag: are pid/comm the owner's?
