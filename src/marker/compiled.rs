@@ -7,7 +7,9 @@
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use super::maps::{as_bytes, from_bytes, MapError, Pod};
+use plain::Plain;
+
+use super::maps::{as_bytes, from_bytes, MapError};
 use crate::bpf::marker::types::{
     flowd_flow_mark, flowd_kaddr_key, flowd_kbits, flowd_kpolicy, flowd_kport_key, flowd_kseen,
     flowd_ksock, flowd_kstate, flowd_ktest, flowd_kuid_key,
@@ -15,16 +17,16 @@ use crate::bpf::marker::types::{
 use crate::model::tag::Tag;
 use crate::policy::kernel::{KernelPolicy, RuleBits, MAX_RULES};
 
-unsafe impl Pod for flowd_kaddr_key {}
-unsafe impl Pod for flowd_kport_key {}
-unsafe impl Pod for flowd_kuid_key {}
-unsafe impl Pod for flowd_kbits {}
-unsafe impl Pod for flowd_kpolicy {}
-unsafe impl Pod for flowd_kstate {}
-unsafe impl Pod for flowd_ksock {}
-unsafe impl Pod for flowd_ktest {}
-unsafe impl Pod for flowd_kseen {}
-unsafe impl Pod for u32 {}
+// SAFETY: padding-free repr(C) structs of integers (see marker::maps).
+unsafe impl Plain for flowd_kaddr_key {}
+unsafe impl Plain for flowd_kport_key {}
+unsafe impl Plain for flowd_kuid_key {}
+unsafe impl Plain for flowd_kbits {}
+unsafe impl Plain for flowd_kpolicy {}
+unsafe impl Plain for flowd_kstate {}
+unsafe impl Plain for flowd_ksock {}
+unsafe impl Plain for flowd_ktest {}
+unsafe impl Plain for flowd_kseen {}
 
 /// FLOWD_MARK_F_KERNEL in bpf/flowd.h.
 pub const MARK_F_KERNEL: u8 =

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use plain::Plain;
 
 use crate::bpf::marker::types::{
     flowd_family, flowd_flow_key, flowd_flow_mark, flowd_outcome, flowd_tag_counter,
@@ -467,27 +468,28 @@ pub fn flow_key(k: &flowd_flow_key) -> Option<FlowKey> {
     Some(FlowKey::new(proto, local, remote))
 }
 
-/// Marker for the plain-old-data structs the skeleton generates for map keys and
-/// values: `repr(C)`, no padding (checked by the layout test below), any bit pattern valid.
-///
-/// # Safety
-/// Implement only for such types.
-pub unsafe trait Pod: Copy + Default {}
-unsafe impl Pod for flowd_flow_key {}
-unsafe impl Pod for flowd_flow_mark {}
-unsafe impl Pod for flowd_tag_counter {}
-unsafe impl Pod for u64 {}
+// SAFETY (each `Plain` impl of the marker's modules): the skeleton generates these
+// map keys and values as `repr(C)` structs of integers and arrays, without padding
+// (the layout tests check size and offsets), so any bit pattern is a valid value
+// and every byte is initialised.
+unsafe impl Plain for flowd_flow_key {}
+unsafe impl Plain for flowd_flow_mark {}
+unsafe impl Plain for flowd_tag_counter {}
 
-pub fn as_bytes<T: Pod>(v: &T) -> &[u8] {
-    // SAFETY: T is Pod (no padding, no pointers), so all its bytes are initialised.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+/// The bytes of a map key or value, as the BPF syscalls take them.
+pub fn as_bytes<T: Plain>(v: &T) -> &[u8] {
+    // SAFETY: T is Plain and padding-free (above), so all its bytes are initialised.
+    unsafe { plain::as_bytes(v) }
 }
 
-pub fn from_bytes<T: Pod>(b: &[u8]) -> T {
+/// A map key or value from the bytes a BPF syscall returned; a shorter buffer
+/// leaves the rest at its default.
+pub fn from_bytes<T: Plain + Default>(b: &[u8]) -> T {
     let mut v = T::default();
-    let n = b.len().min(std::mem::size_of::<T>());
-    // SAFETY: T is Pod, so any byte pattern is a valid T; n is within both buffers.
-    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), n) };
+    // SAFETY: T is Plain: any byte pattern written here is a valid T.
+    let dst = unsafe { plain::as_mut_bytes(&mut v) };
+    let n = b.len().min(dst.len());
+    dst[..n].copy_from_slice(&b[..n]);
     v
 }
 

@@ -18,11 +18,11 @@ use anyhow::{Context, Result};
 use libbpf_rs::{Link, MapHandle};
 
 use crate::bpf::marker::types::flowd_sk_cache;
-use crate::marker::maps::Pod;
 
 // SAFETY: generated from bpf/flowd.h, where every field is explicit (no padding);
 // the layout test below pins it.
-unsafe impl Pod for flowd_sk_cache {}
+// SAFETY: a padding-free repr(C) struct of integers (see marker::maps).
+unsafe impl plain::Plain for flowd_sk_cache {}
 
 pub struct SocketCache {
     generation: MappedGeneration,
