@@ -394,23 +394,29 @@ pub fn netns_inode(path: &Path) -> Result<u64, SockDiagError> {
         })
 }
 
+/// A sock_diag netlink socket talking to the kernel, whose reads give up after
+/// `timeout`: the one way every sock_diag user here (dumps, the targeted lookups of
+/// announcers and of enriched flows) opens one.
+pub fn open_with_timeout(timeout: Duration) -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    set_rcvtimeo(&socket, &tv)?;
+    Ok(socket)
+}
+
 fn open_socket() -> Result<Socket, SockDiagError> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Open)?;
-    socket.bind_auto().map_err(SockDiagError::Open)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(SockDiagError::Open)?;
+    let socket = open_with_timeout(RECV_TIMEOUT).map_err(SockDiagError::Open)?;
     // The kernel caps SO_RCVBUF at rmem_max unless we are privileged; try the forcing
     // variant first (root) and fall back silently.
     let size = SO_RCVBUF_BYTES as libc::c_int;
     if setsockopt_int(&socket, libc::SO_RCVBUFFORCE, size).is_err() {
         let _ = socket.set_rx_buf_sz(SO_RCVBUF_BYTES);
     }
-    let tv = libc::timeval {
-        tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    set_rcvtimeo(&socket, &tv).map_err(SockDiagError::Open)?;
     Ok(socket)
 }
 

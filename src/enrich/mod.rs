@@ -12,13 +12,12 @@
 //! `Retransmits` (its struct field name, which carries no lean tag): kept as is.
 
 use std::io;
-use std::os::fd::AsRawFd;
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NLM_F_REQUEST};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_packet_sock_diag::SockDiagMessage;
-use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+use netlink_sys::Socket;
 
 use crate::model::socket::{FlowKey, Protocol};
 
@@ -52,28 +51,10 @@ pub struct TcpInfoQuery {
 
 impl TcpInfoQuery {
     pub fn new() -> io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        // A reply is one message; a kernel that does not answer within this is
+        // A reply is one message; a kernel that does not answer within a second is
         // treated as "no facts this round".
-        let tv = libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
-        // SAFETY: valid fd, a timeval of the size passed.
-        let r = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let socket =
+            crate::discovery::sockdiag::open_with_timeout(std::time::Duration::from_secs(1))?;
         Ok(TcpInfoQuery {
             socket,
             seq: 0,
