@@ -158,47 +158,6 @@ fn after_sigkill_tcx_leaves_nothing_attached() {
     assert_eq!(d.cli_ok(&["clean"]).trim(), "nothing to clean");
 }
 
-fn run_expecting_error(
-    ns: &Netns,
-    dir: &std::path::Path,
-    marker_toml: &str,
-    as_nobody: bool,
-) -> String {
-    let state = dir.join("state-err");
-    std::fs::create_dir_all(&state).unwrap();
-    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    let cfg = dir.join("err.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{}\"\n[marker]\n{marker_toml}\n",
-            state.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &ns.name]);
-    if as_nobody {
-        c.args([
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ]);
-    }
-    let out = c
-        .arg(common::bin())
-        .arg("-c")
-        .arg(&cfg)
-        .arg("run")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[test]
 fn a_missing_interface_is_one_clear_error_and_nothing_is_attached() {
     if !common::privileged() {
@@ -207,7 +166,7 @@ fn a_missing_interface_is_one_clear_error_and_nothing_is_attached() {
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
     let before = qdiscs(&pair.a);
-    let err = run_expecting_error(
+    let err = common::run_expecting_error(
         &pair.a,
         dir.path(),
         "interfaces = [\"vfa\", \"nope0\"]",
@@ -229,7 +188,7 @@ fn missing_privileges_are_one_clear_error() {
     }
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
-    let err = run_expecting_error(&pair.a, dir.path(), "", true);
+    let err = common::run_expecting_error(&pair.a, dir.path(), "", true);
     let last = err.lines().last().unwrap_or_default();
     assert!(last.starts_with("flowd-rs: "), "{err}");
     assert!(last.contains("run as root"), "{err}");

@@ -648,6 +648,49 @@ pub fn inode(fd: &impl std::os::fd::AsFd) -> u64 {
     nix::sys::stat::fstat(fd).expect("fstat").st_ino
 }
 
+/// Runs the daemon in `ns` with `marker_toml` (as nobody, without capabilities,
+/// when `as_nobody`), asserts that it refuses to start, and returns what it said.
+pub fn run_expecting_error(
+    ns: &Netns,
+    dir: &std::path::Path,
+    marker_toml: &str,
+    as_nobody: bool,
+) -> String {
+    let state = dir.join("state-err");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let cfg = dir.join("err.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\n[marker]\n{marker_toml}\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name]);
+    if as_nobody {
+        c.args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ]);
+    }
+    let out = c
+        .arg(bin())
+        .arg("-c")
+        .arg(&cfg)
+        .arg("run")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// On a kernel without TCX links (before 6.6), checks that a daemon told
 /// `attach = "tcx"` refuses in one line naming the feature and leaves nothing on
 /// the interface, and returns true: the caller's TCX test has nothing more to do.
@@ -657,26 +700,7 @@ pub fn tcx_refused_where_missing(pair: &Pair, dir: &Path) -> bool {
     if KernelFeatures::detect().has(Feature::Tcx) {
         return false;
     }
-    let cfg = dir.join("tcx-refused.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{}\"\n[policy]\ndir = \"{}\"\n[marker]\nattach = \"tcx\"\n",
-            dir.join("tcx-refused-state").display(),
-            dir.join("tcx-refused-none").display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", pair.a.path().display()))
-        .arg(bin())
-        .arg("-c")
-        .arg(&cfg)
-        .arg("run")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = run_expecting_error(&pair.a, dir, "attach = \"tcx\"", false);
     assert!(
         err.contains("lacks TCX links (Linux >= 6.6)"),
         "no clear refusal: {err}"
