@@ -19,6 +19,7 @@ pub mod enrich;
 pub mod features;
 pub mod firefly;
 pub mod flows;
+pub mod import;
 pub mod inspect;
 pub mod marker;
 pub mod marking;

@@ -58,6 +58,12 @@ enum Command {
         #[command(subcommand)]
         action: RegistryAction,
     },
+    /// Write a flowd-rs.toml, policy files and a report of what has no equivalent,
+    /// from a flowd-go or flowd configuration.
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
     /// Print the manual page (roff), e.g. `flowd-rs man > /usr/share/man/man1/flowd-rs.1`;
     /// with --dir, write flowd-rs.1 and one page per subcommand into DIR.
     Man {
@@ -148,6 +154,24 @@ enum RegistryAction {
 }
 
 #[derive(Debug, Subcommand)]
+enum ImportFrom {
+    /// flowd-go's YAML configuration (e.g. /etc/flowd-go/conf.yaml).
+    FlowdGo {
+        conf: PathBuf,
+        /// An empty (or new) directory for flowd-rs.toml, policies.d/ and import-report.txt.
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+    },
+    /// flowd's key=value configuration (e.g. /etc/flowd/flowd.cfg).
+    Flowd {
+        conf: PathBuf,
+        /// An empty (or new) directory for flowd-rs.toml, policies.d/ and import-report.txt.
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum MarkAction {
     /// Mark PROTO LOCAL REMOTE with EXPERIMENT/ACTIVITY.
     Add {
@@ -168,6 +192,24 @@ enum MarkAction {
         local: SocketAddr,
         remote: SocketAddr,
     },
+}
+
+fn import(from: &ImportFrom) -> Result<()> {
+    let (name, conf, output) = match from {
+        ImportFrom::FlowdGo { conf, output } => ("flowd-go", conf, output),
+        ImportFrom::Flowd { conf, output } => ("flowd", conf, output),
+    };
+    let text =
+        std::fs::read_to_string(conf).with_context(|| format!("reading {}", conf.display()))?;
+    let imported = match from {
+        ImportFrom::FlowdGo { .. } => flowd::import::from_flowd_go(&text),
+        ImportFrom::Flowd { .. } => flowd::import::from_flowd(&text),
+    }
+    .with_context(|| format!("{}", conf.display()))?;
+    let file = conf.file_name().map_or(conf.as_os_str(), |f| f);
+    let source = format!("{name} {}", file.to_string_lossy());
+    print!("{}", imported.write(output, &source)?);
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -317,6 +359,8 @@ fn dispatch(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Man { dir: None } => return man_page(&mut std::io::stdout().lock()),
         Command::Man { dir: Some(dir) } => return man_pages(dir),
+        // Reads another daemon's configuration, not this one's.
+        Command::Import { from } => return import(from),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
@@ -435,7 +479,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             action: RegistryAction::Update { url, output },
         } => cli::registry_update(&url, &output, &mut std::io::stdout().lock()),
         // Answered above, before the configuration is read.
-        Command::Man { .. } | Command::Completions { .. } => {
+        Command::Man { .. } | Command::Completions { .. } | Command::Import { .. } => {
             unreachable!("man and completions are dispatched before the configuration")
         }
         Command::Mark { action } => {

@@ -33,7 +33,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("control", &["control"]),
     ("daemon", &["daemon"]),
     // User interfaces.
-    ("ui", &["check", "cli", "inspect", "main"]),
+    ("ui", &["check", "cli", "import", "inspect", "main"]),
 ];
 
 fn layer_of(module: &str) -> usize {
