@@ -151,6 +151,32 @@ pub struct FireflyConfig {
     /// fireflies as flowd-go's enrichment does (its `netlink` object): `lean` or
     /// `full`; absent, none.
     pub enrich: Option<EnrichMode>,
+    /// Discover this host's public addresses with STUN (`[fireflies.stun]`), for
+    /// the sources `public_addresses` does not map (that map wins).
+    pub stun: StunConfig,
+}
+
+/// `[fireflies.stun]`: STUN servers asked for the address this host's traffic
+/// leaves NAT with.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StunConfig {
+    /// `address:port` or `name:port`, tried in order per address family until one
+    /// answers; empty (the default): no discovery. Nothing is asked of anyone by
+    /// default: a STUN server learns this host's address.
+    pub servers: Vec<Collector>,
+    /// How often the servers are asked again, seconds (>= 1). A round with no answer
+    /// keeps the last result.
+    pub refresh_interval_s: u64,
+}
+
+impl Default for StunConfig {
+    fn default() -> Self {
+        StunConfig {
+            servers: Vec::new(),
+            refresh_interval_s: 300,
+        }
+    }
 }
 
 impl Default for FireflyConfig {
@@ -165,6 +191,7 @@ impl Default for FireflyConfig {
             enrich: None,
             resolve_interval_s: 300,
             public_addresses: Default::default(),
+            stun: StunConfig::default(),
         }
     }
 }
@@ -451,6 +478,9 @@ impl Config {
         }
         if let Err(e) = ff.address_map() {
             return Err(format!("fireflies.public_addresses: {e}"));
+        }
+        if ff.stun.refresh_interval_s == 0 {
+            return Err("fireflies.stun.refresh_interval_s must be at least 1".into());
         }
         if ff.resolve_interval_s == 0 {
             return Err("fireflies.resolve_interval_s must be at least 1".into());

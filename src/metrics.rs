@@ -416,6 +416,14 @@ impl Collector for SnapshotCollector {
                     ("failed", ff.collector_lookups_failed),
                 ],
             )?;
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_fireflies_stun_requests",
+                "STUN Binding requests for the public address, by result (no answer keeps the last address).",
+                "result",
+                &[("ok", ff.stun_ok), ("failed", ff.stun_failed)],
+            )?;
         }
         if let Some(p) = &s.per_flow {
             let v = mono.total("flowd_metrics_flows_left_out".into(), p.left_out_total);

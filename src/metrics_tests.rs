@@ -208,6 +208,8 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
             enrich_errors: 0,
             collector_lookups_ok: 4,
             collector_lookups_failed: 5,
+            stun_ok: 6,
+            stun_failed: 8,
         }),
         ..snapshot(1)
     });
@@ -225,6 +227,8 @@ fn firefly_series_exist_only_when_fireflies_are_on() {
             "flowd_fireflies_collector_lookups_total{result=failed}",
             5.0,
         ),
+        ("flowd_fireflies_stun_requests_total{result=ok}", 6.0),
+        ("flowd_fireflies_stun_requests_total{result=failed}", 8.0),
     ] {
         assert_eq!(v.get(k), Some(&want), "{k} in {v:#?}");
     }
@@ -344,6 +348,8 @@ fn everything() -> String {
             enrich_errors: 0,
             collector_lookups_ok: 1,
             collector_lookups_failed: 0,
+            stun_ok: 0,
+            stun_failed: 0,
         }),
         announcements: Some(AnnouncementCounters::default()),
         ..snapshot(1)

@@ -449,3 +449,139 @@ fn ongoing_fireflies_carry_tcp_info_every_second_whatever_the_reconcile_interval
     assert!(last_sent > 0);
     d.stop();
 }
+
+/// A STUN server in `ns` on `port` (both families) that answers every Binding
+/// request with XOR-MAPPED-ADDRESS `v4` or `v6` (by the requester's family) and
+/// counts the requests; it stops when the returned flag is set.
+fn stun_responder(
+    ns: &Netns,
+    port: u16,
+    v4: Ipv4Addr,
+    v6: std::net::Ipv6Addr,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<usize>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sock = udp_listener(ns, port);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let t = std::thread::spawn(move || {
+        let mut answered = 0;
+        let mut buf = [0u8; 1500];
+        while !stopped.load(Ordering::Relaxed) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            // A Binding request: type 0x0001, the magic cookie.
+            if n < 20 || buf[..2] != [0, 1] || buf[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+                continue;
+            }
+            let mask = buf[4..20].to_vec();
+            let port = from.port() ^ 0x2112;
+            let ipv4 = match from.ip() {
+                std::net::IpAddr::V4(_) => true,
+                std::net::IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
+            };
+            let (family, addr): (u8, Vec<u8>) = if ipv4 {
+                (1, v4.octets().to_vec())
+            } else {
+                (2, v6.octets().to_vec())
+            };
+            let xaddr: Vec<u8> = addr.iter().zip(&mask).map(|(a, m)| a ^ m).collect();
+            let mut attr = vec![0, family];
+            attr.extend(port.to_be_bytes());
+            attr.extend(xaddr);
+            let mut msg = vec![0x01, 0x01];
+            msg.extend((4 + attr.len() as u16).to_be_bytes());
+            msg.extend(&buf[4..20]);
+            msg.extend([0x00, 0x20]);
+            msg.extend((attr.len() as u16).to_be_bytes());
+            msg.extend(attr);
+            sock.send_to(&msg, from).unwrap();
+            answered += 1;
+        }
+        answered
+    });
+    (stop, t)
+}
+
+/// STUN: the daemon asks a STUN server (here on the peer host) for its public
+/// addresses; fireflies of flows from the local address the request left from
+/// carry the mapped address as their source, IPv4 and IPv6 alike.
+#[test]
+fn stun_discovered_public_addresses_become_the_fireflies_source() {
+    if !common::privileged() {
+        return;
+    }
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = common::policies_with(
+        dir.path(),
+        &[(
+            "atlas.toml",
+            "experiment = \"atlas\"\n[[rule]]\nname = \"to-5330\"\nactivity = 4\nremote_ports = [5330]\n",
+        )],
+    );
+    let public4 = Ipv4Addr::new(203, 0, 113, 77);
+    let public6: std::net::Ipv6Addr = "2001:db8::77".parse().unwrap();
+    let (stop, responder) = stun_responder(&pair.b, 3478, public4, public6);
+    let collector = udp_listener(&pair.b, COLLECTOR_PORT);
+    let d = Daemon::start_with(
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[fireflies]\nenabled = true\nto_remote = false\n\
+             collectors = [\"[{ADDR_B}]:{COLLECTOR_PORT}\"]\n\
+             [fireflies.stun]\nservers = [\"{V4_B}:3478\", \"[{ADDR_B}]:3478\"]\n",
+            policies.display()
+        ),
+    );
+    transfer(
+        &pair.a,
+        &pair.b,
+        SocketAddr::new(ADDR_A.into(), 41050),
+        SocketAddr::new(ADDR_B.into(), 5330),
+        10_000,
+    );
+    transfer(
+        &pair.a,
+        &pair.b,
+        SocketAddr::new(V4_A.into(), 41051),
+        SocketAddr::new(V4_B.into(), 5330),
+        10_000,
+    );
+    let got = receive(&[&collector], 4, Duration::from_secs(20));
+    let log = d.log();
+    let mut sources: Vec<(u64, String, String)> = got[0]
+        .iter()
+        .map(|d| {
+            let (_, v) = split(d);
+            (
+                v["flow-id"]["src-port"].as_u64().unwrap(),
+                v["flow-lifecycle"]["state"].as_str().unwrap().to_string(),
+                v["flow-id"]["src-ip"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    sources.sort();
+    let want = |port, state: &str, ip: &str| (port, state.to_string(), ip.to_string());
+    assert_eq!(
+        sources,
+        [
+            want(41050, "end", "2001:db8::77"),
+            want(41050, "start", "2001:db8::77"),
+            want(41051, "end", "203.0.113.77"),
+            want(41051, "start", "203.0.113.77"),
+        ],
+        "{log}"
+    );
+    assert!(log.contains("public address discovered"), "{log}");
+    let status: Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+    let ff = &status["status"]["fireflies"];
+    assert_eq!(ff["stun_ok"], 2, "one answer per family: {ff}");
+    assert_eq!(ff["stun_failed"], 0, "{ff}");
+    d.stop();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(responder.join().unwrap(), 2);
+}

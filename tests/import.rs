@@ -74,6 +74,7 @@ fn flowd_go_full_sample() {
     assert_eq!(cfg.marker.interfaces, ["eth0"]);
     assert_eq!(cfg.metrics.listen.to_string(), "127.0.0.1:8080");
     assert!(cfg.metrics.per_flow);
+    assert_eq!(cfg.fireflies.stun.servers.len(), 2);
     assert_eq!(rules, 1, "the iperf3 plugin's rule");
 }
 
@@ -134,6 +135,10 @@ fn flowd_netstat_sample() {
     );
     assert_eq!(cfg.marker.interfaces, ["eth0"]);
     assert_eq!(cfg.metrics.listen.to_string(), "0.0.0.0:9000");
+    assert_eq!(
+        cfg.fireflies.stun.servers[0].to_string(),
+        "stun.l.google.com:19305"
+    );
     assert_eq!(rules, 1);
 }
 

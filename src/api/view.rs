@@ -185,6 +185,9 @@ pub struct FireflyStatus {
     /// Lookups of collector host names, answered and failed.
     pub collector_lookups_ok: u64,
     pub collector_lookups_failed: u64,
+    /// STUN Binding requests answered and unanswered (fireflies.stun).
+    pub stun_ok: u64,
+    pub stun_failed: u64,
 }
 
 /// Counters of one tag.

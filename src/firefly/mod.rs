@@ -15,6 +15,7 @@
 pub mod message;
 pub mod resolve;
 pub mod sender;
+pub mod stun;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +48,9 @@ pub struct FireflyCounters {
     /// Lookups of collector names that answered, and that failed.
     pub resolve_ok: AtomicU64,
     pub resolve_errors: AtomicU64,
+    /// STUN Binding requests answered, and unanswered (fireflies.stun).
+    pub stun_ok: AtomicU64,
+    pub stun_errors: AtomicU64,
 }
 
 impl FireflyCounters {
@@ -61,6 +65,8 @@ impl FireflyCounters {
         status.enrich_errors = self.enrich_errors.load(Ordering::Relaxed);
         status.collector_lookups_ok = self.resolve_ok.load(Ordering::Relaxed);
         status.collector_lookups_failed = self.resolve_errors.load(Ordering::Relaxed);
+        status.stun_ok = self.stun_ok.load(Ordering::Relaxed);
+        status.stun_failed = self.stun_errors.load(Ordering::Relaxed);
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use super::{resolve, Firefly, FireflyCounters, State};
+use super::{resolve, stun, Firefly, FireflyCounters, State};
 use crate::config::{Collector, FireflyConfig};
 use crate::enrich::{render, Mode, TcpInfoQuery};
 
@@ -31,6 +31,9 @@ struct Destinations {
     collectors: Vec<SocketAddr>,
     /// fireflies.public_addresses, longest prefix first.
     public: Vec<(ipnet::IpNet, std::net::IpAddr)>,
+    /// What STUN discovered (local address -> public), for sources `public` does
+    /// not map: the operator's map wins over discovery.
+    discovered: stun::Mapping,
     /// The port on the flow's remote host, when fireflies go there too.
     remote_port: Option<u16>,
     /// The syslog HOSTNAME, when the RFC 5424 header is on.
@@ -39,11 +42,20 @@ struct Destinations {
 
 impl Destinations {
     /// The firefly as it goes out: its source (the local end) replaced by the public
-    /// address its prefix maps to, if any. Only the wire changes: the flow's own
-    /// key still names the socket (for its tcp_info) and the remote host.
+    /// address its prefix maps to, else by the one STUN discovered for it, if any.
+    /// Only the wire changes: the flow's own key still names the socket (for its
+    /// tcp_info) and the remote host.
     fn on_the_wire(&self, f: &Firefly) -> Option<Firefly> {
         let local = f.key.local();
-        let (_, public) = self.public.iter().find(|(n, _)| n.contains(&local.ip()))?;
+        let public = self
+            .public
+            .iter()
+            .find(|(n, _)| n.contains(&local.ip()))
+            .map(|(_, p)| p)
+            .or_else(|| {
+                let found = self.discovered.iter().find(|(l, _)| *l == local.ip());
+                found.map(|(_, p)| p)
+            })?;
         let mut out = f.clone();
         out.key = crate::model::socket::FlowKey::new(
             f.key.proto,
@@ -153,7 +165,19 @@ pub fn spawn(cfg: &FireflyConfig, counters: Arc<FireflyCounters>) -> Result<Send
         );
         (rx, task)
     });
+    // STUN runs on a task of its own too; the sender takes each round's result.
+    let stun = (!cfg.stun.servers.is_empty()).then(|| {
+        let (tx, rx) = watch::channel(stun::Mapping::new());
+        let task = stun::spawn(
+            cfg.stun.servers.clone(),
+            Duration::from_secs(cfg.stun.refresh_interval_s),
+            counters.clone(),
+            tx,
+        );
+        (rx, task)
+    });
     let dest = Destinations {
+        discovered: stun::Mapping::new(),
         collectors: literal,
         public: cfg
             .address_map()
@@ -175,7 +199,7 @@ pub fn spawn(cfg: &FireflyConfig, counters: Arc<FireflyCounters>) -> Result<Send
         }
     });
     let (queue, rx) = mpsc::channel(QUEUE);
-    let task = tokio::spawn(run(rx, sockets, dest, counters, resolver, enrich));
+    let task = tokio::spawn(run(rx, sockets, dest, counters, resolver, stun, enrich));
     Ok(Sender {
         queue,
         task,
@@ -192,8 +216,13 @@ async fn run(
         watch::Receiver<Vec<SocketAddr>>,
         tokio::task::JoinHandle<()>,
     )>,
+    stun: Option<(watch::Receiver<stun::Mapping>, tokio::task::JoinHandle<()>)>,
     mut enrich: Option<(TcpInfoQuery, Mode)>,
 ) {
+    let (mut discovered, stun_task) = stun.unzip();
+    // As for names: the first fireflies wait (queued) for the first STUN round, so
+    // a flow that starts with the daemon is not reported with its private address.
+    let mut first_stun = discovered.is_some();
     let mut dest = dest;
     let (mut names, resolver_task) = resolver.unzip();
     // The first fireflies may wait (queued) for the first lookup, not longer.
@@ -207,6 +236,15 @@ async fn run(
                 dest.collectors = names.borrow_and_update().clone();
             } else if names.has_changed().unwrap_or(false) {
                 dest.collectors = names.borrow_and_update().clone();
+            }
+        }
+        if let Some(d) = &mut discovered {
+            if first_stun {
+                first_stun = false;
+                let _ = tokio::time::timeout(FIRST_LOOKUP_WAIT, d.changed()).await;
+                dest.discovered = d.borrow_and_update().clone();
+            } else if d.has_changed().unwrap_or(false) {
+                dest.discovered = d.borrow_and_update().clone();
             }
         }
         let netlink = match &mut enrich {
@@ -236,7 +274,7 @@ async fn run(
             }
         }
     }
-    if let Some(t) = resolver_task {
+    for t in resolver_task.into_iter().chain(stun_task) {
         t.abort();
     }
 }
@@ -266,7 +304,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_mapped_source_goes_out_public_and_the_rest_unchanged() {
+    fn a_mapped_source_goes_out_public_the_manual_map_first_and_the_rest_unchanged() {
         let cfg: FireflyConfig = toml::from_str(
             "[public_addresses]\n\"10.0.0.0/8\" = \"192.0.2.7\"\n\"10.1.0.0/16\" = \"192.0.2.8\"\n",
         )
@@ -274,6 +312,13 @@ mod tests {
         let dest = Destinations {
             collectors: Vec::new(),
             public: cfg.address_map().unwrap(),
+            discovered: vec![
+                ("10.9.0.1".parse().unwrap(), "203.0.113.5".parse().unwrap()),
+                (
+                    "172.16.0.1".parse().unwrap(),
+                    "203.0.113.6".parse().unwrap(),
+                ),
+            ],
             remote_port: None,
             syslog_host: None,
         };
@@ -300,8 +345,10 @@ mod tests {
         assert_eq!(v["flow-id"]["src-ip"], "192.0.2.8", "longest prefix: {v}");
         assert_eq!(v["flow-id"]["src-port"], 40000);
         assert_eq!(v["flow-id"]["dst-ip"], "198.51.100.9");
+        // public_addresses wins over what STUN discovered for the same source.
         assert_eq!(wire("10.9.0.1:40000")["flow-id"]["src-ip"], "192.0.2.7");
-        assert_eq!(wire("172.16.0.1:40000")["flow-id"]["src-ip"], "172.16.0.1");
+        assert_eq!(wire("172.16.0.1:40000")["flow-id"]["src-ip"], "203.0.113.6");
+        assert_eq!(wire("172.16.0.2:40000")["flow-id"]["src-ip"], "172.16.0.2");
     }
 
     #[test]
@@ -309,6 +356,7 @@ mod tests {
         let dest = Destinations {
             collectors: vec!["[fd00::9]:10514".parse().unwrap()],
             public: Vec::new(),
+            discovered: Vec::new(),
             remote_port: Some(10514),
             syslog_host: None,
         };

@@ -237,10 +237,12 @@ pub fn import(text: &str) -> Result<Imported> {
                 imp.unmapped(k, "the iperf plugin has no equivalent")
             }
             "IP_DISCOVERY_ENABLED" if !v.truthy() => {}
-            "IP_DISCOVERY_ENABLED" => imp.unmapped(
-                k,
-                format!("flowd-rs has no STUN discovery yet (flowd asks {})", STUN_SERVERS.join(", ")),
-            ),
+            "IP_DISCOVERY_ENABLED" => {
+                // flowd's settings.py servers, which it asks when discovery is on.
+                let mut t = toml::Table::new();
+                t.insert("servers".into(), STUN_SERVERS.to_vec().into());
+                imp.set("fireflies", "stun", t);
+            }
             "UDP_FIREFLY_DST" => match v.str() {
                 Some(d) if !d.is_empty() && !d.starts_with('<') => {
                     imp.set("fireflies", "collectors", vec![host_port(d, FIREFLY_PORT)])

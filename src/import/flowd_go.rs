@@ -367,7 +367,17 @@ fn firefly(v: &Value, path: &str, period_ms: i64, imp: &mut Imported) {
     }
 }
 
+/// flowd-go's STUN servers when its `stun` section names none (internal/stun).
+const STUN_SERVERS: [&str; 5] = [
+    "stun.l.google.com:3478",
+    "stun1.l.google.com:3478",
+    "stun2.l.google.com:3478",
+    "stun3.l.google.com:3478",
+    "stun4.l.google.com:3478",
+];
+
 fn stun(v: &Value, path: &str, imp: &mut Imported) {
+    let mut servers = None;
     for (k, v) in entries(v, path, imp) {
         let key = format!("{path}.{k}");
         match k.as_str() {
@@ -385,9 +395,30 @@ fn stun(v: &Value, path: &str, imp: &mut Imported) {
                     imp.set("fireflies", "public_addresses", map);
                 }
             }
-            "stunServers" => imp.unmapped(key, "flowd-rs has no STUN discovery yet"),
+            "stunServers" => {
+                let mut ok = Vec::new();
+                for s in strings(v) {
+                    match s.parse::<crate::config::Collector>() {
+                        Ok(_) => ok.push(s),
+                        Err(e) => imp.unmapped(format!("{key}: {s}"), e),
+                    }
+                }
+                servers = Some(ok);
+            }
             other => unknown(&format!("{path}.{other}"), imp),
         }
+    }
+    let servers = servers.unwrap_or_else(|| {
+        imp.note(format!(
+            "fireflies.stun.servers: flowd-go's defaults ({}), as its stun section names none",
+            STUN_SERVERS.join(", ")
+        ));
+        STUN_SERVERS.iter().map(|s| s.to_string()).collect()
+    });
+    if !servers.is_empty() {
+        let mut t = toml::Table::new();
+        t.insert("servers".into(), servers.into());
+        imp.set("fireflies", "stun", t);
     }
 }
 
