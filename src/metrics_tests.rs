@@ -271,6 +271,7 @@ fn announcement_series_exist_only_when_an_input_is_on() {
             dropped_full: 7,
             refused: 8,
             foreign_flow: 1,
+            unseen: 0,
         }),
         ..snapshot(1)
     });

@@ -585,3 +585,62 @@ fn stun_discovered_public_addresses_become_the_fireflies_source() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(responder.join().unwrap(), 2);
 }
+
+/// A flow announced on the pipe that has no socket on this host (a transfer the
+/// announcer describes for another host) still gets its start firefly, once a
+/// reconcile dump begun after the announcement has not found it, and its end at the
+/// `end` line, with the announced 5-tuple, tag and start time, schema-valid.
+#[test]
+fn a_pipe_announced_flow_without_a_local_socket_gets_start_and_end_fireflies() {
+    if !common::privileged() {
+        return;
+    }
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = common::policies_with(dir.path(), &[]);
+    let pipe = dir.path().join("flowd.pipe");
+    let collector = udp_listener(&pair.b, COLLECTOR_PORT);
+    let d = Daemon::start_with(
+        &pair.a,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[discovery]\nreconcile_interval_ms = 300\n\
+             [fireflies]\nenabled = true\nto_remote = false\n\
+             collectors = [\"[{ADDR_B}]:{COLLECTOR_PORT}\"]\n\
+             [announcements]\npipe = \"{}\"\n",
+            policies.display(),
+            pipe.display()
+        ),
+    );
+    let line = |l: &str| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&pipe).unwrap();
+        writeln!(f, "{l}").unwrap();
+    };
+    // A remote address no socket of this host has.
+    line("start tcp 2001:db8:5::1 41060 2001:db8:6::2 1094 2 4");
+    let start = receive(&[&collector], 1, Duration::from_secs(20));
+    line("end tcp 2001:db8:5::1 41060 2001:db8:6::2 1094 2 4");
+    let end = receive(&[&collector], 1, Duration::from_secs(20));
+    let log = d.log();
+    assert_eq!((start[0].len(), end[0].len()), (1, 1), "{log}");
+    let schema = schema();
+    let mut start_times = Vec::new();
+    for (datagram, state) in [(&start[0][0], "start"), (&end[0][0], "end")] {
+        let (_, v) = split(datagram);
+        let errors: Vec<String> = schema.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?} in {v}");
+        assert_eq!(v["flow-lifecycle"]["state"], state, "{v}");
+        assert_eq!(v["flow-id"]["src-ip"], "2001:db8:5::1", "{v}");
+        assert_eq!(v["flow-id"]["src-port"], 41060, "{v}");
+        assert_eq!(v["flow-id"]["dst-ip"], "2001:db8:6::2", "{v}");
+        assert_eq!(v["flow-id"]["dst-port"], 1094, "{v}");
+        assert_eq!(v["context"]["experiment-id"], 2);
+        assert_eq!(v["context"]["activity-id"], 4);
+        start_times.push(v["flow-lifecycle"]["start-time"].clone());
+    }
+    assert_eq!(start_times[0], start_times[1]);
+    let v: Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+    assert_eq!(v["status"]["announcements"]["unseen"], 1, "{v}");
+    d.stop();
+}

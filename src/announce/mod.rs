@@ -10,6 +10,12 @@
 //! an `end` withdraws them, or, for a flow discovery never finds, a grace period
 //! passes. [`pipe`] and [`listener`] are the inputs; they hand [`Announcement`]s to
 //! the engine through its command channel.
+//!
+//! A flow announced through an input of `announcements.fireflies_for` that a full
+//! sock_diag dump begun after the announcement did not find has no local socket
+//! (another host's transfer, a proxy's): it gets its start firefly then, and its
+//! end at the `end` announcement, as flowd-go sends one for every event, socket or
+//! not ([`Announcements::unseen`]).
 
 pub mod auth;
 pub mod http;
@@ -18,7 +24,7 @@ pub mod pipe;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustc_hash::FxHashMap;
 
@@ -26,6 +32,7 @@ use crate::api::view::{AnnouncementCounters, ANNOUNCED_RULE_FILE};
 use crate::config::AnnounceInput;
 use crate::model::announcement::{Announcement, Origin};
 use crate::model::socket::FlowKey;
+use crate::model::tag::Tag;
 use crate::policy::{RuleRef, Verdict};
 
 #[derive(Debug, Clone)]
@@ -39,7 +46,24 @@ struct Held {
     /// This daemon announces the flow with fireflies (config
     /// `announcements.fireflies_for` names its input).
     ours: bool,
+    /// When it was announced, the `start-time` of fireflies sent without a socket.
+    at: SystemTime,
+    /// No local socket was found for it: its fireflies were started from the
+    /// announcement itself, and its end goes the same way.
+    unseen: bool,
 }
+
+/// A firefly the announcements call for themselves, for a flow with no socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unseen {
+    pub key: FlowKey,
+    pub tag: Tag,
+    pub start: SystemTime,
+}
+
+/// How long an announcement for a flow without a socket is kept when its `end`
+/// never comes (an application that crashed): then its end firefly is sent.
+pub const UNSEEN_MAX: Duration = Duration::from_secs(24 * 3600);
 
 /// The announcements in force, by the key they were announced under.
 pub struct Announcements {
@@ -53,6 +77,8 @@ pub struct Announcements {
     /// One rule per origin rather than one allocation per announcement.
     rules: FxHashMap<String, Arc<RuleRef>>,
     fireflies_for: Vec<AnnounceInput>,
+    /// Ends of flows without a socket, for the engine to send ([`Self::take_ended`]).
+    ended: Vec<Unseen>,
 }
 
 /// Default of `announcements.max_held`.
@@ -74,6 +100,7 @@ impl Announcements {
             refused: Arc::default(),
             rules: FxHashMap::default(),
             fireflies_for: Vec::new(),
+            ended: Vec::new(),
         }
     }
 
@@ -89,7 +116,49 @@ impl Announcements {
         self.held
             .get(key)
             .or_else(|| self.held.get(&key.reversed()))
-            .is_some_and(|h| h.ours)
+            .is_some_and(|h| h.ours && !h.unseen)
+    }
+
+    /// The announcements of `fireflies_for` inputs that no flow has matched though a
+    /// full dump begun at `dump_started`, after them, found no socket: they get their
+    /// start firefly now. Not those of a local user, who may speak only of sockets
+    /// of its own.
+    pub fn unseen(&mut self, dump_started: Instant) -> Vec<Unseen> {
+        let mut out = Vec::new();
+        for (key, h) in &mut self.held {
+            if h.ours
+                && !h.matched
+                && !h.unseen
+                && h.only_for_uid.is_none()
+                && h.since < dump_started
+            {
+                h.unseen = true;
+                self.counters.unseen += 1;
+                out.push(Unseen {
+                    key: *key,
+                    tag: h.verdict.tag,
+                    start: h.at,
+                });
+            }
+        }
+        out
+    }
+
+    /// The flows without a socket whose end is due (withdrawn, replaced, or held
+    /// [`UNSEEN_MAX`]).
+    pub fn take_ended(&mut self) -> Vec<Unseen> {
+        std::mem::take(&mut self.ended)
+    }
+
+    /// `h`, just removed: a flow without a socket ends with it.
+    fn gone(&mut self, key: FlowKey, h: Option<Held>) {
+        if let Some(h) = h.filter(|h| h.unseen) {
+            self.ended.push(Unseen {
+                key,
+                tag: h.verdict.tag,
+                start: h.at,
+            });
+        }
     }
 
     /// Where the inputs count what they refuse (shown with the counters).
@@ -152,17 +221,32 @@ impl Announcements {
                     matched: false,
                     only_for_uid: a.only_for_uid,
                     ours: self.fireflies_for.contains(&input),
+                    at: SystemTime::now(),
+                    unseen: false,
                 };
                 // The latest word on a connection wins, whichever end it names first.
-                self.held.remove(&a.key.reversed());
-                self.held.insert(a.key, held);
+                let reversed = self.held.remove(&a.key.reversed());
+                let forward = self.held.insert(a.key, held);
+                for (k, before) in [(a.key.reversed(), reversed), (a.key, forward)] {
+                    match before {
+                        // A restatement of the same tag (ongoing) continues the flow.
+                        Some(b) if b.unseen && b.verdict.tag == tag => {
+                            let h = self.held.get_mut(&a.key).expect("just inserted");
+                            h.unseen = true;
+                            h.at = b.at;
+                        }
+                        b => self.gone(k, b),
+                    }
+                }
             }
             None => {
-                let forward = self.held.remove(&a.key).is_some();
-                let reverse = self.held.remove(&a.key.reversed()).is_some();
-                if forward || reverse {
+                let forward = self.held.remove(&a.key);
+                let reverse = self.held.remove(&a.key.reversed());
+                if forward.is_some() || reverse.is_some() {
                     self.counters.withdrawn += 1;
                 }
+                self.gone(a.key, forward);
+                self.gone(a.key.reversed(), reverse);
             }
         }
         keys
@@ -189,8 +273,15 @@ impl Announcements {
 
     /// The flow with this key ended: its announcement goes with it.
     pub fn forget(&mut self, key: &FlowKey) {
-        if !self.held.is_empty() && self.held.remove(key).is_none() {
-            self.held.remove(&key.reversed());
+        if self.held.is_empty() {
+            return;
+        }
+        match self.held.remove(key) {
+            Some(h) => self.gone(*key, Some(h)),
+            None => {
+                let h = self.held.remove(&key.reversed());
+                self.gone(key.reversed(), h);
+            }
         }
     }
 
@@ -199,8 +290,21 @@ impl Announcements {
     pub fn expire(&mut self) {
         let grace = self.grace;
         let before = self.held.len();
-        self.held
-            .retain(|_, h| h.matched || h.since.elapsed() < grace);
+        let ended = &mut self.ended;
+        self.held.retain(|key, h| {
+            if h.unseen {
+                let keep = h.since.elapsed() < UNSEEN_MAX;
+                if !keep {
+                    ended.push(Unseen {
+                        key: *key,
+                        tag: h.verdict.tag,
+                        start: h.at,
+                    });
+                }
+                return keep;
+            }
+            h.matched || h.since.elapsed() < grace
+        });
         self.counters.expired += (before - self.held.len()) as u64;
         // After a flood the table would keep its peak size: give the memory back.
         if self.held.capacity() > 64 && self.held.len() < self.held.capacity() / 4 {

@@ -120,3 +120,45 @@ fn held_announcements_are_bounded_and_the_excess_is_counted() {
         a.held.capacity()
     );
 }
+
+#[test]
+fn an_announced_flow_no_dump_finds_gets_its_own_start_and_end() {
+    let mut a = Announcements::new(Duration::from_secs(30))
+        .with_fireflies_for(&[crate::config::AnnounceInput::Firefly]);
+    let before = std::time::Instant::now();
+    a.apply(start(key(1), 2));
+    a.apply(start(key(2), 2));
+    let mut by_user = start(key(3), 2);
+    by_user.only_for_uid = Some(1000);
+    a.apply(by_user);
+    assert!(a.verdict_for(&key(2), None).is_some(), "key 2 has a socket");
+    assert_eq!(a.unseen(before), [], "a dump begun before: proves nothing");
+    let after = std::time::Instant::now();
+    let unseen = a.unseen(after);
+    assert_eq!(
+        unseen.len(),
+        1,
+        "not the matched one, nor a user's: {unseen:?}"
+    );
+    assert_eq!((unseen[0].key, unseen[0].tag.experiment), (key(1), 2));
+    assert_eq!(a.unseen(after), [], "started once");
+    assert!(
+        !a.fireflies_ours(&key(1)),
+        "a socket found later sends none itself"
+    );
+    // A restatement (ongoing) continues it; the end ends it with the same start.
+    a.apply(start(key(1).reversed(), 2));
+    assert_eq!(a.take_ended(), []);
+    a.apply(Announcement {
+        tag: None,
+        ..start(key(1), 2)
+    });
+    let ended = a.take_ended();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].start, unseen[0].start);
+    assert_eq!(ended[0].key, key(1).reversed(), "as last announced");
+    assert_eq!(a.counters().unseen, 1);
+    // A matched flow ending sends nothing from here (its socket's end does).
+    a.forget(&key(2));
+    assert_eq!(a.take_ended(), []);
+}

@@ -268,6 +268,9 @@ pub struct AnnouncementCounters {
     /// Times an announcement named a flow of another user than its sender and
     /// was not applied to it.
     pub foreign_flow: u64,
+    /// Announced flows no local socket was found for, given fireflies of their own
+    /// (inputs of `announcements.fireflies_for`).
+    pub unseen: u64,
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::api::view::{FlowView, StatusView, TagTotals};
 use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::{Fact, ProcResolver};
 use crate::endpoint::ConnectionStats;
-use crate::firefly::Fireflies;
+use crate::firefly::{Fireflies, State};
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
 use crate::marking::{MarkSink, MarkStore, Marking};
 use crate::metrics::{FlowSeries, Metrics, PerFlow, Published, Snapshot};
@@ -342,6 +342,10 @@ impl Engine {
                         }
                         if let Some(a) = &mut self.announcements {
                             a.expire();
+                            // The dump saw every socket: announced flows it did not
+                            // find have none here.
+                            let unseen = a.unseen(dump.started);
+                            self.unseen_fireflies(unseen);
                         }
                         self.refresh_per_flow();
                         if self.per_flow.is_some() {
@@ -372,9 +376,29 @@ impl Engine {
             return;
         }
         self.apply_events(events);
+        self.unseen_fireflies(Vec::new());
         self.flush_fireflies();
         if let Some((_, published)) = &self.metrics {
             published.set(self.snapshot());
+        }
+    }
+
+    /// Sends the start fireflies of announced flows found to have no socket, and the
+    /// ends the announcements have due for such flows.
+    fn unseen_fireflies(&mut self, starts: Vec<crate::announce::Unseen>) {
+        let Some(a) = &mut self.announcements else {
+            return;
+        };
+        let ends = a.take_ended();
+        if let Some(ff) = &mut self.fireflies {
+            for (state, u) in starts
+                .iter()
+                .map(|u| (State::Start, u))
+                .chain(ends.iter().map(|u| (State::End, u)))
+            {
+                tracing::debug!(flow = ?u.key, ?state, "firefly for an announced flow without a local socket");
+                ff.for_unseen(state, u.key, u.tag, u.start);
+            }
         }
     }
 
@@ -455,6 +479,7 @@ impl Engine {
             return;
         };
         let keys = held.apply(a);
+        self.unseen_fireflies(Vec::new());
         let named: Vec<FlowEvent> = self
             .table
             .iter()

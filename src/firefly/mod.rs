@@ -260,6 +260,29 @@ impl Fireflies {
         self.flush(live);
     }
 
+    /// A firefly for an announced flow that has no local socket (see
+    /// [`crate::announce::Announcements::unseen`]): what the announcement says, no
+    /// usage nor application, which only a socket tells.
+    pub fn for_unseen(
+        &mut self,
+        state: State,
+        key: crate::model::socket::FlowKey,
+        tag: Tag,
+        start: SystemTime,
+    ) {
+        let now = SystemTime::now();
+        self.send(Firefly {
+            state,
+            key,
+            tag,
+            start,
+            now,
+            end: (state == State::End).then_some(now),
+            usage: None,
+            application: None,
+        });
+    }
+
     fn message(&self, state: State, a: &Announced, flow: &Flow, now: SystemTime) -> Firefly {
         Firefly {
             state,
