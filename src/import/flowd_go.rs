@@ -31,6 +31,9 @@ pub fn import(text: &str) -> Result<Imported> {
         .and_then(int)
         .unwrap_or(ENRICH_PERIOD_MS);
     let mut backends_seen = (false, false);
+    let firefly_plugin = top
+        .iter()
+        .any(|(k, v)| k == "plugins" && v.get("firefly").is_some());
     for (k, v) in top {
         match k.as_str() {
             "pidPath" => imp.unmapped(
@@ -51,6 +54,11 @@ pub fn import(text: &str) -> Result<Imported> {
         imp.unmapped(
             "backends.marker (absent)",
             "flowd-go does not mark without it; flowd-rs always marks the flows its policies and announcements tag",
+        );
+    }
+    if firefly_plugin && imp.get("fireflies", "enabled").is_some() {
+        imp.note(
+            "announcements.fireflies_for keeps its default (pipe, http): flowd-go also sends its own fireflies for flows announced by firefly; add \"firefly\" for that (the application sent one already)",
         );
     }
     if !backends_seen.1 {
@@ -103,6 +111,9 @@ fn plugins(v: &Value, work_dir: &str, imp: &mut Imported) {
                         other => unknown(&format!("{path}.{other}"), imp),
                     }
                 }
+                let Some(addr) = bind_ip(&addr, &format!("{path}.bindAddress"), imp) else {
+                    continue;
+                };
                 let listen = host_port(&addr, port);
                 if !is_loopback(&addr) {
                     imp.note(format!(
@@ -120,7 +131,9 @@ fn plugins(v: &Value, work_dir: &str, imp: &mut Imported) {
                         other => unknown(&format!("{path}.{other}"), imp),
                     }
                 }
-                imp.set("announcements", "http_listen", host_port(&addr, port));
+                if let Some(addr) = bind_ip(&addr, &format!("{path}.bindAddress"), imp) {
+                    imp.set("announcements", "http_listen", host_port(&addr, port));
+                }
             }
             "perfsonar" => {
                 let (mut exp, mut act) = (0, 0);
@@ -262,7 +275,9 @@ fn backends(v: &Value, period_ms: i64, imp: &mut Imported) -> (bool, bool) {
                     }
                 }
                 imp.set("metrics", "enabled", true);
-                imp.set("metrics", "listen", host_port(&addr, port));
+                if let Some(addr) = bind_ip(&addr, &format!("{path}.bindAddress"), imp) {
+                    imp.set("metrics", "listen", host_port(&addr, port));
+                }
                 imp.set("metrics", "per_flow", true);
             }
             other => unknown(&format!("backends.{other}"), imp),
@@ -495,6 +510,21 @@ fn strings(v: &Value) -> Vec<String> {
     v.as_sequence()
         .map(|s| s.iter().filter_map(string).collect())
         .unwrap_or_default()
+}
+
+/// A bind address as flowd-rs takes it (an IP address); `localhost` is loopback.
+fn bind_ip(addr: &str, key: &str, imp: &mut Imported) -> Option<String> {
+    if addr == "localhost" {
+        return Some("127.0.0.1".into());
+    }
+    if addr.parse::<std::net::IpAddr>().is_ok() {
+        return Some(addr.to_owned());
+    }
+    imp.unmapped(
+        key,
+        format!("`{addr}` is not an IP address (flowd-rs binds to addresses, not names)"),
+    );
+    None
 }
 
 fn is_loopback(addr: &str) -> bool {

@@ -51,3 +51,17 @@ fn flowd_go_strategies_and_paths() {
     );
     assert_eq!(imp.unmapped[0].key, "workDir");
 }
+
+#[test]
+fn flowd_go_bind_addresses_are_ip_addresses() {
+    let imp = from_flowd_go(
+        "plugins:\n  api:\n    bindAddress: localhost\n  firefly:\n    bindAddress: flowd.example\n",
+    )
+    .unwrap();
+    assert_eq!(
+        imp.get("announcements", "http_listen").unwrap().as_str(),
+        Some("127.0.0.1:7777")
+    );
+    assert!(imp.get("announcements", "firefly_listen").is_none());
+    assert_eq!(imp.unmapped[0].key, "plugins.firefly.bindAddress");
+}
