@@ -492,6 +492,14 @@ impl Collector for SnapshotCollector {
                     ("foreign_flow", a.foreign_flow),
                 ],
             )?;
+            let v = mono.total("flowd_announcements_unseen".into(), a.unseen);
+            let m = enc.encode_descriptor(
+                "flowd_announcements_unseen",
+                "Announced flows no local socket was found for, sent start and end fireflies of their own.",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(v).encode(m)?;
         }
         Ok(())
     }

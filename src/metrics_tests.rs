@@ -271,7 +271,7 @@ fn announcement_series_exist_only_when_an_input_is_on() {
             dropped_full: 7,
             refused: 8,
             foreign_flow: 1,
-            unseen: 0,
+            unseen: 5,
         }),
         ..snapshot(1)
     });
@@ -282,6 +282,7 @@ fn announcement_series_exist_only_when_an_input_is_on() {
         ("flowd_announcements_received_total{input=pipe}", 9.0),
         ("flowd_announcements_ended_total{reason=withdrawn}", 3.0),
         ("flowd_announcements_ended_total{reason=expired}", 2.0),
+        ("flowd_announcements_unseen_total{}", 5.0),
         ("flowd_announcements_dropped_total{reason=full}", 7.0),
         ("flowd_announcements_dropped_total{reason=refused}", 8.0),
         (
