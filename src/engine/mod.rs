@@ -343,9 +343,11 @@ impl Engine {
                         if let Some(a) = &mut self.announcements {
                             a.expire();
                             // The dump saw every socket: announced flows it did not
-                            // find have none here.
-                            let unseen = a.unseen(dump.started);
-                            self.unseen_fireflies(unseen);
+                            // find have none here (only worth knowing with fireflies).
+                            if self.fireflies.is_some() {
+                                let unseen = a.unseen(dump.started);
+                                self.unseen_fireflies(unseen);
+                            }
                         }
                         self.refresh_per_flow();
                         if self.per_flow.is_some() {
