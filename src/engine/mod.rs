@@ -82,6 +82,25 @@ pub struct Engine {
     /// Config metrics.per_flow: the series cap, the flows left out so far (each
     /// counted once), and the last series published.
     per_flow: Option<PerFlowState>,
+    reloads: ReloadState,
+}
+
+type PolicyLoader = Arc<dyn Fn(&Path, &Registry) -> Result<Policy, String> + Send + Sync>;
+
+/// Where a reload's outcome goes: a control client, or nobody (SIGHUP).
+type ReloadReply = Option<oneshot::Sender<Result<Box<RawValue>, String>>>;
+
+/// Reloads read the policy directory on a blocking thread, so that a slow or stuck
+/// filesystem never stops the engine from marking and answering; the parsed policy
+/// comes back to the engine, which alone swaps it in.
+struct ReloadState {
+    /// Reads and validates the policy directory ([`load_policy`]; tests stall it).
+    load: PolicyLoader,
+    /// Answers owed when the load under way completes.
+    in_flight: Option<Vec<ReloadReply>>,
+    /// Asked for while a load was under way: one more load follows it, since the
+    /// files may have changed after it read them.
+    queued: Option<Vec<ReloadReply>>,
 }
 
 struct PerFlowState {
@@ -147,6 +166,11 @@ impl Engine {
             denied_seen: [0; 3],
             connections: None,
             per_flow: None,
+            reloads: ReloadState {
+                load: Arc::new(load_policy),
+                in_flight: None,
+                queued: None,
+            },
         }
     }
 
@@ -272,6 +296,7 @@ impl Engine {
         mut commands: mpsc::Receiver<Command>,
         mut announced: mpsc::Receiver<Announcement>,
     ) {
+        let (loaded_tx, mut loaded) = mpsc::channel::<Result<Policy, String>>(1);
         loop {
             // `ongoing` fireflies keep a timer of their own (fireflies.ongoing_interval_s).
             let ongoing = self.fireflies.as_ref().and_then(Fireflies::next_ongoing);
@@ -281,6 +306,11 @@ impl Engine {
                     None => break,
                 },
                 c = commands.recv() => match c {
+                    Some(Command::Control(call))
+                        if matches!(call.request, Request::Reload {}) =>
+                    {
+                        self.begin_reload(Some(call.reply), &loaded_tx);
+                    }
                     Some(Command::Control(call)) => {
                         let t0 = Instant::now();
                         let op = format!("{:?}", call.request).split([' ', '{']).next().unwrap_or("").to_string();
@@ -296,12 +326,13 @@ impl Engine {
                         tracing::debug!(op, elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0, "control request answered");
                         let _ = call.reply.send(answer);
                     }
-                    Some(Command::Reload) => { let _ = self.reload(); }
+                    Some(Command::Reload) => self.begin_reload(None, &loaded_tx),
                     None => break,
                 },
                 // Inputs (named pipe, firefly listener) name flows; they hold only
                 // this channel's sender, never the engine.
                 Some(a) = announced.recv() => self.announce(a),
+                Some(p) = loaded.recv() => self.finish_reload(p, &loaded_tx),
                 _ = tokio::time::sleep_until(ongoing.unwrap_or_else(Instant::now).into()),
                     if ongoing.is_some() => {
                     if let Some(ff) = &mut self.fireflies {
@@ -496,16 +527,68 @@ impl Engine {
     }
 
     /// Parses and validates the whole directory, then swaps atomically and
-    /// re-decides every live flow; on error the old policy stays.
+    /// re-decides every live flow; on error the old policy stays. Synchronous: the
+    /// running engine reloads through [`Engine::begin_reload`].
     pub fn reload(&mut self) -> Result<String, String> {
         crate::notify::reloading();
-        let r = self.reload_policy();
+        let r = self.swap_policy((self.reloads.load)(&self.policy_dir, &self.registry));
         crate::notify::ready(&format!("marking, policy {}", self.policy.version()));
         r
     }
 
-    fn reload_policy(&mut self) -> Result<String, String> {
-        match load_policy(&self.policy_dir, &self.registry) {
+    /// Starts reading the policy directory on a blocking thread, or, when a read is
+    /// already under way, queues one more after it.
+    fn begin_reload(&mut self, reply: ReloadReply, loaded: &mpsc::Sender<Result<Policy, String>>) {
+        if self.reloads.in_flight.is_some() {
+            self.reloads.queued.get_or_insert_with(Vec::new).push(reply);
+            return;
+        }
+        crate::notify::reloading();
+        self.reloads.in_flight = Some(vec![reply]);
+        let (dir, registry, loaded, load) = (
+            self.policy_dir.clone(),
+            self.registry.clone(),
+            loaded.clone(),
+            self.reloads.load.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let _ = loaded.blocking_send(load(&dir, &registry));
+        });
+    }
+
+    /// Swaps in what a background read produced and answers everyone who waited.
+    fn finish_reload(
+        &mut self,
+        loaded: Result<Policy, String>,
+        again: &mpsc::Sender<Result<Policy, String>>,
+    ) {
+        let r = self.swap_policy(loaded);
+        crate::notify::ready(&format!("marking, policy {}", self.policy.version()));
+        for reply in self
+            .reloads
+            .in_flight
+            .take()
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = reply.send(r.clone().and_then(|v| raw(&json!({ "policy_version": v }))));
+        }
+        if let Some(queued) = self.reloads.queued.take() {
+            let mut queued = queued.into_iter();
+            if let Some(first) = queued.next() {
+                self.begin_reload(first, again);
+                self.reloads
+                    .in_flight
+                    .as_mut()
+                    .expect("begin_reload set it")
+                    .extend(queued);
+            }
+        }
+    }
+
+    fn swap_policy(&mut self, loaded: Result<Policy, String>) -> Result<String, String> {
+        match loaded {
             Ok(p) => {
                 self.policy = Arc::new(p);
                 self.denied_warned.clear();

@@ -174,6 +174,76 @@ fn a_reload_retags_live_flows_and_keeps_their_entropy() {
     assert_eq!((e.reloads_ok, e.reloads_failed), (1, 1));
 }
 
+/// A reload whose directory read stalls (a hung network filesystem) leaves the
+/// engine answering; the reload answers when the read completes, and a reload asked
+/// for meanwhile reads the directory once more after it.
+#[test]
+fn a_stalled_reload_does_not_stop_the_engine_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let mut e = engine(dir.path(), RecordingStore::new(16));
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(gate_rx);
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = reads.clone();
+    e.reloads.load = Arc::new(move |dir: &Path, registry: &Registry| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        gate.lock().unwrap().recv().unwrap();
+        load_policy(dir, registry)
+    });
+    let (_discovery_tx, discovery) = mpsc::channel(1);
+    let (commands_tx, commands) = mpsc::channel(8);
+    let (_announced_tx, announced) = mpsc::channel(1);
+    // The engine on a thread and runtime of its own, as in the daemon: were it
+    // to block, this test's runtime would still time it out.
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let engine =
+        std::thread::spawn(move || runtime().block_on(e.run(discovery, commands, announced)));
+    runtime().block_on(async move {
+        // try_send: the channel has room, and a sync helper returns the answer's
+        // receiver without awaiting it.
+        let call = |request| {
+            let (reply, answer) = oneshot::channel();
+            commands_tx
+                .try_send(Command::Control(ControlCall {
+                    request,
+                    peer_uid: Some(0),
+                    reply,
+                }))
+                .unwrap();
+            answer
+        };
+        let hang = Duration::from_secs(10);
+        let mut first = call(Request::Reload {});
+        let status = call(Request::Status {});
+        let status = tokio::time::timeout(hang, status).await;
+        assert!(status.is_ok(), "status waited for the stalled reload");
+        assert!(first.try_recv().is_err(), "answered before the read ended");
+        let second = call(Request::Reload {});
+        gate_tx.send(()).unwrap();
+        let v1 = tokio::time::timeout(hang, first).await.unwrap().unwrap();
+        write_policy(dir.path(), "Data Consolidation");
+        gate_tx.send(()).unwrap();
+        let v2 = tokio::time::timeout(hang, second).await.unwrap().unwrap();
+        let version = |v: Result<Box<RawValue>, String>| {
+            serde_json::from_str::<serde_json::Value>(v.unwrap().get()).unwrap()["policy_version"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_ne!(version(v1), version(v2), "the second read saw the new file");
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(commands_tx);
+        drop((_discovery_tx, _announced_tx));
+    });
+    engine.join().unwrap();
+}
+
 #[test]
 fn a_full_map_is_counted_and_the_other_marks_stay() {
     let dir = tempfile::tempdir().unwrap();
