@@ -140,6 +140,18 @@ fn measure(conns: usize, sd: &mut SockDiag, empty: &mut SockDiag) {
         nothing.push(t.elapsed());
     }
     let (emin, emed) = stats(nothing);
+    // A BPF tcp iterator pinned by benches/scripts/reconcile_iter.sh: 48 bytes per
+    // socket of this namespace (the opener's), TCP only.
+    let iter = std::env::var("FLOWD_BENCH_ITER").ok().map(|pin| {
+        let mut v = Vec::new();
+        let mut records = 0;
+        for _ in 0..RUNS {
+            let t = Instant::now();
+            records = std::fs::read(&pin).expect("read the pinned iterator").len() / 48;
+            v.push(t.elapsed());
+        }
+        (stats(v), records)
+    });
     let (ss_min, ss_med) = time_cmd(&["ss", "-tan"]);
     // The same walk with a kernel-side filter (INET_DIAG_REQ_BYTECODE) that matches
     // nothing: what filtering in the kernel can save at best.
@@ -177,6 +189,13 @@ fn measure(conns: usize, sd: &mut SockDiag, empty: &mut SockDiag) {
         ms(emin),
         ms(emed)
     );
+    if let Some(((imin, imed), records)) = iter {
+        println!(
+            "  BPF iter/tcp, 48-byte records ({records} TCP sockets): min {} median {}",
+            ms(imin),
+            ms(imed)
+        );
+    }
     println!(
         "  reconcile CPU, dump+diff median per interval: every 5 s {:.3} % of a core, every 60 s {:.4} %",
         tmed.as_secs_f64() / 5.0 * 100.0,

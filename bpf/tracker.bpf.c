@@ -118,6 +118,11 @@ const volatile __u32 flowd_release_owner = 1;
  * fields are trusted only for transitions that happen in a syscall. */
 __u32 flowd_softirq_tracking = 0;
 
+/* Set to 1 by userspace when the sockops STATE_CB must report every TCP state
+ * change of the sockets it sees, not only those flowd_tcp_state would skip: when
+ * that tracepoint could not be attached (and in tests of this path). */
+__u32 flowd_state_cb_all = 0;
+
 /* Not used by the programs: makes libbpf-cargo emit types::flowd_sock_event (it only
  * generates types that appear in maps or globals). */
 struct flowd_sock_event flowd_event_layout = {};
@@ -372,7 +377,7 @@ int flowd_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB:
 		/* Only the changes flowd_tcp_state is about to miss (see
 		 * flowd_in_tcp_state); the others it reports itself. */
-		if (!flowd_tcp_state_running())
+		if (!flowd_state_cb_all && !flowd_tcp_state_running())
 			return 1;
 		kind = FLOWD_EV_TCP_STATE_CB;
 		break;

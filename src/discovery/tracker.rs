@@ -256,6 +256,13 @@ impl Tracker {
         if !features.tcp_state && !features.sockops {
             return Err(TrackerError::NoTcpSource);
         }
+        if !features.tcp_state {
+            // Without the tracepoint, sockops' STATE_CB reports the state changes
+            // (closes included) of the sockets it saw open.
+            if let Some(bss) = skel.maps.bss_data.as_deref_mut() {
+                bss.flowd_state_cb_all = 1;
+            }
+        }
         if features.sockops || features.udp_release || features.udp_cookie {
             features.cgroup2 = cgroup.map(|(p, _)| p);
         }
@@ -413,6 +420,21 @@ impl Tracker {
             out.push((p.name(), misses));
         }
         Some(out)
+    }
+
+    /// Makes the sockops STATE_CB report every TCP state change of the sockets it
+    /// has seen (kind `TcpStateCb`), as it does when the tracepoint is missing;
+    /// otherwise it reports only what the tracepoint program would skip. For tests
+    /// of that path, which nesting alone triggers too rarely to check.
+    #[doc(hidden)]
+    pub fn report_every_state_change(&mut self) {
+        if let Some(bss) = self
+            .active
+            .as_mut()
+            .and_then(|a| a.skel.maps.bss_data.as_deref_mut())
+        {
+            bss.flowd_state_cb_all = 1;
+        }
     }
 
     /// Records received but not understood (size, kind, family, protocol, state).
