@@ -83,6 +83,8 @@ pub struct Engine {
     /// counted once), and the last series published.
     per_flow: Option<PerFlowState>,
     reloads: ReloadState,
+    /// The paged `flows` listing in progress: its filter and matching cookies.
+    listing: Option<(crate::api::filter::FlowFilter, Vec<u64>)>,
 }
 
 type PolicyLoader = Arc<dyn Fn(&Path, &Registry) -> Result<Policy, String> + Send + Sync>;
@@ -171,6 +173,7 @@ impl Engine {
                 in_flight: None,
                 queued: None,
             },
+            listing: None,
         }
     }
 
@@ -297,6 +300,10 @@ impl Engine {
         mut announced: mpsc::Receiver<Announcement>,
     ) {
         let (loaded_tx, mut loaded) = mpsc::channel::<Result<Policy, String>>(1);
+        // What used to ride on every dump but must not wait for a rare one
+        // (discovery.full_dump_interval_s): announcement expiry, memory trimming.
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // `ongoing` fireflies keep a timer of their own (fireflies.ongoing_interval_s).
             let ongoing = self.fireflies.as_ref().and_then(Fireflies::next_ongoing);
@@ -339,6 +346,12 @@ impl Engine {
                         let table = &self.table;
                         ff.ongoing(|cookie| table.get(cookie));
                     }
+                }
+                _ = housekeeping.tick() => {
+                    if let Some(a) = &mut self.announcements {
+                        a.expire();
+                    }
+                    release_free_memory();
                 }
                 // While firefly starts wait (a burst outran the sender), offer them
                 // the room the sender has made, every 10 ms.
@@ -632,36 +645,78 @@ impl Engine {
                 let outcomes: BTreeMap<String, u64> = c.outcome_counts().into_iter().collect();
                 raw(&json!({"outcomes": outcomes, "per_tag": c.per_tag}))
             }
-            Request::Flows { filter } => {
+            Request::Flows {
+                filter,
+                limit,
+                after,
+            } => {
                 self.cache_user_names();
                 let filter = filter.unwrap_or_default();
                 // Otherwise a bad address matches nothing and looks like "no flows".
                 filter.validate().map_err(|e| e.to_string())?;
                 let counts = self.maps.flow_counts().unwrap_or_default();
-                let flows = self
-                    .table
-                    .iter()
-                    .map(|f| self.flow_view(f, counts.get(&f.key).copied(), false))
-                    .filter(|v| filter.matches(v));
-                // Each view is serialized as it is built (a listing of 100 000 flows
-                // never holds them all), into a buffer sized for the usual reply.
-                // A struct, not json!(): json! would first build a Value of every
-                // flow, which costs ten times the serialization itself.
+                let mut listing = self.listing.take();
+                let view = |f: &Flow| self.flow_view(f, counts.get(&f.key).copied(), false);
+                // Each view is serialized as it is built (a listing never holds them
+                // all), into a buffer sized for the reply. A struct, not json!():
+                // json! would first build a Value of every flow, which costs ten
+                // times the serialization itself.
                 #[derive(serde::Serialize)]
                 struct Flows<S> {
                     flows: S,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    next: Option<Option<u64>>,
                 }
-                let mut out = Vec::with_capacity(self.table.len() * 640 + 16);
+                let Some(limit) = limit.map(|l| l.max(1)) else {
+                    let flows = self.table.iter().map(view).filter(|v| filter.matches(v));
+                    let mut out = Vec::with_capacity(self.table.len() * 640 + 16);
+                    serde_json::to_writer(
+                        &mut out,
+                        &Flows {
+                            flows: SeqOf::new(flows),
+                            next: None,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+                    return raw_bytes(out);
+                };
+                // A page of the listing that started with `after` absent: its
+                // matching cookies, sorted, are kept until the next listing starts,
+                // so each page costs its own flows only. Flows that start meanwhile
+                // wait for the next listing; those that end are skipped.
+                let stale = match &listing {
+                    Some((f, _)) => after.is_none() || *f != filter,
+                    None => true,
+                };
+                if stale {
+                    let mut all: Vec<u64> = self
+                        .table
+                        .iter()
+                        .filter(|f| filter.is_empty() || filter.matches(&view(f)))
+                        .map(|f| f.cookie)
+                        .collect();
+                    all.sort_unstable();
+                    listing = Some((filter.clone(), all));
+                }
+                let all = &listing.as_ref().expect("set above").1;
+                let from = after.map_or(0, |a| all.partition_point(|c| *c <= a));
+                let cookies = &all[from..all.len().min(from + limit)];
+                let next = (from + limit < all.len())
+                    .then(|| cookies.last().copied())
+                    .flatten();
+                let flows = cookies.iter().filter_map(|c| self.table.get(*c)).map(view);
+                let mut out = Vec::with_capacity(cookies.len() * 640 + 32);
                 serde_json::to_writer(
                     &mut out,
                     &Flows {
                         flows: SeqOf::new(flows),
+                        next: Some(next),
                     },
                 )
                 .map_err(|e| e.to_string())?;
-                String::from_utf8(out)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| RawValue::from_string(s).map_err(|e| e.to_string()))
+                // The last page ends the listing.
+                self.listing = listing.filter(|_| next.is_some());
+                raw_bytes(out)
             }
             Request::Flow { cookie } => {
                 self.cache_user_names();
@@ -707,8 +762,17 @@ impl Engine {
 
 pub mod views;
 
+/// Period of [`Engine::run`]'s housekeeping (the default reconcile interval).
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
+
 fn raw<T: serde::Serialize>(v: &T) -> Result<Box<RawValue>, String> {
     to_raw_value(v).map_err(|e| e.to_string())
+}
+
+fn raw_bytes(out: Vec<u8>) -> Result<Box<RawValue>, String> {
+    String::from_utf8(out)
+        .map_err(|e| e.to_string())
+        .and_then(|s| RawValue::from_string(s).map_err(|e| e.to_string()))
 }
 
 /// Hands the allocator's free pages back to the kernel. Bursts (thousands of

@@ -266,7 +266,13 @@ fn the_flows_request_names_the_rule_that_tagged_each_flow() {
     let store = RecordingStore::new(16);
     let mut e = engine(dir.path(), store);
     e.on_discovery(observed(7, key(40000, 1094), SockState::Established));
-    let reply = e.answer(Request::Flows { filter: None }).unwrap();
+    let reply = e
+        .answer(Request::Flows {
+            filter: None,
+            limit: None,
+            after: None,
+        })
+        .unwrap();
     let v: serde_json::Value = serde_json::from_str(reply.get()).unwrap();
     let flows = v["flows"].as_array().expect("flows array");
     assert_eq!(flows.len(), 1, "{v}");
@@ -274,6 +280,53 @@ fn the_flows_request_names_the_rule_that_tagged_each_flow() {
     assert_eq!(flows[0]["rule"], "atlas.toml:xrootd");
     assert_eq!(flows[0]["experiment"], 2);
     assert_eq!(flows[0]["activity"], 17);
+}
+
+/// A paged listing gives every flow once, in cookie order, `limit` at a time, and
+/// says where the next page starts until the last.
+#[test]
+fn a_paged_flows_listing_returns_every_flow_once_in_cookie_order() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let mut e = engine(dir.path(), RecordingStore::new(64));
+    for c in [9u64, 3, 12, 5, 1, 7, 20] {
+        e.on_discovery(observed(
+            c,
+            key(40000 + c as u16, 1094),
+            SockState::Established,
+        ));
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let reply = e
+            .answer(Request::Flows {
+                filter: None,
+                limit: Some(3),
+                after,
+            })
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(reply.get()).unwrap();
+        pages += 1;
+        let page: Vec<u64> = v["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["cookie"].as_u64().unwrap())
+            .collect();
+        assert!(page.len() <= 3, "{v}");
+        seen.extend(page);
+        match v["next"].as_u64() {
+            Some(n) => after = Some(n),
+            None => {
+                assert!(v["next"].is_null(), "the last page says so: {v}");
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, vec![1, 3, 5, 7, 9, 12, 20]);
+    assert_eq!(pages, 3);
 }
 
 #[test]
@@ -287,6 +340,8 @@ fn a_flows_request_with_a_bad_address_filter_is_an_error_not_an_empty_list() {
     let err = e
         .answer(Request::Flows {
             filter: Some(filter),
+            limit: None,
+            after: None,
         })
         .unwrap_err();
     assert!(
