@@ -9,7 +9,10 @@
 //! needed per connection). The tracker is host-wide: the daemon's table also holds
 //! the peer's N sockets, as `flows in table` shows.
 //!
-//! `cargo bench --bench daemon -- [N]` (default 100 000).
+//! `cargo bench --bench daemon -- [N]` (default 100 000). FLOWD_BENCH_DISCOVERY adds
+//! [discovery] keys (e.g. `full_dump_interval_s = 0`, a dump every 5 s as before
+//! the tracker-driven schedule); FLOWD_BENCH_IDLE_S sets the idle window (default
+//! 65 s: one safety-interval dump included).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -128,9 +131,10 @@ fn main() {
         dir.path(),
         // FLOWD_BENCH_MARKER: extra [marker] keys, e.g. "in_kernel_decisions = false".
         &format!(
-            "[policy]\ndir = \"{}\"\n[metrics]\nenabled = false\n[marker]\n{}\n",
+            "[policy]\ndir = \"{}\"\n[metrics]\nenabled = false\n[marker]\n{}\n[discovery]\n{}\n",
             policies.display(),
-            std::env::var("FLOWD_BENCH_MARKER").unwrap_or_default()
+            std::env::var("FLOWD_BENCH_MARKER").unwrap_or_default(),
+            std::env::var("FLOWD_BENCH_DISCOVERY").unwrap_or_default()
         ),
     );
     let pid = d.child.id();
@@ -170,10 +174,16 @@ fn main() {
     }
     let tagged_after = t0.elapsed();
 
-    let window = Duration::from_secs(20);
+    let idle_window = Duration::from_secs(
+        std::env::var("FLOWD_BENCH_IDLE_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(65),
+    );
     let c0 = cpu_secs(pid);
-    std::thread::sleep(window);
-    let idle_cpu = (cpu_secs(pid) - c0) / window.as_secs_f64() * 100.0;
+    std::thread::sleep(idle_window);
+    let idle_cpu = (cpu_secs(pid) - c0) / idle_window.as_secs_f64() * 100.0;
+    let window = Duration::from_secs(20);
     let rss = rss_kib(pid, "VmRSS:");
 
     let c0 = cpu_secs(pid);
@@ -209,7 +219,7 @@ fn main() {
         cfg!(debug_assertions)
     );
     println!("  connections opened in {connect_time:.2?}; all tagged {tagged_after:.2?} after the first connect");
-    println!("  idle CPU over {window:?}: {idle_cpu:.2} % of one core (sock_diag every 5 s, tracker idle)");
+    println!("  idle CPU over {idle_window:?}: {idle_cpu:.2} % of one core (tracker idle; discovery: {:?})", std::env::var("FLOWD_BENCH_DISCOVERY").unwrap_or_default());
     println!("  RSS: {base_rss} KiB before connections, {rss} KiB with {n} flows, {rss_after} KiB one interval after the listings, peak {hwm} KiB (during a listing)");
     println!(
         "  ({:.0} bytes of RSS per flow above the empty daemon)",

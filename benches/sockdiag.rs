@@ -84,7 +84,7 @@ fn time_cmd(args: &[&str]) -> (Duration, Duration) {
     stats(v)
 }
 
-fn measure(conns: usize, sd: &mut SockDiag) {
+fn measure(conns: usize, sd: &mut SockDiag, empty: &mut SockDiag) {
     let mut buf = Vec::new();
     sd.dump(&mut buf).expect("warm-up dump");
     let sockets = buf.len();
@@ -133,7 +133,29 @@ fn measure(conns: usize, sd: &mut SockDiag) {
     let (dmin, dmed) = stats(dumps);
     let (fmin, fmed) = stats(diffs);
     let (tmin, tmed) = stats(totals);
+    let mut nothing = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        empty.dump(&mut buf).expect("empty dump");
+        nothing.push(t.elapsed());
+    }
+    let (emin, emed) = stats(nothing);
+    // A BPF tcp iterator pinned by benches/scripts/reconcile_iter.sh: 48 bytes per
+    // socket of this namespace (the opener's), TCP only.
+    let iter = std::env::var("FLOWD_BENCH_ITER").ok().map(|pin| {
+        let mut v = Vec::new();
+        let mut records = 0;
+        for _ in 0..RUNS {
+            let t = Instant::now();
+            records = std::fs::read(&pin).expect("read the pinned iterator").len() / 48;
+            v.push(t.elapsed());
+        }
+        (stats(v), records)
+    });
     let (ss_min, ss_med) = time_cmd(&["ss", "-tan"]);
+    // The same walk with a kernel-side filter (INET_DIAG_REQ_BYTECODE) that matches
+    // nothing: what filtering in the kernel can save at best.
+    let (ssf_min, ssf_med) = time_cmd(&["ss", "-tan", "sport = :1"]);
     let (ssi_min, ssi_med) = time_cmd(&["ss", "-tin"]);
     println!("== {conns} established connections ({sockets} sockets in the dump) ==");
     println!(
@@ -163,15 +185,34 @@ fn measure(conns: usize, sd: &mut SockDiag) {
         ms(tmed)
     );
     println!(
+        "  dump of an empty namespace (these sockets elsewhere): min {} median {}",
+        ms(emin),
+        ms(emed)
+    );
+    if let Some(((imin, imed), records)) = iter {
+        println!(
+            "  BPF iter/tcp, 48-byte records ({records} TCP sockets): min {} median {}",
+            ms(imin),
+            ms(imed)
+        );
+    }
+    println!(
+        "  reconcile CPU, dump+diff median per interval: every 5 s {:.3} % of a core, every 60 s {:.4} %",
+        tmed.as_secs_f64() / 5.0 * 100.0,
+        tmed.as_secs_f64() / 60.0 * 100.0
+    );
+    println!(
         "  first reconcile (adopt all, {sockets} Started events): {}",
         ms(first_diff)
     );
     println!(
-        "  ss -tan: min {} median {}   ss -tin: min {} median {}",
+        "  ss -tan: min {} median {}   ss -tin: min {} median {}   ss -tan with a kernel filter matching nothing: min {} median {}",
         ms(ss_min),
         ms(ss_med),
         ms(ssi_min),
-        ms(ssi_med)
+        ms(ssi_med),
+        ms(ssf_min),
+        ms(ssf_med)
     );
     println!(
         "  allocations in one steady dump: {} ({} bytes); in {RUNS} dumps+diffs: {} ({} bytes)",
@@ -209,7 +250,11 @@ fn main() {
     if !common::privileged() {
         return;
     }
-    common::Netns::new("sdb").enter(move || run(max));
+    // An empty namespace: its dump walks the same global hash and finds nothing.
+    let empty = common::Netns::new("sde");
+    let mut empty_sd = SockDiag::in_netns(empty.path()).expect("sock_diag in the empty netns");
+    common::Netns::new("sdb").enter(move || run(max, &mut empty_sd));
+    drop(empty);
 }
 
 /// Helper mode: open `n` loopback connections to a private listener, say "ready",
@@ -236,7 +281,7 @@ fn hold(n: usize) {
     let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut sink);
 }
 
-fn run(max: usize) {
+fn run(max: usize, empty: &mut SockDiag) {
     use std::io::BufRead;
     // Per-namespace sysctls: a wide ephemeral range and a deep accept queue.
     std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "10000 65000").expect("port range");
@@ -277,7 +322,7 @@ fn run(max: usize) {
             t.elapsed(),
             helpers.len()
         );
-        measure(target, &mut sd);
+        measure(target, &mut sd, empty);
     }
     let t = Instant::now();
     for mut h in helpers {

@@ -272,6 +272,11 @@ enum flowd_event_kind {
 	/* cgroup/sock_release of a UDP socket whose connect was seen: newstate CLOSE,
 	 * tuple/netns/inode/uid as recorded at connect. */
 	FLOWD_EV_UDP_RELEASE = 6,
+	/* sockops BPF_SOCK_OPS_STATE_CB: a TCP state change that the tracepoint
+	 * program is about to miss (it is already running on this CPU, under the
+	 * softirq that made this change, and the kernel skips nested runs). Fields as
+	 * FLOWD_EV_TCP_STATE, owner never valid. */
+	FLOWD_EV_TCP_STATE_CB = 7,
 };
 
 enum flowd_event_flag {

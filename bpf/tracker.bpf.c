@@ -7,7 +7,8 @@
  *   tp_btf/inet_sock_set_state   every TCP state change (opens, closes, RST, timeouts)
  *   tp_btf/softirq_entry, _exit  per-CPU "in softirq" flag: are pid/comm the owner's?
  *   sockops (cgroup2 root)       TCP_CONNECT_CB with the bound tuple before the SYN,
- *                                ACTIVE/PASSIVE_ESTABLISHED_CB
+ *                                ACTIVE/PASSIVE_ESTABLISHED_CB, and STATE_CB for the
+ *                                state changes the tracepoint program misses
  *   cgroup/connect4, connect6    only makes the kernel assign a UDP socket's cookie
  *   tp_btf/sys_exit              connect() on a UDP socket (connect and disconnect)
  *   cgroup/sock_release          release of a UDP socket whose connect was seen
@@ -73,6 +74,21 @@ struct {
 	__type(value, __u32);
 } flowd_in_softirq SEC(".maps");
 
+/* Per CPU: 1 while flowd_tcp_state runs. A softirq that changes a TCP state while
+ * the same CPU is inside that program does not run it again: the kernel skips
+ * nested runs of a tracing program (counted in bpf_prog_info.recursion_misses)
+ * and the change would be lost. Cgroup programs have no such guard, so the
+ * sockops STATE_CB reports the change instead, only in that case (no duplicates
+ * otherwise). A softirq landing in the few instructions before the flag is set
+ * or after it is cleared still loses the event: that one is counted in
+ * recursion_misses, and userspace dumps sock_diag when the count moves. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} flowd_in_tcp_state SEC(".maps");
+
 /* The owner of each TCP socket in SYN_SENT, by cookie: recorded by the tracepoint
  * program in connect() (the CLOSE->SYN_SENT transition runs in the owner's
  * syscall), read by the sockops program at TCP_CONNECT_CB a moment later.
@@ -101,6 +117,11 @@ const volatile __u32 flowd_release_owner = 1;
 /* Set to 1 by userspace once both softirq programs are attached; until then owner
  * fields are trusted only for transitions that happen in a syscall. */
 __u32 flowd_softirq_tracking = 0;
+
+/* Set to 1 by userspace when the sockops STATE_CB must report every TCP state
+ * change of the sockets it sees, not only those flowd_tcp_state would skip: when
+ * that tracepoint could not be attached (and in tests of this path). */
+__u32 flowd_state_cb_all = 0;
 
 /* Not used by the programs: makes libbpf-cargo emit types::flowd_sock_event (it only
  * generates types that appear in maps or globals). */
@@ -243,18 +264,45 @@ static __always_inline void flowd_fill_tuple(struct flowd_sock_event *e, const s
 	}
 }
 
+static __always_inline void flowd_set_in_tcp_state(__u32 v)
+{
+	__u32 zero = 0, *in = bpf_map_lookup_elem(&flowd_in_tcp_state, &zero);
+
+	if (in)
+		*in = v;
+}
+
+static __always_inline bool flowd_tcp_state_running(void)
+{
+	__u32 zero = 0, *in = bpf_map_lookup_elem(&flowd_in_tcp_state, &zero);
+
+	return in && *in;
+}
+
+static __always_inline void flowd_tcp_state_event(const struct sock *sk, int oldstate,
+						  int newstate);
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(flowd_tcp_state, const struct sock *sk, int oldstate, int newstate)
+{
+	flowd_set_in_tcp_state(1);
+	flowd_tcp_state_event(sk, oldstate, newstate);
+	flowd_set_in_tcp_state(0);
+	return 0;
+}
+
+static __always_inline void flowd_tcp_state_event(const struct sock *sk, int oldstate,
+						  int newstate)
 {
 	struct flowd_sock_event *e;
 
 	/* The tracepoint also fires for other inet protocols (MPTCP subflows are TCP,
 	 * SCTP/DCCP are not tracked). */
 	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
-		return 0;
+		return;
 	e = flowd_reserve();
 	if (!e)
-		return 0;
+		return;
 	e->kind = FLOWD_EV_TCP_STATE;
 	e->oldstate = oldstate;
 	e->newstate = newstate;
@@ -288,7 +336,7 @@ int BPF_PROG(flowd_tcp_state, const struct sock *sk, int oldstate, int newstate)
 		/* Never asked for (no cgroup hooks): no key to join on. */
 		if (!cookie) {
 			bpf_ringbuf_discard(e, 0);
-			return 0;
+			return;
 		}
 	}
 	e->cookie = cookie;
@@ -305,7 +353,6 @@ int BPF_PROG(flowd_tcp_state, const struct sock *sk, int oldstate, int newstate)
 		bpf_map_update_elem(&flowd_owners, &cookie, &o, BPF_ANY);
 	}
 	bpf_ringbuf_submit(e, 0);
-	return 0;
 }
 
 SEC("sockops")
@@ -327,9 +374,22 @@ int flowd_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		kind = FLOWD_EV_TCP_PASSIVE_ESTABLISHED;
 		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		/* Only the changes flowd_tcp_state is about to miss (see
+		 * flowd_in_tcp_state); the others it reports itself. */
+		if (!flowd_state_cb_all && !flowd_tcp_state_running())
+			return 1;
+		kind = FLOWD_EV_TCP_STATE_CB;
+		break;
 	default:
 		return 1;
 	}
+	/* From now on, call this program at each of the socket's state changes
+	 * (tcp_set_state, before the tracepoint), keeping other programs' flags. */
+	if (kind != FLOWD_EV_TCP_STATE_CB &&
+	    !(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_STATE_CB_FLAG);
 	bsk = skops->sk;
 	if (!bsk)
 		return 1;
@@ -340,7 +400,18 @@ int flowd_sockops(struct bpf_sock_ops *skops)
 	if (!e)
 		return 1;
 	e->kind = kind;
-	e->newstate = kind == FLOWD_EV_TCP_CONNECT ? FLOWD_TCP_SYN_SENT : FLOWD_TCP_ESTABLISHED;
+	if (kind == FLOWD_EV_TCP_STATE_CB) {
+		e->oldstate = skops->args[0];
+		e->newstate = skops->args[1];
+		if (e->newstate == FLOWD_TCP_CLOSE) {
+			e->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
+			e->bytes_received = BPF_CORE_READ(tp, bytes_received);
+			e->flags |= FLOWD_F_TCP_BYTES;
+		}
+	} else {
+		e->newstate = kind == FLOWD_EV_TCP_CONNECT ? FLOWD_TCP_SYN_SENT
+							   : FLOWD_TCP_ESTABLISHED;
+	}
 	e->family = skops->family;
 	e->protocol = IPPROTO_TCP;
 	/* local_port is host order; remote_port holds the network-order port in its

@@ -338,8 +338,15 @@ pub struct DiscoveryConfig {
     pub ring_buffer_bytes: u32,
     /// Track connected UDP sockets with the tracker (a tp_btf on sys_exit).
     pub udp: bool,
-    /// How often a full sock_diag dump reconciles the flow table, milliseconds.
+    /// How often a full sock_diag dump reconciles the flow table, milliseconds,
+    /// when the tracker does not see every socket change; otherwise the shortest
+    /// gap between two dumps the tracker asks for after a loss.
     pub reconcile_interval_ms: u64,
+    /// While the tracker sees every change (TCP state tracepoint, and UDP connect
+    /// and release when `udp`), a full dump runs at start, after a loss the tracker
+    /// counted (ring drop, skipped nested run) and else every this many seconds.
+    /// 0: every `reconcile_interval_ms` regardless.
+    pub full_dump_interval_s: u64,
     /// Where cgroup2 is mounted; found in /proc/self/mountinfo when absent.
     pub cgroup2: Option<PathBuf>,
     /// Also keep the sockets of other network namespaces (containers) that the
@@ -355,6 +362,7 @@ impl Default for DiscoveryConfig {
             ring_buffer_bytes: 4 << 20,
             udp: true,
             reconcile_interval_ms: 5_000,
+            full_dump_interval_s: 60,
             cgroup2: None,
             all_namespaces: false,
         }

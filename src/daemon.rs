@@ -170,10 +170,9 @@ async fn start_engine(
     let (announce_tx, announce_rx) = mpsc::channel(64);
     let tracker_status = Arc::new(TrackerStatus::default());
     let mut feeds = Vec::new();
-    let (poller, netns) = feeds::spawn_poller(
-        Duration::from_millis(cfg.discovery.reconcile_interval_ms),
-        disc_tx.clone(),
-    )?;
+    let dumps =
+        feeds::DumpSchedule::new(Duration::from_millis(cfg.discovery.reconcile_interval_ms));
+    let (poller, netns) = feeds::spawn_poller(dumps.clone(), disc_tx.clone())?;
     feeds.push(poller);
     let mut mode = match cfg.discovery.tracker {
         TrackerSetting::Full => TrackerMode::Full,
@@ -207,7 +206,20 @@ async fn start_engine(
             only_netns,
             disc_tx,
             tracker_status.clone(),
+            dumps.clone(),
         )?);
+        let f = tracker_status.features.lock().unwrap().clone();
+        let complete =
+            f.is_some_and(|f| f.tcp_state && (!tcfg.udp || f.udp_connect && f.udp_release));
+        // Per-flow metrics show tcp_info, which only dumps refresh.
+        let every = cfg.discovery.full_dump_interval_s;
+        if complete && every > 0 && !(cfg.metrics.enabled && cfg.metrics.per_flow) {
+            dumps.set_interval(Duration::from_secs(every));
+            info!(
+                every_s = dumps.interval().as_secs(),
+                "tracker sees every socket change: full sock_diag dumps at start, after a loss, and at this interval"
+            );
+        }
     } else {
         info!("socket tracker disabled: sock_diag polling alone finds sockets");
     }

@@ -85,6 +85,10 @@ pub struct Snapshot {
     /// Reads of socket owners' facts /proc refused, by fact (owner, exe, cgroup):
     /// the daemon lacks a capability, and rules on that fact cannot match.
     pub facts_denied: Vec<(&'static str, u64)>,
+    /// Per tracker program (function name), runs the kernel skipped because the
+    /// program was already running on that CPU: events lost without a ring drop.
+    /// Empty where the kernel does not count them.
+    pub recursion_misses: Vec<(&'static str, u64)>,
     pub control: ControlConnections,
     /// Present when `metrics.per_flow` is on.
     pub per_flow: Option<Arc<PerFlow>>,
@@ -367,6 +371,16 @@ impl Collector for SnapshotCollector {
                 "Reads of a socket owner's facts /proc refused (the daemon lacks CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH), by fact.",
                 "fact",
                 &s.facts_denied,
+            )?;
+        }
+        if !s.recursion_misses.is_empty() {
+            labelled_counters(
+                &mut enc,
+                &mut mono,
+                "flowd_tracker_recursion_misses",
+                "Tracker program runs the kernel skipped because the program was already running on that CPU (a nested softirq): events lost without a ring-buffer drop, corrected by the next dump.",
+                "program",
+                &s.recursion_misses,
             )?;
         }
         if let Some(ff) = &s.fireflies {

@@ -50,6 +50,7 @@ fn snapshot(scale: u64) -> Snapshot {
         fireflies: None,
         announcements: None,
         facts_denied: vec![("owner", 0), ("exe", scale), ("cgroup", 0)],
+        recursion_misses: vec![("flowd_tcp_state", 8 * scale), ("flowd_sockops", 0)],
         control: ControlConnections {
             open: 2,
             refused: 3 * scale,
@@ -149,6 +150,14 @@ async fn scrape_over_http_exposes_every_series_with_its_labels() {
             ("flowd_marker_map_entries{}", 8.0),
             ("flowd_marker_map_capacity{}", 65536.0),
             ("flowd_ringbuf_drops_total{}", 1.0),
+            (
+                "flowd_tracker_recursion_misses_total{program=flowd_tcp_state}",
+                8.0,
+            ),
+            (
+                "flowd_tracker_recursion_misses_total{program=flowd_sockops}",
+                0.0,
+            ),
             ("flowd_reconcile_corrections_total{kind=added}", 2.0),
             ("flowd_reconcile_corrections_total{kind=ended}", 3.0),
             ("flowd_policy_reloads_total{result=ok}", 4.0),

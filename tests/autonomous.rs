@@ -307,6 +307,8 @@ fn churn_of_ten_thousand_connections_leaves_no_flow_and_no_mark_behind() {
             address: Some("fd00:f1::/64".into()),
             ..Default::default()
         }),
+        limit: None,
+        after: None,
     };
     // The tracker sees the whole host; only the daemon's namespace is kept.
     let own_netns = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(pair.a.path()).unwrap());
@@ -382,7 +384,11 @@ fn other_namespaces_are_listed_only_with_all_namespaces() {
         let list = || {
             flowd::api::client::request(
                 &sock,
-                &flowd::api::request::Request::Flows { filter: None },
+                &flowd::api::request::Request::Flows {
+                    filter: None,
+                    limit: None,
+                    after: None,
+                },
             )
             .unwrap()
         };

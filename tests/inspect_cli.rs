@@ -108,8 +108,14 @@ fn json_prints_one_flow_view_per_line_and_sends_the_filter() {
         .iter()
         .all(|f| f.experiment_name.as_deref() == Some("cms")));
     let reqs = d.requests.lock().unwrap();
+    // A page first; this fake daemon predates paging and refuses it, so the client
+    // asks again for one listing.
     assert_eq!(
         reqs[0],
+        serde_json::json!({"v":1,"op":"flows","limit":5000,"filter":{"experiment":"CMS","address":"2001:db8::/32"}})
+    );
+    assert_eq!(
+        reqs[1],
         serde_json::json!({"v":1,"op":"flows","filter":{"experiment":"CMS","address":"2001:db8::/32"}})
     );
 }

@@ -179,7 +179,11 @@ fn first_packet_exact_in_view(pair: &Pair, d: &Daemon) -> bool {
     let exact = loop {
         let v = flowd::api::client::request(
             &sock,
-            &flowd::api::request::Request::Flows { filter: None },
+            &flowd::api::request::Request::Flows {
+                filter: None,
+                limit: None,
+                after: None,
+            },
         )
         .unwrap();
         let flow = v["flows"]

@@ -305,3 +305,46 @@ fn privileged_tcp_v6_loopback_keeps_ipv6_tuple() {
         assert_eq!(e.observation.key.remote(), p.server_local);
     }
 }
+
+/// The sockops STATE_CB path (what reports a change the tracepoint program skips
+/// when a softirq nests into it), made to report every change: a connection's
+/// closes arrive from it too, with the tuple, the final byte counts and no owner.
+#[test]
+fn privileged_state_cb_reports_closes_with_tuple_and_bytes() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("trk");
+    let mut t = Probe::new(&default_cfg(), &ns);
+    assert!(t.features().sockops);
+    t.tracker.report_every_state_change();
+    let p = tcp_pair(&mut t, &ns, "127.0.0.1:0", "127.0.0.1", |mut c, a| {
+        use std::io::Write;
+        c.write_all(b"hello").unwrap();
+        drop(c);
+        drop(a);
+    });
+    let (cc, sc) = (p.client_cookie, p.server_cookie);
+    let closed_cb = |cookie: u64| {
+        move |e: &TrackerEvent| {
+            is(e, EventKind::TcpStateCb, cookie) && e.observation.state == SockState::Close
+        }
+    };
+    let (c_cb, s_cb) = (closed_cb(cc), closed_cb(sc));
+    let evs = t.wait_for(
+        WAIT,
+        &[
+            ("client close via STATE_CB", &c_cb),
+            ("server close via STATE_CB", &s_cb),
+        ],
+    );
+    let c = evs.iter().find(|e| c_cb(e)).unwrap();
+    assert_eq!(c.observation.key.local(), p.client_local);
+    assert_eq!(c.observation.key.remote(), p.server_local);
+    assert_eq!(c.observation.pid, None, "sockops knows no owner");
+    let bytes = c.observation.tcp_bytes.expect("final byte counts");
+    assert!(bytes.acked >= 5, "{bytes:?}");
+    let s = evs.iter().find(|e| s_cb(e)).unwrap();
+    assert_eq!(s.observation.key.local(), p.server_local);
+    assert_eq!(s.observation.netns, ns.inode());
+}

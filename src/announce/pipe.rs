@@ -142,7 +142,8 @@ impl Pipe {
     /// is dropped (it must not be glued to the next writer's first line), and the
     /// FIFO is opened again for the next writer. Writers open at the same time
     /// share one stream; a line of up to PIPE_BUF bytes written at once is never
-    /// interleaved with another's.
+    /// interleaved with another's, and the fragment of one that closed inside a line
+    /// is cut from the front of the next writer's line.
     pub fn spawn(
         &self,
         registry: Registry,
@@ -231,7 +232,12 @@ async fn read_session(
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        match parse_line(line, registry) {
+        let parsed = parse_line(line, registry).or_else(|e| -> Result<Announcement, String> {
+            let (fragment, a) = after_foreign_fragment(line, registry).ok_or(e)?;
+            warn!(pipe = %path.display(), fragment, "announcements: another writer's unfinished line was glued in front of this one; fragment dropped");
+            Ok(a)
+        });
+        match parsed {
             Ok(a) => {
                 if announced.send(a).await.is_err() {
                     return false;
@@ -242,6 +248,24 @@ async fn read_session(
             }
         }
     }
+}
+
+/// Writers whose sessions overlap share one stream, and a FIFO says nothing about
+/// who wrote what: a writer that closed inside a line leaves its fragment in front of
+/// the next line another writer sends. A line of up to PIPE_BUF bytes written at
+/// once is never split, so the complete event is the line's tail from one of its
+/// `start`/`end` keywords on; at most one such tail has the 8 fields of an event.
+fn after_foreign_fragment<'a>(
+    line: &'a str,
+    registry: &Registry,
+) -> Option<(&'a str, Announcement)> {
+    // ASCII lowering keeps byte offsets, so they index `line` too.
+    let lower = line.to_ascii_lowercase();
+    lower
+        .match_indices("start")
+        .chain(lower.match_indices("end"))
+        .filter(|(at, _)| *at > 0)
+        .find_map(|(at, _)| Some((&line[..at], parse_line(&line[at..], registry).ok()?)))
 }
 
 fn kind(m: &std::fs::Metadata) -> &'static str {
@@ -385,5 +409,50 @@ mod tests {
         assert_eq!(a.key.local(), "10.0.0.1:3".parse().unwrap());
         assert_eq!(a.tag, Some(Tag::new(3, 12).unwrap()));
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn overlapping_writers_lose_only_the_unfinished_line() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flowd.pipe");
+        let pipe = Pipe::create(&path, None).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let task = pipe.spawn(Registry::bundled(), tx).unwrap();
+        let open = || std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        // A writes half a line; B opens before A closes, so both are one session
+        // for the reader, and B's line arrives right behind A's fragment.
+        let mut a = open();
+        a.write_all(b"start tcp 10.0.0.1 1 10.0.0.2 2 atl").unwrap();
+        let mut b = open();
+        drop(a);
+        b.write_all(b"START tcp 10.0.0.1 3 10.0.0.2 4 3 12\n")
+            .unwrap();
+        b.write_all(b"end tcp 10.0.0.1 3 10.0.0.2 4 3 12\n")
+            .unwrap();
+        drop(b);
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let a = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                .await
+                .expect("B's lines arrive")
+                .unwrap();
+            got.push((a.key.local().port(), a.tag));
+        }
+        assert_eq!(got, [(3, Some(Tag::new(3, 12).unwrap())), (3, None)]);
+        assert!(rx.try_recv().is_err(), "A's fragment announced nothing");
+        task.abort();
+    }
+
+    #[test]
+    fn a_fragment_is_cut_only_where_a_whole_event_follows() {
+        let r = Registry::bundled();
+        let (fragment, a) =
+            after_foreign_fragment("end udp ::1 5 ::2 6 2 4start tcp ::1 1 ::2 2 2 4", &r).unwrap();
+        assert_eq!(fragment, "end udp ::1 5 ::2 6 2 4");
+        assert_eq!(a.key.proto, Protocol::Tcp);
+        // A keyword inside a word, with no event after it: nothing recovered.
+        assert!(after_foreign_fragment("start tcp ::1 1 ::2 2 2 backend x", &r).is_none());
+        assert!(after_foreign_fragment("garbage", &r).is_none());
     }
 }

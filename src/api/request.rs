@@ -42,10 +42,19 @@ pub enum Request {
     MarkDel {
         flow: FlowSpec,
     },
-    /// Every live flow, optionally filtered.
+    /// Every live flow, optionally filtered. With `limit`, one page: at most
+    /// `limit` flows with a cookie above `after`, in cookie order, and `next` in
+    /// the reply (the cookie to pass as `after` for the following page; `null` on
+    /// the last). A listing of 100 000 flows then never sits whole in the daemon.
+    /// Daemons before paging refuse the two members (unknown field): a client
+    /// falls back to one listing.
     Flows {
         #[serde(default)]
         filter: Option<FlowFilter>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
     },
     /// One flow by socket cookie.
     Flow {

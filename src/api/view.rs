@@ -116,6 +116,14 @@ pub struct StatusView {
     #[serde(deserialize_with = "null_as_default")]
     pub per_tag: Vec<TagTotals>,
     pub ringbuf_drops: u64,
+    /// Tracker program runs the kernel skipped (a softirq nesting into the same
+    /// program on one CPU), summed over programs; each is an event lost without a
+    /// ring drop, corrected by the next dump. `null` where the kernel does not count
+    /// them (before Linux 5.12) or the tracker is off.
+    pub tracker_recursion_misses: Option<u64>,
+    /// TCP state changes that nesting would have lost, reported through the
+    /// sockops STATE_CB instead (all namespaces).
+    pub tracker_state_cb_events: u64,
     /// Corrections the sock_diag reconciliation made to what the tracker reported.
     pub reconcile_added: u64,
     pub reconcile_ended: u64,

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use super::sockdiag::{PollerStats, SockDiag, SockDiagError};
 use super::tracker::{Features, Tracker, TrackerConfig};
+use super::tracker_event::EventKind;
 use crate::model::socket::SocketObservation;
 
 /// One sock_diag dump in this many asks the kernel for tcp_info.
@@ -60,7 +61,25 @@ impl Drop for Feed {
 pub struct TrackerStatus {
     pub drops: AtomicU64,
     pub features: std::sync::Mutex<Option<Features>>,
+    /// Per attached program, runs the kernel skipped (see
+    /// [`Tracker::recursion_misses`]); `None` where the kernel does not count them.
+    pub recursion_misses: std::sync::Mutex<Option<Vec<(&'static str, u64)>>>,
+    /// TCP state changes the tracepoint program would have missed, reported by
+    /// the sockops STATE_CB instead (all namespaces).
+    pub state_cb_events: AtomicU64,
 }
+
+impl TrackerStatus {
+    /// Sum of [`TrackerStatus::recursion_misses`] over programs.
+    pub fn recursion_misses_total(&self) -> Option<u64> {
+        let m = self.recursion_misses.lock().unwrap();
+        m.as_ref().map(|v| v.iter().map(|(_, n)| n).sum())
+    }
+}
+
+/// How often the tracker thread reads its programs' recursion_misses (one bpf()
+/// call per program).
+const MISSES_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the tracker (in the caller, so a failure is reported at once) and a thread
 /// that drains its ring buffer without pause: the ring carries every socket of the
@@ -71,6 +90,7 @@ pub fn spawn_tracker(
     only_netns: Option<u64>,
     tx: Sender<Discovery>,
     status: Arc<TrackerStatus>,
+    dumps: Arc<DumpSchedule>,
 ) -> Result<Feed> {
     let mut tracker = Tracker::start(cfg).context("starting the socket tracker")?;
     info!(features = ?tracker.features(), "socket tracker running");
@@ -81,11 +101,16 @@ pub fn spawn_tracker(
         .name("flowd-tracker".into())
         .spawn(move || {
             let mut last_drops = 0;
+            let mut last_misses = 0;
+            let mut misses_read = Instant::now() - MISSES_EVERY;
             while !stop2.load(Ordering::Relaxed) {
                 let clock = MonotonicClock::now();
                 // Events wake the poll at once; the timeout only bounds how long a
                 // stop request waits, so it can be long (idle wakeups cost CPU).
                 let r = tracker.poll_events(Duration::from_millis(500), &mut |ev| {
+                    if ev.kind == EventKind::TcpStateCb {
+                        status.state_cb_events.fetch_add(1, Ordering::Relaxed);
+                    }
                     if !ev.has_full_tuple() || only_netns.is_some_and(|n| ev.observation.netns != n)
                     {
                         return;
@@ -104,11 +129,28 @@ pub fn spawn_tracker(
                         warn!(
                             lost = d - last_drops,
                             total = d,
-                            "tracker ring buffer overflowed: the next dump will reconcile"
+                            "tracker ring buffer overflowed: dumping sock_diag to reconcile"
                         );
                         last_drops = d;
+                        dumps.request();
                     }
                     status.drops.store(d, Ordering::Relaxed);
+                }
+                if misses_read.elapsed() >= MISSES_EVERY {
+                    misses_read = Instant::now();
+                    let m = tracker.recursion_misses();
+                    let total: u64 = m.iter().flatten().map(|(_, n)| n).sum();
+                    if total > last_misses {
+                        // Most are covered by the sockops STATE_CB; info, not warn.
+                        info!(
+                            lost = total - last_misses,
+                            total,
+                            "tracker programs skipped nested runs (recursion_misses): dumping sock_diag to reconcile"
+                        );
+                        last_misses = total;
+                        dumps.request();
+                    }
+                    *status.recursion_misses.lock().unwrap() = m;
                 }
             }
         })
@@ -145,10 +187,85 @@ impl MonotonicClock {
     }
 }
 
-/// Opens the sock_diag socket (here, so a failure is reported at once) and dumps every
-/// `interval`, first at once: sockets that existed before the daemon are adopted
-/// from the first dump. Returns the feed and the inode of the dumped netns.
-pub fn spawn_poller(interval: Duration, tx: Sender<Discovery>) -> Result<(Feed, u64)> {
+/// When the sock_diag poller dumps. A dump costs a walk of every socket of the host
+/// (the kernel's hash is global), ~2 us per socket: at 100 000 sockets, 0.2 s. While
+/// the tracker reports every change, a dump only corrects what it lost, so it runs
+/// at start, soon after the tracker says it lost something (ring drop, skipped
+/// nested run) and otherwise at a long safety interval; without a complete tracker,
+/// every `min_gap`.
+#[derive(Debug)]
+pub struct DumpSchedule {
+    /// Dumps at most this often, whatever asks (config reconcile_interval_ms).
+    min_gap: Duration,
+    /// The period in force, milliseconds (set once the tracker's coverage is known).
+    interval_ms: AtomicU64,
+    wanted: AtomicBool,
+    poller: std::sync::OnceLock<std::thread::Thread>,
+    /// Dumps asked for by the tracker (a loss), not by the timer.
+    pub requested: AtomicU64,
+}
+
+impl DumpSchedule {
+    /// Every `min_gap` until [`DumpSchedule::set_interval`] says otherwise.
+    pub fn new(min_gap: Duration) -> Arc<Self> {
+        Arc::new(DumpSchedule {
+            min_gap,
+            interval_ms: AtomicU64::new(min_gap.as_millis() as u64),
+            wanted: AtomicBool::new(false),
+            poller: std::sync::OnceLock::new(),
+            requested: AtomicU64::new(0),
+        })
+    }
+
+    /// The period between dumps nobody asked for; never below `min_gap`.
+    pub fn set_interval(&self, every: Duration) {
+        let every = every.max(self.min_gap);
+        self.interval_ms
+            .store(every.as_millis() as u64, Ordering::Relaxed);
+        self.wake();
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms.load(Ordering::Relaxed))
+    }
+
+    /// Asks for a dump as soon as `min_gap` allows: something was lost.
+    pub fn request(&self) {
+        self.requested.fetch_add(1, Ordering::Relaxed);
+        self.wanted.store(true, Ordering::Relaxed);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(t) = self.poller.get() {
+            t.unpark();
+        }
+    }
+
+    /// Parks until the next dump is due (timer, or a request `min_gap` after the
+    /// last one started) or `stop` is set.
+    fn wait(&self, last: Instant, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            let due = if self.wanted.load(Ordering::Relaxed) {
+                last + self.min_gap
+            } else {
+                last + self.interval()
+            };
+            let left = due.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.wanted.store(false, Ordering::Relaxed);
+                return;
+            }
+            // Unparked by Feed::drop, a request or a new interval.
+            std::thread::park_timeout(left);
+        }
+    }
+}
+
+/// Opens the sock_diag socket (here, so a failure is reported at once) and dumps as
+/// `schedule` says, first at once: sockets that existed before the daemon are
+/// adopted from the first dump. Returns the feed and the inode of the dumped netns.
+pub fn spawn_poller(schedule: Arc<DumpSchedule>, tx: Sender<Discovery>) -> Result<(Feed, u64)> {
     let mut sd = SockDiag::new().context("opening the sock_diag netlink socket")?;
     let netns = sd.netns();
     let stop = Arc::new(AtomicBool::new(false));
@@ -156,11 +273,14 @@ pub fn spawn_poller(interval: Duration, tx: Sender<Discovery>) -> Result<(Feed, 
     let handle = std::thread::Builder::new()
         .name("flowd-sockdiag".into())
         .spawn(move || {
+            let _ = schedule.poller.set(std::thread::current());
             let mut round: u64 = 0;
             while !stop2.load(Ordering::Relaxed) {
                 // tcp_info is for display only, and asking for it makes the kernel
-                // fill ~250 bytes per socket: every 4th dump is fresh enough.
-                sd.set_tcp_info(round.is_multiple_of(TCP_INFO_EVERY));
+                // fill ~250 bytes per socket: every 4th dump is fresh enough (every
+                // dump, when dumps are rare).
+                let rare = schedule.interval() > schedule.min_gap;
+                sd.set_tcp_info(rare || round.is_multiple_of(TCP_INFO_EVERY));
                 round += 1;
                 let started = Instant::now();
                 let mut engine_gone = false;
@@ -179,15 +299,7 @@ pub fn spawn_poller(interval: Duration, tx: Sender<Discovery>) -> Result<(Feed, 
                 if tx.blocking_send(Discovery::Dumped(dump)).is_err() {
                     return;
                 }
-                let until = Instant::now() + interval;
-                while !stop2.load(Ordering::Relaxed) {
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    // Unparked by Feed::drop; a spurious wake just loops.
-                    std::thread::park_timeout(left);
-                }
+                schedule.wait(started, &stop2);
             }
         })
         .context("spawning the sock_diag thread")?;

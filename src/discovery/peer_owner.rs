@@ -10,31 +10,26 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
-use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
-use netlink_packet_sock_diag::SockDiagMessage;
-use netlink_sys::Socket;
+use netlink_packet_sock_diag::inet::ExtensionFlags;
 
+use super::sockdiag::lookup::{u32_at, SocketLookup};
 use crate::model::socket::Protocol;
 
 /// A lookup that does not answer within this is treated as "not found".
 const TIMEOUT: Duration = Duration::from_secs(1);
 
+/// `idiag_uid` in `struct inet_diag_msg` (include/uapi/linux/inet_diag.h).
+const IDIAG_UID: usize = 64;
+
 /// One netlink socket, reused for every lookup.
 pub struct PeerOwners {
-    socket: Socket,
-    seq: u32,
-    buf: Vec<u8>,
+    lookup: SocketLookup,
 }
 
 impl PeerOwners {
     pub fn new() -> io::Result<Self> {
-        let socket = super::sockdiag::open_with_timeout(TIMEOUT)?;
         Ok(PeerOwners {
-            socket,
-            seq: 0,
-            buf: vec![0; 16 << 10],
+            lookup: SocketLookup::new(TIMEOUT)?,
         })
     }
 
@@ -56,62 +51,8 @@ impl PeerOwners {
             Protocol::Udp => (local, peer),
             Protocol::Tcp => (peer, local),
         };
-        let family = if peer.is_ipv4() { AF_INET } else { AF_INET6 };
-        let protocol = match proto {
-            Protocol::Tcp => IPPROTO_TCP,
-            Protocol::Udp => IPPROTO_UDP,
-        };
-        self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST;
-        header.sequence_number = self.seq;
-        let mut msg = NetlinkMessage::new(
-            header,
-            SockDiagMessage::InetRequest(InetRequest {
-                family,
-                protocol,
-                extensions: ExtensionFlags::empty(),
-                states: StateFlags::from_bits_retain(u32::MAX),
-                socket_id: SocketId {
-                    source_port: src.port(),
-                    destination_port: dst.port(),
-                    source_address: src.ip(),
-                    destination_address: dst.ip(),
-                    interface_id: 0,
-                    // All 0xff: "no cookie", match by addresses only.
-                    cookie: [0xff; 8],
-                },
-            })
-            .into(),
-        );
-        msg.finalize();
-        let mut out = vec![0; msg.buffer_len()];
-        msg.serialize(&mut out);
-        self.socket.send(&out, 0)?;
-        loop {
-            let n = match self.socket.recv(&mut &mut self.buf[..], 0) {
-                Ok(n) => n.min(self.buf.len()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            let reply = NetlinkMessage::<SockDiagMessage>::deserialize(&self.buf[..n])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            if reply.header.sequence_number != self.seq {
-                // The answer to an earlier lookup that timed out.
-                continue;
-            }
-            return match reply.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    Ok(Some(r.header.uid))
-                }
-                NetlinkPayload::Error(e) => match e.code.map(|c| -c.get()) {
-                    Some(libc::ENOENT) => Ok(None),
-                    Some(code) => Err(io::Error::from_raw_os_error(code)),
-                    None => Ok(None),
-                },
-                _ => Ok(None),
-            };
-        }
+        let msg = self.lookup.find(proto, src, dst, ExtensionFlags::empty())?;
+        Ok(msg.and_then(|m| u32_at(m, IDIAG_UID)))
     }
 }
 

@@ -5,6 +5,7 @@
 //! corrected against, so a dump that may be partial (receive overflow, kernel error,
 //! broken message) is an error, never a shorter `Vec`.
 
+pub mod lookup;
 mod parse;
 
 use std::io;

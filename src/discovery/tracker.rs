@@ -174,6 +174,8 @@ struct Active {
     _links: Vec<Link>,
     skel: TrackerSkel<'static>,
     rx: mpsc::Receiver<RawRecord>,
+    /// The programs attached, for their kernel statistics.
+    progs: Vec<Prog>,
 }
 
 /// A running tracker. Dropping it detaches and unloads every program.
@@ -213,6 +215,7 @@ impl Tracker {
         let mut links = Vec::new();
         let mut softirq = 0;
         let mut attached = Vec::new();
+        let mut progs = Vec::new();
         for p in loaded {
             let cg = if p.is_cgroup() {
                 cgroup.as_ref().map(|(_, f)| f)
@@ -222,6 +225,7 @@ impl Tracker {
             match p.attach(&skel, cg) {
                 Ok(link) => {
                     links.push(link);
+                    progs.push(p);
                     attached.push(AttachedProgram {
                         name: p.name(),
                         id: p.id(&skel).unwrap_or(0),
@@ -252,6 +256,13 @@ impl Tracker {
         if !features.tcp_state && !features.sockops {
             return Err(TrackerError::NoTcpSource);
         }
+        if !features.tcp_state {
+            // Without the tracepoint, sockops' STATE_CB reports the state changes
+            // (closes included) of the sockets it saw open.
+            if let Some(bss) = skel.maps.bss_data.as_deref_mut() {
+                bss.flowd_state_cb_all = 1;
+            }
+        }
         if features.sockops || features.udp_release || features.udp_cookie {
             features.cgroup2 = cgroup.map(|(p, _)| p);
         }
@@ -281,6 +292,7 @@ impl Tracker {
                 _links: links,
                 skel,
                 rx,
+                progs,
             }),
             features,
             attached,
@@ -393,6 +405,36 @@ impl Tracker {
             .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
             .map(u64::from_ne_bytes)
             .sum())
+    }
+
+    /// Per attached program, the runs the kernel skipped because the program was
+    /// already running on that CPU (`bpf_prog_info.recursion_misses`): a softirq
+    /// that changes a TCP state while the same CPU is inside flowd_tcp_state loses
+    /// that event, with no ring-buffer drop to show for it. `None` when the
+    /// kernel does not count them (before Linux 5.12) or the tracker is off.
+    pub fn recursion_misses(&self) -> Option<Vec<(&'static str, u64)>> {
+        let a = self.active.as_ref()?;
+        let mut out = Vec::with_capacity(a.progs.len());
+        for p in &a.progs {
+            let misses = p.info(&a.skel)?.recursion_misses?;
+            out.push((p.name(), misses));
+        }
+        Some(out)
+    }
+
+    /// Makes the sockops STATE_CB report every TCP state change of the sockets it
+    /// has seen (kind `TcpStateCb`), as it does when the tracepoint is missing;
+    /// otherwise it reports only what the tracepoint program would skip. For tests
+    /// of that path, which nesting alone triggers too rarely to check.
+    #[doc(hidden)]
+    pub fn report_every_state_change(&mut self) {
+        if let Some(bss) = self
+            .active
+            .as_mut()
+            .and_then(|a| a.skel.maps.bss_data.as_deref_mut())
+        {
+            bss.flowd_state_cb_all = 1;
+        }
     }
 
     /// Records received but not understood (size, kind, family, protocol, state).

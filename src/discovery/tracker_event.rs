@@ -39,6 +39,10 @@ pub enum EventKind {
     UdpConnect,
     /// Last close of a connected UDP socket.
     UdpRelease,
+    /// sockops STATE_CB: a TCP state change the tracepoint program missed (it was
+    /// already running on that CPU when a softirq made the change). Same fields as
+    /// `TcpState`, owner never known.
+    TcpStateCb,
 }
 
 impl EventKind {
@@ -49,6 +53,7 @@ impl EventKind {
         const TCP_PASSIVE: u8 = flowd_event_kind::FLOWD_EV_TCP_PASSIVE_ESTABLISHED.0 as u8;
         const UDP_CONNECT: u8 = flowd_event_kind::FLOWD_EV_UDP_CONNECT.0 as u8;
         const UDP_RELEASE: u8 = flowd_event_kind::FLOWD_EV_UDP_RELEASE.0 as u8;
+        const TCP_STATE_CB: u8 = flowd_event_kind::FLOWD_EV_TCP_STATE_CB.0 as u8;
         Some(match v {
             TCP_STATE => EventKind::TcpState,
             TCP_CONNECT => EventKind::TcpConnect,
@@ -56,6 +61,7 @@ impl EventKind {
             TCP_PASSIVE => EventKind::TcpPassiveEstablished,
             UDP_CONNECT => EventKind::UdpConnect,
             UDP_RELEASE => EventKind::UdpRelease,
+            TCP_STATE_CB => EventKind::TcpStateCb,
             _ => return None,
         })
     }
@@ -140,7 +146,7 @@ fn direction(kind: EventKind, old: u8, new: u8) -> Direction {
         EventKind::TcpPassiveEstablished => Direction::Inbound,
         // Only this host calls connect() on its UDP sockets.
         EventKind::UdpConnect | EventKind::UdpRelease => Direction::Outbound,
-        EventKind::TcpState => match (old, new) {
+        EventKind::TcpState | EventKind::TcpStateCb => match (old, new) {
             (_, SYN_SENT) | (SYN_SENT, _) => Direction::Outbound,
             (LISTEN, SYN_RECV) | (SYN_RECV, _) | (NEW_SYN_RECV, _) => Direction::Inbound,
             _ => Direction::Unknown,

@@ -120,8 +120,18 @@ impl Prog {
     }
 }
 
+/// What the kernel says about one loaded program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ProgInfo {
+    pub id: u32,
+    /// Runs the kernel skipped because the program was already running on that CPU
+    /// (a softirq nesting into the same tracepoint program): events lost without a
+    /// ring-buffer drop. `None` where the kernel does not report it (before 5.12).
+    pub recursion_misses: Option<u64>,
+}
+
 impl Prog {
-    pub(crate) fn id(self, skel: &TrackerSkel<'_>) -> Option<u32> {
+    pub(crate) fn info(self, skel: &TrackerSkel<'_>) -> Option<ProgInfo> {
         let p = &skel.progs;
         let fd = match self {
             Prog::TcpState => p.flowd_tcp_state.as_fd(),
@@ -137,7 +147,20 @@ impl Prog {
         let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
         // SAFETY: valid program fd; `info` is writable for `len` bytes.
         let r = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
-        (r == 0).then_some(info.id)
+        if r != 0 {
+            return None;
+        }
+        // The kernel writes only the part of the struct it knows and says how much:
+        // a kernel without the field leaves it out of `len`.
+        let end = std::mem::offset_of!(libbpf_sys::bpf_prog_info, recursion_misses) + 8;
+        Some(ProgInfo {
+            id: info.id,
+            recursion_misses: (len as usize >= end).then_some(info.recursion_misses),
+        })
+    }
+
+    pub(crate) fn id(self, skel: &TrackerSkel<'_>) -> Option<u32> {
+        self.info(skel).map(|i| i.id)
     }
 }
 

@@ -82,6 +82,9 @@ pub struct Engine {
     /// Config metrics.per_flow: the series cap, the flows left out so far (each
     /// counted once), and the last series published.
     per_flow: Option<PerFlowState>,
+    reloads: ReloadState,
+    /// The paged `flows` listing in progress: its filter and matching cookies.
+    listing: Option<(crate::api::filter::FlowFilter, Vec<u64>)>,
 }
 
 struct PerFlowState {
@@ -89,21 +92,6 @@ struct PerFlowState {
     left_out: rustc_hash::FxHashSet<u64>,
     left_out_total: u64,
     published: Arc<PerFlow>,
-}
-
-/// Loads the policy directory; a missing directory is an empty policy (with a
-/// warning), a broken one an error listing every problem.
-pub fn load_policy(dir: &Path, registry: &Registry) -> Result<Policy, String> {
-    if !dir.exists() {
-        warn!(dir = %dir.display(), "no policies: nothing is tagged (the policy directory does not exist)");
-        return Policy::from_sources(&[], registry).map_err(|e| e.to_string());
-    }
-    let p = Policy::load_dir(dir, registry).map_err(|e| e.to_string())?;
-    if p.rules().len() == 0 {
-        // A fresh install: the examples ship disabled (*.toml.example).
-        warn!(dir = %dir.display(), "no policies: nothing is tagged (no rule in any *.toml file)");
-    }
-    Ok(p)
 }
 
 impl Engine {
@@ -147,6 +135,12 @@ impl Engine {
             denied_seen: [0; 3],
             connections: None,
             per_flow: None,
+            reloads: ReloadState {
+                load: Arc::new(load_policy),
+                in_flight: None,
+                queued: None,
+            },
+            listing: None,
         }
     }
 
@@ -272,6 +266,11 @@ impl Engine {
         mut commands: mpsc::Receiver<Command>,
         mut announced: mpsc::Receiver<Announcement>,
     ) {
+        let (loaded_tx, mut loaded) = mpsc::channel::<Result<Policy, String>>(1);
+        // What used to ride on every dump but must not wait for a rare one
+        // (discovery.full_dump_interval_s): announcement expiry, memory trimming.
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // `ongoing` fireflies keep a timer of their own (fireflies.ongoing_interval_s).
             let ongoing = self.fireflies.as_ref().and_then(Fireflies::next_ongoing);
@@ -281,6 +280,11 @@ impl Engine {
                     None => break,
                 },
                 c = commands.recv() => match c {
+                    Some(Command::Control(call))
+                        if matches!(call.request, Request::Reload {}) =>
+                    {
+                        self.begin_reload(Some(call.reply), &loaded_tx);
+                    }
                     Some(Command::Control(call)) => {
                         let t0 = Instant::now();
                         let op = format!("{:?}", call.request).split([' ', '{']).next().unwrap_or("").to_string();
@@ -296,18 +300,25 @@ impl Engine {
                         tracing::debug!(op, elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0, "control request answered");
                         let _ = call.reply.send(answer);
                     }
-                    Some(Command::Reload) => { let _ = self.reload(); }
+                    Some(Command::Reload) => self.begin_reload(None, &loaded_tx),
                     None => break,
                 },
                 // Inputs (named pipe, firefly listener) name flows; they hold only
                 // this channel's sender, never the engine.
                 Some(a) = announced.recv() => self.announce(a),
+                Some(p) = loaded.recv() => self.finish_reload(p, &loaded_tx),
                 _ = tokio::time::sleep_until(ongoing.unwrap_or_else(Instant::now).into()),
                     if ongoing.is_some() => {
                     if let Some(ff) = &mut self.fireflies {
                         let table = &self.table;
                         ff.ongoing(|cookie| table.get(cookie));
                     }
+                }
+                _ = housekeeping.tick() => {
+                    if let Some(a) = &mut self.announcements {
+                        a.expire();
+                    }
+                    release_free_memory();
                 }
                 // While firefly starts wait (a burst outran the sender), offer them
                 // the room the sender has made, every 10 ms.
@@ -522,40 +533,6 @@ impl Engine {
         }
     }
 
-    /// Parses and validates the whole directory, then swaps atomically and
-    /// re-decides every live flow; on error the old policy stays.
-    pub fn reload(&mut self) -> Result<String, String> {
-        crate::notify::reloading();
-        let r = self.reload_policy();
-        crate::notify::ready(&format!("marking, policy {}", self.policy.version()));
-        r
-    }
-
-    fn reload_policy(&mut self) -> Result<String, String> {
-        match load_policy(&self.policy_dir, &self.registry) {
-            Ok(p) => {
-                self.policy = Arc::new(p);
-                self.denied_warned.clear();
-                self.install_kernel_policy();
-                self.reloads_ok += 1;
-                let flows: Vec<Arc<Flow>> =
-                    self.table.iter().map(|f| Arc::new(f.clone())).collect();
-                self.apply(flows.into_iter().map(FlowEvent::Updated).collect());
-                info!(
-                    version = self.policy.version(),
-                    rules = self.policy.rules().len(),
-                    "policy reloaded"
-                );
-                Ok(self.policy.version().to_string())
-            }
-            Err(e) => {
-                self.reloads_failed += 1;
-                warn!(errors = %e, "policy reload failed: keeping the previous policy");
-                Err(format!("policy reload failed, previous policy kept:\n{e}"))
-            }
-        }
-    }
-
     fn remove_all_marks(&mut self) {
         self.maps.disable_kernel_decisions();
         let flows: Vec<Flow> = self.table.iter().cloned().collect();
@@ -576,36 +553,78 @@ impl Engine {
                 let outcomes: BTreeMap<String, u64> = c.outcome_counts().into_iter().collect();
                 raw(&json!({"outcomes": outcomes, "per_tag": c.per_tag}))
             }
-            Request::Flows { filter } => {
+            Request::Flows {
+                filter,
+                limit,
+                after,
+            } => {
                 self.cache_user_names();
                 let filter = filter.unwrap_or_default();
                 // Otherwise a bad address matches nothing and looks like "no flows".
                 filter.validate().map_err(|e| e.to_string())?;
                 let counts = self.maps.flow_counts().unwrap_or_default();
-                let flows = self
-                    .table
-                    .iter()
-                    .map(|f| self.flow_view(f, counts.get(&f.key).copied(), false))
-                    .filter(|v| filter.matches(v));
-                // Each view is serialized as it is built (a listing of 100 000 flows
-                // never holds them all), into a buffer sized for the usual reply.
-                // A struct, not json!(): json! would first build a Value of every
-                // flow, which costs ten times the serialization itself.
+                let mut listing = self.listing.take();
+                let view = |f: &Flow| self.flow_view(f, counts.get(&f.key).copied(), false);
+                // Each view is serialized as it is built (a listing never holds them
+                // all), into a buffer sized for the reply. A struct, not json!():
+                // json! would first build a Value of every flow, which costs ten
+                // times the serialization itself.
                 #[derive(serde::Serialize)]
                 struct Flows<S> {
                     flows: S,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    next: Option<Option<u64>>,
                 }
-                let mut out = Vec::with_capacity(self.table.len() * 640 + 16);
+                let Some(limit) = limit.map(|l| l.max(1)) else {
+                    let flows = self.table.iter().map(view).filter(|v| filter.matches(v));
+                    let mut out = Vec::with_capacity(self.table.len() * 640 + 16);
+                    serde_json::to_writer(
+                        &mut out,
+                        &Flows {
+                            flows: SeqOf::new(flows),
+                            next: None,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+                    return raw_bytes(out);
+                };
+                // A page of the listing that started with `after` absent: its
+                // matching cookies, sorted, are kept until the next listing starts,
+                // so each page costs its own flows only. Flows that start meanwhile
+                // wait for the next listing; those that end are skipped.
+                let stale = match &listing {
+                    Some((f, _)) => after.is_none() || *f != filter,
+                    None => true,
+                };
+                if stale {
+                    let mut all: Vec<u64> = self
+                        .table
+                        .iter()
+                        .filter(|f| filter.is_empty() || filter.matches(&view(f)))
+                        .map(|f| f.cookie)
+                        .collect();
+                    all.sort_unstable();
+                    listing = Some((filter.clone(), all));
+                }
+                let all = &listing.as_ref().expect("set above").1;
+                let from = after.map_or(0, |a| all.partition_point(|c| *c <= a));
+                let cookies = &all[from..all.len().min(from + limit)];
+                let next = (from + limit < all.len())
+                    .then(|| cookies.last().copied())
+                    .flatten();
+                let flows = cookies.iter().filter_map(|c| self.table.get(*c)).map(view);
+                let mut out = Vec::with_capacity(cookies.len() * 640 + 32);
                 serde_json::to_writer(
                     &mut out,
                     &Flows {
                         flows: SeqOf::new(flows),
+                        next: Some(next),
                     },
                 )
                 .map_err(|e| e.to_string())?;
-                String::from_utf8(out)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| RawValue::from_string(s).map_err(|e| e.to_string()))
+                // The last page ends the listing.
+                self.listing = listing.filter(|_| next.is_some());
+                raw_bytes(out)
             }
             Request::Flow { cookie } => {
                 self.cache_user_names();
@@ -649,10 +668,23 @@ impl Engine {
     }
 }
 
+mod reload;
 pub mod views;
+
+pub use self::reload::load_policy;
+use self::reload::ReloadState;
+
+/// Period of [`Engine::run`]'s housekeeping (the default reconcile interval).
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
 fn raw<T: serde::Serialize>(v: &T) -> Result<Box<RawValue>, String> {
     to_raw_value(v).map_err(|e| e.to_string())
+}
+
+fn raw_bytes(out: Vec<u8>) -> Result<Box<RawValue>, String> {
+    String::from_utf8(out)
+        .map_err(|e| e.to_string())
+        .and_then(|s| RawValue::from_string(s).map_err(|e| e.to_string()))
 }
 
 /// Hands the allocator's free pages back to the kernel. Bursts (thousands of

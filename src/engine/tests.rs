@@ -174,6 +174,76 @@ fn a_reload_retags_live_flows_and_keeps_their_entropy() {
     assert_eq!((e.reloads_ok, e.reloads_failed), (1, 1));
 }
 
+/// A reload whose directory read stalls (a hung network filesystem) leaves the
+/// engine answering; the reload answers when the read completes, and a reload asked
+/// for meanwhile reads the directory once more after it.
+#[test]
+fn a_stalled_reload_does_not_stop_the_engine_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let mut e = engine(dir.path(), RecordingStore::new(16));
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(gate_rx);
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = reads.clone();
+    e.reloads.load = Arc::new(move |dir: &Path, registry: &Registry| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        gate.lock().unwrap().recv().unwrap();
+        load_policy(dir, registry)
+    });
+    let (_discovery_tx, discovery) = mpsc::channel(1);
+    let (commands_tx, commands) = mpsc::channel(8);
+    let (_announced_tx, announced) = mpsc::channel(1);
+    // The engine on a thread and runtime of its own, as in the daemon: were it
+    // to block, this test's runtime would still time it out.
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let engine =
+        std::thread::spawn(move || runtime().block_on(e.run(discovery, commands, announced)));
+    runtime().block_on(async move {
+        // try_send: the channel has room, and a sync helper returns the answer's
+        // receiver without awaiting it.
+        let call = |request| {
+            let (reply, answer) = oneshot::channel();
+            commands_tx
+                .try_send(Command::Control(ControlCall {
+                    request,
+                    peer_uid: Some(0),
+                    reply,
+                }))
+                .unwrap();
+            answer
+        };
+        let hang = Duration::from_secs(10);
+        let mut first = call(Request::Reload {});
+        let status = call(Request::Status {});
+        let status = tokio::time::timeout(hang, status).await;
+        assert!(status.is_ok(), "status waited for the stalled reload");
+        assert!(first.try_recv().is_err(), "answered before the read ended");
+        let second = call(Request::Reload {});
+        gate_tx.send(()).unwrap();
+        let v1 = tokio::time::timeout(hang, first).await.unwrap().unwrap();
+        write_policy(dir.path(), "Data Consolidation");
+        gate_tx.send(()).unwrap();
+        let v2 = tokio::time::timeout(hang, second).await.unwrap().unwrap();
+        let version = |v: Result<Box<RawValue>, String>| {
+            serde_json::from_str::<serde_json::Value>(v.unwrap().get()).unwrap()["policy_version"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_ne!(version(v1), version(v2), "the second read saw the new file");
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(commands_tx);
+        drop((_discovery_tx, _announced_tx));
+    });
+    engine.join().unwrap();
+}
+
 #[test]
 fn a_full_map_is_counted_and_the_other_marks_stay() {
     let dir = tempfile::tempdir().unwrap();
@@ -196,7 +266,13 @@ fn the_flows_request_names_the_rule_that_tagged_each_flow() {
     let store = RecordingStore::new(16);
     let mut e = engine(dir.path(), store);
     e.on_discovery(observed(7, key(40000, 1094), SockState::Established));
-    let reply = e.answer(Request::Flows { filter: None }).unwrap();
+    let reply = e
+        .answer(Request::Flows {
+            filter: None,
+            limit: None,
+            after: None,
+        })
+        .unwrap();
     let v: serde_json::Value = serde_json::from_str(reply.get()).unwrap();
     let flows = v["flows"].as_array().expect("flows array");
     assert_eq!(flows.len(), 1, "{v}");
@@ -204,6 +280,53 @@ fn the_flows_request_names_the_rule_that_tagged_each_flow() {
     assert_eq!(flows[0]["rule"], "atlas.toml:xrootd");
     assert_eq!(flows[0]["experiment"], 2);
     assert_eq!(flows[0]["activity"], 17);
+}
+
+/// A paged listing gives every flow once, in cookie order, `limit` at a time, and
+/// says where the next page starts until the last.
+#[test]
+fn a_paged_flows_listing_returns_every_flow_once_in_cookie_order() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let mut e = engine(dir.path(), RecordingStore::new(64));
+    for c in [9u64, 3, 12, 5, 1, 7, 20] {
+        e.on_discovery(observed(
+            c,
+            key(40000 + c as u16, 1094),
+            SockState::Established,
+        ));
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let reply = e
+            .answer(Request::Flows {
+                filter: None,
+                limit: Some(3),
+                after,
+            })
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(reply.get()).unwrap();
+        pages += 1;
+        let page: Vec<u64> = v["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["cookie"].as_u64().unwrap())
+            .collect();
+        assert!(page.len() <= 3, "{v}");
+        seen.extend(page);
+        match v["next"].as_u64() {
+            Some(n) => after = Some(n),
+            None => {
+                assert!(v["next"].is_null(), "the last page says so: {v}");
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, vec![1, 3, 5, 7, 9, 12, 20]);
+    assert_eq!(pages, 3);
 }
 
 #[test]
@@ -217,6 +340,8 @@ fn a_flows_request_with_a_bad_address_filter_is_an_error_not_an_empty_list() {
     let err = e
         .answer(Request::Flows {
             filter: Some(filter),
+            limit: None,
+            after: None,
         })
         .unwrap_err();
     assert!(

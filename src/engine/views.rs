@@ -96,6 +96,8 @@ impl Engine {
             outcomes,
             per_tag: self.tag_totals(counters.as_ref()),
             ringbuf_drops: self.tracker.drops.load(Ordering::Relaxed),
+            tracker_recursion_misses: self.tracker.recursion_misses_total(),
+            tracker_state_cb_events: self.tracker.state_cb_events.load(Ordering::Relaxed),
             reconcile_added: fc.reconcile_added,
             reconcile_ended: fc.reconcile_ended,
             last_poll_ms: self.last_poll.as_secs_f64() * 1000.0,
@@ -153,6 +155,16 @@ impl Engine {
                 let st = self.procs.stats();
                 Fact::ALL.map(|f| (f.name(), st.denied(f))).to_vec()
             },
+            recursion_misses: self
+                .tracker
+                .recursion_misses
+                .lock()
+                .unwrap()
+                .iter()
+                .flatten()
+                // "flowd_tcp_state (tp_btf/...)": the function name is the label.
+                .map(|(p, n)| (p.split(' ').next().unwrap_or(p), *n))
+                .collect(),
             control: self.control_view(),
             per_flow: self.per_flow.as_ref().map(|p| p.published.clone()),
         }

@@ -108,17 +108,3 @@ fn lean_keeps_flowd_gos_lean_fields_full_has_every_tcp_info_field() {
     assert!(v["tcpInfo"].get("pacingRate").is_none() && v.get("cong").is_none());
     assert_eq!(v["tcpInfo"]["totalRetrans"], 0);
 }
-
-#[test]
-fn replies_to_earlier_requests_and_errors_are_told_apart() {
-    let mut err = vec![0u8; 36];
-    err[0..4].copy_from_slice(&36u32.to_ne_bytes());
-    err[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
-    err[8..12].copy_from_slice(&5u32.to_ne_bytes());
-    err[16..20].copy_from_slice(&(-libc::ENOENT).to_ne_bytes());
-    assert_eq!(parse_reply(&err, 5), Reply::Gone);
-    assert_eq!(parse_reply(&err, 6), Reply::Stale);
-    err[16..20].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
-    assert_eq!(parse_reply(&err, 5), Reply::Error(libc::EPERM));
-    assert_eq!(parse_reply(&err[..10], 5), Reply::Error(libc::EBADMSG));
-}

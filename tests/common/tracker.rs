@@ -70,7 +70,13 @@ impl Probe {
         }
     }
 
-    fn poll_once(&mut self) {
+    /// The namespace's events seen so far.
+    pub fn seen(&self) -> &[TrackerEvent] {
+        &self.seen
+    }
+
+    /// Polls the ring once (up to 10 ms), keeping the namespace's events.
+    pub fn poll_once(&mut self) {
         let (netns, seen) = (self.netns, &mut self.seen);
         self.tracker
             .poll_events(Duration::from_millis(10), &mut |ev| {

@@ -114,6 +114,12 @@ fn answer(req: &Value, flows: &[FlowView]) -> Vec<u8> {
     match req.get("op").and_then(Value::as_str) {
         Some("status") => ok(status(flows)),
         Some("flows") => {
+            // A daemon from before paging: its request type denies unknown fields.
+            if let Some(k) = ["limit", "after"].iter().find(|k| req.get(**k).is_some()) {
+                return err(&format!(
+                    "bad request: unknown field `{k}`, expected `filter`"
+                ));
+            }
             let filter: FlowFilter = match serde_json::from_value(req["filter"].clone()) {
                 Ok(f) => f,
                 Err(e) => return err(&format!("bad request: {e}")),
