@@ -12,7 +12,8 @@
 //! the engine through its command channel.
 //!
 //! A flow announced through an input of `announcements.fireflies_for` that a full
-//! sock_diag dump begun after the announcement did not find has no local socket
+//! sock_diag dump begun after the announcement did not find (or that the tracker has
+//! not reported 10 s on) has no local socket
 //! (another host's transfer, a proxy's): it gets its start firefly then, and its
 //! end at the `end` announcement, as flowd-go sends one for every event, socket or
 //! not ([`Announcements::unseen`]).

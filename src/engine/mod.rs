@@ -317,6 +317,14 @@ impl Engine {
                 _ = housekeeping.tick() => {
                     if let Some(a) = &mut self.announcements {
                         a.expire();
+                        // Dumps may be a minute apart (discovery.full_dump_interval_s)
+                        // when the tracker sees every socket change: by UNSEEN_WAIT it
+                        // has reported any socket the announcement names.
+                        if self.fireflies.is_some() {
+                            let now = Instant::now();
+                            let unseen = a.unseen(now.checked_sub(UNSEEN_WAIT).unwrap_or(now));
+                            self.unseen_fireflies(unseen);
+                        }
                     }
                     release_free_memory();
                 }
@@ -676,6 +684,12 @@ use self::reload::ReloadState;
 
 /// Period of [`Engine::run`]'s housekeeping (the default reconcile interval).
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
+
+/// An announced flow still without a socket this long after its announcement has
+/// none here (see `Announcements::unseen`), whether or not a dump has run since: the
+/// tracker reports a socket within milliseconds, and without it dumps run every
+/// `discovery.reconcile_interval_ms` (5 s by default).
+const UNSEEN_WAIT: Duration = Duration::from_secs(10);
 
 fn raw<T: serde::Serialize>(v: &T) -> Result<Box<RawValue>, String> {
     to_raw_value(v).map_err(|e| e.to_string())
