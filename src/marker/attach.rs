@@ -1,11 +1,14 @@
 //! Putting the marker on interfaces and taking it off again, leaving each interface
 //! exactly as it was found.
 //!
-//! TCX links (kernel >= 6.6) belong to a file descriptor: they vanish with the
-//! process, even after SIGKILL. The clsact fallback outlives the process, so every
-//! clsact attachment is recorded in `<state_dir>/attachments.json` before it is
-//! made; `flowd-rs clean` (and every start) uses that record to remove what a
-//! crashed instance left, and only removes a clsact qdisc that flowd-rs created.
+//! TCX links (kernel >= 6.6) belong to a file descriptor, or to a pin (see
+//! `pin`): pinned, they outlive the process, and the next start swaps its program
+//! into them (BPF_LINK_UPDATE) without a moment unmarked. The clsact fallback
+//! outlives the process anyway; a start replaces the program of our filter in
+//! place (fixed handle and priority, BPF_TC_F_REPLACE), never touching the qdisc.
+//! Every clsact attachment is recorded in `<state_dir>/attachments.json` before it
+//! is made; `flowd-rs clean` uses that record to remove what an instance left, and
+//! only removes a clsact qdisc that flowd-rs created.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -22,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::config::AttachMode;
 use crate::marker::netif::{self, Interface};
+use crate::marker::pin::{self, Pins};
 
 /// Our clsact filter's handle and priority: fixed, so a restart replaces a leftover
 /// filter instead of stacking a second one, and `clean` finds it.
@@ -34,6 +38,7 @@ pub const PROG_NAME: &str = "flowd_mark";
 pub enum Attachment {
     Tcx {
         iface: Interface,
+        /// Pinned when pinning is on: then dropping it leaves it attached.
         link: Link,
     },
     Clsact {
@@ -122,10 +127,11 @@ pub async fn attach_all(
     mode: AttachMode,
     h: &Handle,
     state: &StateFile,
+    pins: Option<&Pins>,
 ) -> Result<Vec<Attachment>> {
     let mut done = Vec::new();
     for iface in ifaces {
-        match attach_one(prog, iface, mode, h, state).await {
+        match attach_one(prog, iface, mode, h, state, pins).await {
             Ok(a) => {
                 info!(interface = %iface.name, mode = a.mode(), "marker attached");
                 done.push(a);
@@ -145,14 +151,30 @@ async fn attach_one(
     mode: AttachMode,
     h: &Handle,
     state: &StateFile,
+    pins: Option<&Pins>,
 ) -> Result<Attachment> {
     if mode != AttachMode::Clsact {
+        if let Some(link) = pins.and_then(|p| adopt_tcx(prog, iface, p)) {
+            return Ok(Attachment::Tcx {
+                iface: iface.clone(),
+                link,
+            });
+        }
         match attach_tcx(prog, iface.index) {
-            Ok(link) => {
+            Ok(mut link) => {
+                if let Some(p) = pins {
+                    link.pin(p.tcx_link(iface.index)).with_context(|| {
+                        format!(
+                            "pinning the TCX link of {} in {}",
+                            iface.name,
+                            p.dir().display()
+                        )
+                    })?;
+                }
                 return Ok(Attachment::Tcx {
                     iface: iface.clone(),
                     link,
-                })
+                });
             }
             // Kernels before 6.6 do not know the TCX attach type.
             Err(e) if mode == AttachMode::Auto && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -169,7 +191,16 @@ async fn attach_one(
             Err(e) => return Err(os_error(e, "attaching TCX egress program", &iface.name)),
         }
     }
-    let created_qdisc = !netif::has_clsact(h, iface.index).await?;
+    // A qdisc an earlier instance created stays ours when we take its filter over.
+    let inherited = state
+        .load()?
+        .iter()
+        .any(|r| r.ifindex == iface.index && r.created_qdisc);
+    let has_clsact = netif::has_clsact(h, iface.index).await?;
+    let created_qdisc = !has_clsact || inherited;
+    if has_clsact {
+        log_replacement(iface, tc_query_egress(iface.index).ok(), prog);
+    }
     // Record first: if we die between creating the qdisc and saving, the next start
     // must still know the qdisc is ours.
     let record = ClsactRecord {
@@ -181,12 +212,12 @@ async fn attach_one(
         r.retain(|x| x.ifindex != iface.index);
         r.push(record);
     })?;
-    if created_qdisc {
+    if !has_clsact {
         tc_create_clsact(iface.index)
             .map_err(|e| tc_error(e, "creating clsact qdisc", &iface.name))?;
     }
     if let Err(e) = tc_attach_egress(iface.index, prog.as_fd()) {
-        if created_qdisc {
+        if !has_clsact {
             let _ = tc_destroy_clsact(iface.index);
         }
         state.update(|r| r.retain(|x| x.ifindex != iface.index))?;
@@ -213,7 +244,11 @@ pub async fn detach_all(atts: Vec<Attachment>, h: &Handle, state: &StateFile) {
 
 pub async fn detach(a: Attachment, h: &Handle, state: &StateFile) -> Result<()> {
     match a {
-        Attachment::Tcx { link, .. } => {
+        Attachment::Tcx { mut link, .. } => {
+            // Unpinned, the link goes with its last descriptor: this one.
+            if link.pin_path().is_some() {
+                link.unpin().context("unpinning the TCX link")?;
+            }
             drop(link);
             Ok(())
         }
@@ -257,10 +292,25 @@ pub struct CleanReport {
 /// (recognised by handle, priority and program name) and the clsact qdiscs the
 /// record says we created. TCX links need nothing: they died with their process.
 pub async fn clean(h: &Handle, state: &StateFile) -> Result<CleanReport> {
+    clean_except(h, state, &[]).await
+}
+
+/// [`clean`], but leaving the clsact attachments in `keep` (those of the running
+/// instance): after a start, removes what the previous one had where this one is
+/// not attached through clsact.
+pub async fn clean_except(
+    h: &Handle,
+    state: &StateFile,
+    keep: &[Attachment],
+) -> Result<CleanReport> {
     let records = state.load()?;
     let mut report = CleanReport::default();
+    let kept = |index: u32| {
+        keep.iter()
+            .any(|a| a.mode() == "clsact" && a.iface().index == index)
+    };
     for (index, name) in netif::links(h).await? {
-        if !netif::has_clsact(h, index).await? {
+        if kept(index) || !netif::has_clsact(h, index).await? {
             continue;
         }
         let iface = Interface { name, index };
@@ -281,8 +331,61 @@ pub async fn clean(h: &Handle, state: &StateFile) -> Result<CleanReport> {
             }
         }
     }
-    state.save(&[])?;
+    state.save(
+        &records
+            .into_iter()
+            .filter(|r| kept(r.ifindex))
+            .collect::<Vec<_>>(),
+    )?;
     Ok(report)
+}
+
+/// Takes over the TCX link an earlier instance pinned on `iface`, swapping this
+/// program in atomically. `None` (and the stale pin removed) when there is none,
+/// or it is no longer usable (its interface was deleted and made again).
+fn adopt_tcx(prog: &Program<'_>, iface: &Interface, pins: &Pins) -> Option<Link> {
+    let path = pins.tcx_link(iface.index);
+    if !path.exists() {
+        return None;
+    }
+    let adopted = Link::open(&path).and_then(|mut link| {
+        let info = link.info()?;
+        match info.info {
+            libbpf_rs::query::LinkTypeInfo::Tcx(t) if t.ifindex == iface.index => {}
+            _ => {
+                return Err(libbpf_rs::Error::from_raw_os_error(libc::ENOLINK));
+            }
+        }
+        log_replacement(iface, Some(info.prog_id), prog);
+        link.update_prog(prog)?;
+        Ok(link)
+    });
+    match adopted {
+        Ok(link) => Some(link),
+        Err(e) => {
+            warn!(interface = %iface.name, error = %e, "the pinned TCX link is unusable: attaching afresh");
+            let _ = std::fs::remove_file(&path);
+            None
+        }
+    }
+}
+
+/// Says whether the program taking over `iface` differs from the one running
+/// there (program tags compared). Either way it replaces it atomically: equal
+/// code may still run with another configuration (rodata).
+fn log_replacement(iface: &Interface, old_id: Option<u32>, new: &Program<'_>) {
+    let Some(old) = old_id.filter(|id| *id != 0).and_then(pin::prog_tag) else {
+        return;
+    };
+    let new = Program::id_from_fd(new.as_fd())
+        .ok()
+        .and_then(pin::prog_tag)
+        .unwrap_or_default();
+    if old == new {
+        info!(interface = %iface.name, tag = %new, "marker adopted: same program, swapped in atomically");
+    } else {
+        info!(interface = %iface.name, old_tag = %old, new_tag = %new, "marker adopted: program differs, replaced atomically");
+    }
 }
 
 fn prog_name(id: u32) -> Option<String> {

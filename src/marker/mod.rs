@@ -8,6 +8,7 @@ pub mod attach;
 pub mod compiled;
 pub mod maps;
 pub mod netif;
+pub mod pin;
 pub mod sk_cache;
 
 use std::mem::MaybeUninit;
@@ -24,6 +25,7 @@ use crate::features::{Feature, KernelFeatures};
 use attach::{Attachment, StateFile};
 use maps::MarkMaps;
 use netif::Interface;
+use pin::Pins;
 
 /// How to load the marker program.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +111,15 @@ impl LoadOptions {
 /// once and keeps it until exit, so the few bytes of that object are leaked on
 /// purpose rather than tying every owner to a stack frame.
 pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
+    load_pinned(opts, None).map(|(skel, _)| skel)
+}
+
+/// [`load`], sharing the maps pinned in `pins` when their layout matches this
+/// program's (pinning the new ones otherwise).
+pub fn load_pinned(
+    opts: &LoadOptions,
+    pins: Option<&Pins>,
+) -> Result<(MarkerSkel<'static>, Option<SharedMaps>)> {
     crate::bpf::route_libbpf_logs();
     let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
     let mut open = MarkerSkelBuilder::default()
@@ -140,8 +151,15 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
     open.progs
         .flowd_mark
         .set_attach_type(libbpf_rs::ProgramAttachType::TcxEgress);
+    if std::env::var_os("FLOWD_TEST_MARKER_VARIANT").is_some_and(|v| v == "1") {
+        test_variant(&mut open.progs.flowd_mark)?;
+    }
+    let layout = match pins {
+        Some(p) => Some(share_pinned_maps(open.open_object_mut(), p)?),
+        None => None,
+    };
     crate::bpf::clear_refusals();
-    open.load().map_err(|e| {
+    let skel = open.load().map_err(|e| {
         if let Some(r) = crate::bpf::refusal() {
             return anyhow::anyhow!("loading the marker (bpf/marker.bpf.c): {r}");
         }
@@ -152,7 +170,78 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
             _ => "",
         };
         anyhow::anyhow!("loading the marker BPF program: {e}{hint}")
-    })
+    })?;
+    Ok((skel, layout))
+}
+
+/// Points every shared map at its pin: libbpf then reuses the pinned map, or
+/// creates and pins it. Says in the log which: adopted, new, or new because the
+/// layout changed (then the old maps go once the new program runs, and marks
+/// return with the first reconcile, the in-kernel decisions meanwhile).
+fn share_pinned_maps(obj: &mut OpenObject, pins: &Pins) -> Result<SharedMaps> {
+    let layout = pin::layout(obj);
+    let dir = pins.maps_dir(&layout);
+    let others: Vec<String> = pins
+        .map_layouts()
+        .into_iter()
+        .filter(|l| *l != layout)
+        .collect();
+    if dir.exists() {
+        info!(maps = %dir.display(), "adopting the pinned marker maps: marks survive the restart");
+    } else if !others.is_empty() {
+        tracing::warn!(old = ?others, new = %layout, "marker map layout changed: new maps, the program is swapped atomically and marks are written again from the first reconcile");
+    }
+    let adopted = dir.exists();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for mut m in obj.maps_mut() {
+        let name = m.name().to_string_lossy().into_owned();
+        if pin::shared(&name) {
+            m.set_pin_path(dir.join(&name))
+                .with_context(|| format!("pinning map {name}"))?;
+        }
+    }
+    Ok(SharedMaps { layout, adopted })
+}
+
+/// Tests only (`FLOWD_TEST_MARKER_VARIANT=1`): stands in for an upgrade to a
+/// binary whose marker program differs, with the same maps. The final `exit`
+/// becomes `goto +0; exit`: the code, and so the program tag, differ; what it does
+/// does not. Jumps to the old `exit` now land on the `goto`, and every relocation
+/// points before it.
+fn test_variant(prog: &mut libbpf_rs::OpenProgramMut<'_>) -> Result<()> {
+    use libbpf_rs::AsRawLibbpf;
+    const EXIT: u8 = (libbpf_sys::BPF_JMP | libbpf_sys::BPF_EXIT) as u8;
+    const JA: u8 = (libbpf_sys::BPF_JMP | libbpf_sys::BPF_JA) as u8;
+    let mut insns = prog.insns().to_vec();
+    let Some(last) = insns.last().copied().filter(|i| i.code == EXIT) else {
+        anyhow::bail!("FLOWD_TEST_MARKER_VARIANT: flowd_mark does not end in exit");
+    };
+    let n = insns.len();
+    insns[n - 1] = libbpf_sys::bpf_insn {
+        code: JA,
+        ..Default::default()
+    };
+    insns.push(last);
+    // SAFETY: the object is open, not loaded; libbpf copies the instructions.
+    let rc = unsafe {
+        libbpf_sys::bpf_program__set_insns(
+            prog.as_libbpf_object().as_ptr(),
+            insns.as_mut_ptr(),
+            insns.len() as _,
+        )
+    };
+    anyhow::ensure!(rc == 0, "FLOWD_TEST_MARKER_VARIANT: set_insns: {rc}");
+    tracing::warn!("FLOWD_TEST_MARKER_VARIANT=1: loading the test variant of the marker program");
+    Ok(())
+}
+
+/// The maps a load shares through pins.
+#[derive(Debug, Clone)]
+pub struct SharedMaps {
+    /// Their layout (see [`pin::layout`]).
+    pub layout: String,
+    /// They were pinned already: an earlier instance's, marks included.
+    pub adopted: bool,
 }
 
 /// The load options of configuration `cfg` on this kernel, and the fallbacks taken.
@@ -250,6 +339,12 @@ pub struct Marker {
     state: StateFile,
     strategy: Strategy,
     fallbacks: Vec<String>,
+    /// Pinned state, when pinning is on: then a plain exit leaves the marker
+    /// running for the next start.
+    pins: Option<Pins>,
+    detach_on_exit: bool,
+    /// The maps are an earlier instance's, marks included.
+    adopted_maps: bool,
 }
 
 impl Marker {
@@ -259,9 +354,13 @@ impl Marker {
         attach::check_kernel()?;
         let rtnl = netif::connect()?;
         let state = StateFile::new(&cfg.state_dir);
-        let leftovers = attach::clean(&rtnl, &state).await?;
-        if !leftovers.filters_removed.is_empty() {
-            info!(interfaces = ?leftovers.filters_removed, "removed filters left by an earlier instance");
+        let pins = Pins::open(&cfg.marker.pin_dir, own_netns_ino()?)?;
+        if pins.is_none() {
+            // Nothing to adopt from: start from clean interfaces.
+            let leftovers = attach::clean(&rtnl, &state).await?;
+            if !leftovers.filters_removed.is_empty() {
+                info!(interfaces = ?leftovers.filters_removed, "removed filters left by an earlier instance");
+            }
         }
         let ifaces: Vec<Interface> = netif::resolve(&rtnl, &cfg.marker.interfaces).await?;
         let kernel = KernelFeatures::detect();
@@ -272,7 +371,9 @@ impl Marker {
         for f in &fallbacks {
             tracing::warn!("marker: {f}");
         }
-        let mut skel = load(&opts)?;
+        let (mut skel, shared) = load_pinned(&opts, pins.as_ref())?;
+        let adopted_maps = shared.as_ref().is_some_and(|s| s.adopted);
+        let layout = shared.map(|s| s.layout);
         let maps = Arc::new(maps_of(&skel, opts.map_capacity)?);
         let attachments = attach::attach_all(
             &skel.progs.flowd_mark,
@@ -280,8 +381,12 @@ impl Marker {
             cfg.marker.attach,
             &rtnl,
             &state,
+            pins.as_ref(),
         )
         .await?;
+        if let Some(p) = &pins {
+            retire_leftovers(p, &attachments, layout.as_deref(), &rtnl, &state).await?;
+        }
         let ksockops = if opts.in_kernel {
             attach_ksockops(&skel, cfg.discovery.cgroup2.as_deref())
         } else {
@@ -301,7 +406,20 @@ impl Marker {
             state,
             strategy: cfg.marker.strategy,
             fallbacks,
+            pins,
+            detach_on_exit: cfg.marker.detach_on_exit,
+            adopted_maps,
         })
+    }
+
+    /// Whether the maps (and the marks in them) were an earlier instance's.
+    pub fn adopted_maps(&self) -> bool {
+        self.adopted_maps
+    }
+
+    /// Whether the marker's state is pinned (restarts hand marking over).
+    pub fn pinned(&self) -> bool {
+        self.pins.is_some()
     }
 
     pub fn maps(&self) -> Arc<MarkMaps> {
@@ -341,12 +459,63 @@ impl Marker {
         self.ksockops.is_some()
     }
 
-    /// Detaches everywhere, leaving each interface as it was found.
+    /// Whether stopping leaves the marker running for the next start: pinning on
+    /// and no `detach_on_exit`.
+    pub fn keeps_marking_on_exit(&self) -> bool {
+        self.pins.is_some() && !self.detach_on_exit
+    }
+
+    /// Makes the next exit detach (`flowd-rs run --detach-on-exit`).
+    pub fn set_detach_on_exit(&mut self) {
+        self.detach_on_exit = true;
+    }
+
+    /// Leaves the pinned marker marking for the next start when
+    /// [`Self::keeps_marking_on_exit`], else detaches everywhere, leaving each
+    /// interface as it was found, and removes the pins.
     pub async fn stop(self) {
         drop(self.ksockops);
+        if self.pins.is_some() && !self.detach_on_exit {
+            info!(pins = %self.pins.as_ref().map(|p| p.dir().display().to_string()).unwrap_or_default(), "marker left running for the next start (`flowd-rs clean` removes it)");
+            drop(self.attachments);
+            drop(self.skel);
+            return;
+        }
         attach::detach_all(self.attachments, &self.rtnl, &self.state).await;
         drop(self.skel);
+        if let Some(p) = self.pins {
+            p.remove_all();
+        }
     }
+}
+
+/// After a start with pins: removes what the previous instance had and this one
+/// does not use (TCX links on interfaces no longer marked or now marked through
+/// clsact, clsact filters where this one uses TCX, maps of another layout).
+async fn retire_leftovers(
+    pins: &Pins,
+    attachments: &[Attachment],
+    layout: Option<&str>,
+    rtnl: &rtnetlink::Handle,
+    state: &StateFile,
+) -> Result<()> {
+    for ifindex in pins.tcx_ifindexes() {
+        let used = attachments
+            .iter()
+            .any(|a| a.mode() == "tcx" && a.iface().index == ifindex);
+        if !used {
+            info!(ifindex, "removing the TCX link an earlier instance left");
+            let _ = std::fs::remove_file(pins.tcx_link(ifindex));
+        }
+    }
+    let r = attach::clean_except(rtnl, state, attachments).await?;
+    if !r.filters_removed.is_empty() {
+        info!(interfaces = ?r.filters_removed, "removed clsact filters an earlier instance left");
+    }
+    if let Some(l) = layout {
+        pins.remove_other_layouts(l);
+    }
+    Ok(())
 }
 
 /// Attaches `flowd_ksockops` to the cgroup2 root so that every TCP connection of the
