@@ -20,7 +20,7 @@ use std::hash::Hasher;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use libbpf_rs::OpenObject;
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
@@ -57,8 +57,15 @@ impl Pins {
             warn!(pin_dir = %base.display(), "not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf): marker state not pinned, so a restart detaches and re-attaches, leaving a gap");
             return Ok(None);
         }
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let f = File::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
+        // Unprivileged (the packaged unit), the base comes from tmpfiles.d; without
+        // it the daemon still runs, unpinned.
+        let f = match std::fs::create_dir_all(&dir).and_then(|()| File::open(&dir)) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(pin_dir = %dir.display(), error = %e, "cannot use the pin directory: marker state not pinned, so a restart detaches and re-attaches, leaving a gap");
+                return Ok(None);
+            }
+        };
         let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
             anyhow::anyhow!(
                 "another flowd-rs daemon holds the pinned marker in {} ({e}): one daemon marks an interface",
