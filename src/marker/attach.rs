@@ -154,7 +154,7 @@ async fn attach_one(
     pins: Option<&Pins>,
 ) -> Result<Attachment> {
     if mode != AttachMode::Clsact {
-        if let Some(link) = pins.and_then(|p| adopt_tcx(prog, iface, p)) {
+        if let Some(link) = pins.and_then(|p| pin::adopt_tcx(prog, iface, p)) {
             return Ok(Attachment::Tcx {
                 iface: iface.clone(),
                 link,
@@ -199,7 +199,7 @@ async fn attach_one(
     let has_clsact = netif::has_clsact(h, iface.index).await?;
     let created_qdisc = !has_clsact || inherited;
     if has_clsact {
-        log_replacement(iface, tc_query_egress(iface.index).ok(), prog);
+        pin::log_replacement(iface, tc_query_egress(iface.index).ok(), prog);
     }
     // Record first: if we die between creating the qdisc and saving, the next start
     // must still know the qdisc is ours.
@@ -338,54 +338,6 @@ pub async fn clean_except(
             .collect::<Vec<_>>(),
     )?;
     Ok(report)
-}
-
-/// Takes over the TCX link an earlier instance pinned on `iface`, swapping this
-/// program in atomically. `None` (and the stale pin removed) when there is none,
-/// or it is no longer usable (its interface was deleted and made again).
-fn adopt_tcx(prog: &Program<'_>, iface: &Interface, pins: &Pins) -> Option<Link> {
-    let path = pins.tcx_link(iface.index);
-    if !path.exists() {
-        return None;
-    }
-    let adopted = Link::open(&path).and_then(|mut link| {
-        let info = link.info()?;
-        match info.info {
-            libbpf_rs::query::LinkTypeInfo::Tcx(t) if t.ifindex == iface.index => {}
-            _ => {
-                return Err(libbpf_rs::Error::from_raw_os_error(libc::ENOLINK));
-            }
-        }
-        log_replacement(iface, Some(info.prog_id), prog);
-        link.update_prog(prog)?;
-        Ok(link)
-    });
-    match adopted {
-        Ok(link) => Some(link),
-        Err(e) => {
-            warn!(interface = %iface.name, error = %e, "the pinned TCX link is unusable: attaching afresh");
-            let _ = std::fs::remove_file(&path);
-            None
-        }
-    }
-}
-
-/// Says whether the program taking over `iface` differs from the one running
-/// there (program tags compared). Either way it replaces it atomically: equal
-/// code may still run with another configuration (rodata).
-fn log_replacement(iface: &Interface, old_id: Option<u32>, new: &Program<'_>) {
-    let Some(old) = old_id.filter(|id| *id != 0).and_then(pin::prog_tag) else {
-        return;
-    };
-    let new = Program::id_from_fd(new.as_fd())
-        .ok()
-        .and_then(pin::prog_tag)
-        .unwrap_or_default();
-    if old == new {
-        info!(interface = %iface.name, tag = %new, "marker adopted: same program, swapped in atomically");
-    } else {
-        info!(interface = %iface.name, old_tag = %old, new_tag = %new, "marker adopted: program differs, replaced atomically");
-    }
 }
 
 fn prog_name(id: u32) -> Option<String> {

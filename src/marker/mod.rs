@@ -119,7 +119,7 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
 pub fn load_pinned(
     opts: &LoadOptions,
     pins: Option<&Pins>,
-) -> Result<(MarkerSkel<'static>, Option<SharedMaps>)> {
+) -> Result<(MarkerSkel<'static>, Option<pin::SharedMaps>)> {
     crate::bpf::route_libbpf_logs();
     let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
     let mut open = MarkerSkelBuilder::default()
@@ -152,10 +152,10 @@ pub fn load_pinned(
         .flowd_mark
         .set_attach_type(libbpf_rs::ProgramAttachType::TcxEgress);
     if std::env::var_os("FLOWD_TEST_MARKER_VARIANT").is_some_and(|v| v == "1") {
-        test_variant(&mut open.progs.flowd_mark)?;
+        pin::test_variant(&mut open.progs.flowd_mark)?;
     }
     let layout = match pins {
-        Some(p) => Some(share_pinned_maps(open.open_object_mut(), p)?),
+        Some(p) => Some(pin::share_pinned_maps(open.open_object_mut(), p)?),
         None => None,
     };
     crate::bpf::clear_refusals();
@@ -172,76 +172,6 @@ pub fn load_pinned(
         anyhow::anyhow!("loading the marker BPF program: {e}{hint}")
     })?;
     Ok((skel, layout))
-}
-
-/// Points every shared map at its pin: libbpf then reuses the pinned map, or
-/// creates and pins it. Says in the log which: adopted, new, or new because the
-/// layout changed (then the old maps go once the new program runs, and marks
-/// return with the first reconcile, the in-kernel decisions meanwhile).
-fn share_pinned_maps(obj: &mut OpenObject, pins: &Pins) -> Result<SharedMaps> {
-    let layout = pin::layout(obj);
-    let dir = pins.maps_dir(&layout);
-    let others: Vec<String> = pins
-        .map_layouts()
-        .into_iter()
-        .filter(|l| *l != layout)
-        .collect();
-    if dir.exists() {
-        info!(maps = %dir.display(), "adopting the pinned marker maps: marks survive the restart");
-    } else if !others.is_empty() {
-        tracing::warn!(old = ?others, new = %layout, "marker map layout changed: new maps, the program is swapped atomically and marks are written again from the first reconcile");
-    }
-    let adopted = dir.exists();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    for mut m in obj.maps_mut() {
-        let name = m.name().to_string_lossy().into_owned();
-        if pin::shared(&name) {
-            m.set_pin_path(dir.join(&name))
-                .with_context(|| format!("pinning map {name}"))?;
-        }
-    }
-    Ok(SharedMaps { layout, adopted })
-}
-
-/// Tests only (`FLOWD_TEST_MARKER_VARIANT=1`): stands in for an upgrade to a
-/// binary whose marker program differs, with the same maps. The final `exit`
-/// becomes `goto +0; exit`: the code, and so the program tag, differ; what it does
-/// does not. Jumps to the old `exit` now land on the `goto`, and every relocation
-/// points before it.
-fn test_variant(prog: &mut libbpf_rs::OpenProgramMut<'_>) -> Result<()> {
-    use libbpf_rs::AsRawLibbpf;
-    const EXIT: u8 = (libbpf_sys::BPF_JMP | libbpf_sys::BPF_EXIT) as u8;
-    const JA: u8 = (libbpf_sys::BPF_JMP | libbpf_sys::BPF_JA) as u8;
-    let mut insns = prog.insns().to_vec();
-    let Some(last) = insns.last().copied().filter(|i| i.code == EXIT) else {
-        anyhow::bail!("FLOWD_TEST_MARKER_VARIANT: flowd_mark does not end in exit");
-    };
-    let n = insns.len();
-    insns[n - 1] = libbpf_sys::bpf_insn {
-        code: JA,
-        ..Default::default()
-    };
-    insns.push(last);
-    // SAFETY: the object is open, not loaded; libbpf copies the instructions.
-    let rc = unsafe {
-        libbpf_sys::bpf_program__set_insns(
-            prog.as_libbpf_object().as_ptr(),
-            insns.as_mut_ptr(),
-            insns.len() as _,
-        )
-    };
-    anyhow::ensure!(rc == 0, "FLOWD_TEST_MARKER_VARIANT: set_insns: {rc}");
-    tracing::warn!("FLOWD_TEST_MARKER_VARIANT=1: loading the test variant of the marker program");
-    Ok(())
-}
-
-/// The maps a load shares through pins.
-#[derive(Debug, Clone)]
-pub struct SharedMaps {
-    /// Their layout (see [`pin::layout`]).
-    pub layout: String,
-    /// They were pinned already: an earlier instance's, marks included.
-    pub adopted: bool,
 }
 
 /// The load options of configuration `cfg` on this kernel, and the fallbacks taken.

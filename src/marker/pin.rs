@@ -18,12 +18,15 @@
 use std::fs::File;
 use std::hash::Hasher;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-use libbpf_rs::OpenObject;
+use anyhow::{Context, Result};
+use libbpf_rs::{Link, OpenObject, Program};
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
+
+use crate::marker::netif::Interface;
 
 /// Bump when a struct the daemon and the program share through a map changes its
 /// meaning without changing its size (the sizes are part of the layout already).
@@ -186,4 +189,122 @@ pub fn prog_tag(id: u32) -> Option<String> {
     libbpf_rs::query::ProgInfoIter::default()
         .find(|p| p.id == id)
         .map(|p| p.tag.0.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Takes over the TCX link an earlier instance pinned on `iface`, swapping this
+/// program in atomically. `None` (and the stale pin removed) when there is none,
+/// or it is no longer usable (its interface was deleted and made again).
+pub fn adopt_tcx(prog: &Program<'_>, iface: &Interface, pins: &Pins) -> Option<Link> {
+    let path = pins.tcx_link(iface.index);
+    if !path.exists() {
+        return None;
+    }
+    let adopted = Link::open(&path).and_then(|mut link| {
+        let info = link.info()?;
+        match info.info {
+            libbpf_rs::query::LinkTypeInfo::Tcx(t) if t.ifindex == iface.index => {}
+            _ => {
+                return Err(libbpf_rs::Error::from_raw_os_error(libc::ENOLINK));
+            }
+        }
+        log_replacement(iface, Some(info.prog_id), prog);
+        link.update_prog(prog)?;
+        Ok(link)
+    });
+    match adopted {
+        Ok(link) => Some(link),
+        Err(e) => {
+            warn!(interface = %iface.name, error = %e, "the pinned TCX link is unusable: attaching afresh");
+            let _ = std::fs::remove_file(&path);
+            None
+        }
+    }
+}
+
+/// Says whether the program taking over `iface` differs from the one running
+/// there (program tags compared). Either way it replaces it atomically: equal
+/// code may still run with another configuration (rodata).
+pub fn log_replacement(iface: &Interface, old_id: Option<u32>, new: &Program<'_>) {
+    let Some(old) = old_id.filter(|id| *id != 0).and_then(prog_tag) else {
+        return;
+    };
+    let new = Program::id_from_fd(new.as_fd())
+        .ok()
+        .and_then(prog_tag)
+        .unwrap_or_default();
+    if old == new {
+        info!(interface = %iface.name, tag = %new, "marker adopted: same program, swapped in atomically");
+    } else {
+        info!(interface = %iface.name, old_tag = %old, new_tag = %new, "marker adopted: program differs, replaced atomically");
+    }
+}
+
+/// Points every shared map at its pin: libbpf then reuses the pinned map, or
+/// creates and pins it. Says in the log which: adopted, new, or new because the
+/// layout changed (then the old maps go once the new program runs, and marks
+/// return with the first reconcile, the in-kernel decisions meanwhile).
+pub fn share_pinned_maps(obj: &mut OpenObject, pins: &Pins) -> Result<SharedMaps> {
+    let layout = layout(obj);
+    let dir = pins.maps_dir(&layout);
+    let others: Vec<String> = pins
+        .map_layouts()
+        .into_iter()
+        .filter(|l| *l != layout)
+        .collect();
+    if dir.exists() {
+        info!(maps = %dir.display(), "adopting the pinned marker maps: marks survive the restart");
+    } else if !others.is_empty() {
+        tracing::warn!(old = ?others, new = %layout, "marker map layout changed: new maps, the program is swapped atomically and marks are written again from the first reconcile");
+    }
+    let adopted = dir.exists();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for mut m in obj.maps_mut() {
+        let name = m.name().to_string_lossy().into_owned();
+        if shared(&name) {
+            m.set_pin_path(dir.join(&name))
+                .with_context(|| format!("pinning map {name}"))?;
+        }
+    }
+    Ok(SharedMaps { layout, adopted })
+}
+
+/// Tests only (`FLOWD_TEST_MARKER_VARIANT=1`): stands in for an upgrade to a
+/// binary whose marker program differs, with the same maps. The final `exit`
+/// becomes `goto +0; exit`: the code, and so the program tag, differ; what it does
+/// does not. Jumps to the old `exit` now land on the `goto`, and every relocation
+/// points before it.
+pub fn test_variant(prog: &mut libbpf_rs::OpenProgramMut<'_>) -> Result<()> {
+    use libbpf_rs::AsRawLibbpf;
+    const EXIT: u8 = (libbpf_sys::BPF_JMP | libbpf_sys::BPF_EXIT) as u8;
+    const JA: u8 = (libbpf_sys::BPF_JMP | libbpf_sys::BPF_JA) as u8;
+    let mut insns = prog.insns().to_vec();
+    let Some(last) = insns.last().copied().filter(|i| i.code == EXIT) else {
+        anyhow::bail!("FLOWD_TEST_MARKER_VARIANT: flowd_mark does not end in exit");
+    };
+    let n = insns.len();
+    insns[n - 1] = libbpf_sys::bpf_insn {
+        code: JA,
+        ..Default::default()
+    };
+    insns.push(last);
+    // SAFETY: the object is open, not loaded; libbpf copies the instructions.
+    let rc = unsafe {
+        libbpf_sys::bpf_program__set_insns(
+            prog.as_libbpf_object().as_ptr(),
+            insns.as_mut_ptr(),
+            insns.len() as _,
+        )
+    };
+    anyhow::ensure!(rc == 0, "FLOWD_TEST_MARKER_VARIANT: set_insns: {rc}");
+    tracing::warn!("FLOWD_TEST_MARKER_VARIANT=1: loading the test variant of the marker program");
+    Ok(())
+}
+
+/// The maps a load shares through pins.
+#[derive(Debug, Clone)]
+pub struct SharedMaps {
+    /// Their layout (see [`layout`]).
+    pub layout: String,
+    /// They were pinned already: an earlier instance's, marks included.
+    pub adopted: bool,
 }
