@@ -184,6 +184,14 @@ fn hand_over(attach: &str) -> Option<Seen> {
     let _ = server.wait();
     let pkts = cap.finish();
     let dropped = tx_dropped(&pair.a) - dropped_before;
+    // The last daemon counts the flow under its tag: it took the counter slot
+    // over with the maps (the first daemon gave it).
+    let status = d.cli_ok(&["status"]);
+    let per_tag = &status[status.find("\"per_tag\"").expect("per_tag in status")..];
+    assert!(
+        per_tag.contains("\"experiment\": 2") && per_tag.contains("\"activity\": 3"),
+        "{status}"
+    );
     let config = d.config.clone();
     let log3 = d.stop();
     let clean = pair

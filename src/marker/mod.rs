@@ -305,6 +305,9 @@ impl Marker {
         let adopted_maps = shared.as_ref().is_some_and(|s| s.adopted);
         let layout = shared.map(|s| s.layout);
         let maps = Arc::new(maps_of(&skel, opts.map_capacity)?);
+        if adopted_maps {
+            maps.adopt_slots();
+        }
         let attachments = attach::attach_all(
             &skel.progs.flowd_mark,
             &ifaces,
