@@ -168,7 +168,8 @@ fn hand_over(attach: &str) -> Option<Seen> {
     let dropped_before = tx_dropped(&pair.a);
     let filter = format!("ip6 and tcp and src port {CPORT}");
     let cap = Capture::start(&pair.b, IF_B, &filter, dir.path());
-    let (mut server, mut client) = iperf(&pair, 4);
+    // Long enough for any hand-over, even under emulation: stopped once done.
+    let (mut server, mut client) = iperf(&pair, 600);
     std::thread::sleep(Duration::from_secs(1));
     let (log1, d) = d.restart(dir.path(), &[]);
     if unpinned() {
@@ -180,7 +181,18 @@ fn hand_over(attach: &str) -> Option<Seen> {
     if unpinned() {
         mark_flow(&d);
     }
-    assert!(client.wait().unwrap().success(), "iperf3 client failed");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        client.try_wait().unwrap().is_none(),
+        "the iperf3 flow ended before the hand-overs were done"
+    );
+    // SIGINT: iperf3 ends the test and closes the flow.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(client.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let _ = client.wait();
     let _ = server.wait();
     let pkts = cap.finish();
     let dropped = tx_dropped(&pair.a) - dropped_before;
@@ -231,7 +243,7 @@ fn check(attach: &str) {
     };
     let logs = seen.logs.join("\n----\n");
     assert!(
-        seen.packets > 1000,
+        seen.packets > 200,
         "too few packets captured: {}",
         seen.packets
     );
