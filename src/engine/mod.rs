@@ -73,6 +73,12 @@ pub struct Engine {
     announcements: Option<Announcements>,
     /// Told once, when the first complete sock_diag dump has been applied.
     first_dump: Option<oneshot::Sender<()>>,
+    /// The maps were adopted from an earlier instance (pinned): the first complete
+    /// dump sweeps the marks of flows that ended while no daemon ran.
+    adopted_marks: Option<std::collections::HashSet<crate::model::socket::FlowKey>>,
+    /// Leave the marks in the maps at exit: the pinned marker goes on marking
+    /// until the next instance takes over.
+    keep_marks_on_exit: bool,
     /// Refused /proc reads already warned about: (rule, fact), once each per policy.
     denied_warned: std::collections::HashSet<(String, Fact)>,
     /// The resolver's refusal counts at the last check.
@@ -131,6 +137,8 @@ impl Engine {
             fireflies: None,
             announcements: None,
             first_dump: None,
+            adopted_marks: None,
+            keep_marks_on_exit: false,
             denied_warned: Default::default(),
             denied_seen: [0; 3],
             connections: None,
@@ -142,6 +150,22 @@ impl Engine {
             },
             listing: None,
         }
+    }
+
+    /// A restart hand-over: `adopted` says the maps hold an earlier instance's
+    /// marks, `keep_on_exit` that this one's marks stay for the next.
+    pub fn with_handover(mut self, adopted: bool, keep_on_exit: bool) -> Self {
+        // The marks there now: those the kernel writes from here on are of new
+        // sockets the dump may have missed, and not to be swept.
+        self.adopted_marks = adopted.then(|| {
+            self.maps
+                .flow_counts()
+                .unwrap_or_default()
+                .into_keys()
+                .collect()
+        });
+        self.keep_marks_on_exit = keep_on_exit;
+        self
     }
 
     /// `tx` is told when the first complete sock_diag dump has been reconciled: from
@@ -328,7 +352,26 @@ impl Engine {
                 }
             }
         }
-        self.remove_all_marks();
+        if !self.keep_marks_on_exit {
+            self.remove_all_marks();
+        }
+    }
+
+    /// Removes the adopted marks of flows the first dump did not find (their
+    /// sockets closed while no daemon ran); those of live flows stay, so they are
+    /// marked without a gap, and are not written (or counted) twice.
+    fn sweep_adopted(&mut self, adopted: std::collections::HashSet<crate::model::socket::FlowKey>) {
+        let live: std::collections::HashSet<_> = self.table.iter().map(|f| f.key).collect();
+        let mut swept = 0usize;
+        for key in adopted {
+            if !live.contains(&key) && self.maps.remove(&key).unwrap_or(false) {
+                swept += 1;
+            }
+        }
+        info!(
+            swept,
+            "adopted marks of flows that ended while no daemon ran removed"
+        );
     }
 
     fn on_discovery(&mut self, d: Discovery) {
@@ -365,6 +408,9 @@ impl Engine {
                             if let Some((_, published)) = &self.metrics {
                                 published.set(self.snapshot());
                             }
+                        }
+                        if let Some(adopted) = self.adopted_marks.take() {
+                            self.sweep_adopted(adopted);
                         }
                         if let Some(tx) = self.first_dump.take() {
                             let _ = tx.send(());
