@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 bash .ci/setup
 cargo bench --no-run --quiet
-for b in marker coverage throughput sockdiag tracker_rate flows daemon policy decide_cost fireflies; do
+for b in marker coverage throughput sockdiag tracker_rate flows daemon policy decide_cost fireflies restart_gap; do
     echo
     echo "===== $b"
     cargo bench --quiet --bench "$b" 2>&1 | grep -v -E '^\s*(Running|Finished|Compiling)'

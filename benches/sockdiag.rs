@@ -134,9 +134,10 @@ fn measure(conns: usize, sd: &mut SockDiag, empty: &mut SockDiag) {
     let (fmin, fmed) = stats(diffs);
     let (tmin, tmed) = stats(totals);
     let mut nothing = Vec::new();
+    let mut none = Vec::new();
     for _ in 0..RUNS {
         let t = Instant::now();
-        empty.dump(&mut buf).expect("empty dump");
+        empty.dump(&mut none).expect("empty dump");
         nothing.push(t.elapsed());
     }
     let (emin, emed) = stats(nothing);

@@ -399,7 +399,18 @@ pub struct MarkerConfig {
     /// packets skip the flow-map lookup (the TC program's main cost). `false` looks
     /// every packet up in the map.
     pub socket_cache: bool,
+    /// Where the marker's links and maps are pinned (a bpf filesystem), one
+    /// directory per network namespace below it, so that a restart or an upgrade
+    /// adopts the running marker instead of leaving a gap. `""` turns pinning off:
+    /// every exit then detaches, and the next start attaches afresh.
+    pub pin_dir: PathBuf,
+    /// Remove the marker (links, filters, pins) on every exit instead of leaving
+    /// it marking for the next start; `flowd-rs run --detach-on-exit` does the same.
+    pub detach_on_exit: bool,
 }
+
+/// Default `marker.pin_dir`.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowd-rs";
 
 impl Default for MarkerConfig {
     fn default() -> Self {
@@ -410,6 +421,8 @@ impl Default for MarkerConfig {
             map_capacity: DEFAULT_MAP_CAPACITY,
             in_kernel_decisions: true,
             socket_cache: true,
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            detach_on_exit: false,
         }
     }
 }

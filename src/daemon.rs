@@ -93,6 +93,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let policy_version = policy.version().to_string();
 
     let marker = Marker::start(&cfg).await?;
+    if marker.pinned() && !marker.keeps_marking_on_exit() {
+        info!("marker.detach_on_exit: every exit removes the marker and its pins");
+    }
     match start_engine(&cfg, &marker, policy, registry).await {
         Ok(mut running) => {
             let first_dump = running.first_dump.take();
@@ -122,8 +125,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(cfg.control_socket());
+    let kept = marker.keeps_marking_on_exit();
     marker.stop().await;
-    info!("flowd-rs stopped; interfaces left as found");
+    if kept {
+        info!("flowd-rs stopped; the pinned marker marks on until the next start");
+    } else {
+        info!("flowd-rs stopped; interfaces left as found");
+    }
     Ok(())
 }
 
@@ -241,7 +249,8 @@ async fn start_engine(
         info.clone(),
         tracker_status,
     )
-    .with_in_kernel_decisions(cfg.marker.in_kernel_decisions);
+    .with_in_kernel_decisions(cfg.marker.in_kernel_decisions)
+    .with_handover(marker.adopted_maps(), marker.keeps_marking_on_exit());
     let mut firefly_counters = None;
     let mut drains = Vec::new();
     let mut own_ports = Vec::new();
@@ -384,9 +393,31 @@ pub async fn clean(cfg: Config) -> Result<()> {
     let rtnl = crate::marker::netif::connect()?;
     let state = crate::marker::attach::StateFile::new(&cfg.state_dir);
     let report = crate::marker::attach::clean(&rtnl, &state).await?;
+    // Unpinned, TCX links detach and the maps go.
+    let ino = crate::marker::own_netns_ino()?;
+    let existed = !cfg.marker.pin_dir.as_os_str().is_empty()
+        && cfg.marker.pin_dir.join(format!("net{ino}")).exists();
+    let pinned = match crate::marker::pin::Pins::open(&cfg.marker.pin_dir, ino) {
+        Ok(Some(p)) if existed => {
+            let dir = p.dir().display().to_string();
+            p.remove_all();
+            Some(dir)
+        }
+        Ok(Some(p)) => {
+            p.remove_all();
+            None
+        }
+        Ok(None) => None,
+        Err(e) => return Err(e),
+    };
     let _ = std::fs::remove_file(cfg.control_socket());
+    if let Some(dir) = &pinned {
+        println!("removed the pinned marker state in {dir}");
+    }
     if report.filters_removed.is_empty() && report.qdiscs_removed.is_empty() {
-        println!("nothing to clean");
+        if pinned.is_none() {
+            println!("nothing to clean");
+        }
     } else {
         println!(
             "removed flowd-rs filters from: {}; removed clsact qdiscs from: {}",

@@ -31,8 +31,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon: attach the marker, serve the control socket, until SIGINT/SIGTERM.
-    Run,
-    /// Remove anything a crashed instance left attached to interfaces.
+    /// With pinning on (marker.pin_dir), an exit leaves the marker marking and the
+    /// next start takes it over without a gap.
+    Run {
+        /// Remove the marker and its pins at exit (a real stop), as
+        /// marker.detach_on_exit = true does.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove the marker an earlier instance left: pinned links and maps, clsact
+    /// filters, and the clsact qdiscs flowd-rs created.
     Clean,
     /// Show the running daemon's status and counters.
     Status,
@@ -347,7 +355,7 @@ The control socket \fBstatus\fR, \fBinspect\fR and \fBreload\fR talk to (JSON li
 \fB/run/flowd\-rs/attachments.json\fR
 What is attached where, so \fBflowd\-rs clean\fR can undo a crashed instance.
 .SH SIGNALS
-SIGHUP reloads the policy directory (a broken one is refused and the previous policy kept). SIGINT and SIGTERM detach everything and leave each interface as found.
+SIGHUP reloads the policy directory (a broken one is refused and the previous policy kept). SIGINT and SIGTERM stop the daemon; with the marker pinned (\fBmarker.pin_dir\fR, a bpf filesystem) the marker keeps marking and the next start takes it over without a gap (restarts, upgrades). \fB\-\-detach\-on\-exit\fR, \fBmarker.detach_on_exit\fR or \fBflowd\-rs clean\fR remove everything and leave each interface as found.
 .SH SEE ALSO
 \fBsystemctl\fR(1), \fBjournalctl\fR(1); https://www.scitags.org; /usr/share/doc/flowd\-rs/README.md (operations: capabilities, metrics, upgrades).
 "#,
@@ -373,9 +381,12 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         _ => {}
     }
-    let cfg = load_config(&cli)?;
+    let mut cfg = load_config(&cli)?;
     match cli.command {
-        Command::Run => runtime()?.block_on(flowd::daemon::run(cfg)),
+        Command::Run { detach_on_exit } => {
+            cfg.marker.detach_on_exit |= detach_on_exit;
+            runtime()?.block_on(flowd::daemon::run(cfg))
+        }
         Command::Clean => runtime()?.block_on(flowd::daemon::clean(cfg)),
         Command::Status => {
             let path = cfg.control_socket();

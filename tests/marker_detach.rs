@@ -142,10 +142,11 @@ fn after_sigkill_tcx_leaves_nothing_attached() {
         return;
     }
     let before = qdiscs(&pair.a);
-    let mut d = Daemon::start(&pair.a, dir.path(), "attach = \"tcx\"");
+    // Unpinned (a pinned link outlives a crash on purpose: marker_restart).
+    let mut d = Daemon::start(&pair.a, dir.path(), "attach = \"tcx\"\npin_dir = \"\"");
     d.signal(Signal::SIGKILL);
     d.child.wait().unwrap();
-    // TCX links belong to the process's file descriptors.
+    // Unpinned TCX links belong to the process's file descriptors.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while bpf_on_iface(&pair.a).contains("flowd_mark") {
         assert!(

@@ -73,6 +73,12 @@ pub struct Engine {
     announcements: Option<Announcements>,
     /// Told once, when the first complete sock_diag dump has been applied.
     first_dump: Option<oneshot::Sender<()>>,
+    /// The maps were adopted from an earlier instance (pinned): the first complete
+    /// dump sweeps the marks of flows that ended while no daemon ran.
+    adopted_marks: Option<std::collections::HashSet<crate::model::socket::FlowKey>>,
+    /// Leave the marks in the maps at exit: the pinned marker goes on marking
+    /// until the next instance takes over.
+    keep_marks_on_exit: bool,
     /// Refused /proc reads already warned about: (rule, fact), once each per policy.
     denied_warned: std::collections::HashSet<(String, Fact)>,
     /// The resolver's refusal counts at the last check.
@@ -83,8 +89,8 @@ pub struct Engine {
     /// counted once), and the last series published.
     per_flow: Option<PerFlowState>,
     reloads: ReloadState,
-    /// The paged `flows` listing in progress: its filter and matching cookies.
-    listing: Option<(crate::api::filter::FlowFilter, Vec<u64>)>,
+    /// The paged `flows` listing in progress.
+    listing: Option<listing::Listing>,
 }
 
 struct PerFlowState {
@@ -131,6 +137,8 @@ impl Engine {
             fireflies: None,
             announcements: None,
             first_dump: None,
+            adopted_marks: None,
+            keep_marks_on_exit: false,
             denied_warned: Default::default(),
             denied_seen: [0; 3],
             connections: None,
@@ -142,6 +150,22 @@ impl Engine {
             },
             listing: None,
         }
+    }
+
+    /// A restart hand-over: `adopted` says the maps hold an earlier instance's
+    /// marks, `keep_on_exit` that this one's marks stay for the next.
+    pub fn with_handover(mut self, adopted: bool, keep_on_exit: bool) -> Self {
+        // The marks there now: those the kernel writes from here on are of new
+        // sockets the dump may have missed, and not to be swept.
+        self.adopted_marks = adopted.then(|| {
+            self.maps
+                .flow_counts()
+                .unwrap_or_default()
+                .into_keys()
+                .collect()
+        });
+        self.keep_marks_on_exit = keep_on_exit;
+        self
     }
 
     /// `tx` is told when the first complete sock_diag dump has been reconciled: from
@@ -336,7 +360,26 @@ impl Engine {
                 }
             }
         }
-        self.remove_all_marks();
+        if !self.keep_marks_on_exit {
+            self.remove_all_marks();
+        }
+    }
+
+    /// Removes the adopted marks of flows the first dump did not find (their
+    /// sockets closed while no daemon ran); those of live flows stay, so they are
+    /// marked without a gap, and are not written (or counted) twice.
+    fn sweep_adopted(&mut self, adopted: std::collections::HashSet<crate::model::socket::FlowKey>) {
+        let live: std::collections::HashSet<_> = self.table.iter().map(|f| f.key).collect();
+        let mut swept = 0usize;
+        for key in adopted {
+            if !live.contains(&key) && self.maps.remove(&key).unwrap_or(false) {
+                swept += 1;
+            }
+        }
+        info!(
+            swept,
+            "adopted marks of flows that ended while no daemon ran removed"
+        );
     }
 
     fn on_discovery(&mut self, d: Discovery) {
@@ -373,6 +416,9 @@ impl Engine {
                             if let Some((_, published)) = &self.metrics {
                                 published.set(self.snapshot());
                             }
+                        }
+                        if let Some(adopted) = self.adopted_marks.take() {
+                            self.sweep_adopted(adopted);
                         }
                         if let Some(tx) = self.first_dump.take() {
                             let _ = tx.send(());
@@ -570,69 +616,10 @@ impl Engine {
                 let filter = filter.unwrap_or_default();
                 // Otherwise a bad address matches nothing and looks like "no flows".
                 filter.validate().map_err(|e| e.to_string())?;
-                let counts = self.maps.flow_counts().unwrap_or_default();
-                let mut listing = self.listing.take();
-                let view = |f: &Flow| self.flow_view(f, counts.get(&f.key).copied(), false);
-                // Each view is serialized as it is built (a listing never holds them
-                // all), into a buffer sized for the reply. A struct, not json!():
-                // json! would first build a Value of every flow, which costs ten
-                // times the serialization itself.
-                #[derive(serde::Serialize)]
-                struct Flows<S> {
-                    flows: S,
-                    #[serde(skip_serializing_if = "Option::is_none")]
-                    next: Option<Option<u64>>,
+                match limit {
+                    None => self.all_flows(&filter),
+                    Some(limit) => self.flows_page(filter, limit.max(1), after),
                 }
-                let Some(limit) = limit.map(|l| l.max(1)) else {
-                    let flows = self.table.iter().map(view).filter(|v| filter.matches(v));
-                    let mut out = Vec::with_capacity(self.table.len() * 640 + 16);
-                    serde_json::to_writer(
-                        &mut out,
-                        &Flows {
-                            flows: SeqOf::new(flows),
-                            next: None,
-                        },
-                    )
-                    .map_err(|e| e.to_string())?;
-                    return raw_bytes(out);
-                };
-                // A page of the listing that started with `after` absent: its
-                // matching cookies, sorted, are kept until the next listing starts,
-                // so each page costs its own flows only. Flows that start meanwhile
-                // wait for the next listing; those that end are skipped.
-                let stale = match &listing {
-                    Some((f, _)) => after.is_none() || *f != filter,
-                    None => true,
-                };
-                if stale {
-                    let mut all: Vec<u64> = self
-                        .table
-                        .iter()
-                        .filter(|f| filter.is_empty() || filter.matches(&view(f)))
-                        .map(|f| f.cookie)
-                        .collect();
-                    all.sort_unstable();
-                    listing = Some((filter.clone(), all));
-                }
-                let all = &listing.as_ref().expect("set above").1;
-                let from = after.map_or(0, |a| all.partition_point(|c| *c <= a));
-                let cookies = &all[from..all.len().min(from + limit)];
-                let next = (from + limit < all.len())
-                    .then(|| cookies.last().copied())
-                    .flatten();
-                let flows = cookies.iter().filter_map(|c| self.table.get(*c)).map(view);
-                let mut out = Vec::with_capacity(cookies.len() * 640 + 32);
-                serde_json::to_writer(
-                    &mut out,
-                    &Flows {
-                        flows: SeqOf::new(flows),
-                        next: Some(next),
-                    },
-                )
-                .map_err(|e| e.to_string())?;
-                // The last page ends the listing.
-                self.listing = listing.filter(|_| next.is_some());
-                raw_bytes(out)
             }
             Request::Flow { cookie } => {
                 self.cache_user_names();
@@ -676,6 +663,7 @@ impl Engine {
     }
 }
 
+mod listing;
 mod reload;
 pub mod views;
 
@@ -695,7 +683,7 @@ fn raw<T: serde::Serialize>(v: &T) -> Result<Box<RawValue>, String> {
     to_raw_value(v).map_err(|e| e.to_string())
 }
 
-fn raw_bytes(out: Vec<u8>) -> Result<Box<RawValue>, String> {
+pub(crate) fn raw_bytes(out: Vec<u8>) -> Result<Box<RawValue>, String> {
     String::from_utf8(out)
         .map_err(|e| e.to_string())
         .and_then(|s| RawValue::from_string(s).map_err(|e| e.to_string()))

@@ -1,25 +1,31 @@
 //! Putting the marker on interfaces and taking it off again, leaving each interface
 //! exactly as it was found.
 //!
-//! TCX links (kernel >= 6.6) belong to a file descriptor: they vanish with the
-//! process, even after SIGKILL. The clsact fallback outlives the process, so every
-//! clsact attachment is recorded in `<state_dir>/attachments.json` before it is
-//! made; `flowd-rs clean` (and every start) uses that record to remove what a
-//! crashed instance left, and only removes a clsact qdisc that flowd-rs created.
+//! TCX links (kernel >= 6.6) belong to a file descriptor, or to a pin (see
+//! `pin`): pinned, they outlive the process, and the next start swaps its program
+//! into them (BPF_LINK_UPDATE) without a moment unmarked. The clsact fallback
+//! outlives the process anyway; a start replaces the program of our filter in
+//! place (fixed handle and priority, BPF_TC_F_REPLACE), never touching the qdisc.
+//! Every clsact attachment is recorded in `<state_dir>/attachments.json` before it
+//! is made; `flowd-rs clean` uses that record to remove what an instance left, and
+//! only removes a clsact qdisc that flowd-rs created.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
 use anyhow::{bail, Context, Result};
-use libbpf_rs::{AsRawLibbpf, Link, Program};
+use libbpf_rs::{
+    AsRawLibbpf, ErrorKind, Link, Program, TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS,
+};
 use rtnetlink::Handle;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::AttachMode;
 use crate::marker::netif::{self, Interface};
+use crate::marker::pin::{self, Pins};
 
 /// Our clsact filter's handle and priority: fixed, so a restart replaces a leftover
 /// filter instead of stacking a second one, and `clean` finds it.
@@ -32,6 +38,7 @@ pub const PROG_NAME: &str = "flowd_mark";
 pub enum Attachment {
     Tcx {
         iface: Interface,
+        /// Pinned when pinning is on: then dropping it leaves it attached.
         link: Link,
     },
     Clsact {
@@ -120,10 +127,11 @@ pub async fn attach_all(
     mode: AttachMode,
     h: &Handle,
     state: &StateFile,
+    pins: Option<&Pins>,
 ) -> Result<Vec<Attachment>> {
     let mut done = Vec::new();
     for iface in ifaces {
-        match attach_one(prog, iface, mode, h, state).await {
+        match attach_one(prog, iface, mode, h, state, pins).await {
             Ok(a) => {
                 info!(interface = %iface.name, mode = a.mode(), "marker attached");
                 done.push(a);
@@ -143,14 +151,30 @@ async fn attach_one(
     mode: AttachMode,
     h: &Handle,
     state: &StateFile,
+    pins: Option<&Pins>,
 ) -> Result<Attachment> {
     if mode != AttachMode::Clsact {
+        if let Some(link) = pins.and_then(|p| pin::adopt_tcx(prog, iface, p)) {
+            return Ok(Attachment::Tcx {
+                iface: iface.clone(),
+                link,
+            });
+        }
         match attach_tcx(prog, iface.index) {
-            Ok(link) => {
+            Ok(mut link) => {
+                if let Some(p) = pins {
+                    link.pin(p.tcx_link(iface.index)).with_context(|| {
+                        format!(
+                            "pinning the TCX link of {} in {}",
+                            iface.name,
+                            p.dir().display()
+                        )
+                    })?;
+                }
                 return Ok(Attachment::Tcx {
                     iface: iface.clone(),
                     link,
-                })
+                });
             }
             // Kernels before 6.6 do not know the TCX attach type.
             Err(e) if mode == AttachMode::Auto && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -167,7 +191,16 @@ async fn attach_one(
             Err(e) => return Err(os_error(e, "attaching TCX egress program", &iface.name)),
         }
     }
-    let created_qdisc = !netif::has_clsact(h, iface.index).await?;
+    // A qdisc an earlier instance created stays ours when we take its filter over.
+    let inherited = state
+        .load()?
+        .iter()
+        .any(|r| r.ifindex == iface.index && r.created_qdisc);
+    let has_clsact = netif::has_clsact(h, iface.index).await?;
+    let created_qdisc = !has_clsact || inherited;
+    if has_clsact {
+        pin::log_replacement(iface, tc_query_egress(iface.index).ok(), prog);
+    }
     // Record first: if we die between creating the qdisc and saving, the next start
     // must still know the qdisc is ours.
     let record = ClsactRecord {
@@ -179,16 +212,16 @@ async fn attach_one(
         r.retain(|x| x.ifindex != iface.index);
         r.push(record);
     })?;
-    if created_qdisc {
+    if !has_clsact {
         tc_create_clsact(iface.index)
-            .map_err(|e| os_error(e, "creating clsact qdisc", &iface.name))?;
+            .map_err(|e| tc_error(e, "creating clsact qdisc", &iface.name))?;
     }
-    if let Err(e) = tc_attach_egress(iface.index, prog.as_fd().as_raw_fd()) {
-        if created_qdisc {
+    if let Err(e) = tc_attach_egress(iface.index, prog.as_fd()) {
+        if !has_clsact {
             let _ = tc_destroy_clsact(iface.index);
         }
         state.update(|r| r.retain(|x| x.ifindex != iface.index))?;
-        return Err(os_error(e, "attaching clsact egress filter", &iface.name));
+        return Err(tc_error(e, "attaching clsact egress filter", &iface.name));
     }
     Ok(Attachment::Clsact {
         iface: iface.clone(),
@@ -211,7 +244,11 @@ pub async fn detach_all(atts: Vec<Attachment>, h: &Handle, state: &StateFile) {
 
 pub async fn detach(a: Attachment, h: &Handle, state: &StateFile) -> Result<()> {
     match a {
-        Attachment::Tcx { link, .. } => {
+        Attachment::Tcx { mut link, .. } => {
+            // Unpinned, the link goes with its last descriptor: this one.
+            if link.pin_path().is_some() {
+                link.unpin().context("unpinning the TCX link")?;
+            }
             drop(link);
             Ok(())
         }
@@ -230,15 +267,13 @@ pub async fn detach(a: Attachment, h: &Handle, state: &StateFile) -> Result<()> 
 async fn remove_clsact_filter(iface: &Interface, created_qdisc: bool, h: &Handle) -> Result<()> {
     match tc_detach_egress(iface.index) {
         Ok(()) => {}
-        Err(e)
-            if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::EINVAL) => {
-        }
-        Err(e) => return Err(os_error(e, "removing clsact egress filter", &iface.name)),
+        Err(e) if e.errno == Some(libc::ENOENT) || e.errno == Some(libc::EINVAL) => {}
+        Err(e) => return Err(tc_error(e, "removing clsact egress filter", &iface.name)),
     }
     if created_qdisc && netif::has_clsact(h, iface.index).await? {
         if netif::clsact_filter_count(h, iface.index).await? == 0 {
             tc_destroy_clsact(iface.index)
-                .map_err(|e| os_error(e, "removing clsact qdisc", &iface.name))?;
+                .map_err(|e| tc_error(e, "removing clsact qdisc", &iface.name))?;
         } else {
             warn!(interface = %iface.name, "leaving the clsact qdisc flowd-rs created: other filters use it now");
         }
@@ -257,10 +292,25 @@ pub struct CleanReport {
 /// (recognised by handle, priority and program name) and the clsact qdiscs the
 /// record says we created. TCX links need nothing: they died with their process.
 pub async fn clean(h: &Handle, state: &StateFile) -> Result<CleanReport> {
+    clean_except(h, state, &[]).await
+}
+
+/// [`clean`], but leaving the clsact attachments in `keep` (those of the running
+/// instance): after a start, removes what the previous one had where this one is
+/// not attached through clsact.
+pub async fn clean_except(
+    h: &Handle,
+    state: &StateFile,
+    keep: &[Attachment],
+) -> Result<CleanReport> {
     let records = state.load()?;
     let mut report = CleanReport::default();
+    let kept = |index: u32| {
+        keep.iter()
+            .any(|a| a.mode() == "clsact" && a.iface().index == index)
+    };
     for (index, name) in netif::links(h).await? {
-        if !netif::has_clsact(h, index).await? {
+        if kept(index) || !netif::has_clsact(h, index).await? {
             continue;
         }
         let iface = Interface { name, index };
@@ -281,7 +331,12 @@ pub async fn clean(h: &Handle, state: &StateFile) -> Result<CleanReport> {
             }
         }
     }
-    state.save(&[])?;
+    state.save(
+        &records
+            .into_iter()
+            .filter(|r| kept(r.ifindex))
+            .collect::<Vec<_>>(),
+    )?;
     Ok(report)
 }
 
@@ -292,14 +347,23 @@ fn prog_name(id: u32) -> Option<String> {
 }
 
 fn os_error(e: io::Error, what: &str, ifname: &str) -> anyhow::Error {
-    let hint = match e.raw_os_error() {
+    let h = hint(e.raw_os_error());
+    anyhow::anyhow!("{what} on interface {ifname}: {e}{h}")
+}
+
+fn tc_error(e: TcError, what: &str, ifname: &str) -> anyhow::Error {
+    let h = hint(e.errno);
+    anyhow::anyhow!("{what} on interface {ifname}: {}{h}", e.error)
+}
+
+fn hint(errno: Option<i32>) -> &'static str {
+    match errno {
         Some(libc::EPERM) | Some(libc::EACCES) => {
             ": run as root (CAP_BPF and CAP_NET_ADMIN needed)"
         }
         Some(libc::ENODEV) => ": the interface is gone",
         _ => "",
-    };
-    anyhow::anyhow!("{what} on interface {ifname}: {e}{hint}")
+    }
 }
 
 fn attach_tcx(prog: &Program<'_>, ifindex: u32) -> io::Result<Link> {
@@ -318,73 +382,79 @@ fn attach_tcx(prog: &Program<'_>, ifindex: u32) -> io::Result<Link> {
     }
 }
 
-fn tc_hook(ifindex: u32, point: libbpf_sys::bpf_tc_attach_point) -> libbpf_sys::bpf_tc_hook {
-    libbpf_sys::bpf_tc_hook {
-        sz: std::mem::size_of::<libbpf_sys::bpf_tc_hook>() as _,
-        ifindex: ifindex as i32,
-        attach_point: point,
-        ..Default::default()
+/// Our egress hook on `ifindex`, through libbpf-rs's `TcHook` (its handle and
+/// priority fixed, see `TC_HANDLE`). `prog` is what `attach` installs; detach, query
+/// and destroy ignore the program, but the type wants a descriptor, so they get
+/// stdin's number, which they zero before the call.
+fn tc_hook(ifindex: u32, prog: Option<BorrowedFd<'_>>) -> TcHook {
+    // SAFETY: the descriptor is only stored as a number, never used (see above).
+    let fd = prog.unwrap_or_else(|| unsafe { BorrowedFd::borrow_raw(libc::STDIN_FILENO) });
+    // Replace: a filter left at our handle and priority is swapped in place.
+    TcHookBuilder::new(fd)
+        .ifindex(ifindex as i32)
+        .replace(true)
+        .handle(TC_HANDLE)
+        .priority(TC_PRIORITY)
+        .hook(TC_EGRESS)
+}
+
+/// What the kernel refused, in the terms callers decide on: libbpf-rs reports
+/// errors by kind, not errno, so the few errnos that change behaviour or the
+/// message's hint are read back from the kind. ENODEV has no kind of its own:
+/// it is recognised by the interface being gone.
+#[derive(Debug)]
+struct TcError {
+    errno: Option<i32>,
+    error: libbpf_rs::Error,
+}
+
+impl TcError {
+    fn new(error: libbpf_rs::Error, ifindex: u32) -> Self {
+        let errno = match error.kind() {
+            ErrorKind::NotFound => Some(libc::ENOENT),
+            ErrorKind::InvalidInput => Some(libc::EINVAL),
+            ErrorKind::PermissionDenied => Some(libc::EPERM),
+            ErrorKind::AlreadyExists => Some(libc::EEXIST),
+            _ if !netif::index_exists(ifindex) => Some(libc::ENODEV),
+            _ => None,
+        };
+        TcError { errno, error }
     }
 }
 
-fn tc_opts(prog_fd: i32, flags: u32) -> libbpf_sys::bpf_tc_opts {
-    libbpf_sys::bpf_tc_opts {
-        sz: std::mem::size_of::<libbpf_sys::bpf_tc_opts>() as _,
-        prog_fd,
-        flags,
-        handle: TC_HANDLE,
-        priority: TC_PRIORITY,
-        ..Default::default()
-    }
+fn tc_create_clsact(ifindex: u32) -> Result<(), TcError> {
+    // `create` itself takes an existing clsact qdisc as success.
+    tc_hook(ifindex, None)
+        .create()
+        .map(drop)
+        .map_err(|e| TcError::new(e, ifindex))
 }
 
-fn ret(rc: i32) -> io::Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(-rc))
-    }
-}
-
-fn tc_create_clsact(ifindex: u32) -> io::Result<()> {
-    let mut hook = tc_hook(ifindex, libbpf_sys::BPF_TC_EGRESS);
-    // SAFETY: hook is a valid, sized bpf_tc_hook.
-    match ret(unsafe { libbpf_sys::bpf_tc_hook_create(&mut hook) }) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        r => r,
-    }
-}
-
-fn tc_destroy_clsact(ifindex: u32) -> io::Result<()> {
+fn tc_destroy_clsact(ifindex: u32) -> Result<(), TcError> {
     // Ingress|egress is what makes libbpf delete the qdisc itself.
-    let mut hook = tc_hook(
-        ifindex,
-        libbpf_sys::BPF_TC_EGRESS | libbpf_sys::BPF_TC_INGRESS,
-    );
-    // SAFETY: as above.
-    ret(unsafe { libbpf_sys::bpf_tc_hook_destroy(&mut hook) })
+    tc_hook(ifindex, None)
+        .attach_point(TC_EGRESS | TC_INGRESS)
+        .destroy()
+        .map_err(|e| TcError::new(e, ifindex))
 }
 
-fn tc_attach_egress(ifindex: u32, prog_fd: i32) -> io::Result<()> {
-    let hook = tc_hook(ifindex, libbpf_sys::BPF_TC_EGRESS);
-    let mut opts = tc_opts(prog_fd, libbpf_sys::BPF_TC_F_REPLACE);
-    // SAFETY: hook and opts are valid for the call.
-    ret(unsafe { libbpf_sys::bpf_tc_attach(&hook, &mut opts) })
+fn tc_attach_egress(ifindex: u32, prog: BorrowedFd<'_>) -> Result<(), TcError> {
+    tc_hook(ifindex, Some(prog))
+        .attach()
+        .map(drop)
+        .map_err(|e| TcError::new(e, ifindex))
 }
 
-fn tc_detach_egress(ifindex: u32) -> io::Result<()> {
-    let hook = tc_hook(ifindex, libbpf_sys::BPF_TC_EGRESS);
-    let opts = tc_opts(0, 0);
-    // SAFETY: as above.
-    ret(unsafe { libbpf_sys::bpf_tc_detach(&hook, &opts) })
+fn tc_detach_egress(ifindex: u32) -> Result<(), TcError> {
+    tc_hook(ifindex, None)
+        .detach()
+        .map_err(|e| TcError::new(e, ifindex))
 }
 
-fn tc_query_egress(ifindex: u32) -> io::Result<u32> {
-    let hook = tc_hook(ifindex, libbpf_sys::BPF_TC_EGRESS);
-    let mut opts = tc_opts(0, 0);
-    // SAFETY: as above.
-    ret(unsafe { libbpf_sys::bpf_tc_query(&hook, &mut opts) })?;
-    Ok(opts.prog_id)
+fn tc_query_egress(ifindex: u32) -> Result<u32, TcError> {
+    tc_hook(ifindex, None)
+        .query()
+        .map_err(|e| TcError::new(e, ifindex))
 }
 
 /// Fails early, with the cause named, when the kernel cannot run flowd-rs at all.

@@ -414,6 +414,23 @@ impl MarkMaps {
             .map(Option::unwrap_or_default)
     }
 
+    /// Maps adopted from an earlier instance (a restart): takes over the counter
+    /// slots it gave the tags of the marks still in the map, so that their packets
+    /// go on counting under their own tag, not under one this instance gives the
+    /// same slot.
+    pub fn adopt_slots(&self) {
+        let Ok(iter) = self.marks.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY) else {
+            return;
+        };
+        let mut slots = self.slots.lock().unwrap();
+        for (_, v) in iter {
+            let m = from_bytes::<flowd_flow_mark>(&v);
+            if let Ok(tag) = Tag::new(m.experiment, m.activity) {
+                slots.entry(tag).or_insert(m.counter_slot);
+            }
+        }
+    }
+
     /// Slot of `tag` in `flowd_tag_counters`, given out on first use and kept: counts
     /// stay cumulative for the daemon's life, as Prometheus counters must.
     fn slot(&self, tag: Tag) -> Result<u32, MapError> {
@@ -421,7 +438,11 @@ impl MarkMaps {
         if let Some(s) = slots.get(&tag) {
             return Ok(*s);
         }
-        let next = slots.len() as u32;
+        // The smallest free slot: adopted slots (see `adopt_slots`) may leave holes.
+        let used: std::collections::HashSet<u32> = slots.values().copied().collect();
+        let next = (0..TAG_SLOTS)
+            .find(|s| !used.contains(s))
+            .unwrap_or(TAG_SLOTS);
         if next >= TAG_SLOTS {
             return Err(MapError::SlotsExhausted(tag));
         }

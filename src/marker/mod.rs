@@ -8,6 +8,7 @@ pub mod attach;
 pub mod compiled;
 pub mod maps;
 pub mod netif;
+pub mod pin;
 pub mod sk_cache;
 
 use std::mem::MaybeUninit;
@@ -24,6 +25,7 @@ use crate::features::{Feature, KernelFeatures};
 use attach::{Attachment, StateFile};
 use maps::MarkMaps;
 use netif::Interface;
+use pin::Pins;
 
 /// How to load the marker program.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +111,15 @@ impl LoadOptions {
 /// once and keeps it until exit, so the few bytes of that object are leaked on
 /// purpose rather than tying every owner to a stack frame.
 pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
+    load_pinned(opts, None).map(|(skel, _)| skel)
+}
+
+/// [`load`], sharing the maps pinned in `pins` when their layout matches this
+/// program's (pinning the new ones otherwise).
+pub fn load_pinned(
+    opts: &LoadOptions,
+    pins: Option<&Pins>,
+) -> Result<(MarkerSkel<'static>, Option<pin::SharedMaps>)> {
     crate::bpf::route_libbpf_logs();
     let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
     let mut open = MarkerSkelBuilder::default()
@@ -140,8 +151,15 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
     open.progs
         .flowd_mark
         .set_attach_type(libbpf_rs::ProgramAttachType::TcxEgress);
+    if std::env::var_os("FLOWD_TEST_MARKER_VARIANT").is_some_and(|v| v == "1") {
+        pin::test_variant(&mut open.progs.flowd_mark)?;
+    }
+    let layout = match pins {
+        Some(p) => Some(pin::share_pinned_maps(open.open_object_mut(), p)?),
+        None => None,
+    };
     crate::bpf::clear_refusals();
-    open.load().map_err(|e| {
+    let skel = open.load().map_err(|e| {
         if let Some(r) = crate::bpf::refusal() {
             return anyhow::anyhow!("loading the marker (bpf/marker.bpf.c): {r}");
         }
@@ -152,7 +170,8 @@ pub fn load(opts: &LoadOptions) -> Result<MarkerSkel<'static>> {
             _ => "",
         };
         anyhow::anyhow!("loading the marker BPF program: {e}{hint}")
-    })
+    })?;
+    Ok((skel, layout))
 }
 
 /// The load options of configuration `cfg` on this kernel, and the fallbacks taken.
@@ -250,6 +269,12 @@ pub struct Marker {
     state: StateFile,
     strategy: Strategy,
     fallbacks: Vec<String>,
+    /// Pinned state, when pinning is on: then a plain exit leaves the marker
+    /// running for the next start.
+    pins: Option<Pins>,
+    detach_on_exit: bool,
+    /// The maps are an earlier instance's, marks included.
+    adopted_maps: bool,
 }
 
 impl Marker {
@@ -259,9 +284,13 @@ impl Marker {
         attach::check_kernel()?;
         let rtnl = netif::connect()?;
         let state = StateFile::new(&cfg.state_dir);
-        let leftovers = attach::clean(&rtnl, &state).await?;
-        if !leftovers.filters_removed.is_empty() {
-            info!(interfaces = ?leftovers.filters_removed, "removed filters left by an earlier instance");
+        let pins = Pins::open(&cfg.marker.pin_dir, own_netns_ino()?)?;
+        if pins.is_none() {
+            // Nothing to adopt from: start from clean interfaces.
+            let leftovers = attach::clean(&rtnl, &state).await?;
+            if !leftovers.filters_removed.is_empty() {
+                info!(interfaces = ?leftovers.filters_removed, "removed filters left by an earlier instance");
+            }
         }
         let ifaces: Vec<Interface> = netif::resolve(&rtnl, &cfg.marker.interfaces).await?;
         let kernel = KernelFeatures::detect();
@@ -272,16 +301,25 @@ impl Marker {
         for f in &fallbacks {
             tracing::warn!("marker: {f}");
         }
-        let mut skel = load(&opts)?;
+        let (mut skel, shared) = load_pinned(&opts, pins.as_ref())?;
+        let adopted_maps = shared.as_ref().is_some_and(|s| s.adopted);
+        let layout = shared.map(|s| s.layout);
         let maps = Arc::new(maps_of(&skel, opts.map_capacity)?);
+        if adopted_maps {
+            maps.adopt_slots();
+        }
         let attachments = attach::attach_all(
             &skel.progs.flowd_mark,
             &ifaces,
             cfg.marker.attach,
             &rtnl,
             &state,
+            pins.as_ref(),
         )
         .await?;
+        if let Some(p) = &pins {
+            retire_leftovers(p, &attachments, layout.as_deref(), &rtnl, &state).await?;
+        }
         let ksockops = if opts.in_kernel {
             attach_ksockops(&skel, cfg.discovery.cgroup2.as_deref())
         } else {
@@ -301,7 +339,20 @@ impl Marker {
             state,
             strategy: cfg.marker.strategy,
             fallbacks,
+            pins,
+            detach_on_exit: cfg.marker.detach_on_exit,
+            adopted_maps,
         })
+    }
+
+    /// Whether the maps (and the marks in them) were an earlier instance's.
+    pub fn adopted_maps(&self) -> bool {
+        self.adopted_maps
+    }
+
+    /// Whether the marker's state is pinned (restarts hand marking over).
+    pub fn pinned(&self) -> bool {
+        self.pins.is_some()
     }
 
     pub fn maps(&self) -> Arc<MarkMaps> {
@@ -341,12 +392,63 @@ impl Marker {
         self.ksockops.is_some()
     }
 
-    /// Detaches everywhere, leaving each interface as it was found.
+    /// Whether stopping leaves the marker running for the next start: pinning on
+    /// and no `detach_on_exit`.
+    pub fn keeps_marking_on_exit(&self) -> bool {
+        self.pins.is_some() && !self.detach_on_exit
+    }
+
+    /// Makes the next exit detach (`flowd-rs run --detach-on-exit`).
+    pub fn set_detach_on_exit(&mut self) {
+        self.detach_on_exit = true;
+    }
+
+    /// Leaves the pinned marker marking for the next start when
+    /// [`Self::keeps_marking_on_exit`], else detaches everywhere, leaving each
+    /// interface as it was found, and removes the pins.
     pub async fn stop(self) {
         drop(self.ksockops);
+        if self.pins.is_some() && !self.detach_on_exit {
+            info!(pins = %self.pins.as_ref().map(|p| p.dir().display().to_string()).unwrap_or_default(), "marker left running for the next start (`flowd-rs clean` removes it)");
+            drop(self.attachments);
+            drop(self.skel);
+            return;
+        }
         attach::detach_all(self.attachments, &self.rtnl, &self.state).await;
         drop(self.skel);
+        if let Some(p) = self.pins {
+            p.remove_all();
+        }
     }
+}
+
+/// After a start with pins: removes what the previous instance had and this one
+/// does not use (TCX links on interfaces no longer marked or now marked through
+/// clsact, clsact filters where this one uses TCX, maps of another layout).
+async fn retire_leftovers(
+    pins: &Pins,
+    attachments: &[Attachment],
+    layout: Option<&str>,
+    rtnl: &rtnetlink::Handle,
+    state: &StateFile,
+) -> Result<()> {
+    for ifindex in pins.tcx_ifindexes() {
+        let used = attachments
+            .iter()
+            .any(|a| a.mode() == "tcx" && a.iface().index == ifindex);
+        if !used {
+            info!(ifindex, "removing the TCX link an earlier instance left");
+            let _ = std::fs::remove_file(pins.tcx_link(ifindex));
+        }
+    }
+    let r = attach::clean_except(rtnl, state, attachments).await?;
+    if !r.filters_removed.is_empty() {
+        info!(interfaces = ?r.filters_removed, "removed clsact filters an earlier instance left");
+    }
+    if let Some(l) = layout {
+        pins.remove_other_layouts(l);
+    }
+    Ok(())
 }
 
 /// Attaches `flowd_ksockops` to the cgroup2 root so that every TCP connection of the

@@ -130,6 +130,13 @@ pub async fn clsact_filter_count(h: &Handle, ifindex: u32) -> Result<usize> {
     Ok(n)
 }
 
+/// Whether interface `ifindex` exists in the calling thread's network namespace.
+pub fn index_exists(ifindex: u32) -> bool {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    !unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null()
+}
+
 /// The MTU of interface `name` in the calling thread's network namespace
 /// (SIOCGIFMTU: /sys/class/net may show another namespace's interfaces).
 pub fn mtu(name: &str) -> std::io::Result<u32> {

@@ -391,6 +391,7 @@ pub struct Daemon {
     pub config: PathBuf,
     pub state_dir: PathBuf,
     pub ns: String,
+    ns_path: PathBuf,
     log: PathBuf,
 }
 
@@ -425,21 +426,83 @@ impl Daemon {
 
     /// Like [`Daemon::start_with`], run through the command `wrapper` (e.g. `unshare
     /// -m sh -c '...; exec "$@"' sh` to give the daemon a mount namespace of its own).
+    ///
+    /// Unless `config_toml` says otherwise (`detach_on_exit`, `pin_dir`), the daemon
+    /// detaches everything at exit, as `systemctl stop` does: what most tests check
+    /// is that a stop leaves the interfaces as found. marker_restart checks the
+    /// hand-over a plain SIGTERM does by default.
     pub fn start_via(wrapper: &[&str], ns: &Netns, dir: &Path, config_toml: &str) -> Daemon {
         let state_dir = dir.join(format!("state-{}", SEQ.fetch_add(1, Ordering::Relaxed)));
         let config = dir.join(format!(
             "flowd-{}.toml",
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        let config_toml =
+            if config_toml.contains("detach_on_exit") || config_toml.contains("pin_dir") {
+                config_toml.to_string()
+            } else if config_toml.contains("[marker]\n") {
+                config_toml.replacen("[marker]\n", "[marker]\ndetach_on_exit = true\n", 1)
+            } else {
+                format!("{config_toml}\n[marker]\ndetach_on_exit = true\n")
+            };
         std::fs::write(
             &config,
             format!("state_dir = \"{}\"\n{config_toml}\n", state_dir.display()),
         )
         .unwrap();
+        Daemon::spawn(wrapper, ns.path(), &ns.name, dir, config, state_dir, &[])
+    }
+
+    /// Starts the daemon in `ns` with the configuration file `config` as it is
+    /// (its state_dir included).
+    pub fn start_config(ns: &Netns, dir: &Path, config: &Path) -> Daemon {
+        let text = std::fs::read_to_string(config).unwrap();
+        let state_dir = text
+            .lines()
+            .find_map(|l| l.strip_prefix("state_dir = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .expect("state_dir in the configuration");
+        Daemon::spawn(
+            &[],
+            ns.path(),
+            &ns.name,
+            dir,
+            config.to_path_buf(),
+            PathBuf::from(state_dir),
+            &[],
+        )
+    }
+
+    /// A restart: stops this daemon (SIGTERM, clean exit), then starts another
+    /// with its configuration and state directory, and `env` added. Returns the
+    /// stopped one's log and the new daemon.
+    pub fn restart(self, dir: &Path, env: &[(&str, &str)]) -> (String, Daemon) {
+        let (ns_path, ns, config, state_dir) = (
+            self.ns_path.clone(),
+            self.ns.clone(),
+            self.config.clone(),
+            self.state_dir.clone(),
+        );
+        let log = self.stop();
+        let next = Daemon::spawn(&[], ns_path, &ns, dir, config, state_dir, env);
+        (log, next)
+    }
+
+    fn spawn(
+        wrapper: &[&str],
+        ns_path: PathBuf,
+        ns_name: &str,
+        dir: &Path,
+        config: PathBuf,
+        state_dir: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let log = dir.join(format!(
             "daemon-{}.log",
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        // A killed daemon's socket would pass for the new one's.
+        let _ = std::fs::remove_file(state_dir.join("control.sock"));
         let (program, pre) = wrapper.split_first().unwrap_or((&"nsenter", &[]));
         let mut cmd = Command::new(program);
         cmd.args(pre);
@@ -447,7 +510,8 @@ impl Daemon {
             cmd.arg("nsenter");
         }
         let child = cmd
-            .arg(format!("--net={}", ns.path().display()))
+            .envs(env.iter().copied())
+            .arg(format!("--net={}", ns_path.display()))
             .arg(bin())
             .args(["--log-level", "info", "-c"])
             .arg(&config)
@@ -460,7 +524,8 @@ impl Daemon {
             child,
             config,
             state_dir,
-            ns: ns.name.clone(),
+            ns: ns_name.to_string(),
+            ns_path,
             log,
         };
         let sock = d.state_dir.join("control.sock");
