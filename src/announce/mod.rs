@@ -11,12 +11,12 @@
 //! passes. [`pipe`] and [`listener`] are the inputs; they hand [`Announcement`]s to
 //! the engine through its command channel.
 //!
-//! A flow announced through an input of `announcements.fireflies_for` that a full
-//! sock_diag dump begun after the announcement did not find (or that the tracker has
-//! not reported 10 s on) has no local socket
-//! (another host's transfer, a proxy's): it gets its start firefly then, and its
-//! end at the `end` announcement, as flowd-go sends one for every event, socket or
-//! not ([`Announcements::unseen`]).
+//! A flow announced through an input of `announcements.fireflies_for` that has no
+//! local socket (another host's transfer, a proxy's) gets its start firefly at once
+//! when a targeted sock_diag lookup finds none ([`Announcements::unseen_now`]), or
+//! when a full dump begun after the announcement did not find it, or the tracker has
+//! not reported it 10 s on ([`Announcements::unseen`]); its end goes at the `end`
+//! announcement, as flowd-go sends one for every event, socket or not.
 
 pub mod auth;
 pub mod http;
@@ -52,6 +52,20 @@ struct Held {
     /// No local socket was found for it: its fireflies were started from the
     /// announcement itself, and its end goes the same way.
     unseen: bool,
+}
+
+/// `h` found to have no socket: its start firefly, once.
+fn start_unseen(counters: &mut AnnouncementCounters, key: FlowKey, h: &mut Held) -> Option<Unseen> {
+    if !h.ours || h.matched || h.unseen || h.only_for_uid.is_some() {
+        return None;
+    }
+    h.unseen = true;
+    counters.unseen += 1;
+    Some(Unseen {
+        key,
+        tag: h.verdict.tag,
+        start: h.at,
+    })
 }
 
 /// A firefly the announcements call for themselves, for a flow with no socket.
@@ -125,24 +139,27 @@ impl Announcements {
     /// start firefly now. Not those of a local user, who may speak only of sockets
     /// of its own.
     pub fn unseen(&mut self, dump_started: Instant) -> Vec<Unseen> {
-        let mut out = Vec::new();
-        for (key, h) in &mut self.held {
-            if h.ours
-                && !h.matched
-                && !h.unseen
-                && h.only_for_uid.is_none()
-                && h.since < dump_started
-            {
-                h.unseen = true;
-                self.counters.unseen += 1;
-                out.push(Unseen {
-                    key: *key,
-                    tag: h.verdict.tag,
-                    start: h.at,
-                });
-            }
-        }
-        out
+        let counters = &mut self.counters;
+        self.held
+            .iter_mut()
+            .filter(|(_, h)| h.since < dump_started)
+            .filter_map(|(key, h)| start_unseen(counters, *key, h))
+            .collect()
+    }
+
+    /// The announcement held under `key`, when the kernel has just said that no
+    /// socket of this host has that 5-tuple (either way round): as
+    /// [`Announcements::unseen`], without waiting for a dump.
+    pub fn unseen_now(&mut self, key: &FlowKey) -> Option<Unseen> {
+        let h = self.held.get_mut(key)?;
+        start_unseen(&mut self.counters, *key, h)
+    }
+
+    /// Whether the announcement under `key` waits to learn if it has a socket.
+    pub fn awaits_socket(&self, key: &FlowKey) -> bool {
+        self.held
+            .get(key)
+            .is_some_and(|h| h.ours && !h.matched && !h.unseen && h.only_for_uid.is_none())
     }
 
     /// The flows without a socket whose end is due (withdrawn, replaced, or held

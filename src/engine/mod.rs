@@ -21,6 +21,7 @@ use crate::api::request::{DaemonInfo, Request};
 use crate::api::view::{FlowView, StatusView, TagTotals};
 use crate::discovery::feeds::{Discovery, TrackerStatus};
 use crate::discovery::procfs::{Fact, ProcResolver};
+use crate::discovery::sockdiag::lookup::SocketLookup;
 use crate::endpoint::ConnectionStats;
 use crate::firefly::{Fireflies, State};
 use crate::flows::{Flow, FlowEvent, FlowTable, FlowTableConfig};
@@ -89,6 +90,9 @@ pub struct Engine {
     /// counted once), and the last series published.
     per_flow: Option<PerFlowState>,
     reloads: ReloadState,
+    /// Targeted sock_diag lookups (announced flows), opened at first use; the
+    /// error, when it could not be opened, is not retried.
+    sockets: Option<Result<SocketLookup, String>>,
     /// The paged `flows` listing in progress.
     listing: Option<listing::Listing>,
 }
@@ -149,6 +153,7 @@ impl Engine {
                 queued: None,
             },
             listing: None,
+            sockets: None,
         }
     }
 
@@ -546,7 +551,23 @@ impl Engine {
             return;
         };
         let keys = held.apply(a);
-        self.unseen_fireflies(Vec::new());
+        // A flow that fireflies are due for, and that the kernel says no socket of
+        // this host has (either way round), starts its fireflies now, as flowd-go
+        // does at the announcement; dumps and UNSEEN_WAIT catch what this misses.
+        let mut unseen = Vec::new();
+        if self.fireflies.is_some() && held.awaits_socket(&keys[0]) {
+            let lookup = self.sockets.get_or_insert_with(|| {
+                SocketLookup::new(Duration::from_millis(200)).map_err(|e| e.to_string())
+            });
+            if let Ok(lookup) = lookup {
+                let mut absent =
+                    |k: &crate::model::socket::FlowKey| lookup.exists(k).is_ok_and(|found| !found);
+                if absent(&keys[0]) && absent(&keys[1]) {
+                    unseen.extend(held.unseen_now(&keys[0]));
+                }
+            }
+        }
+        self.unseen_fireflies(unseen);
         let named: Vec<FlowEvent> = self
             .table
             .iter()

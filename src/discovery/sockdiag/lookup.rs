@@ -115,6 +115,23 @@ impl SocketLookup {
     }
 }
 
+impl SocketLookup {
+    /// Whether a socket of this namespace has the 5-tuple `key` (local end first).
+    pub fn exists(&mut self, key: &crate::model::socket::FlowKey) -> io::Result<bool> {
+        let (local, remote) = (key.local(), key.remote());
+        // The kernel's UDP lookup takes the socket's own end as the destination
+        // ("src and dst are swapped for historical reasons", udp_diag.c); TCP's
+        // takes it as the source.
+        let (src, dst) = match key.proto {
+            Protocol::Tcp => (local, remote),
+            Protocol::Udp => (remote, local),
+        };
+        Ok(self
+            .find(key.proto, src, dst, ExtensionFlags::empty())?
+            .is_some())
+    }
+}
+
 pub(crate) fn u16_at(b: &[u8], off: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(off..off + 2)?.try_into().ok()?))
 }
