@@ -389,3 +389,22 @@ fn d_clean(ns: &Netns, config: &Path) -> String {
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A first start that fails leaves no pins behind.
+#[test]
+fn a_failed_first_start_leaves_no_pins() {
+    if !common::privileged() || unpinned() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::new();
+    let pins = BpfFs::new(dir.path());
+    let toml = format!(
+        "{}interfaces = [\"{IF_A}\", \"nope0\"]\n",
+        marker_toml("auto", &pins)
+    );
+    let err = common::run_expecting_error(&pair.a, dir.path(), &toml, false);
+    assert!(err.contains("nope0"), "{err}");
+    let left: Vec<_> = pins.pin_dir().read_dir().unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}

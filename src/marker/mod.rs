@@ -285,6 +285,25 @@ impl Marker {
         let rtnl = netif::connect()?;
         let state = StateFile::new(&cfg.state_dir);
         let pins = Pins::open(&cfg.marker.pin_dir, own_netns_ino()?)?;
+        // A first start that fails takes its pins away again; a restart that fails
+        // leaves the earlier marker marking.
+        let fresh = pins
+            .as_ref()
+            .filter(|p| p.is_empty())
+            .map(|p| p.dir().to_path_buf());
+        let started = Self::start_with(cfg, rtnl, state, pins).await;
+        if let (Err(_), Some(dir)) = (&started, fresh) {
+            pin::remove_tree(&dir);
+        }
+        started
+    }
+
+    async fn start_with(
+        cfg: &Config,
+        rtnl: rtnetlink::Handle,
+        state: StateFile,
+        pins: Option<Pins>,
+    ) -> Result<Marker> {
         if pins.is_none() {
             // Nothing to adopt from: start from clean interfaces.
             let leftovers = attach::clean(&rtnl, &state).await?;

@@ -82,6 +82,11 @@ impl Pins {
         &self.dir
     }
 
+    /// Nothing pinned yet: no earlier instance to take over from.
+    pub fn is_empty(&self) -> bool {
+        std::fs::read_dir(&self.dir).map_or(true, |mut d| d.next().is_none())
+    }
+
     /// Where the TCX link on `ifindex` is pinned.
     pub fn tcx_link(&self, ifindex: u32) -> PathBuf {
         self.dir.join(format!("tcx-{ifindex}"))
@@ -176,7 +181,7 @@ pub fn is_bpffs(path: &Path) -> bool {
 }
 
 /// Removes `path` and everything below it; a missing path is fine.
-fn remove_tree(path: &Path) {
+pub fn remove_tree(path: &Path) {
     match std::fs::remove_dir_all(path) {
         Ok(()) => info!(path = %path.display(), "pins removed"),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
