@@ -257,7 +257,13 @@ fn main() {
         reply_bytes / n
     );
     println!(
-        "  last sock_diag poll {:.1} ms; reconcile corrections +{} -{}; tracker ring drops {}",
-        st.last_poll_ms, st.reconcile_added, st.reconcile_ended, st.ringbuf_drops
+        "  last sock_diag poll {:.1} ms; reconcile corrections +{} -{}; tracker ring drops {}, recursion misses {:?} (host-wide), STATE_CB reports {}, dumps asked for by the tracker {}",
+        st.last_poll_ms,
+        st.reconcile_added,
+        st.reconcile_ended,
+        st.ringbuf_drops,
+        st.tracker_recursion_misses,
+        st.tracker_state_cb_events,
+        st.reconcile_dumps_requested
     );
 }

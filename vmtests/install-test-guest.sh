@@ -122,8 +122,38 @@ check "still active, still marking" sh -c '[ "$(systemctl show -P ActiveState fl
 rm /etc/flowd-rs/policies.d/broken.toml
 check "systemctl reload succeeds again" systemctl reload flowd-rs
 
+step "restart and upgrade hand the pinned marker over: no packet of a live flow unlabelled"
+# A flow that lasts through both hand-overs (60 segments over 6 s).
+ip netns exec peer timeout 12 tcpdump -i vpeer1 -n -v "ip6 and tcp dst port 5201 and greater 100" >/tmp/handover.txt 2>/dev/null &
+sleep 1
+setpriv --reuid=65534 --regid=65534 --clear-groups "$PY" -c "
+import socket,time
+s=socket.create_connection(('fd00:99::2',5201))
+for i in range(60):
+    s.send(b'x'*100); time.sleep(0.1)" & c=$!
+sleep 1
+check "systemctl restart" systemctl restart flowd-rs
+check "the restart left the marker pinned and the new daemon adopted it" sh -c '
+    journalctl -u flowd-rs --no-pager -q | grep -q "marker left pinned for the next start" &&
+    journalctl -u flowd-rs --no-pager -q | grep -qi "adopt"'
+sleep 1
+# The package's upgrade path (postinst: restart-after-upgrade).
+check "dpkg -i of the package again (upgrade path)" dpkg -i /root/flowd-rs_*_amd64.deb
+check "active after the upgrade" sh -c '[ "$(systemctl show -P ActiveState flowd-rs)" = active ]'
+wait $c; sleep 5
+n=$(grep -c flowlabel /tmp/handover.txt)
+echo "  packets of the live flow seen by the peer: $n"
+grep -o 'flowlabel 0x[0-9a-f]*' /tmp/handover.txt | sort | uniq -c | sed 's/^/    /'
+check "all 60 segments captured, each with perfSONAR's label" sh -c '
+    [ "$(grep -c flowlabel /tmp/handover.txt)" -ge 60 ] || exit 1
+    for l in $(grep -o "flowlabel 0x[0-9a-f]*" /tmp/handover.txt | cut -d" " -f2); do
+        flowd-rs label decode $l | grep -q "perfSONAR" || exit 1; done'
+check "pins exist while running" sh -c 'ls -d /sys/fs/bpf/flowd-rs/net* >/dev/null 2>&1'
+
 step "stop"
 check "systemctl stop" systemctl stop flowd-rs
+check "a stop removes the pins" sh -c '! ls -d /sys/fs/bpf/flowd-rs/net* >/dev/null 2>&1'
+journalctl -u flowd-rs --no-pager -q | tail -n 4 | sed 's/^/    /'
 check "no TC filter left on vpeer0" sh -c '! tc filter show dev vpeer0 egress | grep -q .'
 check "no clsact qdisc left" sh -c '! tc qdisc show dev vpeer0 | grep -q clsact'
 check "no flowd BPF program left" sh -c '! bpftool prog show | grep -q flowd'

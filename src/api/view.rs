@@ -124,6 +124,9 @@ pub struct StatusView {
     /// TCP state changes that nesting would have lost, reported through the
     /// sockops STATE_CB instead (all namespaces).
     pub tracker_state_cb_events: u64,
+    /// Full sock_diag dumps the tracker asked for after losing events (ring drop,
+    /// a skipped run STATE_CB did not cover), besides the periodic ones.
+    pub reconcile_dumps_requested: u64,
     /// Corrections the sock_diag reconciliation made to what the tracker reported.
     pub reconcile_added: u64,
     pub reconcile_ended: u64,

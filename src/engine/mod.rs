@@ -95,6 +95,8 @@ pub struct Engine {
     sockets: Option<Result<SocketLookup, String>>,
     /// The paged `flows` listing in progress.
     listing: Option<listing::Listing>,
+    /// Flow events or a listing allocated since the last trim (release_free_memory).
+    trim_due: bool,
 }
 
 struct PerFlowState {
@@ -154,6 +156,7 @@ impl Engine {
             },
             listing: None,
             sockets: None,
+            trim_due: false,
         }
     }
 
@@ -326,6 +329,7 @@ impl Engine {
                         } else {
                             self.answer(call.request)
                         };
+                        self.trim_due = true;
                         tracing::debug!(op, elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0, "control request answered");
                         let _ = call.reply.send(answer);
                     }
@@ -355,7 +359,11 @@ impl Engine {
                             self.unseen_fireflies(unseen);
                         }
                     }
-                    release_free_memory();
+                    // Only after work that allocated: mallinfo2 walks glibc's free
+                    // lists, which is not free with 100 000 flows in the heap.
+                    if std::mem::take(&mut self.trim_due) {
+                        release_free_memory();
+                    }
                 }
                 // While firefly starts wait (a burst outran the sender), offer them
                 // the room the sender has made, every 10 ms.
@@ -447,6 +455,7 @@ impl Engine {
         if events.is_empty() {
             return;
         }
+        self.trim_due = true;
         self.apply_events(events);
         self.unseen_fireflies(Vec::new());
         self.flush_fireflies();
@@ -713,9 +722,9 @@ pub(crate) fn raw_bytes(out: Vec<u8>) -> Result<Box<RawValue>, String> {
 /// Hands the allocator's free pages back to the kernel. Bursts (thousands of
 /// connections a second, a listing of every flow) leave free chunks scattered
 /// between long-lived flow entries; glibc returns only the top of its heaps on its
-/// own, so without this the daemon's RSS stays at its peak. Called once per
-/// reconcile interval, and trims only when over a MiB is free: pages handed back
-/// are zeroed again when the next dump touches them.
+/// own, so without this the daemon's RSS stays at its peak. Called after each
+/// dump and, every 5 s, when flow events or a request allocated; trims only when
+/// over a MiB is free: pages handed back are zeroed again when next touched.
 fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallinfo2 and malloc_trim only read and reorganise glibc's own free

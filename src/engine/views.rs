@@ -98,6 +98,7 @@ impl Engine {
             ringbuf_drops: self.tracker.drops.load(Ordering::Relaxed),
             tracker_recursion_misses: self.tracker.recursion_misses_total(),
             tracker_state_cb_events: self.tracker.state_cb_events.load(Ordering::Relaxed),
+            reconcile_dumps_requested: self.tracker.dumps_requested.load(Ordering::Relaxed),
             reconcile_added: fc.reconcile_added,
             reconcile_ended: fc.reconcile_ended,
             last_poll_ms: self.last_poll.as_secs_f64() * 1000.0,
