@@ -1,4 +1,5 @@
-//! Compiles every `bpf/*.bpf.c` into a libbpf-rs skeleton in OUT_DIR, and nothing else.
+//! Compiles every `bpf/*.bpf.c` (the daemon's programs) and `benches/bpf/*.bpf.c` (reference
+//! programs only the benches load) into libbpf-rs skeletons in OUT_DIR, and nothing else.
 
 use std::env;
 use std::path::PathBuf;
@@ -8,8 +9,10 @@ use libbpf_cargo::SkeletonBuilder;
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
     println!("cargo:rerun-if-changed=bpf");
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("bpf")
-        .expect("bpf/ directory")
+    println!("cargo:rerun-if-changed=benches/bpf");
+    let mut sources: Vec<PathBuf> = ["bpf", "benches/bpf"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{dir}/: {e}")))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.to_string_lossy().ends_with(".bpf.c"))
         .collect();

@@ -175,6 +175,11 @@ struct flowd_kpolicy {
 	struct flowd_kbits inbound;
 	struct flowd_kbits any_uid;  /* rules without `users` */
 	struct flowd_kbits stop;     /* rules needing userspace facts */
+	/* The mark (zero entropy) of the policy's `match_all` rule, experiment 0 when
+	 * it has none: the TC program labels with it every IPv6 packet that no flow
+	 * entry and no decision covers (ICMPv6, unconnected UDP, flows not decided yet),
+	 * except a flow's first packet that the kernel left to userspace. */
+	struct flowd_flow_mark match_all;
 };
 
 /* The one entry of flowd_kstate. */
@@ -182,7 +187,9 @@ struct flowd_kstate {
 	__u32 enabled;    /* 0 until userspace has written a policy */
 	__u32 active;     /* slot the programs read */
 	__u32 generation; /* bumped on every policy switch (UDP sockets re-decide) */
-	__u32 pad;
+	/* 1: the active slot has a match-all mark (flowd_kpolicy.match_all). Lets a
+	 * packet without a mark skip the policy lookup when there is none. */
+	__u32 match_all;
 };
 
 /* What the decision sees of a socket. Addresses in network order (IPv6 only:

@@ -245,29 +245,33 @@ static __always_inline __u32 flow_entropy(const struct flowd_flow_key *key)
 	return h & FLOWD_ENTROPY_MASK;
 }
 
-/* Decides `s`; on a match, *mark is the flow's full mark (entropy included). */
-static __always_inline bool kdecide_mark(const struct flowd_ksock *s,
-					 const struct flowd_flow_key *key,
-					 struct flowd_flow_mark *mark)
+/* Decides `s` (enum flowd_kverdict); on a match, *mark is the flow's full mark
+ * (entropy included). */
+static __always_inline int kdecide_mark(const struct flowd_ksock *s,
+					const struct flowd_flow_key *key,
+					struct flowd_flow_mark *mark)
 {
 	__u32 rule;
+	int v = kdecide(s, mark, &rule);
 
-	if (kdecide(s, mark, &rule) != FLOWD_KV_MATCH)
-		return false;
+	if (v != FLOWD_KV_MATCH)
+		return v;
 	mark->label = (mark->label & ~FLOWD_ENTROPY_MASK) | flow_entropy(key);
 	mark->flags |= FLOWD_MARK_F_KERNEL;
-	return true;
+	return v;
 }
 
 /* Decides `s` and, on a match, writes the flow's mark (never replacing one that
- * userspace or another CPU wrote first). Returns whether the flow now has one. */
-static __always_inline bool kdecide_and_insert(const struct flowd_ksock *s,
-					       const struct flowd_flow_key *key)
+ * userspace or another CPU wrote first). Returns the verdict (enum flowd_kverdict):
+ * FLOWD_KV_MATCH when the flow now has a mark. */
+static __always_inline int kdecide_and_insert(const struct flowd_ksock *s,
+					      const struct flowd_flow_key *key)
 {
 	struct flowd_flow_mark mark;
+	int v = kdecide_mark(s, key, &mark);
 
-	if (!kdecide_mark(s, key, &mark))
-		return false;
+	if (v != FLOWD_KV_MATCH)
+		return v;
 	/* NOEXIST: if userspace (or a racing CPU) got there first, its entry stands. */
 	if (bpf_map_update_elem(&flowd_marks, key, &mark, BPF_NOEXIST) == 0) {
 		__u32 zero = 0;
@@ -276,6 +280,25 @@ static __always_inline bool kdecide_and_insert(const struct flowd_ksock *s,
 		if (n)
 			*n += 1;
 	}
+	return v;
+}
+
+/* The policy's match-all mark (zero entropy), if it has one (flowd.h,
+ * flowd_kpolicy.match_all). Array lookups, inlined by the JIT, and only by packets
+ * that found no mark; without a match-all rule, one. */
+static __always_inline bool match_all_mark(struct flowd_flow_mark *out)
+{
+	__u32 zero = 0;
+	struct flowd_kstate *st = bpf_map_lookup_elem(&flowd_kstate_map, &zero);
+
+	if (!st || !st->enabled || !st->match_all)
+		return false;
+	__u32 slot = st->active & 1;
+	struct flowd_kpolicy *pol = bpf_map_lookup_elem(&flowd_kpolicy_map, &slot);
+
+	if (!pol || !pol->match_all.experiment)
+		return false;
+	*out = pol->match_all;
 	return true;
 }
 
@@ -313,6 +336,8 @@ enum miss_decision {
 	 * when the handshake completes (flowd_ksockops), so half-open connections (a
 	 * SYN flood) never take a map entry. */
 	MISS_LABEL_ONLY,
+	/* A rule needing userspace facts could win: not even a match-all label. */
+	MISS_USERSPACE,
 };
 
 static __noinline int decide_on_miss(struct __sk_buff *skb, const struct flowd_flow_key *key,
@@ -390,9 +415,11 @@ static __noinline int decide_on_miss(struct __sk_buff *skb, const struct flowd_f
 	__builtin_memcpy(s.raddr, key->daddr, 16);
 	s.lport = bpf_ntohs(key->sport);
 	s.rport = bpf_ntohs(key->dport);
-	if (label_only)
-		return kdecide_mark(&s, key, out) ? MISS_LABEL_ONLY : MISS_NONE;
-	return kdecide_and_insert(&s, key) ? MISS_IN_MAP : MISS_NONE;
+	int v = label_only ? kdecide_mark(&s, key, out) : kdecide_and_insert(&s, key);
+
+	if (v == FLOWD_KV_MATCH)
+		return label_only ? MISS_LABEL_ONLY : MISS_IN_MAP;
+	return v == FLOWD_KV_USERSPACE ? MISS_USERSPACE : MISS_NONE;
 }
 
 

@@ -60,7 +60,7 @@ fn active(pair: &Pair, uid: Option<u32>, port: u16) -> u16 {
 fn active_pausing(pair: &Pair, uid: Option<u32>, port: u16, paused: Option<u32>) -> u16 {
     let (tx, rx) = std::sync::mpsc::channel();
     let srv = pair.b.run(move || {
-        let l = TcpListener::bind(SocketAddr::new(ADDR_B.into(), port)).unwrap();
+        let l = listen(SocketAddr::new(ADDR_B.into(), port));
         tx.send(()).unwrap();
         let (mut c, _) = l.accept().unwrap();
         let mut buf = Vec::new();
@@ -94,6 +94,20 @@ fn active_pausing(pair: &Pair, uid: Option<u32>, port: u16, paused: Option<u32>)
         .unwrap();
     srv.join().unwrap();
     local
+}
+
+/// A listener on `at`, where the test's previous connection to that port may still
+/// be closing: the 5.10 guest once refused the bind (EADDRINUSE) right after one.
+fn listen(at: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + common::patient(Duration::from_secs(5));
+    loop {
+        match TcpListener::bind(at) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            r => return r.unwrap(),
+        }
+    }
 }
 
 /// Passive open: A listens on 5401, B connects; A answers 3 chunks.

@@ -20,7 +20,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "unknown_rule_field_suggests_and_lists_allowed",
         "experiment = \"atlas\"\n[[rule]]\nname = \"x\"\nactivity = 1\nlocal_port = [1094]\n",
         &[
-            "p/atlas.toml:5:1: unknown field `local_port`; did you mean `local_ports`? allowed fields here: `name`, `description`, `activity`, `scitag`, `priority`, `protocol`, `direction`, `local_cidrs`, `remote_cidrs`, `local_ports`, `remote_ports`, `users`, `groups`, `process`, `exe`, `cgroup`",
+            "p/atlas.toml:5:1: unknown field `local_port`; did you mean `local_ports`? allowed fields here: `name`, `description`, `activity`, `scitag`, `priority`, `match_all`, `protocol`, `direction`, `local_cidrs`, `remote_cidrs`, `local_ports`, `remote_ports`, `users`, `groups`, `process`, `exe`, `cgroup`",
         ],
     ),
     (

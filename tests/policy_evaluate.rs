@@ -375,3 +375,74 @@ fn cidr_matching_is_family_exact_and_accepts_bare_addresses() {
     assert!(!hit("[::ffff:192.0.2.7]:1"));
     assert!(!hit("192.0.2.8:1"));
 }
+
+const MATCH_ALL: &str = r#"
+experiment = "default"
+
+[[rule]]
+name = "everything"
+activity = "perfSONAR"
+match_all = true
+"#;
+
+#[test]
+fn match_all_is_below_every_rule_whatever_the_priority_and_takes_the_rest() {
+    let low = ATLAS.replace("priority = 5", "priority = -100");
+    let p = load(&[("p/atlas.toml", &low), ("p/00-perfsonar.toml", MATCH_ALL)]).unwrap();
+    // Last in precedence even though its file sorts first and atlas has -100.
+    let last = p.rules().last().unwrap();
+    assert!(last.match_all);
+    assert_eq!(last.id.to_string(), "00-perfsonar.toml:everything");
+    let v = p
+        .evaluate(&sock(
+            Protocol::Tcp,
+            "[2001:db8::1]:5000",
+            "[2001:db8::2]:5000",
+            Direction::Inbound,
+        ))
+        .unwrap();
+    // Priority -100 still beats the match-all rule.
+    assert_eq!(v.rule.to_string(), "atlas.toml:debug");
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        let v = p
+            .evaluate(&sock(
+                proto,
+                "[fd00::1]:40000",
+                "[fd00::2]:53",
+                Direction::Outbound,
+            ))
+            .unwrap();
+        assert_eq!(v.rule.to_string(), "00-perfsonar.toml:everything");
+        assert_eq!((v.tag.experiment, v.tag.activity), (1, 2));
+    }
+    // Compiled into the kernel as the last rule, with its tag as the default mark.
+    let k = flowd::policy::kernel::KernelPolicy::compile(p.rules());
+    assert_eq!(k.match_all, Some((1, 2)));
+    assert_eq!(k.rules.len(), 4);
+}
+
+#[test]
+fn match_all_takes_no_field_no_priority_and_one_tag_per_host() {
+    let with_field = format!("{MATCH_ALL}local_ports = [1]\n");
+    let e = common::errors(&[("p/ps.toml", &with_field)]);
+    assert!(
+        e[0].contains("takes no match field and no `priority`"),
+        "{e:?}"
+    );
+    let with_priority = format!("{MATCH_ALL}priority = 1\n");
+    assert!(common::errors(&[("p/ps.toml", &with_priority)])[0].contains("no `priority`"));
+    let other = MATCH_ALL.replace("perfSONAR", "Cache");
+    let e = common::errors(&[("p/a.toml", MATCH_ALL), ("p/b.toml", &other)]);
+    assert!(
+        e[0].contains("are both `match_all` with different tags"),
+        "{e:?}"
+    );
+    // The same tag twice is no conflict.
+    assert!(load(&[("p/a.toml", MATCH_ALL), ("p/b.toml", MATCH_ALL)]).is_ok());
+    // Without it, no kernel default.
+    let p = load(&[("p/atlas.toml", ATLAS)]).unwrap();
+    assert_eq!(
+        flowd::policy::kernel::KernelPolicy::compile(p.rules()).match_all,
+        None
+    );
+}

@@ -146,6 +146,9 @@ pub struct StatusView {
     pub in_kernel_decisions: bool,
     /// Rules of the policy the kernel decides before a flow's first packet leaves.
     pub policy_first_packet_exact_rules: usize,
+    /// The policy's `match_all` rule and its tag, `perfsonar.toml:everything (1/2)`.
+    #[serde(default)]
+    pub policy_match_all: Option<String>,
     /// Live flows the kernel had already marked, with userspace's tag, when
     /// userspace first decided them.
     pub flows_first_packet_exact: usize,

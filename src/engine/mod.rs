@@ -560,23 +560,7 @@ impl Engine {
             return;
         };
         let keys = held.apply(a);
-        // A flow that fireflies are due for, and that the kernel says no socket of
-        // this host has (either way round), starts its fireflies now, as flowd-go
-        // does at the announcement; dumps and UNSEEN_WAIT catch what this misses.
-        let mut unseen = Vec::new();
-        if self.fireflies.is_some() && held.awaits_socket(&keys[0]) {
-            let lookup = self.sockets.get_or_insert_with(|| {
-                SocketLookup::new(Duration::from_millis(200)).map_err(|e| e.to_string())
-            });
-            if let Ok(lookup) = lookup {
-                let mut absent =
-                    |k: &crate::model::socket::FlowKey| lookup.exists(k).is_ok_and(|found| !found);
-                if absent(&keys[0]) && absent(&keys[1]) {
-                    unseen.extend(held.unseen_now(&keys[0]));
-                }
-            }
-        }
-        self.unseen_fireflies(unseen);
+        self.unseen_fireflies(Vec::new());
         let named: Vec<FlowEvent> = self
             .table
             .iter()
@@ -584,6 +568,31 @@ impl Engine {
             .map(|f| FlowEvent::Updated(Arc::new(f.clone())))
             .collect();
         self.apply(named);
+        self.look_for_socket(&keys);
+    }
+
+    /// A flow announced for our fireflies that no flow of the table has claimed, and
+    /// that the kernel says no socket of this host has (either way round), starts
+    /// its fireflies now, as flowd-go sends them at the announcement; dumps and
+    /// UNSEEN_WAIT catch what this misses (a lookup that failed).
+    fn look_for_socket(&mut self, keys: &[crate::model::socket::FlowKey; 2]) {
+        let Some(held) = &mut self.announcements else {
+            return;
+        };
+        if self.fireflies.is_none() || !held.awaits_socket(&keys[0]) {
+            return;
+        }
+        let lookup = self.sockets.get_or_insert_with(|| {
+            SocketLookup::new(Duration::from_millis(200)).map_err(|e| e.to_string())
+        });
+        let Ok(lookup) = lookup else {
+            return;
+        };
+        let mut absent = |k| lookup.exists(k).is_ok_and(|found| !found);
+        if absent(&keys[0]) && absent(&keys[1]) {
+            let unseen = held.unseen_now(&keys[0]).into_iter().collect();
+            self.unseen_fireflies(unseen);
+        }
     }
 
     /// A /proc read the kernel refused means the rules on that fact cannot match

@@ -111,6 +111,11 @@ impl Engine {
             dump_errors: fc.dump_errors,
             in_kernel_decisions: self.in_kernel,
             policy_first_packet_exact_rules: self.exactness.iter().filter(|e| e.is_exact()).count(),
+            policy_match_all: self
+                .policy
+                .rules()
+                .find(|r| r.match_all)
+                .map(|r| format!("{} ({}/{})", r.id, r.experiment, r.activity)),
             fireflies: self.fireflies.as_ref().map(Fireflies::status),
             announcements: self.announcements.as_ref().map(Announcements::counters),
             control: self.control_view(),

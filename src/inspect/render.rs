@@ -92,7 +92,7 @@ fn status_line(s: &ViewState) -> Paragraph<'static> {
                 Style::new().add_modifier(Modifier::BOLD),
             ),
             Span::raw(format!(
-                " pid {} up {} │ {} on {} │ policy {} ({} files, {} rules) │ map {}/{} │ ",
+                " pid {} up {} │ {} on {} │ policy {} ({} files, {} rules{}) │ map {}/{} │ ",
                 st.pid,
                 human_age(st.uptime_secs),
                 st.strategy,
@@ -104,6 +104,10 @@ fn status_line(s: &ViewState) -> Paragraph<'static> {
                 st.policy_version,
                 st.policy_files,
                 st.policy_rules,
+                st.policy_match_all
+                    .as_deref()
+                    .map(|m| format!(", match-all {m}"))
+                    .unwrap_or_default(),
                 st.map_entries,
                 st.map_capacity,
             )),

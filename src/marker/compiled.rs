@@ -150,7 +150,29 @@ impl KernelMaps {
                 .update(as_bytes(&key), as_bytes(&kbits(*bits)), MapFlags::ANY)
                 .map_err(bpf("flowd_kuids"))?;
         }
+        // The fallback needs a counter slot like any tag; without one the kernel
+        // labels nothing by default and userspace still marks the sockets.
+        let match_all = match k.match_all {
+            Some((experiment, activity)) => {
+                let tag = Tag {
+                    experiment,
+                    activity,
+                };
+                match slot_of(tag) {
+                    Ok(counter_slot) => flowd_flow_mark {
+                        label: tag.label(0),
+                        experiment,
+                        activity,
+                        counter_slot,
+                        ..Default::default()
+                    },
+                    Err(_) => flowd_flow_mark::default(),
+                }
+            }
+            None => flowd_flow_mark::default(),
+        };
         let pol = flowd_kpolicy {
+            match_all,
             tcp: kbits(k.tcp),
             udp: kbits(k.udp),
             outbound: kbits(k.outbound),
@@ -165,7 +187,7 @@ impl KernelMaps {
             enabled: 1,
             active: slot,
             generation: st.generation.wrapping_add(1),
-            pad: 0,
+            match_all: u32::from(pol.match_all.experiment != 0),
         };
         self.state
             .update(&0u32.to_ne_bytes(), as_bytes(&next), MapFlags::ANY)
@@ -224,7 +246,8 @@ mod tests {
         assert_eq!(size_of::<flowd_kport_key>(), 8);
         assert_eq!(offset_of!(flowd_kport_key, port), 6);
         assert_eq!(size_of::<flowd_kuid_key>(), 8);
-        assert_eq!(size_of::<flowd_kpolicy>(), 96);
+        assert_eq!(size_of::<flowd_kpolicy>(), 128);
+        assert_eq!(offset_of!(flowd_kpolicy, match_all), 96);
         assert_eq!(size_of::<flowd_kstate>(), 16);
         assert_eq!(size_of::<flowd_ksock>(), 44);
         assert_eq!(offset_of!(flowd_ksock, uid), 40);

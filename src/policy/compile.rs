@@ -130,7 +130,7 @@ pub fn compile_file(
             );
         }
         let rule = compile_rule(&mut cx, r, experiment, reg, accounts);
-        if let (Some(exp), Some((activity, priority, matcher))) = (experiment, rule) {
+        if let (Some(exp), Some((activity, priority, matcher, match_all))) = (experiment, rule) {
             let specificity = matcher.specificity();
             rules.push(Rule {
                 id: Arc::new(RuleRef {
@@ -144,6 +144,7 @@ pub fn compile_file(
                 priority,
                 matcher,
                 specificity,
+                match_all,
                 file_index,
                 rule_index,
             });
@@ -190,14 +191,14 @@ fn experiment(cx: &mut Ctx, v: &Spanned<Value>, reg: &Registry) -> Option<u16> {
     }
 }
 
-/// Returns (activity, priority, match) if the rule is valid.
+/// Returns (activity, priority, match, match_all) if the rule is valid.
 fn compile_rule(
     cx: &mut Ctx,
     r: &Spanned<RawRule>,
     experiment: Option<u16>,
     reg: &Registry,
     accounts: &dyn Accounts,
-) -> Option<(u8, i32, Match)> {
+) -> Option<(u8, i32, Match, bool)> {
     let before = cx.errors.len();
     let raw = r.get_ref();
     let activity = activity(cx, r, experiment, reg);
@@ -216,8 +217,20 @@ fn compile_rule(
         }),
     };
     let m = Match::compile(cx, raw, accounts);
+    let match_all = raw.match_all.as_ref().is_some_and(|b| *b.get_ref());
+    if let Some(b) = raw.match_all.as_ref().filter(|b| *b.get_ref()) {
+        // The fallback of every other rule: a field or a priority would make it
+        // something else than "everything nobody else claims".
+        if m.specificity().fields > 0 || raw.priority.is_some() {
+            cx.err(
+                b.span(),
+                ErrorKind::InvalidValue,
+                "a `match_all = true` rule tags everything no other rule matches: it takes no match field and no `priority`; remove them, or remove `match_all` for an ordinary rule",
+            );
+        }
+    }
     (cx.errors.len() == before).then_some(())?;
-    Some((activity?, priority, m))
+    Some((activity?, priority, m, match_all))
 }
 
 fn activity(

@@ -41,6 +41,7 @@ macro_rules! raw_rule {
             "activity",
             "scitag",
             "priority",
+            "match_all",
             $(stringify!($key),)*
         ];
 
@@ -53,6 +54,9 @@ macro_rules! raw_rule {
             pub activity: Option<Spanned<Value>>,
             pub scitag: Option<Spanned<i64>>,
             pub priority: Option<Spanned<i64>>,
+            /// The host's fallback tag: every socket and every IPv6 packet no other
+            /// rule claims (perfSONAR hosts). Takes no match field and no priority.
+            pub match_all: Option<Spanned<bool>>,
             $(pub $key: Option<<fields::$m::$T as MatchField>::Raw>,)*
         }
     };

@@ -110,6 +110,10 @@ pub struct KernelPolicy {
     pub uids: Vec<(u32, RuleBits)>,
     /// Per rule of the whole policy, in precedence order.
     pub exactness: Vec<Exactness>,
+    /// The tag (experiment, activity) of a `match_all` rule, when it was compiled
+    /// (within [`MAX_RULES`]; it is always the last rule): the marker labels with it
+    /// every IPv6 packet that no flow entry, socket cache or decision covers.
+    pub match_all: Option<(u16, u8)>,
 }
 
 /// A socket as the kernel sees it (for [`KernelPolicy::evaluate`]).
@@ -214,6 +218,10 @@ impl KernelPolicy {
                     .map(|(p, l, b)| (side, p, l, b)),
             );
         }
+        k.match_all = compiled
+            .iter()
+            .find(|r| r.match_all)
+            .map(|r| (r.experiment, r.activity));
         let uids: BTreeSet<u32> = compiled
             .iter()
             .filter_map(|r| r.matcher.users.as_ref())

@@ -259,16 +259,37 @@ fn conflicts(rules: &[Rule], paths: &[&Path], reg: &Registry) -> Vec<PolicyError
     let mut out = Vec::new();
     let mut start = 0;
     while start < rules.len() {
-        let key = (rules[start].priority, rules[start].specificity);
+        let key = (
+            rules[start].match_all,
+            rules[start].priority,
+            rules[start].specificity,
+        );
         let end = start
             + rules[start..]
                 .iter()
-                .take_while(|r| (r.priority, r.specificity) == key)
+                .take_while(|r| (r.match_all, r.priority, r.specificity) == key)
                 .count();
         let run = &rules[start..end];
         for (j, b) in run.iter().enumerate() {
             for a in &run[..j] {
-                if a.tag() != b.tag() && a.matcher.overlaps(&b.matcher) {
+                if a.tag() != b.tag() && b.match_all {
+                    out.push(PolicyError {
+                        path: paths[b.file_index].to_owned(),
+                        line: b.id.line,
+                        col: b.col,
+                        kind: ErrorKind::Conflict,
+                        message: format!(
+                            "rule {:?} ({}) and rule {:?} ({}) at {}:{}:{} are both `match_all` with different tags; a host has one fallback tag, keep one of them",
+                            &*b.id.name,
+                            reg.name_of(b.experiment, b.activity),
+                            &*a.id.name,
+                            reg.name_of(a.experiment, a.activity),
+                            paths[a.file_index].display(),
+                            a.id.line,
+                            a.col,
+                        ),
+                    });
+                } else if a.tag() != b.tag() && a.matcher.overlaps(&b.matcher) {
                     out.push(PolicyError {
                         path: paths[b.file_index].to_owned(),
                         line: b.id.line,

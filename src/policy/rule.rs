@@ -153,15 +153,21 @@ pub struct Rule {
     pub priority: i32,
     pub matcher: Match,
     pub specificity: Specificity,
+    /// `match_all = true`: the host's fallback (perfSONAR hosts). Below every other
+    /// rule whatever their priority; in the kernel it also labels the IPv6 packets
+    /// that no flow entry covers (ICMPv6 included).
+    pub match_all: bool,
     /// Index of the file (sorted by name) and of the rule within it.
     pub file_index: usize,
     pub rule_index: usize,
 }
 
 impl Rule {
-    /// The sort key of precedence: the smallest key wins.
-    pub fn precedence_key(&self) -> (Reverse<i32>, Reverse<Specificity>, usize, usize) {
+    /// The sort key of precedence: the smallest key wins. A match-all rule is the
+    /// least specific of all, below any priority.
+    pub fn precedence_key(&self) -> (bool, Reverse<i32>, Reverse<Specificity>, usize, usize) {
         (
+            self.match_all,
             Reverse(self.priority),
             Reverse(self.specificity),
             self.file_index,
