@@ -60,6 +60,10 @@ cat > "$WORK/flowd-rs.toml" <<TOML
 state_dir = "$WORK/state"
 [policy]
 dir = "$WORK/policies.d"
+[marker]
+# A demo is a one-off: its exit removes the marker instead of leaving it pinned
+# for a next start (what a service restart wants).
+detach_on_exit = true
 [fireflies]
 # A UDP datagram of JSON at each tagged flow's start and end, sent to the flow's
 # remote host (port 10514) by default.
