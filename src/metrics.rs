@@ -89,6 +89,11 @@ pub struct Snapshot {
     /// program was already running on that CPU: events lost without a ring drop.
     /// Empty where the kernel does not count them.
     pub recursion_misses: Vec<(&'static str, u64)>,
+    /// TCP state changes the sockops STATE_CB reported in place of a skipped
+    /// tracepoint run.
+    pub state_cb_events: u64,
+    /// Full sock_diag dumps the tracker asked for after a loss it counted.
+    pub dumps_requested: u64,
     pub control: ControlConnections,
     /// Present when `metrics.per_flow` is on.
     pub per_flow: Option<Arc<PerFlow>>,
@@ -338,6 +343,16 @@ impl Collector for SnapshotCollector {
                 "flowd_kernel_overrides",
                 "First-packet marks the kernel decided that userspace's decision replaced.",
                 s.kernel_overridden,
+            ),
+            (
+                "flowd_tracker_state_cb_events",
+                "TCP state changes the sockops STATE_CB reported because the kernel skipped the tracepoint program's nested run.",
+                s.state_cb_events,
+            ),
+            (
+                "flowd_reconcile_dumps_requested",
+                "Full sock_diag dumps run early because the tracker counted a loss (a ring drop, or a skipped run STATE_CB did not cover).",
+                s.dumps_requested,
             ),
         ] {
             let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;

@@ -51,6 +51,8 @@ fn snapshot(scale: u64) -> Snapshot {
         announcements: None,
         facts_denied: vec![("owner", 0), ("exe", scale), ("cgroup", 0)],
         recursion_misses: vec![("flowd_tcp_state", 8 * scale), ("flowd_sockops", 0)],
+        state_cb_events: 9 * scale,
+        dumps_requested: 10 * scale,
         control: ControlConnections {
             open: 2,
             refused: 3 * scale,
@@ -158,6 +160,8 @@ async fn scrape_over_http_exposes_every_series_with_its_labels() {
                 "flowd_tracker_recursion_misses_total{program=flowd_sockops}",
                 0.0,
             ),
+            ("flowd_tracker_state_cb_events_total{}", 9.0),
+            ("flowd_reconcile_dumps_requested_total{}", 10.0),
             ("flowd_reconcile_corrections_total{kind=added}", 2.0),
             ("flowd_reconcile_corrections_total{kind=ended}", 3.0),
             ("flowd_policy_reloads_total{result=ok}", 4.0),

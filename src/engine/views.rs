@@ -171,6 +171,8 @@ impl Engine {
                 // "flowd_tcp_state (tp_btf/...)": the function name is the label.
                 .map(|(p, n)| (p.split(' ').next().unwrap_or(p), *n))
                 .collect(),
+            state_cb_events: self.tracker.state_cb_events.load(Ordering::Relaxed),
+            dumps_requested: self.tracker.dumps_requested.load(Ordering::Relaxed),
             control: self.control_view(),
             per_flow: self.per_flow.as_ref().map(|p| p.published.clone()),
         }
