@@ -272,43 +272,39 @@ fn conflicts(rules: &[Rule], paths: &[&Path], reg: &Registry) -> Vec<PolicyError
         let run = &rules[start..end];
         for (j, b) in run.iter().enumerate() {
             for a in &run[..j] {
-                if a.tag() != b.tag() && b.match_all {
-                    out.push(PolicyError {
-                        path: paths[b.file_index].to_owned(),
-                        line: b.id.line,
-                        col: b.col,
-                        kind: ErrorKind::Conflict,
-                        message: format!(
-                            "rule {:?} ({}) and rule {:?} ({}) at {}:{}:{} are both `match_all` with different tags; a host has one fallback tag, keep one of them",
-                            &*b.id.name,
-                            reg.name_of(b.experiment, b.activity),
-                            &*a.id.name,
-                            reg.name_of(a.experiment, a.activity),
-                            paths[a.file_index].display(),
-                            a.id.line,
-                            a.col,
-                        ),
-                    });
-                } else if a.tag() != b.tag() && a.matcher.overlaps(&b.matcher) {
-                    out.push(PolicyError {
-                        path: paths[b.file_index].to_owned(),
-                        line: b.id.line,
-                        col: b.col,
-                        kind: ErrorKind::Conflict,
-                        message: format!(
-                            "rule {:?} ({}) can match the same sockets as rule {:?} ({}) at {}:{}:{}, with equal priority {} and equal specificity ({}); give one of them a higher `priority` or narrow one so that they cannot overlap",
-                            &*b.id.name,
-                            reg.name_of(b.experiment, b.activity),
-                            &*a.id.name,
-                            reg.name_of(a.experiment, a.activity),
-                            paths[a.file_index].display(),
-                            a.id.line,
-                            a.col,
-                            a.priority,
-                            a.specificity,
-                        ),
-                    });
+                if a.tag() == b.tag() || !(b.match_all || a.matcher.overlaps(&b.matcher)) {
+                    continue;
                 }
+                let (b_rule, a_rule) = (
+                    format!(
+                        "rule {:?} ({})",
+                        &*b.id.name,
+                        reg.name_of(b.experiment, b.activity)
+                    ),
+                    format!(
+                        "rule {:?} ({})",
+                        &*a.id.name,
+                        reg.name_of(a.experiment, a.activity)
+                    ),
+                );
+                let at = format!("{}:{}:{}", paths[a.file_index].display(), a.id.line, a.col);
+                let message = if b.match_all {
+                    format!(
+                        "{b_rule} and {a_rule} at {at} are both `match_all` with different tags; a host has one fallback tag, keep one of them"
+                    )
+                } else {
+                    format!(
+                        "{b_rule} can match the same sockets as {a_rule} at {at}, with equal priority {} and equal specificity ({}); give one of them a higher `priority` or narrow one so that they cannot overlap",
+                        a.priority, a.specificity,
+                    )
+                };
+                out.push(PolicyError {
+                    path: paths[b.file_index].to_owned(),
+                    line: b.id.line,
+                    col: b.col,
+                    kind: ErrorKind::Conflict,
+                    message,
+                });
             }
         }
         start = end;
