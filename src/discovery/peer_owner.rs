@@ -44,14 +44,9 @@ impl PeerOwners {
         local: SocketAddr,
     ) -> io::Result<Option<u32>> {
         let (peer, local) = same_family(peer, local);
-        // The kernel's UDP lookup takes the socket's own end as the destination
-        // ("src and dst are swapped for historical reasons", udp_diag.c); TCP's
-        // takes it as the source.
-        let (src, dst) = match proto {
-            Protocol::Udp => (local, peer),
-            Protocol::Tcp => (peer, local),
-        };
-        let msg = self.lookup.find(proto, src, dst, ExtensionFlags::empty())?;
+        let msg = self
+            .lookup
+            .find_socket(proto, peer, local, ExtensionFlags::empty())?;
         Ok(msg.and_then(|m| u32_at(m, IDIAG_UID)))
     }
 }

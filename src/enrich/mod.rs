@@ -54,7 +54,7 @@ impl TcpInfoQuery {
         if key.proto != Protocol::Tcp {
             return Ok(None);
         }
-        let msg = self.lookup.find(
+        let msg = self.lookup.find_socket(
             Protocol::Tcp,
             key.local(),
             key.remote(),

@@ -116,18 +116,34 @@ impl SocketLookup {
 }
 
 impl SocketLookup {
-    /// Whether a socket of this namespace has the 5-tuple `key` (local end first).
-    pub fn exists(&mut self, key: &crate::model::socket::FlowKey) -> io::Result<bool> {
-        let (local, remote) = (key.local(), key.remote());
+    /// The kernel's record of the `proto` socket bound to `own` that talks to
+    /// `other`, as [`SocketLookup::find`] gives it.
+    pub fn find_socket(
+        &mut self,
+        proto: Protocol,
+        own: SocketAddr,
+        other: SocketAddr,
+        extensions: ExtensionFlags,
+    ) -> io::Result<Option<&[u8]>> {
         // The kernel's UDP lookup takes the socket's own end as the destination
         // ("src and dst are swapped for historical reasons", udp_diag.c); TCP's
         // takes it as the source.
-        let (src, dst) = match key.proto {
-            Protocol::Tcp => (local, remote),
-            Protocol::Udp => (remote, local),
+        let (src, dst) = match proto {
+            Protocol::Tcp => (own, other),
+            Protocol::Udp => (other, own),
         };
+        self.find(proto, src, dst, extensions)
+    }
+
+    /// Whether a socket of this namespace has the 5-tuple `key` (local end first).
+    pub fn exists(&mut self, key: &crate::model::socket::FlowKey) -> io::Result<bool> {
         Ok(self
-            .find(key.proto, src, dst, ExtensionFlags::empty())?
+            .find_socket(
+                key.proto,
+                key.local(),
+                key.remote(),
+                ExtensionFlags::empty(),
+            )?
             .is_some())
     }
 }
