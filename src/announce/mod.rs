@@ -54,9 +54,17 @@ struct Held {
     unseen: bool,
 }
 
+impl Held {
+    /// Ours to send fireflies for, not yet matched by a socket nor started
+    /// without one, and not a local user's (who may speak only of its own sockets).
+    fn awaits_socket(&self) -> bool {
+        self.ours && !self.matched && !self.unseen && self.only_for_uid.is_none()
+    }
+}
+
 /// `h` found to have no socket: its start firefly, once.
 fn start_unseen(counters: &mut AnnouncementCounters, key: FlowKey, h: &mut Held) -> Option<Unseen> {
-    if !h.ours || h.matched || h.unseen || h.only_for_uid.is_some() {
+    if !h.awaits_socket() {
         return None;
     }
     h.unseen = true;
@@ -157,9 +165,7 @@ impl Announcements {
 
     /// Whether the announcement under `key` waits to learn if it has a socket.
     pub fn awaits_socket(&self, key: &FlowKey) -> bool {
-        self.held
-            .get(key)
-            .is_some_and(|h| h.ours && !h.matched && !h.unseen && h.only_for_uid.is_none())
+        self.held.get(key).is_some_and(Held::awaits_socket)
     }
 
     /// The flows without a socket whose end is due (withdrawn, replaced, or held
