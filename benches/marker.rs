@@ -14,6 +14,7 @@ use std::mem::MaybeUninit;
 use std::net::{Ipv6Addr, SocketAddr};
 
 use flowd::config::Strategy;
+use flowd::marker::maps::bpf_key;
 use flowd::marker::{load, maps_of, LoadOptions};
 use flowd::model::socket::{FlowKey, Protocol};
 use flowd::model::tag::Tag;
@@ -175,22 +176,27 @@ fn main() {
     // one dummy socket, so repeats hit it. The second object has it off: every packet
     // is looked up in the map, as a flow's first packet, or a packet with no local
     // socket (forwarded), is.
-    let load_with = |socket_cache: bool| {
+    // The third has the flow index (marker.flow_index) off too: every lookup is a
+    // flowd_marks hash lookup, as before the index.
+    let load_with = |socket_cache: bool, flow_index: bool| {
         load(&LoadOptions {
             strategy: Strategy::LABEL,
             map_capacity: FLOWS + 1,
             with_empty_program: true,
             in_kernel: true,
             socket_cache,
+            flow_index,
             ..Default::default()
         })
         .expect("load marker")
     };
-    let cached = load_with(true);
-    let uncached = load_with(false);
+    let cached = load_with(true, true);
+    let uncached = load_with(false, true);
+    let hashed = load_with(false, false);
     let maps = [
         maps_of(&cached, FLOWS + 1).unwrap(),
         maps_of(&uncached, FLOWS + 1).unwrap(),
+        maps_of(&hashed, FLOWS + 1).unwrap(),
     ];
     let tag = Tag::new(2, 4).unwrap();
 
@@ -229,8 +235,20 @@ fn main() {
         fill(&k);
     }
 
+    // At a full map some buckets of the flow index overflow (their extra flows stay
+    // in flowd_marks alone), and a miss landing in one asks flowd_marks too. The
+    // unmatched rows use a port whose bucket does not; the "overflowing" row one
+    // whose bucket does: the worst case.
+    let ix = maps[1].index().expect("flow index on");
+    let overflowing = |port: u16| ix.unindexed_in(ix.bucket(&bpf_key(&key(port)).unwrap())) > 0;
+    let miss_port = (40001..).find(|p| !overflowing(*p)).unwrap();
+    let crowded_port = (40001..).find(|p| overflowing(*p)).unwrap();
+    println!(
+        "flow index: {} of {FLOWS} flows not indexed (their bucket full)",
+        ix.unindexed()
+    );
     let hit = frame(Shape::Plain, 40000);
-    let miss = frame(Shape::Plain, 40001);
+    let miss = frame(Shape::Plain, miss_port);
     let r = &refskel.progs;
     let (c, u) = (&cached.progs.flowd_mark, &uncached.progs.flowd_mark);
     let mut cases: Vec<Case<'_>> = Vec::new();
@@ -288,8 +306,27 @@ fn main() {
     );
     add("marker matched, socket cache", c, &hit, Some(ref_hit));
     add("marker unmatched, socket cache", c, &miss, Some(ref_miss));
-    add("marker matched, map lookup", u, &hit, Some(ref_hit));
-    add("marker unmatched, map lookup", u, &miss, Some(ref_miss));
+    add(
+        "marker matched, map lookup (flow index)",
+        u,
+        &hit,
+        Some(ref_hit),
+    );
+    add(
+        "marker unmatched, map lookup (flow index)",
+        u,
+        &miss,
+        Some(ref_miss),
+    );
+    add(
+        "marker unmatched, flow index, bucket overflowing",
+        u,
+        &frame(Shape::Plain, crowded_port),
+        Some(ref_miss),
+    );
+    let h = &hashed.progs.flowd_mark;
+    add("marker matched, hash map only", h, &hit, Some(ref_hit));
+    add("marker unmatched, hash map only", h, &miss, Some(ref_miss));
     add(
         "marker matched, 802.1Q tag",
         c,
@@ -297,8 +334,20 @@ fn main() {
         Some(ref_vlan),
     );
     add(
+        "marker matched, 802.1Q tag, hash map only",
+        h,
+        &frame(Shape::Vlan, 40000),
+        Some(ref_vlan),
+    );
+    add(
         "marker matched, dest-options header",
         c,
+        &frame(Shape::ExtHeader, 40000),
+        Some(ref_hit),
+    );
+    add(
+        "marker matched, dest-options header, hash map only",
+        h,
         &frame(Shape::ExtHeader, 40000),
         Some(ref_hit),
     );

@@ -258,6 +258,57 @@ struct flowd_sk_cache {
 	struct flowd_flow_mark mark;
 };
 
+/* ---- Flow index (bpf/flow_index.bpf.h; src/marker/flow_index.rs) ----
+ *
+ * The marks of flowd_marks again, in a table the TC program reads without a
+ * hash-map call: an array of buckets of FLOWD_INDEX_WAYS slots, the bucket chosen
+ * by a seeded multiply-xor hash of the 5-tuple (flowd_index_bucket_of in
+ * flow_index.bpf.h, index::bucket in Rust). Array lookups are inlined by the JIT,
+ * so a packet pays the hash and a few compares instead of a 40-byte jhash, a bucket
+ * walk and a memcmp. flowd_marks stays the source of truth; only userspace writes
+ * the index (through mmap), one writer, with a sequence count per slot.
+ *
+ * A flow with no free slot in its bucket, and every mark the kernel decided, stays
+ * in flowd_marks only. Its bucket's `unindexed` counts such marks (plus writes in
+ * progress): while it is not zero, a packet of that bucket the index does not know
+ * is also looked up in flowd_marks. The count may err high (then lookups of that
+ * bucket double-check), never low.
+ */
+enum flowd_index_limits {
+	FLOWD_INDEX_WAYS = 4,
+	FLOWD_INDEX_SEEDS = 5,
+};
+
+struct flowd_index_slot {
+	/* Odd while userspace rewrites the slot; readers that see it change retry
+	 * in flowd_marks. */
+	__u32 seq;
+	__u32 counter_slot;
+	/* family 0: the slot is free. */
+	struct flowd_flow_key key;
+	__u32 label;
+	__u16 experiment;
+	__u8 activity;
+	__u8 flags;
+	/* Packets and bytes marked through this slot (flowd_marks holds the others):
+	 * userspace adds both. */
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct flowd_index_bucket {
+	/* Marks of this bucket in flowd_marks that may be missing from the index. */
+	__u32 unindexed;
+	__u32 pad;
+	struct flowd_index_slot way[FLOWD_INDEX_WAYS];
+};
+
+struct flowd_index_head {
+	/* Drawn by userspace when the maps are new, kept by a daemon that adopts them:
+	 * one per 8-byte word of the key, so that buckets cannot be predicted. */
+	__u64 seed[FLOWD_INDEX_SEEDS];
+};
+
 /* ---- Socket tracker (tracker.bpf.c, src/discovery/tracker*.rs) ---- */
 
 #define FLOWD_COMM_LEN 16
@@ -364,6 +415,7 @@ struct flowd_contract {
 	enum flowd_krule_limits krule_limits;
 	enum flowd_event_kind event_kind;
 	enum flowd_event_flag event_flag;
+	enum flowd_index_limits index_limits;
 };
 
 #endif /* FLOWD_H */

@@ -272,6 +272,8 @@ static __always_inline int kdecide_and_insert(const struct flowd_ksock *s,
 
 	if (v != FLOWD_KV_MATCH)
 		return v;
+	/* Counted as unindexed before it can be found, so no lookup misses it. */
+	index_unindexed_add(key, 1);
 	/* NOEXIST: if userspace (or a racing CPU) got there first, its entry stands. */
 	if (bpf_map_update_elem(&flowd_marks, key, &mark, BPF_NOEXIST) == 0) {
 		__u32 zero = 0;
@@ -279,6 +281,8 @@ static __always_inline int kdecide_and_insert(const struct flowd_ksock *s,
 
 		if (n)
 			*n += 1;
+	} else {
+		index_unindexed_add(key, -1);
 	}
 	return v;
 }

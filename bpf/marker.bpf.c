@@ -5,6 +5,7 @@
  * anything it cannot or should not mark passes unchanged and is counted.
  *
  * Layouts: the flow label as in src/model/tag.rs, the option header as in flowd.h.
+ * Lookup: the flow index (flow_index.bpf.h), then flowd_marks when it cannot answer.
  * Shared types: flowd.h.
  */
 #include "vmlinux.h"
@@ -84,6 +85,7 @@ struct {
 } flowd_tag_counters SEC(".maps");
 
 
+#include "flow_index.bpf.h"
 #include "kdecide.bpf.h"
 
 static __always_inline void count(__u32 outcome)
@@ -181,7 +183,16 @@ int flowd_mark(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	struct flowd_flow_mark *m = bpf_map_lookup_elem(&flowd_marks, &key);
+	/* The index first (inlined array reads); flowd_marks only when the index
+	 * cannot answer alone. */
+	struct flowd_flow_mark found;
+	struct flowd_flow_mark *m = NULL;
+	enum index_result ir = flowd_index_on ? index_find(&key, &found, skb->len) : INDEX_UNSURE;
+
+	if (ir == INDEX_HIT)
+		m = &found;
+	else if (ir == INDEX_UNSURE)
+		m = bpf_map_lookup_elem(&flowd_marks, &key);
 	bool undecided = false;
 
 	if (!m && flowd_in_kernel && may_decide(skb, &key, p.l4)) {
@@ -224,8 +235,10 @@ int flowd_mark(struct __sk_buff *skb)
 	 * socket's lock, so concurrent updates of one entry are rare, and a lost count
 	 * only blurs a display figure (per-tag totals, per CPU, stay exact). Atomics
 	 * cost ~10 ns a packet here (benches/marker.rs). */
-	m->packets += 1;
-	m->bytes += skb->len;
+	if (ir != INDEX_HIT) {
+		m->packets += 1;
+		m->bytes += skb->len;
+	}
 	/* Copy: the entry may be deleted (and its memory reused) while we work. */
 	struct flowd_flow_mark mark = *m;
 

@@ -399,6 +399,11 @@ pub struct MarkerConfig {
     /// packets skip the flow-map lookup (the TC program's main cost). `false` looks
     /// every packet up in the map.
     pub socket_cache: bool,
+    /// Keep a second copy of the marks in a table the TC program reads without a
+    /// hash-map call (buckets of four, two 72-byte slots per flow of `map_capacity`),
+    /// so a packet that must be looked up (a flow's first, or one with no local
+    /// socket) costs less than with the map alone. x86_64 only.
+    pub flow_index: bool,
     /// Where the marker's links and maps are pinned (a bpf filesystem), one
     /// directory per network namespace below it, so that a restart or an upgrade
     /// adopts the running marker instead of leaving a gap. `""` turns pinning off:
@@ -421,6 +426,7 @@ impl Default for MarkerConfig {
             map_capacity: DEFAULT_MAP_CAPACITY,
             in_kernel_decisions: true,
             socket_cache: true,
+            flow_index: true,
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             detach_on_exit: false,
         }
@@ -645,6 +651,7 @@ mod tests {
         assert_eq!(c.marker.map_capacity, 65_536);
         assert!(c.marker.in_kernel_decisions);
         assert!(c.marker.socket_cache);
+        assert!(c.marker.flow_index);
         assert_eq!(
             c.control_socket(),
             PathBuf::from("/run/flowd-rs/control.sock")

@@ -373,6 +373,7 @@ fn metrics_for(
                 s.outcomes = c.outcome_counts();
                 crate::engine::add_tag_counts(&mut s.tags, &c.per_tag, &registry);
             }
+            s.map_unindexed = maps.index().map(|ix| ix.unindexed());
             // The sender counts as it sends: read now, not at the last publish.
             if let (Some(status), Some(c)) = (&mut s.fireflies, &fireflies) {
                 c.fill(status);

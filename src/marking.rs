@@ -91,6 +91,10 @@ impl MarkSink for MarkMaps {
 /// engine runs without BPF.
 pub trait MarkStore: MarkSink + Send + Sync {
     fn capacity(&self) -> u32;
+    /// Marks the flow index lacks; `None` without an index.
+    fn unindexed(&self) -> Option<u64> {
+        None
+    }
     /// What the TC program counted, summed over CPUs.
     fn counters(&self) -> Result<Counters, MapError>;
     /// Packets and bytes marked per flow.
@@ -105,6 +109,9 @@ pub trait MarkStore: MarkSink + Send + Sync {
 impl MarkStore for MarkMaps {
     fn capacity(&self) -> u32 {
         MarkMaps::capacity(self)
+    }
+    fn unindexed(&self) -> Option<u64> {
+        self.index().map(|ix| ix.unindexed())
     }
     fn counters(&self) -> Result<Counters, MapError> {
         MarkMaps::counters(self)

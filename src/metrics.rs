@@ -64,6 +64,8 @@ pub struct Snapshot {
     pub outcomes: Vec<(String, u64)>,
     pub map_entries: u64,
     pub map_capacity: u64,
+    /// Marks the flow index lacks (`None`: no index); read by the scrape.
+    pub map_unindexed: Option<u64>,
     /// Tracker ring buffer records lost.
     pub ringbuf_drops: u64,
     /// Sockets sock_diag found that the tracker had missed (`added`), and tracked
@@ -322,6 +324,14 @@ impl Collector for SnapshotCollector {
             "Size of the marker's BPF map.",
             s.map_capacity,
         )?;
+        if let Some(n) = s.map_unindexed {
+            gauge(
+                &mut enc,
+                "flowd_marker_index_unindexed",
+                "Marks the flow index lacks (a full bucket, or decided in the kernel and not yet met by userspace): their packets take the hash-map lookup.",
+                n,
+            )?;
+        }
 
         for (name, help, v) in [
             (

@@ -39,6 +39,7 @@ fn snapshot(scale: u64) -> Snapshot {
         .collect(),
         map_entries: 8,
         map_capacity: 65536,
+        map_unindexed: Some(9),
         ringbuf_drops: scale,
         reconcile_added: 2 * scale,
         reconcile_ended: 3 * scale,
@@ -151,6 +152,7 @@ async fn scrape_over_http_exposes_every_series_with_its_labels() {
             ("flowd_packets_total{outcome=skipped_header}", 6.0),
             ("flowd_marker_map_entries{}", 8.0),
             ("flowd_marker_map_capacity{}", 65536.0),
+            ("flowd_marker_index_unindexed{}", 9.0),
             ("flowd_ringbuf_drops_total{}", 1.0),
             (
                 "flowd_tracker_recursion_misses_total{program=flowd_tcp_state}",

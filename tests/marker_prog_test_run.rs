@@ -103,8 +103,16 @@ impl Marker {
     }
 
     /// Packets counted in the flow's map entry (not those served by a socket cache).
+    /// Packets counted by lookups of `f` (in flowd_marks or the flow index), as
+    /// opposed to those counted through a socket's cache.
     fn map_packets(&self, f: &FlowKey) -> u64 {
-        self.maps.get(f).unwrap().expect("flow has a mark").packets
+        let in_map = self.maps.get(f).unwrap().expect("flow has a mark").packets;
+        let in_index = self
+            .maps
+            .index()
+            .and_then(|ix| ix.count(&flowd::marker::maps::bpf_key(f).unwrap()))
+            .map_or(0, |(p, _)| p);
+        in_map + in_index
     }
 
     fn outcome(&self, name: &str) -> u64 {

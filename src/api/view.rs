@@ -109,6 +109,11 @@ pub struct StatusView {
     /// Flows in the marker's BPF map, and the map's size.
     pub map_entries: usize,
     pub map_capacity: u32,
+    /// Marks the flow index lacks (a full bucket, or decided in the kernel and not
+    /// yet met by userspace); their packets take the hash-map lookup. `null`: the
+    /// index is off.
+    #[serde(default)]
+    pub map_unindexed: Option<u64>,
     /// Packets per marker outcome (`marked`, `unmarked`, `skipped_mtu`, ...), cumulative.
     #[serde(deserialize_with = "null_as_default")]
     pub outcomes: BTreeMap<String, u64>,

@@ -93,6 +93,7 @@ impl Engine {
             flows_tagged: mc.tagged,
             map_entries: mc.in_map,
             map_capacity: self.maps.capacity(),
+            map_unindexed: self.maps.unindexed(),
             outcomes,
             per_tag: self.tag_totals(counters.as_ref()),
             ringbuf_drops: self.tracker.drops.load(Ordering::Relaxed),
@@ -147,6 +148,8 @@ impl Engine {
             outcomes: Vec::new(),
             map_entries: mc.in_map as u64,
             map_capacity: u64::from(self.maps.capacity()),
+            // Read by the scrape (daemon::metrics_for), as the packet counts.
+            map_unindexed: None,
             ringbuf_drops: self.tracker.drops.load(Ordering::Relaxed),
             reconcile_added: fc.reconcile_added,
             reconcile_ended: fc.reconcile_ended,

@@ -15,6 +15,7 @@ use crate::bpf::marker::types::{
     flowd_tag_limits,
 };
 use crate::marker::compiled::{KernelMaps, MARK_F_KERNEL};
+use crate::marker::flow_index::FlowIndex;
 use crate::marker::sk_cache::SocketCache;
 use crate::model::socket::FlowKey;
 use crate::model::tag::{decode, flow_entropy, Tag};
@@ -113,6 +114,7 @@ pub struct MarkMaps {
     slots: Mutex<HashMap<Tag, u32>>,
     kernel: Option<KernelMaps>,
     cache: Option<SocketCache>,
+    index: Option<FlowIndex>,
 }
 
 impl MarkMaps {
@@ -132,6 +134,41 @@ impl MarkMaps {
             slots: Mutex::new(HashMap::new()),
             kernel: None,
             cache: None,
+            index: None,
+        }
+    }
+
+    /// Adds the flow index (config `marker.flow_index`).
+    pub fn with_index(mut self, index: Option<FlowIndex>) -> Self {
+        self.index = index;
+        self
+    }
+
+    pub fn index(&self) -> Option<&FlowIndex> {
+        self.index.as_ref()
+    }
+
+    /// Before a write to `flowd_marks` that may leave a mark the index lacks.
+    fn index_write_begins(&self, key: &flowd_flow_key) {
+        if let Some(ix) = &self.index {
+            ix.unindexed_inc(key);
+        }
+    }
+
+    /// After it: indexes `key`'s mark, which ends the count taken for it unless its
+    /// bucket is full (then it stays counted: lookups ask `flowd_marks`).
+    fn index_write_ends(&self, key: &flowd_flow_key, mark: &flowd_flow_mark) {
+        if let Some(ix) = &self.index {
+            if ix.place(key, mark) {
+                ix.unindexed_dec(key);
+            }
+        }
+    }
+
+    /// A write that did not happen: its count goes.
+    fn index_write_undone(&self, key: &flowd_flow_key) {
+        if let Some(ix) = &self.index {
+            ix.unindexed_dec(key);
         }
     }
 
@@ -184,17 +221,24 @@ impl MarkMaps {
     ) -> Result<Option<ExistingMark>, MapError> {
         let key = bpf_key(flow).ok_or_else(|| MapError::NotIpv6(flow_text(flow)))?;
         let value = self.mark_value(tag, entropy)?;
-        match self
+        self.index_write_begins(&key);
+        let r = self
             .marks
-            .update(as_bytes(&key), as_bytes(&value), MapFlags::NO_EXIST)
-        {
-            Ok(()) => {
-                self.changed();
-                Ok(None)
-            }
+            .update(as_bytes(&key), as_bytes(&value), MapFlags::NO_EXIST);
+        if r.is_ok() {
+            self.index_write_ends(&key, &value);
+            self.changed();
+            return Ok(None);
+        }
+        self.index_write_undone(&key);
+        match r {
+            Ok(()) => unreachable!(),
             Err(e) if e.kind() == libbpf_rs::ErrorKind::AlreadyExists => {
                 match self.get(flow)? {
-                    Some(m) => Ok(Some(ExistingMark::of(&m))),
+                    Some(m) => {
+                        self.index_existing(&key, &m);
+                        Ok(Some(ExistingMark::of(&m)))
+                    }
                     // Deleted meanwhile: write ours.
                     None => self.insert(flow, tag, entropy).map(|()| None),
                 }
@@ -207,6 +251,16 @@ impl MarkMaps {
                 map: "flowd_marks",
                 source: e,
             }),
+        }
+    }
+
+    /// Indexes a mark found in `flowd_marks` (written by the in-kernel decision, or
+    /// left over): counted as unindexed until now.
+    fn index_existing(&self, key: &flowd_flow_key, mark: &flowd_flow_mark) {
+        if let Some(ix) = &self.index {
+            if !ix.contains(key) && ix.place(key, mark) {
+                ix.unindexed_dec(key);
+            }
         }
     }
 
@@ -257,12 +311,18 @@ impl MarkMaps {
         let key = bpf_key(flow).ok_or_else(|| MapError::NotIpv6(flow_text(flow)))?;
         // A rewrite (new tag after a reload) keeps the flow's counts; the packets
         // counted between this read and the update are the only ones lost.
-        let (packets, bytes) = self.get(flow)?.map_or((0, 0), |m| (m.packets, m.bytes));
+        let old = self.get(flow)?;
+        let (packets, bytes) = old.map_or((0, 0), |m| (m.packets, m.bytes));
         let value = flowd_flow_mark {
             packets,
             bytes,
             ..self.mark_value(tag, entropy)?
         };
+        // A mark already there but not indexed is counted already.
+        let counted = old.is_some() && self.index.as_ref().is_some_and(|ix| !ix.contains(&key));
+        if !counted {
+            self.index_write_begins(&key);
+        }
         let r = self
             .marks
             .update(as_bytes(&key), as_bytes(&value), MapFlags::ANY)
@@ -280,6 +340,11 @@ impl MarkMaps {
                     }
                 }
             });
+        match &r {
+            Ok(()) => self.index_write_ends(&key, &value),
+            Err(_) if !counted => self.index_write_undone(&key),
+            Err(_) => {}
+        }
         if r.is_ok() {
             self.changed();
         }
@@ -291,7 +356,22 @@ impl MarkMaps {
         let Some(key) = bpf_key(flow) else {
             return Ok(false);
         };
-        match self.marks.delete(as_bytes(&key)) {
+        // Out of the index first, counted meanwhile: the mark must not be in the
+        // index without being in flowd_marks, nor in flowd_marks uncounted.
+        let indexed = match &self.index {
+            Some(ix) if ix.contains(&key) => {
+                ix.unindexed_inc(&key);
+                ix.clear(&key);
+                true
+            }
+            _ => false,
+        };
+        let r = self.marks.delete(as_bytes(&key));
+        // Either our count above, or the one an unindexed mark carried.
+        if indexed || r.is_ok() {
+            self.index_write_undone(&key);
+        }
+        match r {
             Ok(()) => {
                 self.changed();
                 Ok(true)
@@ -348,13 +428,27 @@ impl MarkMaps {
                 out.insert(flow, (mark.packets, mark.bytes));
             }
         }
+        if let Some(ix) = &self.index {
+            for (key, packets, bytes) in ix.counts() {
+                if let Some(c) = flow_key(&key).and_then(|f| out.get_mut(&f)) {
+                    c.0 += packets;
+                    c.1 += bytes;
+                }
+            }
+        }
         Ok(out)
     }
 
     /// Packets and bytes marked for `flow`, if it has a mark.
     pub fn flow_count(&self, flow: &FlowKey) -> Result<Option<(u64, u64)>, MapError> {
         self.fold_cache_counts();
-        Ok(self.get(flow)?.map(|m| (m.packets, m.bytes)))
+        let indexed = match (&self.index, bpf_key(flow)) {
+            (Some(ix), Some(key)) => ix.count(&key).unwrap_or_default(),
+            _ => (0, 0),
+        };
+        Ok(self
+            .get(flow)?
+            .map(|m| (m.packets + indexed.0, m.bytes + indexed.1)))
     }
 
     /// Number of flows in the map (walks the keys: for status, not per packet).

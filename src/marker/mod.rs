@@ -6,6 +6,7 @@
 
 pub mod attach;
 pub mod compiled;
+pub mod flow_index;
 pub mod maps;
 pub mod netif;
 pub mod pin;
@@ -43,6 +44,8 @@ pub struct LoadOptions {
     pub with_test_program: bool,
     /// Config `marker.socket_cache`: cache each socket's lookup in the socket.
     pub socket_cache: bool,
+    /// Config `marker.flow_index`: look flows up in the flow index first.
+    pub flow_index: bool,
     /// The kernel has bpf_check_mtu (5.12); without it option headers are checked
     /// against `fallback_mtu`.
     pub check_mtu: bool,
@@ -60,6 +63,7 @@ impl Default for LoadOptions {
             netns_ino: 0,
             with_test_program: false,
             socket_cache: true,
+            flow_index: true,
             check_mtu: true,
             fallback_mtu: 1500,
         }
@@ -94,11 +98,22 @@ impl LoadOptions {
                 off("socket cache off", f);
             }
         }
+        if self.flow_index && !k.has(Feature::MmapableArray) {
+            self.flow_index = false;
+            off("flow index off", Feature::MmapableArray);
+        }
         if self.check_mtu && !k.has(Feature::CheckMtu) {
             self.check_mtu = false;
             off(
                 "option headers checked against the interface MTU read at start",
                 Feature::CheckMtu,
+            );
+        }
+        if self.flow_index && !flow_index::supported() {
+            self.flow_index = false;
+            taken.push(
+                "flow index off: its lock-free reads need a CPU that keeps loads in order (x86_64)"
+                    .into(),
             );
         }
         taken
@@ -133,6 +148,15 @@ pub fn load_pinned(
         ro.flowd_entropy_seed = entropy_seed();
         ro.flowd_have_check_mtu = u32::from(opts.check_mtu);
         ro.flowd_fallback_mtu = opts.fallback_mtu;
+        ro.flowd_index_on = u32::from(opts.flow_index);
+        ro.flowd_index_mask = flow_index::buckets_for(opts.map_capacity) - 1;
+        ro.flowd_index_shift = flow_index::shift_for(ro.flowd_index_mask);
+    }
+    if opts.flow_index {
+        open.maps
+            .flowd_index
+            .set_max_entries(flow_index::buckets_for(opts.map_capacity))
+            .context("sizing the flow index")?;
     }
     open.maps
         .flowd_marks
@@ -186,6 +210,7 @@ pub fn options_for(
         in_kernel: cfg.marker.in_kernel_decisions,
         netns_ino: own_netns_ino()?,
         socket_cache: cfg.marker.socket_cache,
+        flow_index: cfg.marker.flow_index,
         ..Default::default()
     };
     let taken = opts.adapt_to(k);
@@ -238,6 +263,14 @@ pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
     } else {
         None
     };
+    let index = match m.rodata_data.as_ref() {
+        Some(ro) if ro.flowd_index_on != 0 => Some(flow_index::FlowIndex::new(
+            &h(&m.flowd_index)?,
+            &h(&m.flowd_index_head)?,
+            ro.flowd_index_mask + 1,
+        )?),
+        _ => None,
+    };
     Ok(MarkMaps::new(
         h(&m.flowd_marks)?,
         h(&m.flowd_outcomes)?,
@@ -254,7 +287,8 @@ pub fn maps_of(skel: &MarkerSkel<'_>, capacity: u32) -> Result<MarkMaps> {
         uids: h(&m.flowd_kuids)?,
         inserts: h(&m.flowd_kinserts)?,
     })
-    .with_cache(cache))
+    .with_cache(cache)
+    .with_index(index))
 }
 
 /// The running marker: loaded program, its maps, and where it is attached.

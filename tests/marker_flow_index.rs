@@ -1,0 +1,275 @@
+//! The flow index (bpf/flow_index.bpf.h, src/marker/flow_index.rs) through
+//! BPF_PROG_TEST_RUN of the marker: which packets it answers alone, when a miss
+//! in it is final, and that every mark it lacks is counted in its bucket, so that
+//! no packet of a marked flow leaves unmarked. Privileged (loads BPF).
+
+mod common;
+#[path = "common/policy.rs"]
+mod policy_common;
+
+use std::net::{Ipv6Addr, SocketAddr};
+
+use flowd::bpf::marker::types::{flowd_flow_key, flowd_flow_mark};
+use flowd::bpf::marker::MarkerSkel;
+use flowd::marker::flow_index::{FlowIndex, WAYS};
+use flowd::marker::maps::{as_bytes, bpf_key, MarkMaps};
+use flowd::marker::{load, maps_of, LoadOptions};
+use flowd::model::socket::{FlowKey, Protocol};
+use flowd::model::tag::{decode, Tag};
+use flowd::policy::kernel::KernelPolicy;
+use libbpf_rs::{MapCore, MapFlags, ProgramInput};
+
+const LOCAL: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+const PEER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+const TAG: Tag = Tag {
+    experiment: 2,
+    activity: 4,
+};
+const CAPACITY: u32 = 64;
+
+struct Marker {
+    skel: MarkerSkel<'static>,
+    maps: MarkMaps,
+}
+
+/// No socket cache: every packet takes the lookup, as a flow's first does.
+fn marker(in_kernel: bool) -> Marker {
+    let skel = load(&LoadOptions {
+        map_capacity: CAPACITY,
+        socket_cache: false,
+        flow_index: true,
+        in_kernel,
+        ..Default::default()
+    })
+    .expect("load marker");
+    let maps = maps_of(&skel, CAPACITY).unwrap();
+    assert!(maps.index().is_some(), "the flow index is on by default");
+    Marker { skel, maps }
+}
+
+fn flow(sport: u16, dport: u16) -> FlowKey {
+    FlowKey::new(
+        Protocol::Tcp,
+        SocketAddr::new(LOCAL.into(), sport),
+        SocketAddr::new(PEER.into(), dport),
+    )
+}
+
+/// Ethernet + IPv6 (label 0) + a 20-byte TCP header with `flags`, no payload.
+fn frame(f: &FlowKey, flags: u8) -> Vec<u8> {
+    let mut p = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x86, 0xdd];
+    p.extend_from_slice(&(6u32 << 28).to_be_bytes());
+    p.extend_from_slice(&20u16.to_be_bytes());
+    p.extend_from_slice(&[6, 64]);
+    p.extend_from_slice(&LOCAL.octets());
+    p.extend_from_slice(&PEER.octets());
+    p.extend_from_slice(&f.local().port().to_be_bytes());
+    p.extend_from_slice(&f.remote().port().to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    p
+}
+
+impl Marker {
+    fn index(&self) -> &FlowIndex {
+        self.maps.index().unwrap()
+    }
+
+    /// The flow label of `frame` after the program ran on it.
+    fn label_of(&self, frame: &[u8]) -> u32 {
+        let mut out = vec![0u8; frame.len() + 64];
+        let o = self
+            .skel
+            .progs
+            .flowd_mark
+            .test_run(ProgramInput {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("test_run");
+        assert_eq!(o.return_value, 0);
+        let d = o.data.unwrap();
+        u32::from_be_bytes(d[14..18].try_into().unwrap()) & 0xfffff
+    }
+
+    /// Writes into flowd_marks behind MarkMaps' back (neither indexed nor counted).
+    fn raw_insert(&self, f: &FlowKey, label: u32) {
+        let v = flowd_flow_mark {
+            label,
+            experiment: TAG.experiment,
+            activity: TAG.activity,
+            ..Default::default()
+        };
+        self.skel
+            .maps
+            .flowd_marks
+            .update(as_bytes(&key(f)), as_bytes(&v), MapFlags::ANY)
+            .unwrap();
+    }
+
+    fn raw_delete(&self, f: &FlowKey) {
+        self.skel
+            .maps
+            .flowd_marks
+            .delete(as_bytes(&key(f)))
+            .unwrap();
+    }
+}
+
+fn key(f: &FlowKey) -> flowd_flow_key {
+    bpf_key(f).unwrap()
+}
+
+#[test]
+fn a_flow_in_the_index_is_marked_without_asking_flowd_marks() {
+    if !common::privileged() {
+        return;
+    }
+    let m = marker(false);
+    let f = flow(40000, 1094);
+    m.maps.insert(&f, TAG, 0b10101).unwrap();
+    assert!(m.index().contains(&key(&f)));
+    assert_eq!(m.index().unindexed(), 0);
+    // Gone from flowd_marks, still in the index: only the index can label it.
+    m.raw_delete(&f);
+    let fr = frame(&f, 0x10);
+    assert_eq!(m.label_of(&fr), TAG.label(0b10101));
+    assert_eq!(m.label_of(&fr), TAG.label(0b10101));
+    assert_eq!(
+        m.index().count(&key(&f)),
+        Some((2, 2 * fr.len() as u64)),
+        "packets are counted in the slot"
+    );
+}
+
+#[test]
+fn an_index_miss_is_final_unless_its_bucket_counts_an_unindexed_mark() {
+    if !common::privileged() {
+        return;
+    }
+    let m = marker(false);
+    let f = flow(40001, 1094);
+    let fr = frame(&f, 0x10);
+    // In flowd_marks but neither indexed nor counted: the program must not look.
+    m.raw_insert(&f, TAG.label(3));
+    assert_eq!(
+        m.label_of(&fr),
+        0,
+        "a miss with a zero count skips flowd_marks"
+    );
+    // Counted in its bucket: now flowd_marks is asked.
+    m.index().unindexed_inc(&key(&f));
+    assert_eq!(m.label_of(&fr), TAG.label(3));
+    // A count in another bucket does not make this one ask.
+    m.index().unindexed_dec(&key(&f));
+    let other = (1..u16::MAX)
+        .map(|p| flow(p, 9))
+        .find(|o| m.index().bucket(&key(o)) != m.index().bucket(&key(&f)))
+        .unwrap();
+    m.index().unindexed_inc(&key(&other));
+    assert_eq!(m.label_of(&fr), 0);
+}
+
+#[test]
+fn a_full_bucket_keeps_its_extra_flow_in_flowd_marks_counted_and_marked() {
+    if !common::privileged() {
+        return;
+    }
+    let m = marker(false);
+    let ix = m.index();
+    let first = flow(30000, 1094);
+    let b = ix.bucket(&key(&first));
+    let same: Vec<FlowKey> = (30000..u16::MAX)
+        .map(|p| flow(p, 1094))
+        .filter(|f| ix.bucket(&key(f)) == b)
+        .take(WAYS as usize + 1)
+        .collect();
+    assert_eq!(same.len(), WAYS as usize + 1);
+    for (i, f) in same.iter().enumerate() {
+        m.maps.insert(f, TAG, i as u8).unwrap();
+    }
+    let extra = same.last().unwrap();
+    assert!(same[..WAYS as usize].iter().all(|f| ix.contains(&key(f))));
+    assert!(!ix.contains(&key(extra)));
+    assert_eq!(ix.unindexed(), 1, "the extra flow is counted in its bucket");
+    for (i, f) in same.iter().enumerate() {
+        assert_eq!(m.label_of(&frame(f, 0x10)), TAG.label(i as u8), "flow {i}");
+    }
+    // A way frees: the extra flow's next write indexes it and ends its count.
+    assert!(m.maps.remove(&same[0]).unwrap());
+    assert_eq!(ix.unindexed(), 1);
+    m.maps.insert(extra, TAG, WAYS as u8).unwrap();
+    assert!(ix.contains(&key(extra)));
+    assert_eq!(ix.unindexed(), 0);
+    assert_eq!(
+        m.label_of(&frame(extra, 0x10)),
+        TAG.label(WAYS as u8),
+        "the entropy drawn at its first write stays"
+    );
+    for f in &same[1..] {
+        assert!(m.maps.remove(f).unwrap());
+    }
+    assert_eq!(ix.unindexed(), 0);
+    assert!(ix.counts().is_empty());
+    assert!(m.maps.is_empty());
+    assert_eq!(m.label_of(&frame(extra, 0x10)), 0);
+}
+
+#[test]
+fn a_retag_keeps_the_slot_and_its_counts() {
+    if !common::privileged() {
+        return;
+    }
+    let m = marker(false);
+    let f = flow(40002, 1094);
+    let fr = frame(&f, 0x10);
+    m.maps.insert(&f, TAG, 5).unwrap();
+    assert_eq!(m.label_of(&fr), TAG.label(5));
+    let other = Tag::new(3, 9).unwrap();
+    m.maps.insert(&f, other, 5).unwrap();
+    assert_eq!(m.label_of(&fr), other.label(5));
+    assert_eq!(m.index().unindexed(), 0);
+    assert_eq!(
+        m.maps.flow_count(&f).unwrap(),
+        Some((2, 2 * fr.len() as u64))
+    );
+}
+
+/// A mark the kernel decided (the SYN-ACK miss path) is in flowd_marks only: its
+/// bucket counts it from before the insert, so the flow's next packets still find
+/// it, until userspace meets the flow and indexes the kernel's mark as it is.
+#[test]
+fn kernel_decided_marks_are_counted_until_userspace_indexes_them() {
+    if !common::privileged() {
+        return;
+    }
+    let m = marker(true);
+    let text = "experiment = 2\n[[rule]]\nname = \"door\"\nactivity = 4\nlocal_ports = [1094]\n";
+    let p = policy_common::load(&[("p/atlas.toml", text)]).unwrap();
+    m.maps
+        .install_policy(&KernelPolicy::compile(p.rules()))
+        .unwrap();
+    let f = flow(1094, 50000);
+    let synack = m.label_of(&frame(&f, 0x12));
+    assert_eq!(
+        decode(synack).tag,
+        Some(TAG),
+        "the SYN-ACK carries the rule's tag"
+    );
+    let kernel = m
+        .maps
+        .existing(&f)
+        .unwrap()
+        .expect("the kernel wrote a mark");
+    assert!(kernel.kernel);
+    assert!(!m.index().contains(&key(&f)));
+    assert_eq!(m.index().unindexed(), 1);
+    assert_eq!(m.label_of(&frame(&f, 0x10)), synack, "found in flowd_marks");
+    // Userspace meets the flow: the kernel's mark (and entropy) stands, indexed.
+    let got = m.maps.insert_new(&f, TAG, 0).unwrap();
+    assert_eq!(got, Some(kernel));
+    assert!(m.index().contains(&key(&f)));
+    assert_eq!(m.index().unindexed(), 0);
+    m.raw_delete(&f);
+    assert_eq!(m.label_of(&frame(&f, 0x10)), synack, "now from the index");
+}
