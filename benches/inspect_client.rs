@@ -2,7 +2,9 @@
 //! 1. the serialization of a `flows` reply (daemon side) and its parsing (client side),
 //!    plus filtering and sorting;
 //! 2. the live view refreshing once a second for 30 s (FLOWD_BENCH_SECS) against a
-//!    fake daemon, run in a private tmux server: CPU% and RSS of the inspect process.
+//!    fake daemon, run in a private tmux server: CPU% and RSS of the inspect process;
+//! 3. `inspect --json` of 100 000 flows from a fake daemon that pages as the real one
+//!    (5 000 a page): the client's peak RSS streaming (no --sort) and sorted.
 //!
 //! `cargo bench --bench inspect_client`; needs tmux for part 2 (skipped without).
 
@@ -99,6 +101,53 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// Peak RSS (KiB) and wall time of `flowd-rs inspect ARGS` against `sock`. VmHWM is
+/// polled until the process exits: the kernel's own figure for a child (wait4's
+/// ru_maxrss) also counts the bench's memory the child shared before its exec.
+fn peak_rss(sock: &std::path::Path, args: &[&str]) -> (u64, Duration) {
+    let t0 = Instant::now();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec {} inspect {} > /dev/null",
+            support::flowd_rs(sock),
+            args.join(" ")
+        ))
+        .spawn()
+        .unwrap();
+    let mut hwm = 0;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "inspect {args:?}: {status}");
+            return (hwm, t0.elapsed());
+        }
+        // Once sh has exec'd flowd-rs (its comm changes), VmHWM is flowd-rs's own.
+        let comm =
+            std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap_or_default();
+        if comm.trim() == "flowd-rs" {
+            hwm = hwm.max(status_kib(child.id(), "VmHWM:").unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn json_listing() {
+    const N: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let _daemon = fake_daemon::FakeDaemon::start_paged(&sock, fake_daemon::flows(N), 5_000);
+    println!("== inspect --json, {N} flows, pages of 5 000 (peak RSS of the client)");
+    for args in [&["--json"][..], &["--json", "--sort", "bytes"]] {
+        let (kib, took) = peak_rss(&sock, args);
+        println!(
+            "{:<26} {:>8.1} MiB, {:.2} s",
+            args.join(" "),
+            kib as f64 / 1024.0,
+            took.as_secs_f64()
+        );
+    }
+}
+
 fn live_view() {
     let secs: u64 = std::env::var("FLOWD_BENCH_SECS")
         .ok()
@@ -185,6 +234,7 @@ fn main() {
     if std::env::args().any(|a| a == "--bench") {
         serialization();
         live_view();
+        json_listing();
     } else {
         println!("inspect_client: run with `cargo bench --bench inspect_client`");
     }

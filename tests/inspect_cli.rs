@@ -130,3 +130,34 @@ fn a_bad_address_filter_is_refused_before_asking_the_daemon() {
         "flowd-rs: address filter `nowhere` is neither an IP address nor a CIDR prefix (e.g. 2001:db8::/32)\n"
     );
 }
+
+/// Without --sort, --json writes each page as it arrives, in the daemon's order, and
+/// asks for the next one after the last cookie it got: nothing waits for the whole
+/// listing (a million flows need not fit in the client).
+#[test]
+fn json_without_sort_streams_every_page_in_the_daemons_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let d = FakeDaemon::start_paged(&sock, fake_daemon::flows(9), 4);
+    let out = inspect(&sock, &["--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cookies: Vec<u64> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<FlowView>(l).unwrap().cookie)
+        .collect();
+    let mut all: Vec<u64> = fake_daemon::flows(9).iter().map(|f| f.cookie).collect();
+    all.sort();
+    assert_eq!(cookies, all);
+    let reqs = d.requests.lock().unwrap();
+    let afters: Vec<Option<u64>> = reqs
+        .iter()
+        .map(|r| r.get("after").and_then(serde_json::Value::as_u64))
+        .collect();
+    assert_eq!(afters, [None, Some(all[3]), Some(all[7])], "{reqs:?}");
+}

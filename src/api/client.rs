@@ -42,6 +42,9 @@ pub enum ClientError {
     /// The daemon understood the request and said no.
     #[error("daemon refused: {0}")]
     Refused(String),
+    /// Writing out what the daemon sent failed (e.g. stdout closed).
+    #[error("writing the listing: {0}")]
+    Output(#[source] std::io::Error),
 }
 
 impl ClientError {
@@ -73,13 +76,28 @@ impl Client {
 
     /// `{"op":"flows","filter":{...}}`: the flows the filter lets through.
     pub fn flows(&self, filter: &FlowFilter) -> Result<Vec<FlowView>, ClientError> {
+        let mut out = Vec::new();
+        self.flow_pages(filter, |page| {
+            out.extend(page);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The listing page by page, in the daemon's order (socket cookie), each handed
+    /// to `page` as it arrives: memory for one page, whatever the table's size. An
+    /// error from `page` (a closed pipe) ends the listing.
+    pub fn flow_pages(
+        &self,
+        filter: &FlowFilter,
+        mut page: impl FnMut(Vec<FlowView>) -> std::io::Result<()>,
+    ) -> Result<(), ClientError> {
         #[derive(serde::Deserialize)]
         struct Flows {
             flows: Vec<FlowView>,
             #[serde(default)]
             next: Option<u64>,
         }
-        let mut out = Vec::new();
         let mut after = None;
         loop {
             let mut req = json!({"op": "flows", "filter": filter, "limit": FLOWS_PAGE});
@@ -90,16 +108,15 @@ impl Client {
                 Ok(r) => r,
                 // A daemon from before paging: one listing of everything.
                 Err(ClientError::Refused(e)) if after.is_none() && e.contains("unknown field") => {
-                    return Ok(self
-                        .call::<Flows>(json!({"op": "flows", "filter": filter}))?
-                        .flows)
+                    let all = self.call::<Flows>(json!({"op": "flows", "filter": filter}))?;
+                    return page(all.flows).map_err(ClientError::Output);
                 }
                 Err(e) => return Err(e),
             };
-            out.extend(r.flows);
+            page(r.flows).map_err(ClientError::Output)?;
             match r.next {
                 Some(n) => after = Some(n),
-                None => return Ok(out),
+                None => return Ok(()),
             }
         }
     }

@@ -30,7 +30,9 @@ pub struct InspectArgs {
     #[arg(long)]
     pub once: bool,
     /// Print one JSON object per flow and line (the `FlowView` of the control
-    /// protocol, stable for scripts), then exit.
+    /// protocol, stable for scripts), then exit. Without --sort the lines stream
+    /// in the daemon's order (socket cookie) as its pages arrive, in constant
+    /// memory at any table size; with it they are sorted first.
     #[arg(long)]
     pub json: bool,
     /// Refresh period of the live view, in milliseconds.
@@ -51,9 +53,9 @@ pub struct InspectArgs {
     /// Only flows that carry a tag.
     #[arg(long)]
     pub tagged: bool,
-    /// Sort by this column (the live view starts with it too).
-    #[arg(long, value_enum, value_name = "COLUMN", default_value = "bytes")]
-    pub sort: Column,
+    /// Sort by this column (the live view starts with it too) [default: bytes].
+    #[arg(long, value_enum, value_name = "COLUMN")]
+    pub sort: Option<Column>,
     /// Reverse the column's usual order (biggest first for packets and bytes,
     /// smallest or A-Z first for the others).
     #[arg(long)]
@@ -71,7 +73,7 @@ impl Default for InspectArgs {
             process: None,
             address: None,
             tagged: false,
-            sort: Column::Bytes,
+            sort: None,
             reverse: false,
         }
     }
@@ -94,9 +96,14 @@ impl InspectArgs {
         Duration::from_millis(self.interval_ms)
     }
 
+    /// The column rows are sorted by.
+    pub fn sort(&self) -> Column {
+        self.sort.unwrap_or(Column::Bytes)
+    }
+
     /// Whether rows go biggest/last first.
     pub fn descending(&self) -> bool {
-        self.sort.descending_by_default() != self.reverse
+        self.sort().descending_by_default() != self.reverse
     }
 }
 

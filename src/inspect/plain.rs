@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 
 use super::columns::{experiment_totals, sorted_indices, Column};
 use super::InspectArgs;
-use crate::api::client::Client;
+use crate::api::client::{Client, ClientError};
 use crate::api::filter::FlowFilter;
 use crate::api::view::FlowView;
 
@@ -17,10 +17,25 @@ pub fn run(
     filter: &FlowFilter,
     out: &mut impl Write,
 ) -> Result<()> {
+    if args.json && args.sort.is_none() {
+        // Page by page: a listing of a million flows need not fit in this process.
+        let r = client.flow_pages(filter, |page| {
+            write_json(page.iter().filter(|f| filter.matches(f)), out)
+        });
+        return match r {
+            Err(ClientError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => Ok(r?),
+        };
+    }
     let flows = client.flows(filter)?;
     // Filtered again here so an older daemon that ignores the filter still gives the
     // right answer; matches() is cheap.
-    let order = sorted_indices(&flows, |f| filter.matches(f), args.sort, args.descending());
+    let order = sorted_indices(
+        &flows,
+        |f| filter.matches(f),
+        args.sort(),
+        args.descending(),
+    );
     let shown = order.iter().map(|&i| &flows[i]);
     let r = if args.json {
         write_json(shown, out)

@@ -79,7 +79,7 @@ pub fn run(client: &Client, args: &InspectArgs, filter: FlowFilter) -> Result<()
             .context("starting the fetcher thread")?
     };
 
-    let mut state = ViewState::new(args.sort, args.descending(), args.interval());
+    let mut state = ViewState::new(args.sort(), args.descending(), args.interval());
     let r = with_terminal(|terminal, stop| event_loop(terminal, &mut state, &up_rx, &cmd_tx, stop));
     // Dropping the command sender ends the fetcher at its next wake-up; not joined,
     // so a daemon that hangs (up to the reply timeout) cannot delay quitting.

@@ -23,7 +23,18 @@ pub struct FakeDaemon {
 }
 
 impl FakeDaemon {
+    /// A daemon from before paging (it refuses `limit` and `after`).
     pub fn start(path: &Path, flows: Vec<FlowView>) -> FakeDaemon {
+        Self::start_with(path, flows, None)
+    }
+
+    /// A daemon that pages listings as the real one does, `page` flows at most per
+    /// reply (fewer if the request's `limit` says so), in cookie order.
+    pub fn start_paged(path: &Path, flows: Vec<FlowView>, page: usize) -> FakeDaemon {
+        Self::start_with(path, flows, Some(page))
+    }
+
+    fn start_with(path: &Path, flows: Vec<FlowView>, paging: Option<usize>) -> FakeDaemon {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).expect("binding the fake control socket");
         let stop = Arc::new(AtomicBool::new(false));
@@ -38,7 +49,7 @@ impl FakeDaemon {
                     }
                     let Ok(conn) = conn else { continue };
                     let (flows, requests) = (flows.clone(), requests.clone());
-                    std::thread::spawn(move || serve(conn, &flows, &requests));
+                    std::thread::spawn(move || serve(conn, &flows, &requests, paging));
                 }
             })
         };
@@ -67,13 +78,18 @@ impl Drop for FakeDaemon {
     }
 }
 
-fn serve(conn: UnixStream, flows: &[FlowView], requests: &Mutex<Vec<Value>>) {
+fn serve(
+    conn: UnixStream,
+    flows: &[FlowView],
+    requests: &Mutex<Vec<Value>>,
+    paging: Option<usize>,
+) {
     let mut wr = conn.try_clone().unwrap();
     for line in BufReader::new(conn).lines() {
         let Ok(line) = line else { return };
         let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         requests.lock().unwrap().push(req.clone());
-        let mut out = answer(&req, flows);
+        let mut out = answer(&req, flows, paging);
         out.push(b'\n');
         if wr.write_all(&out).is_err() {
             return;
@@ -103,10 +119,12 @@ fn err(e: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({"v": 1, "ok": false, "error": e})).unwrap()
 }
 
-fn answer(req: &Value, flows: &[FlowView]) -> Vec<u8> {
+fn answer(req: &Value, flows: &[FlowView], paging: Option<usize>) -> Vec<u8> {
     #[derive(serde::Serialize)]
     struct Flows<'a> {
         flows: Vec<&'a FlowView>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        next: Option<u64>,
     }
     if req.get("v") != Some(&json!(1)) {
         return err("missing protocol version: send {\"v\":1,...}");
@@ -115,17 +133,34 @@ fn answer(req: &Value, flows: &[FlowView]) -> Vec<u8> {
         Some("status") => ok(status(flows)),
         Some("flows") => {
             // A daemon from before paging: its request type denies unknown fields.
-            if let Some(k) = ["limit", "after"].iter().find(|k| req.get(**k).is_some()) {
-                return err(&format!(
-                    "bad request: unknown field `{k}`, expected `filter`"
-                ));
+            if paging.is_none() {
+                if let Some(k) = ["limit", "after"].iter().find(|k| req.get(**k).is_some()) {
+                    return err(&format!(
+                        "bad request: unknown field `{k}`, expected `filter`"
+                    ));
+                }
             }
             let filter: FlowFilter = match serde_json::from_value(req["filter"].clone()) {
                 Ok(f) => f,
                 Err(e) => return err(&format!("bad request: {e}")),
             };
-            let shown: Vec<&FlowView> = flows.iter().filter(|f| filter.matches(f)).collect();
-            ok(Flows { flows: shown })
+            let mut shown: Vec<&FlowView> = flows.iter().filter(|f| filter.matches(f)).collect();
+            let Some(page) = paging else {
+                return ok(Flows {
+                    flows: shown,
+                    next: None,
+                });
+            };
+            shown.sort_by_key(|f| f.cookie);
+            let after = req.get("after").and_then(Value::as_u64);
+            shown.retain(|f| after.is_none_or(|a| f.cookie > a));
+            let limit = req
+                .get("limit")
+                .and_then(Value::as_u64)
+                .map_or(page, |l| (l as usize).min(page));
+            let next = (shown.len() > limit).then(|| shown[limit - 1].cookie);
+            shown.truncate(limit);
+            ok(Flows { flows: shown, next })
         }
         Some("flow") => match flows
             .iter()
