@@ -473,18 +473,14 @@ fn packet_too_big_for_the_header_is_sent_unmarked_not_dropped() {
     let m2 = m.clone();
     let (fits, too_big) = ns
         .run(move || {
-            let mut ctx = flowd::bpf::marker::types::__sk_buff {
-                ifindex: ifindex as u32,
-                ..Default::default()
-            };
-            // SAFETY: __sk_buff is plain data; the kernel reads it as bytes.
-            let ctx_bytes = |c: &mut flowd::bpf::marker::types::__sk_buff| unsafe {
-                std::slice::from_raw_parts_mut(
-                    (c as *mut flowd::bpf::marker::types::__sk_buff).cast::<u8>(),
-                    std::mem::size_of_val(c),
-                )
-                .to_vec()
-            };
+            // The context as bytes, built from zeros: the generated struct has
+            // padding that a struct literal leaves undefined (garbage in release
+            // builds), and the kernel refuses a context with stray bytes (EINVAL).
+            type SkBuff = flowd::bpf::marker::types::__sk_buff;
+            let mut ctx = vec![0u8; std::mem::size_of::<SkBuff>()];
+            let at = std::mem::offset_of!(SkBuff, ifindex);
+            ctx[at..at + 4].copy_from_slice(&(ifindex as u32).to_ne_bytes());
+            let ctx_bytes = |c: &mut Vec<u8>| c.clone();
             // IPv6 packet of 1272 bytes: +8 = 1280, fits. 1273: does not.
             let fits = frame(&[], 6, 0, 1272 - 60);
             let too_big = frame(&[], 6, 0, 1273 - 60);
