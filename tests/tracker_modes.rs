@@ -248,7 +248,14 @@ fn privileged_loopback_churn_loses_no_close_uncounted() {
         return;
     }
     const THREADS: usize = 4;
-    const PER_THREAD: usize = 2000;
+    // 16 000 sockets on real hardware; a quarter in an emulated guest (vmtests sets
+    // FLOWD_TEST_PATIENCE), where the full churn's 8 000 TIME_WAIT timers once
+    // starved the guest's RCU (a self-detected stall under TCG), not the tracker.
+    let per_thread: usize = if patient(Duration::from_secs(1)) > Duration::from_secs(1) {
+        500
+    } else {
+        2000
+    };
     let ns = Netns::new("trk");
     let cfg = TrackerConfig {
         // The ring carries the whole host's events (other tests run alongside).
@@ -259,15 +266,15 @@ fn privileged_loopback_churn_loses_no_close_uncounted() {
     assert!(t.features().sockops, "STATE_CB needs sockops");
     let misses_before = tcp_state_misses(&t);
     let drops_before = t.drops().unwrap();
-    let cookies: Vec<u64> = t.run(&ns, || {
+    let cookies: Vec<u64> = t.run(&ns, move || {
         let workers: Vec<_> = (0..THREADS)
             .map(|_| {
                 // Threads inherit the namespace of the thread that spawns them.
-                std::thread::spawn(|| {
+                std::thread::spawn(move || {
                     let l = TcpListener::bind("127.0.0.1:0").unwrap();
                     let to = l.local_addr().unwrap();
-                    let mut cookies = Vec::with_capacity(2 * PER_THREAD);
-                    for i in 0..PER_THREAD {
+                    let mut cookies = Vec::with_capacity(2 * per_thread);
+                    for i in 0..per_thread {
                         let c = TcpStream::connect(to).unwrap();
                         let (a, _) = l.accept().unwrap();
                         cookies.extend([cookie(&c), cookie(&a)]);
@@ -289,7 +296,7 @@ fn privileged_loopback_churn_loses_no_close_uncounted() {
             .collect()
     });
     let wanted: std::collections::HashSet<u64> = cookies.iter().copied().collect();
-    assert_eq!(wanted.len(), THREADS * PER_THREAD * 2, "cookies are unique");
+    assert_eq!(wanted.len(), THREADS * per_thread * 2, "cookies are unique");
     let closed = |seen: &[flowd::discovery::tracker_event::TrackerEvent]| {
         seen.iter()
             .filter(|e| {
