@@ -11,11 +11,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Capture, Daemon, Netns, Pair, ADDR_A, ADDR_B, IF_A, IF_B};
+use common::live_flow::{tx_dropped, BpfFs, LiveFlow};
+use common::{Capture, Daemon, Netns, Pair, IF_B};
 use flowd::features::{Feature, KernelFeatures};
 use flowd::model::tag::{decode, Tag};
 
@@ -25,39 +25,13 @@ const TAG: Tag = Tag {
 };
 const CPORT: u16 = 45021;
 const SPORT: u16 = 5211;
-const SECS: u64 = 3;
+const SECS: u32 = 3;
 
-struct BpfFs(PathBuf);
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-fn mark_flow(d: &Daemon) {
-    d.cli_ok(&[
-        "mark",
-        "add",
-        "tcp",
-        &format!("[{ADDR_A}]:{CPORT}"),
-        &format!("[{ADDR_B}]:{SPORT}"),
-        "--experiment",
-        &TAG.experiment.to_string(),
-        "--activity",
-        &TAG.activity.to_string(),
-    ]);
-}
-
-fn tx_dropped(ns: &Netns) -> u64 {
-    ns.sh(&format!("cat /sys/class/net/{IF_A}/statistics/tx_dropped"))
-        .trim()
-        .parse()
-        .unwrap()
-}
+const FLOW: LiveFlow = LiveFlow {
+    cport: CPORT,
+    sport: SPORT,
+    tag: TAG,
+};
 
 struct Run {
     packets: usize,
@@ -70,11 +44,9 @@ struct Run {
 fn run(attach: &str, pinned: bool, env: &[(&str, &str)]) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new();
-    let fs = BpfFs(dir.path().join("bpffs"));
-    std::fs::create_dir_all(&fs.0).unwrap();
-    common::sh(&format!("mount -t bpf bpf {}", fs.0.display()));
+    let fs = BpfFs::new(dir.path());
     let pin_dir = if pinned {
-        fs.0.join("flowd-rs").display().to_string()
+        fs.pin_dir().display().to_string()
     } else {
         String::new()
     };
@@ -83,7 +55,7 @@ fn run(attach: &str, pinned: bool, env: &[(&str, &str)]) -> Run {
         dir.path(),
         &format!("attach = \"{attach}\"\npin_dir = \"{pin_dir}\"\n"),
     );
-    mark_flow(&d);
+    FLOW.mark(&d);
     let dropped0 = tx_dropped(&pair.a);
     let cap = Capture::start(
         &pair.b,
@@ -91,38 +63,13 @@ fn run(attach: &str, pinned: bool, env: &[(&str, &str)]) -> Run {
         &format!("ip6 and tcp and src port {CPORT}"),
         dir.path(),
     );
-    let mut server = pair
-        .b
-        .command("iperf3")
-        .args([
-            "-s",
-            "-1",
-            "-B",
-            &ADDR_B.to_string(),
-            "-p",
-            &SPORT.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("iperf3");
-    while !pair.b.sh("ss -Hltn").contains(&format!(":{SPORT}")) {
-        std::thread::sleep(Duration::from_millis(25));
-    }
     let t0 = Instant::now();
-    let mut client = pair
-        .a
-        .command("iperf3")
-        .args(["-c", &ADDR_B.to_string(), "-p", &SPORT.to_string()])
-        .args(["--cport", &CPORT.to_string(), "-t", &SECS.to_string()])
-        .args(["-b", "100M"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut server, mut client) = FLOW.iperf(&pair, SECS);
     std::thread::sleep(Duration::from_secs(1));
     let (_, d) = d.restart(dir.path(), env);
     if !pinned {
         // Nothing handed over: the new daemon learns the flow again.
-        mark_flow(&d);
+        FLOW.mark(&d);
     }
     client.wait().unwrap();
     let secs = t0.elapsed().as_secs_f64();

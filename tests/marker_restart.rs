@@ -8,11 +8,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{Capture, Daemon, Netns, Pair, ADDR_A, ADDR_B, IF_A, IF_B};
+use common::live_flow::{tx_dropped, BpfFs, LiveFlow};
+use common::{Capture, Daemon, Netns, Pair, IF_A, IF_B};
 use flowd::model::tag::{decode, Tag};
 
 const TAG: Tag = Tag {
@@ -21,31 +21,6 @@ const TAG: Tag = Tag {
 };
 const CPORT: u16 = 45011;
 const SPORT: u16 = 5201;
-
-/// A bpf filesystem of the test's own (pins of parallel tests never meet, and
-/// nothing outlives the test): mounted on creation, unmounted when dropped.
-struct BpfFs(PathBuf);
-
-impl BpfFs {
-    fn new(dir: &Path) -> BpfFs {
-        let path = dir.join("bpffs");
-        std::fs::create_dir_all(&path).unwrap();
-        common::sh(&format!("mount -t bpf bpf {}", path.display()));
-        BpfFs(path)
-    }
-    fn pin_dir(&self) -> PathBuf {
-        self.0.join("flowd-rs")
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
 
 fn unpinned() -> bool {
     std::env::var_os("FLOWD_RESTART_TEST_UNPINNED").is_some_and(|v| v == "1")
@@ -60,70 +35,11 @@ fn marker_toml(attach: &str, pins: &BpfFs) -> String {
     format!("attach = \"{attach}\"\npin_dir = \"{pin_dir}\"\n")
 }
 
-fn mark_flow(d: &Daemon) {
-    d.cli_ok(&[
-        "mark",
-        "add",
-        "tcp",
-        &format!("[{ADDR_A}]:{CPORT}"),
-        &format!("[{ADDR_B}]:{SPORT}"),
-        "--experiment",
-        &TAG.experiment.to_string(),
-        "--activity",
-        &TAG.activity.to_string(),
-    ]);
-}
-
-fn tx_dropped(ns: &Netns) -> u64 {
-    ns.sh(&format!("cat /sys/class/net/{IF_A}/statistics/tx_dropped"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// An iperf3 flow from A (client port CPORT) to B for `secs` seconds at 100 Mbit/s.
-fn iperf(pair: &Pair, secs: u32) -> (Child, Child) {
-    let server = pair
-        .b
-        .command("iperf3")
-        .args([
-            "-s",
-            "-1",
-            "-B",
-            &ADDR_B.to_string(),
-            "-p",
-            &SPORT.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("iperf3 (apt-get install iperf3, see .ci/setup)");
-    // Listening once the port shows in ss.
-    for _ in 0..200 {
-        if pair.b.sh("ss -Hltn").contains(&format!(":{SPORT}")) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let client = pair
-        .a
-        .command("iperf3")
-        .args([
-            "-c",
-            &ADDR_B.to_string(),
-            "-p",
-            &SPORT.to_string(),
-            "--cport",
-            &CPORT.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-b",
-            "100M",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    (server, client)
-}
+const FLOW: LiveFlow = LiveFlow {
+    cport: CPORT,
+    sport: SPORT,
+    tag: TAG,
+};
 
 /// Our programs on IF_A: TCX egress and clsact egress, and A's qdiscs.
 fn on_iface(ns: &Netns) -> String {
@@ -164,22 +80,22 @@ fn hand_over(attach: &str) -> Option<Seen> {
     let pins = BpfFs::new(dir.path());
     let before = on_iface(&pair.a);
     let d = Daemon::start(&pair.a, dir.path(), &marker_toml(attach, &pins));
-    mark_flow(&d);
+    FLOW.mark(&d);
     let dropped_before = tx_dropped(&pair.a);
     let filter = format!("ip6 and tcp and src port {CPORT}");
     let cap = Capture::start(&pair.b, IF_B, &filter, dir.path());
     // Long enough for any hand-over, even under emulation: stopped once done.
-    let (mut server, mut client) = iperf(&pair, 600);
+    let (mut server, mut client) = FLOW.iperf(&pair, 600);
     std::thread::sleep(Duration::from_secs(1));
     let (log1, d) = d.restart(dir.path(), &[]);
     if unpinned() {
         // Nothing is handed over: the new daemon must be told the flow again.
-        mark_flow(&d);
+        FLOW.mark(&d);
     }
     std::thread::sleep(Duration::from_secs(1));
     let (log2, d) = d.restart(dir.path(), &[("FLOWD_TEST_MARKER_VARIANT", "1")]);
     if unpinned() {
-        mark_flow(&d);
+        FLOW.mark(&d);
     }
     std::thread::sleep(Duration::from_secs(1));
     assert!(

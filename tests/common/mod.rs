@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
+pub mod live_flow;
 mod patience;
 pub mod sockdiag;
 pub mod tracker;
