@@ -144,6 +144,12 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // A daemon that died with its marker pinned under the default pin_dir (a
+        // test that kills it) leaves the namespace's pins behind, maps and all:
+        // nothing would reuse them once the namespace is gone.
+        if let Ok(m) = std::fs::metadata(format!("/run/netns/{}", self.name)) {
+            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/flowd-rs/net{}", m.ino()));
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
