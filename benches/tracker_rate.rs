@@ -1,7 +1,9 @@
 //! Tracker throughput: N loopback TCP connections (connect, accept, close) in a
 //! private network namespace while a dedicated thread drains the ring buffer with
 //! `Tracker::run_until` (the daemon's wiring). Reports, per ring size, the
-//! connection rate reached, observations received vs. expected, and drops.
+//! connection rate reached, observations received vs. expected, and drops. Then the
+//! cost of another namespace's churn to a reader that wants only its own namespace:
+//! filtered in userspace (as before `only_netns`) or in the programs.
 //!
 //! `cargo bench --bench tracker_rate [-- CONNECTIONS]` as root (skips otherwise).
 
@@ -43,6 +45,88 @@ fn main() {
             run(&ns, ring, n, Some(rate));
         }
     }
+    let ours = Netns::new("trk");
+    println!(
+        "-- {n} connections in another namespace, the reader wanting only its own \
+         (ring 1 MiB)"
+    );
+    println!(
+        "{:<28} {:>10} {:>8} {:>14}",
+        "filter", "records", "drops", "reader CPU ms"
+    );
+    for in_kernel in [false, true] {
+        foreign(&ns, &ours, n, in_kernel);
+    }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
+/// Churn in `churn`, a reader interested in `ours` only: with `in_kernel` the
+/// programs drop the other namespace's sockets (`only_netns`), without it the
+/// reader does, record by record.
+fn foreign(churn: &Netns, ours: &Netns, n: usize, in_kernel: bool) {
+    let mut t = Tracker::start(&TrackerConfig {
+        ring_bytes: 1 << 20,
+        only_netns: in_kernel.then(|| u32::try_from(ours.inode()).unwrap()),
+        ..TrackerConfig::default()
+    })
+    .expect("Tracker::start");
+    let stop = Arc::new(AtomicBool::new(false));
+    let netns = ours.inode();
+    let poller = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let cpu0 = thread_cpu();
+            let (mut records, mut kept) = (0u64, 0u64);
+            t.run_until(&stop, Duration::from_millis(20), &mut |o| {
+                records += 1;
+                kept += u64::from(o.netns == netns);
+            })
+            .expect("run_until");
+            while t
+                .poll(Duration::from_millis(50), &mut |o| {
+                    records += 1;
+                    kept += u64::from(o.netns == netns);
+                })
+                .expect("poll")
+                > 0
+            {}
+            (
+                records,
+                kept,
+                t.drops().expect("drops"),
+                thread_cpu() - cpu0,
+            )
+        })
+    };
+    churn.enter(move || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = l.local_addr().unwrap();
+        for _ in 0..n {
+            let c = TcpStream::connect(to).unwrap();
+            let (a, _) = l.accept().unwrap();
+            drop((c, a));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let (records, kept, drops, cpu) = poller.join().expect("poller thread");
+    assert_eq!(kept, 0, "the churn is in another namespace");
+    println!(
+        "{:<28} {:>10} {:>8} {:>14.1}",
+        if in_kernel {
+            "in the programs (only_netns)"
+        } else {
+            "in userspace"
+        },
+        records,
+        drops,
+        cpu.as_secs_f64() * 1000.0
+    );
 }
 
 fn header() {

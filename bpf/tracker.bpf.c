@@ -118,6 +118,17 @@ const volatile __u32 flowd_release_owner = 1;
  * fields are trusted only for transitions that happen in a syscall. */
 __u32 flowd_softirq_tracking = 0;
 
+/* Set by userspace before load: the inode of the only network namespace whose
+ * sockets are reported (0: every namespace). Checked before the ring buffer, so
+ * other namespaces' churn costs neither ring space nor the reader. */
+const volatile __u32 flowd_only_netns = 0;
+
+static __always_inline bool flowd_netns_wanted(const struct sock *sk)
+{
+	return !flowd_only_netns ||
+	       BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum) == flowd_only_netns;
+}
+
 /* Set to 1 by userspace when the sockops STATE_CB must report every TCP state
  * change of the sockets it sees, not only those flowd_tcp_state would skip: when
  * that tracepoint could not be attached (and in tests of this path). */
@@ -298,7 +309,7 @@ static __always_inline void flowd_tcp_state_event(const struct sock *sk, int old
 
 	/* The tracepoint also fires for other inet protocols (MPTCP subflows are TCP,
 	 * SCTP/DCCP are not tracked). */
-	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP || !flowd_netns_wanted(sk))
 		return;
 	e = flowd_reserve();
 	if (!e)
@@ -394,7 +405,7 @@ int flowd_sockops(struct bpf_sock_ops *skops)
 	if (!bsk)
 		return 1;
 	tp = bpf_skc_to_tcp_sock(bsk);
-	if (!tp)
+	if (!tp || !flowd_netns_wanted((const struct sock *)tp))
 		return 1;
 	e = flowd_reserve();
 	if (!e)
@@ -528,7 +539,7 @@ int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
 		return 0;
 	sk = BPF_CORE_READ(sock, sk);
 	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_UDP ||
-	    BPF_CORE_READ(sk, sk_type) != SOCK_DGRAM)
+	    BPF_CORE_READ(sk, sk_type) != SOCK_DGRAM || !flowd_netns_wanted(sk))
 		return 0;
 	/* Built on the stack, not in the ring buffer: older verifiers (Linux 6.1)
 	 * refuse ring-buffer memory as the value of a map update. */

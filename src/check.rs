@@ -65,6 +65,7 @@ pub fn run(cfg: &Config, out: &mut dyn Write) -> Result<bool> {
             ring_bytes: cfg.discovery.ring_buffer_bytes,
             cgroup2_path: cfg.discovery.cgroup2.clone(),
             udp: cfg.discovery.udp,
+            only_netns: None,
         };
         match check_programs(&tcfg) {
             Ok(progs) => {

@@ -351,7 +351,9 @@ pub struct DiscoveryConfig {
     pub cgroup2: Option<PathBuf>,
     /// Also keep the sockets of other network namespaces (containers) that the
     /// host-wide tracker reports, for display only: they are never marked and never
-    /// reconciled. Off, the table holds the daemon's namespace, as `ss` shows it.
+    /// reconciled. Off, the table holds the daemon's namespace, as `ss` shows it,
+    /// and the tracker's programs drop other namespaces' sockets before the ring
+    /// buffer (a busy container then costs the daemon nothing).
     pub all_namespaces: bool,
 }
 

@@ -202,13 +202,15 @@ async fn start_engine(
         warn!("{f}");
     }
     if mode != TrackerMode::Disabled {
+        let only_netns = (!cfg.discovery.all_namespaces).then_some(netns);
         let tcfg = TrackerConfig {
             mode,
             ring_bytes: cfg.discovery.ring_buffer_bytes,
             cgroup2_path: cfg.discovery.cgroup2.clone(),
             udp: cfg.discovery.udp,
+            // Namespace inodes are 32-bit in the kernel (ns_common.inum).
+            only_netns: only_netns.and_then(|n| u32::try_from(n).ok()),
         };
-        let only_netns = (!cfg.discovery.all_namespaces).then_some(netns);
         feeds.push(feeds::spawn_tracker(
             &tcfg,
             only_netns,

@@ -489,3 +489,60 @@ fn kernel_before(major: u32, minor: u32) -> bool {
         .map(|p| p.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (major, minor)
 }
+
+/// With `only_netns` the programs drop other namespaces' sockets before the ring
+/// buffer: a connection (TCP and connected UDP) in another namespace leaves no
+/// event at all, while one in ours reports every change.
+#[test]
+fn privileged_only_netns_reports_that_namespace_alone() {
+    if !privileged() {
+        return;
+    }
+    let ours = Netns::new("trk");
+    let other = Netns::new("trk");
+    let mut t = start(&TrackerConfig {
+        only_netns: Some(u32::try_from(ours.inode()).unwrap()),
+        ..default_cfg()
+    });
+    let connect_and_close = |ns: &Netns| -> Vec<u64> {
+        ns.run(|| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (a, _) = l.accept().unwrap();
+            let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+            u.connect("127.0.0.1:9").unwrap();
+            let cookies = vec![cookie(&c), cookie(&a), cookie(&u)];
+            graceful(c, a);
+            drop(u);
+            cookies
+        })
+        .join()
+        .unwrap()
+    };
+    // The other namespace first: its events, if any, enter the ring before ours.
+    let theirs = connect_and_close(&other);
+    let mine = connect_and_close(&ours);
+    let mut seen = Vec::new();
+    let closed = |seen: &[flowd::discovery::tracker_event::TrackerEvent], c: u64| {
+        seen.iter()
+            .any(|e| e.observation.cookie == c && e.observation.state == SockState::Close)
+    };
+    let end = std::time::Instant::now() + patient(WAIT);
+    while !(closed(&seen, mine[0]) && closed(&seen, mine[1]) && closed(&seen, mine[2]))
+        && std::time::Instant::now() < end
+    {
+        t.poll_events(Duration::from_millis(10), &mut |ev| seen.push(ev))
+            .unwrap();
+    }
+    for c in &mine {
+        assert!(closed(&seen, *c), "our socket {c} closed unseen: {seen:#?}");
+    }
+    let foreign: Vec<_> = seen
+        .iter()
+        .filter(|e| e.observation.netns != ours.inode() || theirs.contains(&e.observation.cookie))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "events of another namespace: {foreign:#?}"
+    );
+}

@@ -62,6 +62,10 @@ pub struct TrackerConfig {
     /// UDP hooks. The connect hook is a tp_btf on sys_exit: it runs (one load and a
     /// compare) on every syscall exit of the host.
     pub udp: bool,
+    /// Report only the sockets of this network namespace (its inode); `None`: the
+    /// whole host's. The programs drop the others before the ring buffer, so busy
+    /// containers cost neither ring space nor the reader's time.
+    pub only_netns: Option<u32>,
 }
 
 impl Default for TrackerConfig {
@@ -71,6 +75,7 @@ impl Default for TrackerConfig {
             ring_bytes: 1024 * 1024,
             cgroup2_path: None,
             udp: true,
+            only_netns: None,
         }
     }
 }
@@ -158,7 +163,7 @@ pub fn check_programs(cfg: &TrackerConfig) -> Result<Vec<(&'static str, bool)>> 
         return Ok(Vec::new());
     }
     let wanted = wanted_programs(cfg, cfg.mode == TrackerMode::Full);
-    let (_skel, loaded) = load_degrading(&wanted, cfg.ring_bytes)?;
+    let (_skel, loaded) = load_degrading(&wanted, cfg)?;
     Ok(wanted
         .iter()
         .map(|p| (p.name(), loaded.contains(p)))
@@ -210,7 +215,7 @@ impl Tracker {
         };
         // Attached in this order (see wanted_programs).
         let wanted = wanted_programs(cfg, cgroup.is_some());
-        let (mut skel, loaded) = load_degrading(&wanted, cfg.ring_bytes)?;
+        let (mut skel, loaded) = load_degrading(&wanted, cfg)?;
 
         let mut links = Vec::new();
         let mut softirq = 0;

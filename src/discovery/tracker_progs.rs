@@ -9,6 +9,7 @@
 //! A self-referential wrapper would avoid those bytes at the price of unsafe
 //! lifetime transmutes.
 
+use crate::discovery::tracker::TrackerConfig;
 use std::{
     fs::File,
     mem::MaybeUninit,
@@ -173,7 +174,7 @@ fn names(progs: &[Prog]) -> String {
 }
 
 /// Opens the skeleton with only `progs` autoloaded and loads it.
-fn load(progs: &[Prog], ring_bytes: u32) -> Result<TrackerSkel<'static>> {
+fn load(progs: &[Prog], cfg: &TrackerConfig) -> Result<TrackerSkel<'static>> {
     // See the module doc: one leaked pointer-sized slot per load.
     let slot: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
     let mut open = TrackerSkelBuilder::default()
@@ -184,13 +185,14 @@ fn load(progs: &[Prog], ring_bytes: u32) -> Result<TrackerSkel<'static>> {
     }
     open.maps
         .flowd_events
-        .set_max_entries(ring_bytes)
+        .set_max_entries(cfg.ring_bytes)
         .map_err(TrackerError::Open)?;
     if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
         use crate::features::{Feature, KernelFeatures};
         let k = KernelFeatures::detect();
         ro.flowd_release_owner = u32::from(k.has(Feature::ReleaseOwner));
         ro.flowd_tracing_cookie = u32::from(k.has(Feature::TracingCookie));
+        ro.flowd_only_netns = cfg.only_netns.unwrap_or(0);
     }
     crate::bpf::clear_refusals();
     open.load().map_err(|source| TrackerError::Load {
@@ -205,16 +207,16 @@ fn load(progs: &[Prog], ring_bytes: u32) -> Result<TrackerSkel<'static>> {
 /// Loads `wanted`; if the kernel refuses the set, keeps those that load alone.
 pub(crate) fn load_degrading(
     wanted: &[Prog],
-    ring_bytes: u32,
+    cfg: &TrackerConfig,
 ) -> Result<(TrackerSkel<'static>, Vec<Prog>)> {
-    let err = match load(wanted, ring_bytes) {
+    let err = match load(wanted, cfg) {
         Ok(skel) => return Ok((skel, wanted.to_vec())),
         Err(e) => e,
     };
     warn!(error = %err, "tracker: loading all programs failed, probing them one by one");
     let mut ok = Vec::new();
     for &p in wanted {
-        match load(&[p], ring_bytes) {
+        match load(&[p], cfg) {
             Ok(_) => ok.push(p),
             Err(e) => {
                 warn!(program = p.name(), error = %e, "tracker: program refused by this kernel, disabled")
@@ -224,5 +226,5 @@ pub(crate) fn load_degrading(
     if ok.is_empty() {
         return Err(err);
     }
-    Ok((load(&ok, ring_bytes)?, ok))
+    Ok((load(&ok, cfg)?, ok))
 }
