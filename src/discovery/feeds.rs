@@ -11,9 +11,11 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
 
-use super::sockdiag::{PollerStats, SockDiag, SockDiagError};
+use super::full_dump::{DumpSource, FullDump};
+use super::sockdiag::{PollerStats, SockDiagError};
 use super::tracker::{Features, Tracker, TrackerConfig};
 use super::tracker_event::EventKind;
+use crate::config::DumpSourceSetting;
 use crate::model::socket::SocketObservation;
 
 /// One sock_diag dump in this many asks the kernel for tcp_info.
@@ -37,6 +39,10 @@ pub struct Dump {
     pub started: Instant,
     pub result: Result<(), SockDiagError>,
     pub stats: PollerStats,
+    /// The source that made it, and how many iterator walks failed so far and
+    /// were made again with sock_diag.
+    pub source: DumpSource,
+    pub fallbacks: u64,
 }
 
 /// A running feed thread; stopped and joined on drop.
@@ -273,11 +279,15 @@ impl DumpSchedule {
     }
 }
 
-/// Opens the sock_diag socket (here, so a failure is reported at once) and dumps as
+/// Opens the dump sources (here, so a failure is reported at once) and dumps as
 /// `schedule` says, first at once: sockets that existed before the daemon are
 /// adopted from the first dump. Returns the feed and the inode of the dumped netns.
-pub fn spawn_poller(schedule: Arc<DumpSchedule>, tx: Sender<Discovery>) -> Result<(Feed, u64)> {
-    let mut sd = SockDiag::new().context("opening the sock_diag netlink socket")?;
+pub fn spawn_poller(
+    schedule: Arc<DumpSchedule>,
+    source: DumpSourceSetting,
+    tx: Sender<Discovery>,
+) -> Result<(Feed, u64)> {
+    let mut sd = FullDump::open(source).context("opening the full dump sources")?;
     let netns = sd.netns();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -306,6 +316,8 @@ pub fn spawn_poller(schedule: Arc<DumpSchedule>, tx: Sender<Discovery>) -> Resul
                     started,
                     result,
                     stats: *sd.stats(),
+                    source: sd.source(),
+                    fallbacks: sd.fallbacks(),
                 };
                 if tx.blocking_send(Discovery::Dumped(dump)).is_err() {
                     return;

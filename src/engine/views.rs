@@ -102,6 +102,11 @@ impl Engine {
             reconcile_added: fc.reconcile_added,
             reconcile_ended: fc.reconcile_ended,
             last_poll_ms: self.last_poll.as_secs_f64() * 1000.0,
+            dump_source: self
+                .last_dump_source
+                .map(|(s, _)| s.as_str().to_string())
+                .unwrap_or_default(),
+            dump_source_fallbacks: self.last_dump_source.map_or(0, |(_, n)| n),
             policy_reloads_ok: self.reloads_ok,
             policy_reloads_failed: self.reloads_failed,
             flows_started: fc.flows_started,
