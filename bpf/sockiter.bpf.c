@@ -48,34 +48,42 @@ struct sock___word {
 	struct sock_cgroup_data___word sk_cgrp_data;
 } __attribute__((preserve_access_index));
 
+/*
+ * Fields are read with plain loads through the BTF-typed pointers the iterator
+ * hands over (CO-RE relocated, faults caught by the kernel), not with
+ * BPF_CORE_READ: a bpf_probe_read_kernel() call per field made the walk cost as
+ * much as a sock_diag dump.
+ */
+
 /* cgroup_id(sock_cgroup_ptr(&sk->sk_cgrp_data)), as INET_DIAG_CGROUP_ID. */
 static __always_inline __u64 sock_cgroup_id(struct sock *sk, __u8 *flags)
 {
 	struct cgroup *cg;
+	__u64 v;
 
 	if (bpf_core_field_exists(struct sock_cgroup_data, cgroup)) {
-		cg = BPF_CORE_READ(sk, sk_cgrp_data.cgroup);
+		cg = sk->sk_cgrp_data.cgroup;
+		if (cg)
+			return cg->kn->id;
 	} else {
-		__u64 v = BPF_CORE_READ((struct sock___word *)sk, sk_cgrp_data.val);
-
+		v = ((struct sock___word *)sk)->sk_cgrp_data.val;
 		/* sock_cgroup_ptr() answers the default root for data and for 0. */
-		cg = (v & 3) ? NULL : (struct cgroup *)v;
+		if (v && !(v & 3))
+			return BPF_CORE_READ((struct cgroup *)v, kn, id);
 	}
-	if (!cg) {
-		*flags |= FLOWD_SR_CGROUP_ROOT;
-		return 0;
-	}
-	return BPF_CORE_READ(cg, kn, id);
+	*flags |= FLOWD_SR_CGROUP_ROOT;
+	return 0;
 }
 
 /* sock_i_ino(): the inode of the struct socket the sock belongs to, 0 if none. */
 static __always_inline __u64 sock_inode(struct sock *sk)
 {
-	struct socket *sock = BPF_CORE_READ(sk, sk_socket);
+	struct socket *sock = sk->sk_socket;
 	struct socket_alloc *sa;
 
 	if (!sock)
 		return 0;
+	/* Past the end of struct socket for the verifier: one probe read. */
 	sa = container_of(sock, struct socket_alloc, socket);
 	return BPF_CORE_READ(sa, vfs_inode.i_ino);
 }
@@ -89,20 +97,28 @@ static __always_inline void read_common(struct flowd_sock_record *r, struct sock
 		 * give it, and the tracker reports. */
 		cookie = bpf_get_socket_cookie(skc);
 	} else {
-		cookie = BPF_CORE_READ(skc, skc_cookie.counter);
+		cookie = skc->skc_cookie.counter;
 		if (!cookie)
 			r->flags |= FLOWD_SR_NO_COOKIE;
 	}
 	r->cookie = cookie;
-	r->family = BPF_CORE_READ(skc, skc_family);
-	r->sport = BPF_CORE_READ(skc, skc_num);
-	r->dport = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
+	r->family = skc->skc_family;
+	r->sport = skc->skc_num;
+	r->dport = bpf_ntohs(skc->skc_dport);
 	if (r->family == FLOWD_AF_INET6) {
-		BPF_CORE_READ_INTO(&r->saddr, skc, skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&r->daddr, skc, skc_v6_daddr.in6_u.u6_addr8);
+		__u32 *s = (__u32 *)r->saddr, *d = (__u32 *)r->daddr;
+
+		s[0] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[0];
+		s[1] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[1];
+		s[2] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[2];
+		s[3] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[3];
+		d[0] = skc->skc_v6_daddr.in6_u.u6_addr32[0];
+		d[1] = skc->skc_v6_daddr.in6_u.u6_addr32[1];
+		d[2] = skc->skc_v6_daddr.in6_u.u6_addr32[2];
+		d[3] = skc->skc_v6_daddr.in6_u.u6_addr32[3];
 	} else {
-		BPF_CORE_READ_INTO((__u32 *)r->saddr, skc, skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__u32 *)r->daddr, skc, skc_daddr);
+		*(__u32 *)r->saddr = skc->skc_rcv_saddr;
+		*(__u32 *)r->daddr = skc->skc_daddr;
 	}
 }
 
@@ -126,13 +142,13 @@ int flowd_iter_tcp(struct bpf_iter__tcp *ctx)
 		return 0;
 	read_common(&r, skc);
 	r.protocol = FLOWD_IPPROTO_TCP;
-	r.state = BPF_CORE_READ(skc, skc_state);
+	r.state = skc->skc_state;
 	if (r.state == FLOWD_TCP_TIME_WAIT) {
 		/* inet_twsk_diag_fill() reports the substate (TIME_WAIT or FIN_WAIT2),
 		 * uid and inode 0. */
 		tw = bpf_skc_to_tcp_timewait_sock(skc);
 		if (tw)
-			r.state = BPF_CORE_READ(tw, tw_sk.tw_substate);
+			r.state = tw->tw_sk.tw_substate;
 	} else if (r.state == FLOWD_TCP_NEW_SYN_RECV) {
 		/* inet_req_diag_fill() reports SYN_RECV, uid and inode 0 (the iterator's
 		 * uid would be the listener's). */
@@ -143,14 +159,14 @@ int flowd_iter_tcp(struct bpf_iter__tcp *ctx)
 			return 0;
 		read_full(&r, (struct sock *)tp, ctx->uid);
 		/* tcp_get_info(), the fields the daemon reads. */
-		r.rtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
-		r.rttvar_us = BPF_CORE_READ(tp, mdev_us) >> 2;
-		r.snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
-		r.total_retrans = BPF_CORE_READ(tp, total_retrans);
-		r.bytes_acked = BPF_CORE_READ(tp, bytes_acked);
-		r.bytes_received = BPF_CORE_READ(tp, bytes_received);
-		r.segs_out = BPF_CORE_READ(tp, segs_out);
-		r.segs_in = BPF_CORE_READ(tp, segs_in);
+		r.rtt_us = tp->srtt_us >> 3;
+		r.rttvar_us = tp->mdev_us >> 2;
+		r.snd_cwnd = tp->snd_cwnd;
+		r.total_retrans = tp->total_retrans;
+		r.bytes_acked = tp->bytes_acked;
+		r.bytes_received = tp->bytes_received;
+		r.segs_out = tp->segs_out;
+		r.segs_in = tp->segs_in;
 	}
 	/* A full seq buffer makes the kernel show this socket again at the next
 	 * read: nothing is lost, so the result needs no check. */
@@ -170,7 +186,7 @@ int flowd_iter_udp(struct bpf_iter__udp *ctx)
 	sk = (struct sock *)udp;
 	read_common(&r, (struct sock_common *)udp);
 	r.protocol = FLOWD_IPPROTO_UDP;
-	r.state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	r.state = sk->__sk_common.skc_state;
 	read_full(&r, sk, ctx->uid);
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
 	return 0;
