@@ -96,16 +96,27 @@ const DUMP_PART: usize = 2048;
 /// `SockIter::dump_chunked`.
 type ChunkedDump<'a> = &'a mut dyn FnMut(usize, &mut dyn FnMut(&mut Vec<SocketObservation>));
 
-/// One reconcile as the daemon makes it: the dump handed over part by part, each
-/// digested by `dump_part`, then `dump_complete`. Its duration and event count.
+/// One reconcile as the daemon makes it: the poller thread dumps and sends each
+/// part down a bounded channel (discovery/feeds.rs), the engine's thread digests it
+/// with `dump_part` meanwhile, then `dump_complete`. Its duration (from the start
+/// of the dump to the end of `dump_complete`) and event count.
 fn daemon_round(dump: ChunkedDump<'_>, table: &mut FlowTable) -> (Duration, usize) {
     let started = Instant::now();
-    let mut events = 0;
-    dump(DUMP_PART, &mut |part| {
-        events += table.dump_part(part).len();
-        part.clear();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<SocketObservation>>(64);
+    let events = std::thread::scope(|s| {
+        let engine = s.spawn(|| {
+            let mut events = 0;
+            for part in rx {
+                events += table.dump_part(&part).len();
+            }
+            events + table.dump_complete(started).len()
+        });
+        dump(DUMP_PART, &mut |part| {
+            tx.send(std::mem::take(part)).expect("engine thread");
+        });
+        drop(tx);
+        engine.join().expect("engine thread")
     });
-    events += table.dump_complete(started).len();
     (started.elapsed(), events)
 }
 
@@ -113,8 +124,38 @@ fn ratio(a: Duration, b: Duration) -> String {
     format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64())
 }
 
-/// sock_diag and the iterator, round after round in turn (the machine's load then
-/// weighs on both alike), each into a flow table of its own.
+/// `RUNS` reconciles from sock_diag and from the iterator, in turn (the machine's
+/// load then weighs on both alike), each into its own table: their durations.
+fn interleaved(
+    sd: &mut SockDiag,
+    it: &mut SockIter,
+    t_sd: &mut FlowTable,
+    t_it: &mut FlowTable,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let mut by_sd = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
+        sd.dump_chunked(chunk, emit).expect("sock_diag dump")
+    };
+    let mut by_it = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
+        it.dump_chunked(chunk, emit).expect("iterator dump")
+    };
+    let (mut v_sd, mut v_it) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (d, ev) = daemon_round(&mut by_sd, t_sd);
+        assert_eq!(ev, 0, "sock_diag steady state");
+        v_sd.push(d);
+        let (d, ev) = daemon_round(&mut by_it, t_it);
+        assert_eq!(
+            ev, 0,
+            "iterator steady state: the same sockets, the same cookies"
+        );
+        v_it.push(d);
+    }
+    (v_sd, v_it)
+}
+
+/// The daemon's reconcile from sock_diag and from the iterator, with and without
+/// tcp_info (the poller asks for it on every 4th dump, or every dump when dumps are
+/// rare), and the ratios to `ss -tan` of the same run.
 fn compare_sources(
     sockets: usize,
     sd: &mut SockDiag,
@@ -129,28 +170,24 @@ fn compare_sources(
         })
     };
     let (mut t_sd, mut t_it) = (table(), table());
-    let mut by_sd = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
-        sd.dump_chunked(chunk, emit).expect("sock_diag dump")
-    };
-    let mut by_it = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
-        it.dump_chunked(chunk, emit).expect("iterator dump")
-    };
     // The first round adopts every socket (one Started event each).
-    assert_eq!(daemon_round(&mut by_sd, &mut t_sd).1, sockets);
-    assert_eq!(daemon_round(&mut by_it, &mut t_it).1, sockets);
-    let (mut v_sd, mut v_it) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
-        let (d, ev) = daemon_round(&mut by_sd, &mut t_sd);
-        assert_eq!(ev, 0, "sock_diag steady state");
-        v_sd.push(d);
-        let (d, ev) = daemon_round(&mut by_it, &mut t_it);
-        assert_eq!(
-            ev, 0,
-            "iterator steady state: the same sockets, the same cookies"
-        );
-        v_it.push(d);
+    {
+        let mut by_sd = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
+            sd.dump_chunked(chunk, emit).expect("sock_diag dump")
+        };
+        assert_eq!(daemon_round(&mut by_sd, &mut t_sd).1, sockets);
+        let mut by_it = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
+            it.dump_chunked(chunk, emit).expect("iterator dump")
+        };
+        assert_eq!(daemon_round(&mut by_it, &mut t_it).1, sockets);
     }
+    let (v_sd, v_it) = interleaved(sd, it, &mut t_sd, &mut t_it);
     let st = *it.stats();
+    sd.set_tcp_info(false);
+    it.set_tcp_info(false);
+    let (n_sd, n_it) = interleaved(sd, it, &mut t_sd, &mut t_it);
+    sd.set_tcp_info(true);
+    it.set_tcp_info(true);
     let mut v_empty = Vec::new();
     let mut none = Vec::new();
     for _ in 0..RUNS {
@@ -160,15 +197,17 @@ fn compare_sources(
     }
     let (sd_min, sd_med) = stats(v_sd);
     let (it_min, it_med) = stats(v_it);
+    let (nsd_min, nsd_med) = stats(n_sd);
+    let (nit_min, nit_med) = stats(n_it);
     let (e_min, e_med) = stats(v_empty);
-    println!("  reconcile as the daemon makes it (dump in parts of {DUMP_PART}, dump_part, dump_complete; tcp_info; {RUNS} rounds each, interleaved):");
+    println!("  reconcile as the daemon makes it (poller thread: dump in parts of {DUMP_PART}; engine thread: dump_part, dump_complete; {RUNS} rounds each, interleaved):");
     println!(
-        "    sock_diag:        min {} median {}",
+        "    sock_diag, tcp_info:     min {} median {}",
         ms(sd_min),
         ms(sd_med)
     );
     println!(
-        "    BPF iterator:     min {} median {} (last walk: {} in read() over {} reads, {} KiB)",
+        "    BPF iterator, tcp_info:  min {} median {} (last walk: {} in read() over {} reads, {} KiB)",
         ms(it_min),
         ms(it_med),
         ms(st.last_dump_io),
@@ -176,13 +215,21 @@ fn compare_sources(
         st.last_dump_bytes / 1024
     );
     println!(
+        "    without tcp_info: sock_diag min {} median {}; BPF iterator min {} median {}",
+        ms(nsd_min),
+        ms(nsd_med),
+        ms(nit_min),
+        ms(nit_med)
+    );
+    println!(
         "    BPF iterator of an empty namespace (these sockets elsewhere): min {} median {}",
         ms(e_min),
         ms(e_med)
     );
     println!(
-        "    ratios of medians: iterator/sock_diag {}, iterator/ss -tan {}, sock_diag/ss -tan {} (ss -tan median {})",
+        "    ratios of medians: iterator/sock_diag {} ({} without tcp_info), iterator/ss -tan {}, sock_diag/ss -tan {} (ss -tan median {})",
         ratio(it_med, sd_med),
+        ratio(nit_med, nsd_med),
         ratio(it_med, ss.1),
         ratio(sd_med, ss.1),
         ms(ss.1)

@@ -27,6 +27,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
  * socket, and a socket that never got one is flagged FLOWD_SR_NO_COOKIE. */
 const volatile __u32 flowd_tracing_cookie = 1;
 
+/* Set by userspace between walks (SockIter::set_tcp_info): read the tcp_info
+ * fields. They are on other cache lines of the tcp_sock than what the reconcile
+ * needs, so a walk that does not want them skips them. */
+__u32 flowd_tcp_info = 1;
+
 /* Not used by the programs: make libbpf-cargo emit the record and its flags into
  * the skeleton's types. */
 struct flowd_sock_record flowd_sock_record_layout = {};
@@ -158,6 +163,8 @@ int flowd_iter_tcp(struct bpf_iter__tcp *ctx)
 		if (!tp)
 			return 0;
 		read_full(&r, (struct sock *)tp, ctx->uid);
+		if (!flowd_tcp_info)
+			goto out;
 		/* tcp_get_info(), the fields the daemon reads. */
 		r.rtt_us = tp->srtt_us >> 3;
 		r.rttvar_us = tp->mdev_us >> 2;
@@ -168,6 +175,7 @@ int flowd_iter_tcp(struct bpf_iter__tcp *ctx)
 		r.segs_out = tp->segs_out;
 		r.segs_in = tp->segs_in;
 	}
+out:
 	/* A full seq buffer makes the kernel show this socket again at the next
 	 * read: nothing is lost, so the result needs no check. */
 	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));

@@ -84,7 +84,7 @@ pub struct SockIter {
     /// Owns the programs the links run; dropped after them (field order).
     tcp: Link,
     udp: Link,
-    _skel: SockiterSkel<'static>,
+    skel: SockiterSkel<'static>,
     netns_path: Option<PathBuf>,
     netns: u64,
     buf: Vec<u8>,
@@ -152,7 +152,7 @@ impl SockIter {
         Ok(SockIter {
             tcp,
             udp,
-            _skel: skel,
+            skel,
             netns_path,
             netns,
             buf: vec![0; READ_BUF_BYTES],
@@ -171,9 +171,13 @@ impl SockIter {
         self.netns
     }
 
-    /// Fill `tcp` (default on), as `SockDiag::set_tcp_info`. The record carries the
-    /// counters either way (reading them costs the kernel a few loads).
+    /// Fill `tcp` (default on), as `SockDiag::set_tcp_info`. Off, the programs
+    /// skip the tcp_sock's counters (cache lines a walk otherwise need not touch).
     pub fn set_tcp_info(&mut self, on: bool) {
+        // Without a writable .data map (no mmap), the programs keep reading them.
+        if let Some(data) = self.skel.maps.data_data.as_deref_mut() {
+            data.flowd_tcp_info = u32::from(on);
+        }
         self.tcp_info = on;
     }
 
