@@ -667,6 +667,24 @@ mod tests {
     }
 
     #[test]
+    fn dump_source_takes_its_three_values_and_refuses_others() {
+        assert_eq!(
+            Config::default().discovery.dump_source,
+            DumpSourceSetting::Auto
+        );
+        for (text, want) in [
+            ("auto", DumpSourceSetting::Auto),
+            ("iterator", DumpSourceSetting::Iterator),
+            ("sock_diag", DumpSourceSetting::SockDiag),
+        ] {
+            let c = Config::parse(&format!("[discovery]\ndump_source = \"{text}\"\n")).unwrap();
+            assert_eq!(c.discovery.dump_source, want);
+        }
+        let e = Config::parse("[discovery]\ndump_source = \"netlink\"\n").unwrap_err();
+        assert!(e.contains("dump_source") || e.contains("netlink"), "{e}");
+    }
+
+    #[test]
     fn full_file_parses() {
         let c = Config::parse(
             "state_dir = \"/tmp/x\"\n[marker]\ninterfaces = [\"eth0\"]\n\

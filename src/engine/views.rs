@@ -178,6 +178,7 @@ impl Engine {
                 .collect(),
             state_cb_events: self.tracker.state_cb_events.load(Ordering::Relaxed),
             dumps_requested: self.tracker.dumps_requested.load(Ordering::Relaxed),
+            dump_source_fallbacks: self.last_dump_source.map_or(0, |(_, n)| n),
             control: self.control_view(),
             per_flow: self.per_flow.as_ref().map(|p| p.published.clone()),
         }
