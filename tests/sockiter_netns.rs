@@ -212,3 +212,64 @@ fn privileged_full_dump_uses_the_iterator_or_falls_back_to_sock_diag() {
         drop((c, s));
     });
 }
+
+/// The daemon's status once its first full dump is in.
+fn status_after_first_dump(d: &Daemon) -> serde_json::Value {
+    let deadline = Instant::now() + patient(Duration::from_secs(20));
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+        let st = v["status"].clone();
+        if st["dump_source"].as_str().is_some_and(|s| !s.is_empty()) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "no full dump: {st}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn privileged_daemon_adopts_sockets_from_the_iterator_dump_and_says_so() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("id");
+    // Opened before the daemon: only a full dump can find this connection.
+    let _conn = ns.enter(|| {
+        let l = TcpListener::bind("127.0.0.1:5000").unwrap();
+        let c = TcpStream::connect("127.0.0.1:5000").unwrap();
+        let (s, _) = l.accept().unwrap();
+        (l, c, s)
+    });
+    let d = Daemon::start_with(
+        &ns,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[marker]\ninterfaces = [\"lo\"]\n[discovery]\ndump_source = \"iterator\"\n",
+            dir.path().join("no-policies").display()
+        ),
+    );
+    let st = status_after_first_dump(&d);
+    assert!(
+        d.log().contains("full dumps: BPF socket iterator"),
+        "{}",
+        d.log()
+    );
+    // Before Linux 5.12 the first walk meets the accepted socket without a cookie
+    // and sock_diag makes that dump.
+    let want = if KernelFeatures::detect().has(Feature::TracingCookie) {
+        ("bpf_iterator", 0)
+    } else {
+        ("sock_diag", 1)
+    };
+    assert_eq!(
+        (
+            st["dump_source"].as_str().unwrap(),
+            st["dump_source_fallbacks"].as_u64().unwrap()
+        ),
+        want,
+        "{st}"
+    );
+    assert_eq!(st["flows_total"], 2, "{st}");
+    assert_eq!(st["dump_errors"], 0, "{st}");
+}
