@@ -15,6 +15,7 @@
 //! reader cannot name, a socket without a cookie) is an error, never a shorter list;
 //! the caller then dumps with sock_diag (see `full_dump`).
 
+mod reader;
 mod record;
 
 use std::io;
@@ -284,57 +285,25 @@ impl SockIter {
         chunk: usize,
         emit: Emit<'_>,
     ) -> Result<(), SockIterError> {
-        let mut filled = 0;
-        let mut total = 0;
-        loop {
-            let t = Instant::now();
-            // SAFETY: valid fd; the pointer and length describe the unfilled tail
-            // of our own buffer.
-            let n = unsafe {
-                libc::read(
-                    fd.as_raw_fd(),
-                    self.buf[filled..].as_mut_ptr().cast(),
-                    self.buf.len() - filled,
-                )
-            };
-            self.stats.last_dump_io += t.elapsed();
-            if n < 0 {
-                let source = io::Error::last_os_error();
-                if source.kind() == io::ErrorKind::Interrupted {
-                    self.stats.eintr_retries += 1;
-                    continue;
-                }
-                // EAGAIN: the kernel stops a walk after a million objects.
-                return Err(SockIterError::Read {
-                    iter,
-                    bytes: total,
-                    source,
-                });
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut tally = reader::ReadTally::default();
+        let result = reader::read_records(fd.as_fd(), &mut buf, iter, &mut tally, &mut |batch| {
+            for bytes in batch.chunks_exact(RECORD_SIZE) {
+                self.take(&record::read(bytes), iter)?;
             }
-            let n = n as usize;
-            if n == 0 {
-                return match filled {
-                    0 => Ok(()),
-                    left => Err(SockIterError::Truncated { iter, left }),
-                };
-            }
-            total += n;
-            filled += n;
-            self.stats.last_dump_bytes += n;
-            self.stats.last_dump_recvs += 1;
-            let whole = filled - filled % RECORD_SIZE;
-            for at in (0..whole).step_by(RECORD_SIZE) {
-                let raw = record::read(&self.buf[at..at + RECORD_SIZE]);
-                self.take(&raw, iter)?;
-            }
-            self.buf.copy_within(whole..filled, 0);
-            filled -= whole;
             for part in [Part::Tcp4, Part::Tcp6] {
                 if self.pending(part).len() >= chunk {
                     self.flush(part, emit);
                 }
             }
-        }
+            Ok(())
+        });
+        self.buf = buf;
+        self.stats.last_dump_io += tally.io;
+        self.stats.last_dump_bytes += tally.bytes;
+        self.stats.last_dump_recvs += tally.reads;
+        self.stats.eintr_retries += tally.eintr;
+        result
     }
 
     fn take(&mut self, raw: &record::RawRecord, iter: &'static str) -> Result<(), SockIterError> {
