@@ -50,7 +50,8 @@ pub(super) fn read_records(
                 tally.eintr += 1;
                 continue;
             }
-            // EAGAIN included: the kernel stops a walk after a million objects.
+            // EAGAIN included: a read that passed a million sockets without one
+            // record (bpf_seq_read's MAX_ITER_OBJECTS); ours write every socket.
             return Err(SockIterError::Read {
                 iter,
                 bytes: total,
