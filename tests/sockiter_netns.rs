@@ -273,3 +273,63 @@ fn privileged_daemon_adopts_sockets_from_the_iterator_dump_and_says_so() {
     assert_eq!(st["flows_total"], 2, "{st}");
     assert_eq!(st["dump_errors"], 0, "{st}");
 }
+
+#[test]
+fn privileged_walks_during_churn_list_every_socket_that_lived_throughout() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    if !privileged() {
+        return;
+    }
+    Netns::new("ch").enter(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stable: Vec<(TcpStream, TcpStream)> = (0..300)
+            .map(|_| {
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                (c, l.accept().unwrap().0)
+            })
+            .collect();
+        let want: std::collections::BTreeSet<u64> = stable
+            .iter()
+            .flat_map(|(c, s)| [cookie(c), cookie(s)])
+            .collect();
+        // Connections opened and closed while the walks run (the thread starts in
+        // this namespace: it inherits the creating thread's).
+        let stop = Arc::new(AtomicBool::new(false));
+        let churned = Arc::new(AtomicU64::new(0));
+        let churn = {
+            let (stop, churned) = (stop.clone(), churned.clone());
+            let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let c = TcpStream::connect(l2.local_addr().unwrap()).unwrap();
+                    let s = l2.accept().unwrap().0;
+                    drop((c, s));
+                    churned.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let mut full = FullDump::open(DumpSourceSetting::Iterator).unwrap();
+        for _ in 0..40 {
+            let mut got = std::collections::BTreeSet::new();
+            full.dump_chunked(64, &mut |part| {
+                got.extend(part.iter().map(|o| o.cookie));
+                part.clear();
+            })
+            .expect("a full dump during churn");
+            let missing: Vec<_> = want.difference(&got).collect();
+            assert!(
+                missing.is_empty(),
+                "{} stable sockets missing from a {:?} dump: {missing:?}",
+                missing.len(),
+                full.source()
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
+        assert!(churned.load(Ordering::Relaxed) > 100, "no churn happened");
+        if KernelFeatures::detect().has(Feature::TracingCookie) {
+            assert_eq!(full.fallbacks(), 0, "every walk succeeded on its own");
+        }
+    });
+}
