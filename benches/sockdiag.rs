@@ -1,7 +1,10 @@
 //! Bench: dump + diff cost of the sock_diag poller and flow table at 5 000, 10 000,
 //! 50 000 and 100 000 established loopback TCP connections (each has two sockets in
 //! the dump, so 5 000 / 50 000 connections are 10 000 / 100 000 sockets), with
-//! `ss -tan` / `ss -tin` timed in the same namespace for comparison.
+//! `ss -tan` / `ss -tin` timed in the same namespace for comparison; then the
+//! reconcile the way the daemon makes it (dump in parts, `dump_part`,
+//! `dump_complete`) from sock_diag and from the BPF socket iterator, interleaved,
+//! with their ratios to each other and to `ss -tan` of the same run.
 //!
 //! Run as root: `cargo bench --bench sockdiag` (`-- --max 10000` for the small case
 //! only). Everything lives in a private network namespace that dies with the process.
@@ -16,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use flowd::discovery::sockdiag::SockDiag;
+use flowd::discovery::sockiter::SockIter;
 use flowd::flows::{FlowTable, FlowTableConfig};
+use flowd::model::socket::SocketObservation;
 
 /// Counts heap allocations so the dump's allocation cost can be reported.
 struct Counting;
@@ -84,7 +89,160 @@ fn time_cmd(args: &[&str]) -> (Duration, Duration) {
     stats(v)
 }
 
-fn measure(conns: usize, sd: &mut SockDiag, empty: &mut SockDiag) {
+/// Sockets per part of a dump, as the daemon's poller (discovery/feeds.rs DUMP_PART).
+const DUMP_PART: usize = 2048;
+
+/// A full dump in parts: `(chunk, emit)`, as `SockDiag::dump_chunked` and
+/// `SockIter::dump_chunked`.
+type ChunkedDump<'a> = &'a mut dyn FnMut(usize, &mut dyn FnMut(&mut Vec<SocketObservation>));
+
+/// One reconcile as the daemon makes it: the poller thread dumps and sends each
+/// part down a bounded channel (discovery/feeds.rs), the engine's thread digests it
+/// with `dump_part` meanwhile, then `dump_complete`. Its duration (from the start
+/// of the dump to the end of `dump_complete`) and event count.
+fn daemon_round(dump: ChunkedDump<'_>, table: &mut FlowTable) -> (Duration, usize) {
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<SocketObservation>>(64);
+    let events = std::thread::scope(|s| {
+        let engine = s.spawn(|| {
+            let mut events = 0;
+            for part in rx {
+                events += table.dump_part(&part).len();
+            }
+            events + table.dump_complete(started).len()
+        });
+        dump(DUMP_PART, &mut |part| {
+            tx.send(std::mem::take(part)).expect("engine thread");
+        });
+        drop(tx);
+        engine.join().expect("engine thread")
+    });
+    (started.elapsed(), events)
+}
+
+fn ratio(a: Duration, b: Duration) -> String {
+    format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64())
+}
+
+/// `RUNS` reconciles from sock_diag and from the iterator, in turn (the machine's
+/// load then weighs on both alike), each into its own table: their durations.
+fn interleaved(
+    sd: &mut SockDiag,
+    it: &mut SockIter,
+    t_sd: &mut FlowTable,
+    t_it: &mut FlowTable,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let mut by_sd = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
+        sd.dump_chunked(chunk, emit).expect("sock_diag dump")
+    };
+    let mut by_it = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
+        it.dump_chunked(chunk, emit).expect("iterator dump")
+    };
+    let (mut v_sd, mut v_it) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (d, ev) = daemon_round(&mut by_sd, t_sd);
+        assert_eq!(ev, 0, "sock_diag steady state");
+        v_sd.push(d);
+        let (d, ev) = daemon_round(&mut by_it, t_it);
+        assert_eq!(
+            ev, 0,
+            "iterator steady state: the same sockets, the same cookies"
+        );
+        v_it.push(d);
+    }
+    (v_sd, v_it)
+}
+
+/// The daemon's reconcile from sock_diag and from the iterator, with and without
+/// tcp_info (the poller asks for it on every 4th dump, or every dump when dumps are
+/// rare), and the ratios to `ss -tan` of the same run.
+fn compare_sources(
+    sockets: usize,
+    sd: &mut SockDiag,
+    it: &mut SockIter,
+    empty_it: &mut SockIter,
+    ss: (Duration, Duration),
+) {
+    let table = || {
+        FlowTable::new(FlowTableConfig {
+            netns: sd.netns(),
+            ..FlowTableConfig::default()
+        })
+    };
+    let (mut t_sd, mut t_it) = (table(), table());
+    // The first round adopts every socket (one Started event each).
+    {
+        let mut by_sd = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
+            sd.dump_chunked(chunk, emit).expect("sock_diag dump")
+        };
+        assert_eq!(daemon_round(&mut by_sd, &mut t_sd).1, sockets);
+        let mut by_it = |chunk: usize, emit: &mut dyn FnMut(&mut Vec<SocketObservation>)| {
+            it.dump_chunked(chunk, emit).expect("iterator dump")
+        };
+        assert_eq!(daemon_round(&mut by_it, &mut t_it).1, sockets);
+    }
+    let (v_sd, v_it) = interleaved(sd, it, &mut t_sd, &mut t_it);
+    let st = *it.stats();
+    sd.set_tcp_info(false);
+    it.set_tcp_info(false);
+    let (n_sd, n_it) = interleaved(sd, it, &mut t_sd, &mut t_it);
+    sd.set_tcp_info(true);
+    it.set_tcp_info(true);
+    let mut v_empty = Vec::new();
+    let mut none = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        empty_it.dump(&mut none).expect("empty iterator dump");
+        v_empty.push(t.elapsed());
+    }
+    let (sd_min, sd_med) = stats(v_sd);
+    let (it_min, it_med) = stats(v_it);
+    let (nsd_min, nsd_med) = stats(n_sd);
+    let (nit_min, nit_med) = stats(n_it);
+    let (e_min, e_med) = stats(v_empty);
+    println!("  reconcile as the daemon makes it (poller thread: dump in parts of {DUMP_PART}; engine thread: dump_part, dump_complete; {RUNS} rounds each, interleaved):");
+    println!(
+        "    sock_diag, tcp_info:     min {} median {}",
+        ms(sd_min),
+        ms(sd_med)
+    );
+    println!(
+        "    BPF iterator, tcp_info:  min {} median {} (last walk: {} in read() over {} reads, {} KiB)",
+        ms(it_min),
+        ms(it_med),
+        ms(st.last_dump_io),
+        st.last_dump_recvs,
+        st.last_dump_bytes / 1024
+    );
+    println!(
+        "    without tcp_info: sock_diag min {} median {}; BPF iterator min {} median {}",
+        ms(nsd_min),
+        ms(nsd_med),
+        ms(nit_min),
+        ms(nit_med)
+    );
+    println!(
+        "    BPF iterator of an empty namespace (these sockets elsewhere): min {} median {}",
+        ms(e_min),
+        ms(e_med)
+    );
+    println!(
+        "    ratios of medians: iterator/sock_diag {} ({} without tcp_info), iterator/ss -tan {}, sock_diag/ss -tan {} (ss -tan median {})",
+        ratio(it_med, sd_med),
+        ratio(nit_med, nsd_med),
+        ratio(it_med, ss.1),
+        ratio(sd_med, ss.1),
+        ms(ss.1)
+    );
+}
+
+fn measure(
+    conns: usize,
+    sd: &mut SockDiag,
+    empty: &mut SockDiag,
+    it: &mut SockIter,
+    empty_it: &mut SockIter,
+) {
     let mut buf = Vec::new();
     sd.dump(&mut buf).expect("warm-up dump");
     let sockets = buf.len();
@@ -141,18 +299,6 @@ fn measure(conns: usize, sd: &mut SockDiag, empty: &mut SockDiag) {
         nothing.push(t.elapsed());
     }
     let (emin, emed) = stats(nothing);
-    // A BPF tcp iterator pinned by benches/scripts/reconcile_iter.sh: 48 bytes per
-    // socket of this namespace (the opener's), TCP only.
-    let iter = std::env::var("FLOWD_BENCH_ITER").ok().map(|pin| {
-        let mut v = Vec::new();
-        let mut records = 0;
-        for _ in 0..RUNS {
-            let t = Instant::now();
-            records = std::fs::read(&pin).expect("read the pinned iterator").len() / 48;
-            v.push(t.elapsed());
-        }
-        (stats(v), records)
-    });
     let (ss_min, ss_med) = time_cmd(&["ss", "-tan"]);
     // The same walk with a kernel-side filter (INET_DIAG_REQ_BYTECODE) that matches
     // nothing: what filtering in the kernel can save at best.
@@ -190,13 +336,6 @@ fn measure(conns: usize, sd: &mut SockDiag, empty: &mut SockDiag) {
         ms(emin),
         ms(emed)
     );
-    if let Some(((imin, imed), records)) = iter {
-        println!(
-            "  BPF iter/tcp, 48-byte records ({records} TCP sockets): min {} median {}",
-            ms(imin),
-            ms(imed)
-        );
-    }
     println!(
         "  reconcile CPU, dump+diff median per interval: every 5 s {:.3} % of a core, every 60 s {:.4} %",
         tmed.as_secs_f64() / 5.0 * 100.0,
@@ -229,6 +368,7 @@ fn measure(conns: usize, sd: &mut SockDiag, empty: &mut SockDiag) {
         hwm0,
         vm_hwm_kib()
     );
+    compare_sources(sockets, sd, it, empty_it, (ss_min, ss_med));
 }
 
 /// Connections per helper process: the hard RLIMIT_NOFILE here is 20 000 and
@@ -254,7 +394,9 @@ fn main() {
     // An empty namespace: its dump walks the same global hash and finds nothing.
     let empty = common::Netns::new("sde");
     let mut empty_sd = SockDiag::in_netns(empty.path()).expect("sock_diag in the empty netns");
-    common::Netns::new("sdb").enter(move || run(max, &mut empty_sd));
+    let mut empty_it =
+        SockIter::in_netns(empty.path()).expect("socket iterator in the empty netns");
+    common::Netns::new("sdb").enter(move || run(max, &mut empty_sd, &mut empty_it));
     drop(empty);
 }
 
@@ -282,7 +424,7 @@ fn hold(n: usize) {
     let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut sink);
 }
 
-fn run(max: usize, empty: &mut SockDiag) {
+fn run(max: usize, empty: &mut SockDiag, empty_it: &mut SockIter) {
     use std::io::BufRead;
     // Per-namespace sysctls: a wide ephemeral range and a deep accept queue.
     std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "10000 65000").expect("port range");
@@ -291,6 +433,7 @@ fn run(max: usize, empty: &mut SockDiag) {
     let mut helpers = Vec::new();
     let mut total = 0;
     let mut sd = SockDiag::new().expect("sock_diag socket");
+    let mut it = SockIter::new().expect("loading the socket iterators");
     for target in [5_000, 10_000, 50_000, 100_000]
         .into_iter()
         .filter(|t| *t <= max)
@@ -323,7 +466,7 @@ fn run(max: usize, empty: &mut SockDiag) {
             t.elapsed(),
             helpers.len()
         );
-        measure(target, &mut sd, empty);
+        measure(target, &mut sd, empty, &mut it, empty_it);
     }
     let t = Instant::now();
     for mut h in helpers {

@@ -404,6 +404,53 @@ _Static_assert(__builtin_offsetof(struct flowd_sock_event, sport) == 88, "sport 
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, comm) == 96, "comm offset");
 _Static_assert(__builtin_offsetof(struct flowd_sock_event, bytes_acked) == 112, "bytes offset");
 
+/*
+ * One socket as the socket iterators report it (bpf/sockiter.bpf.c): what a
+ * sock_diag dump tells the reconcile (struct inet_diag_msg, the INET_DIAG_INFO
+ * fields the daemon reads, INET_DIAG_CGROUP_ID), with the values sock_diag would
+ * give, so both sources make the same observation of the same socket.
+ */
+enum flowd_sock_record_flag {
+	/* A full socket: inode, uid, cgroup_id and (TCP) the tcp_info fields were read.
+	 * TIME_WAIT and request sockets have none (sock_diag reports 0 and no
+	 * attributes). */
+	FLOWD_SR_FULL = 0x1,
+	/* The socket has no cookie yet and this kernel (< 5.12) cannot give it one from
+	 * an iterator: the walk cannot name it as sock_diag would. */
+	FLOWD_SR_NO_COOKIE = 0x2,
+	/* The socket's cgroup is the root of the default hierarchy, which Linux 5.10
+	 * does not store as a pointer (net_cls/net_prio data, or no cgroup at all):
+	 * cgroup_id is 0, the reader fills in the root's id. */
+	FLOWD_SR_CGROUP_ROOT = 0x4,
+};
+
+/* 112 bytes, no implicit padding; one per socket, written with bpf_seq_write. */
+struct flowd_sock_record {
+	__u64 cookie;         /* bpf_get_socket_cookie(), or skc_cookie (see flags) */
+	__u64 inode;          /* socket inode, 0 if not full */
+	__u64 cgroup_id;      /* cgroup v2 id of the socket (sk_cgrp_data) */
+	__u64 bytes_acked;    /* tcp_info fields, TCP full sockets only */
+	__u64 bytes_received;
+	__u8 saddr[16];       /* local address, network order; IPv4 in the first 4 bytes */
+	__u8 daddr[16];       /* remote address, same encoding */
+	__u32 uid;            /* sock_i_uid() as the reader's user namespace sees it */
+	__u32 rtt_us;         /* srtt_us >> 3, as tcp_get_info() */
+	__u32 rttvar_us;      /* mdev_us >> 2 */
+	__u32 snd_cwnd;
+	__u32 total_retrans;
+	__u32 segs_out;
+	__u32 segs_in;
+	__u16 sport;          /* local port, host order */
+	__u16 dport;          /* remote port, host order */
+	__u8 family;          /* AF_INET or AF_INET6 */
+	__u8 protocol;        /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 state;           /* as inet_diag_msg.idiag_state (see sockiter.bpf.c) */
+	__u8 flags;           /* FLOWD_SR_* */
+	__u8 pad[4];
+};
+
+_Static_assert(sizeof(struct flowd_sock_record) == 112, "flowd_sock_record size");
+
 /* Not used by the programs: each object defines one global of this type so that
  * libbpf-cargo emits every enum above into its skeleton's `types`. */
 struct flowd_contract {

@@ -23,6 +23,17 @@ pub mod tracker {
     include!(concat!(env!("OUT_DIR"), "/tracker.skel.rs"));
 }
 
+#[allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals,
+    dead_code
+)]
+pub mod sockiter {
+    include!(concat!(env!("OUT_DIR"), "/sockiter.skel.rs"));
+}
+
 /// Sends libbpf's own messages to tracing instead of raw stderr, so they carry the
 /// daemon's format and level (libbpf warns, for example, when TCX is refused before
 /// flowd-rs falls back to clsact). Warnings are also kept (see [`refusal`]) so that a

@@ -347,6 +347,11 @@ pub struct DiscoveryConfig {
     /// counted (ring drop, skipped nested run) and else every this many seconds.
     /// 0: every `reconcile_interval_ms` regardless.
     pub full_dump_interval_s: u64,
+    /// Where full dumps come from: `auto` (the BPF socket iterator when its
+    /// programs load and the kernel has bpf_get_socket_cookie in iterators, 5.12;
+    /// else sock_diag), `iterator` (refuse to start without it) or `sock_diag`.
+    /// sock_diag also redoes any dump whose iterator walk failed.
+    pub dump_source: DumpSourceSetting,
     /// Where cgroup2 is mounted; found in /proc/self/mountinfo when absent.
     pub cgroup2: Option<PathBuf>,
     /// Also keep the sockets of other network namespaces (containers) that the
@@ -365,10 +370,20 @@ impl Default for DiscoveryConfig {
             udp: true,
             reconcile_interval_ms: 5_000,
             full_dump_interval_s: 60,
+            dump_source: DumpSourceSetting::Auto,
             cgroup2: None,
             all_namespaces: false,
         }
     }
+}
+
+/// Where the reconcile's full dumps come from (`discovery.dump_source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DumpSourceSetting {
+    Auto,
+    Iterator,
+    SockDiag,
 }
 
 /// Which eBPF socket tracker programs run.
@@ -658,6 +673,24 @@ mod tests {
             c.control_socket(),
             PathBuf::from("/run/flowd-rs/control.sock")
         );
+    }
+
+    #[test]
+    fn dump_source_takes_its_three_values_and_refuses_others() {
+        assert_eq!(
+            Config::default().discovery.dump_source,
+            DumpSourceSetting::Auto
+        );
+        for (text, want) in [
+            ("auto", DumpSourceSetting::Auto),
+            ("iterator", DumpSourceSetting::Iterator),
+            ("sock_diag", DumpSourceSetting::SockDiag),
+        ] {
+            let c = Config::parse(&format!("[discovery]\ndump_source = \"{text}\"\n")).unwrap();
+            assert_eq!(c.discovery.dump_source, want);
+        }
+        let e = Config::parse("[discovery]\ndump_source = \"netlink\"\n").unwrap_err();
+        assert!(e.contains("dump_source") || e.contains("netlink"), "{e}");
     }
 
     #[test]

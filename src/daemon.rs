@@ -180,7 +180,8 @@ async fn start_engine(
     let mut feeds = Vec::new();
     let dumps =
         feeds::DumpSchedule::new(Duration::from_millis(cfg.discovery.reconcile_interval_ms));
-    let (poller, netns) = feeds::spawn_poller(dumps.clone(), disc_tx.clone())?;
+    let (poller, netns) =
+        feeds::spawn_poller(dumps.clone(), cfg.discovery.dump_source, disc_tx.clone())?;
     feeds.push(poller);
     let mut mode = match cfg.discovery.tracker {
         TrackerSetting::Full => TrackerMode::Full,

@@ -105,7 +105,7 @@ impl Feature {
             Feature::SkStorageTc => "in-kernel decisions and socket cache off: first packets leave unmarked until userspace decides",
             Feature::RingBuffer => "no tracker: sockets found by sock_diag polling, within one reconcile interval",
             Feature::TpBtf => "tracker without TCP state events: closes found by sock_diag polling",
-            Feature::TracingCookie => "the tracker reads the cookie from the socket: a TCP state change of a socket never given one (by the cgroup connect hooks, sockops or sock_diag) is not reported",
+            Feature::TracingCookie => "the tracker reads the cookie from the socket: a TCP state change of a socket never given one (by the cgroup connect hooks, sockops or sock_diag) is not reported; full dumps come from sock_diag, not the socket iterator",
             Feature::Tcx => "marker attached through a clsact qdisc",
             Feature::CheckMtu => "option headers checked against the smallest interface MTU read at start",
             Feature::SkStorageIter => "socket cache off: every packet looks its flow up in flowd_marks",

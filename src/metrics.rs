@@ -96,6 +96,8 @@ pub struct Snapshot {
     pub state_cb_events: u64,
     /// Full sock_diag dumps the tracker asked for after a loss it counted.
     pub dumps_requested: u64,
+    /// Full dumps whose socket-iterator walk failed and that sock_diag made again.
+    pub dump_source_fallbacks: u64,
     pub control: ControlConnections,
     /// Present when `metrics.per_flow` is on.
     pub per_flow: Option<Arc<PerFlow>>,
@@ -363,6 +365,11 @@ impl Collector for SnapshotCollector {
                 "flowd_reconcile_dumps_requested",
                 "Full sock_diag dumps run early because the tracker counted a loss (a ring drop, or a skipped run STATE_CB did not cover).",
                 s.dumps_requested,
+            ),
+            (
+                "flowd_reconcile_iterator_fallbacks",
+                "Full dumps whose BPF socket iterator walk failed (read error, a socket without a cookie) and that sock_diag made again.",
+                s.dump_source_fallbacks,
             ),
         ] {
             let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;

@@ -54,6 +54,7 @@ fn snapshot(scale: u64) -> Snapshot {
         recursion_misses: vec![("flowd_tcp_state", 8 * scale), ("flowd_sockops", 0)],
         state_cb_events: 9 * scale,
         dumps_requested: 10 * scale,
+        dump_source_fallbacks: 11 * scale,
         control: ControlConnections {
             open: 2,
             refused: 3 * scale,
@@ -164,6 +165,7 @@ async fn scrape_over_http_exposes_every_series_with_its_labels() {
             ),
             ("flowd_tracker_state_cb_events_total{}", 9.0),
             ("flowd_reconcile_dumps_requested_total{}", 10.0),
+            ("flowd_reconcile_iterator_fallbacks_total{}", 11.0),
             ("flowd_reconcile_corrections_total{kind=added}", 2.0),
             ("flowd_reconcile_corrections_total{kind=ended}", 3.0),
             ("flowd_policy_reloads_total{result=ok}", 4.0),

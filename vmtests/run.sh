@@ -34,7 +34,7 @@ REPO=${VMTEST_REPO:-$(dirname "$HERE")}
 CACHE=${VMTEST_CACHE:-/var/cache/flowd-rs-vmtests}
 # Chosen in README.md ("Which tests run by default"): wire marking, first packet,
 # clean detach, tracker events and sock_diag reconcile, within CI's time budget.
-DEFAULT_TESTS="marker_wire marker_flow_index marker_first_packet marker_detach marker_restart tracker_tcp tracker_modes sockdiag_netns"
+DEFAULT_TESTS="marker_wire marker_flow_index marker_first_packet marker_detach marker_restart tracker_tcp tracker_modes sockdiag_netns sockiter_netns"
 # 9p and virtio are modules on Debian's 5.10 and 6.1 (built in on 6.12); the rest
 # is what the tests use. Loaded before the chroot: the host root has no module tree
 # for the guest kernel, so modprobe inside the guest cannot find them.

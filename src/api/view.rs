@@ -135,8 +135,13 @@ pub struct StatusView {
     /// Corrections the sock_diag reconciliation made to what the tracker reported.
     pub reconcile_added: u64,
     pub reconcile_ended: u64,
-    /// Duration of the last sock_diag poll, in milliseconds.
+    /// Duration of the last full dump (reconcile poll), in milliseconds.
     pub last_poll_ms: f64,
+    /// Source of the last full dump: `bpf_iterator` or `sock_diag`
+    /// (`discovery.dump_source`); empty before the first dump.
+    pub dump_source: String,
+    /// Iterator dumps that failed and were made again with sock_diag.
+    pub dump_source_fallbacks: u64,
     pub policy_reloads_ok: u64,
     pub policy_reloads_failed: u64,
     /// Flows the table ever started and ended, tags ever given.

@@ -4,9 +4,11 @@
 
 pub mod cgroup2;
 pub mod feeds;
+pub mod full_dump;
 pub mod peer_owner;
 pub mod procfs;
 pub mod sockdiag;
+pub mod sockiter;
 pub mod tracker;
 pub mod tracker_event;
 mod tracker_progs;

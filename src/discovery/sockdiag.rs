@@ -21,6 +21,7 @@ use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
 pub use parse::{parse_replies, Listeners, ParseError, ParseStats, Progress, Request};
+pub(crate) use parse::{take_socket, SocketFacts};
 
 use crate::model::socket::{Protocol, SocketObservation};
 

@@ -63,6 +63,8 @@ pub struct Engine {
     reloads_ok: u64,
     reloads_failed: u64,
     last_poll: Duration,
+    /// Source of the last full dump, and iterator walks redone with sock_diag.
+    last_dump_source: Option<(crate::discovery::full_dump::DumpSource, u64)>,
     users: HashMap<u32, Option<String>>,
     metrics: Option<(Arc<Metrics>, Arc<Published>)>,
     /// Config marker.in_kernel_decisions: compile each policy into the kernel.
@@ -136,6 +138,7 @@ impl Engine {
             reloads_ok: 0,
             reloads_failed: 0,
             last_poll: Duration::ZERO,
+            last_dump_source: None,
             users: HashMap::new(),
             metrics: None,
             in_kernel: false,
@@ -401,6 +404,7 @@ impl Engine {
             Discovery::DumpPart(part) => self.table.dump_part(&part),
             Discovery::Dumped(dump) => {
                 self.last_poll = dump.stats.last_dump_duration;
+                self.last_dump_source = Some((dump.source, dump.fallbacks));
                 if let Some((m, _)) = &self.metrics {
                     m.observe_poll(self.last_poll);
                 }
@@ -442,7 +446,7 @@ impl Engine {
                     Err(e) => {
                         self.table.dump_abandoned();
                         self.table.note_dump_error();
-                        warn!(error = %e, "sock_diag dump incomplete: not reconciling this round");
+                        warn!(error = %e, "full dump incomplete: not reconciling this round");
                         Vec::new()
                     }
                 }

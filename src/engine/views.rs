@@ -103,6 +103,11 @@ impl Engine {
             reconcile_added: fc.reconcile_added,
             reconcile_ended: fc.reconcile_ended,
             last_poll_ms: self.last_poll.as_secs_f64() * 1000.0,
+            dump_source: self
+                .last_dump_source
+                .map(|(s, _)| s.as_str().to_string())
+                .unwrap_or_default(),
+            dump_source_fallbacks: self.last_dump_source.map_or(0, |(_, n)| n),
             policy_reloads_ok: self.reloads_ok,
             policy_reloads_failed: self.reloads_failed,
             flows_started: fc.flows_started,
@@ -176,6 +181,7 @@ impl Engine {
                 .collect(),
             state_cb_events: self.tracker.state_cb_events.load(Ordering::Relaxed),
             dumps_requested: self.tracker.dumps_requested.load(Ordering::Relaxed),
+            dump_source_fallbacks: self.last_dump_source.map_or(0, |(_, n)| n),
             control: self.control_view(),
             per_flow: self.per_flow.as_ref().map(|p| p.published.clone()),
         }

@@ -252,53 +252,94 @@ fn parse_socket(
 ) -> Option<()> {
     let hdr = InetResponseHeader::parse(payload.get(..INET_DIAG_MSG_LEN)?).ok()?;
     let id = &hdr.socket_id;
-    let local = SocketAddr::new(id.source_address, id.source_port);
-    let remote = SocketAddr::new(id.destination_address, id.destination_port);
-    let state = SockState::from_kernel(hdr.state)?;
-    if state == SockState::Listen {
-        stats.listeners += 1;
-        listeners.insert(req.proto, local);
-        return Some(());
-    }
-    if id.destination_port == 0 {
-        stats.unconnected += 1;
-        if req.proto == Protocol::Udp && id.source_port != 0 {
-            listeners.insert(req.proto, local);
-        }
-        return Some(());
-    }
     // The kernel stores the cookie as two host-order u32, low word first
     // (sock_diag_save_cookie).
     let c = id.cookie;
     let cookie = u64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
         | u64::from(u32::from_ne_bytes([c[4], c[5], c[6], c[7]])) << 32;
-
-    let mut tcp = None;
-    let mut cgroup_id = None;
-    for nla in NlasIterator::new(&payload[INET_DIAG_MSG_LEN..]) {
-        let nla = nla.ok()?;
-        match nla.kind() & NLA_TYPE_MASK {
-            INET_DIAG_INFO if req.proto == Protocol::Tcp => tcp = Some(tcp_stats(nla.value())),
-            INET_DIAG_CGROUP_ID => cgroup_id = Some(read_u64(nla.value(), 0)),
-            _ => stats.unknown_attrs += 1,
+    let mut facts = SocketFacts {
+        proto: req.proto,
+        local: SocketAddr::new(id.source_address, id.source_port),
+        remote: SocketAddr::new(id.destination_address, id.destination_port),
+        state: hdr.state,
+        cookie,
+        inode: hdr.inode,
+        uid: hdr.uid,
+        cgroup_id: None,
+        tcp: None,
+    };
+    // Attributes are only read for sockets that become observations.
+    if hdr.state != SockState::Listen as u8 && id.destination_port != 0 {
+        for nla in NlasIterator::new(&payload[INET_DIAG_MSG_LEN..]) {
+            let nla = nla.ok()?;
+            match nla.kind() & NLA_TYPE_MASK {
+                INET_DIAG_INFO if req.proto == Protocol::Tcp => {
+                    facts.tcp = Some(tcp_stats(nla.value()))
+                }
+                INET_DIAG_CGROUP_ID => facts.cgroup_id = Some(read_u64(nla.value(), 0)),
+                _ => stats.unknown_attrs += 1,
+            }
         }
+    }
+    take_socket(&facts, req.netns, out, listeners, stats)
+}
+
+/// One socket as a full dump reports it (`struct inet_diag_msg` and attributes, or
+/// the socket iterator's record carrying the same values), before it is classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SocketFacts {
+    pub proto: Protocol,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// `idiag_state`: the kernel's TCP state numbering.
+    pub state: u8,
+    pub cookie: u64,
+    /// `idiag_inode` (32 bits in sock_diag's message).
+    pub inode: u32,
+    pub uid: u32,
+    pub cgroup_id: Option<u64>,
+    pub tcp: Option<TcpStats>,
+}
+
+/// What a dump does with one socket, whichever source reported it: a listener (or
+/// a bound, unconnected UDP socket) goes to `listeners`, a socket with a peer
+/// becomes an observation in `out`. `None` for a state the kernel does not have.
+pub(crate) fn take_socket(
+    facts: &SocketFacts,
+    netns: u64,
+    out: &mut Vec<SocketObservation>,
+    listeners: &mut Listeners,
+    stats: &mut ParseStats,
+) -> Option<()> {
+    let state = SockState::from_kernel(facts.state)?;
+    if state == SockState::Listen {
+        stats.listeners += 1;
+        listeners.insert(facts.proto, facts.local);
+        return Some(());
+    }
+    if facts.remote.port() == 0 {
+        stats.unconnected += 1;
+        if facts.proto == Protocol::Udp && facts.local.port() != 0 {
+            listeners.insert(facts.proto, facts.local);
+        }
+        return Some(());
     }
     // TIME_WAIT and request sockets are mini-sockets: the kernel fills uid and inode
     // with 0, which means "unknown" here, not root.
-    let mini = hdr.inode == 0 && matches!(state, SockState::TimeWait | SockState::NewSynRecv);
+    let mini = facts.inode == 0 && matches!(state, SockState::TimeWait | SockState::NewSynRecv);
     stats.sockets += 1;
     out.push(SocketObservation {
-        key: FlowKey::new(req.proto, local, remote),
-        cookie,
-        netns: req.netns,
+        key: FlowKey::new(facts.proto, facts.local, facts.remote),
+        cookie: facts.cookie,
+        netns,
         state,
         direction: Direction::Unknown,
-        inode: u64::from(hdr.inode),
-        uid: (!mini).then_some(hdr.uid),
+        inode: u64::from(facts.inode),
+        uid: (!mini).then_some(facts.uid),
         pid: None,
         comm: None,
-        cgroup_id,
-        tcp,
+        cgroup_id: facts.cgroup_id,
+        tcp: facts.tcp,
         tcp_bytes: None,
         source: Source::SockDiag,
     });

@@ -1,0 +1,201 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+/*
+ * Socket iterators: the reconcile's full dump without sock_diag
+ * (src/discovery/sockiter.rs). Reading an iterator fd runs these programs once per
+ * TCP or UDP socket of the network namespace the fd was created in (the kernel's
+ * tcp and udp iterators skip the others), and each writes one fixed-size
+ * struct flowd_sock_record: no netlink messages to build and parse, which is most
+ * of what a sock_diag dump costs.
+ *
+ * Every field carries the value sock_diag would report for the same socket
+ * (net/ipv4/inet_diag.c, udp_diag.c), so the flow table sees the same sockets
+ * whichever source dumped them. Listeners and unconnected UDP sockets are
+ * reported too: the reader needs them to tell a connection's direction, as the
+ * sock_diag parser does.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+
+#include "flowd.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Set by userspace before load: tracing programs (iterators included) may call
+ * bpf_get_socket_cookie() (Linux 5.12). Without, the cookie is read from the
+ * socket, and a socket that never got one is flagged FLOWD_SR_NO_COOKIE. */
+const volatile __u32 flowd_tracing_cookie = 1;
+
+/* Set by userspace between walks (SockIter::set_tcp_info): read the tcp_info
+ * fields. They are on other cache lines of the tcp_sock than what the reconcile
+ * needs, so a walk that does not want them skips them. */
+__u32 flowd_tcp_info = 1;
+
+/* Not used by the programs: make libbpf-cargo emit the record and its flags into
+ * the skeleton's types. */
+struct flowd_sock_record flowd_sock_record_layout = {};
+enum flowd_sock_record_flag flowd_sock_record_flags = 0;
+struct flowd_contract flowd_contract_types = {};
+
+#define FLOWD_IPPROTO_TCP 6
+#define FLOWD_IPPROTO_UDP 17
+#define FLOWD_TCP_TIME_WAIT 6
+#define FLOWD_TCP_NEW_SYN_RECV 12
+
+/* Linux < 5.15 keeps the socket's cgroup in a word that is either a pointer or,
+ * once net_cls/net_prio were used, classid/prioidx data (bit 0 or 1 set). */
+struct sock_cgroup_data___word {
+	__u64 val;
+} __attribute__((preserve_access_index));
+
+struct sock___word {
+	struct sock_cgroup_data___word sk_cgrp_data;
+} __attribute__((preserve_access_index));
+
+/*
+ * Fields are read with plain loads through the BTF-typed pointers the iterator
+ * hands over (CO-RE relocated, faults caught by the kernel), not with
+ * BPF_CORE_READ: a bpf_probe_read_kernel() call per field made the walk cost as
+ * much as a sock_diag dump.
+ */
+
+/* cgroup_id(sock_cgroup_ptr(&sk->sk_cgrp_data)), as INET_DIAG_CGROUP_ID. */
+static __always_inline __u64 sock_cgroup_id(struct sock *sk, __u8 *flags)
+{
+	struct cgroup *cg;
+	__u64 v;
+
+	if (bpf_core_field_exists(struct sock_cgroup_data, cgroup)) {
+		cg = sk->sk_cgrp_data.cgroup;
+		if (cg)
+			return cg->kn->id;
+	} else {
+		v = ((struct sock___word *)sk)->sk_cgrp_data.val;
+		/* sock_cgroup_ptr() answers the default root for data and for 0. */
+		if (v && !(v & 3))
+			return BPF_CORE_READ((struct cgroup *)v, kn, id);
+	}
+	*flags |= FLOWD_SR_CGROUP_ROOT;
+	return 0;
+}
+
+/* sock_i_ino(): the inode of the struct socket the sock belongs to, 0 if none. */
+static __always_inline __u64 sock_inode(struct sock *sk)
+{
+	struct socket *sock = sk->sk_socket;
+	struct socket_alloc *sa;
+
+	if (!sock)
+		return 0;
+	/* Past the end of struct socket for the verifier: one probe read. */
+	sa = container_of(sock, struct socket_alloc, socket);
+	return BPF_CORE_READ(sa, vfs_inode.i_ino);
+}
+
+static __always_inline void read_common(struct flowd_sock_record *r, struct sock_common *skc)
+{
+	__u64 cookie;
+
+	if (flowd_tracing_cookie) {
+		/* Gives the socket a cookie if it had none: the one sock_diag would
+		 * give it, and the tracker reports. */
+		cookie = bpf_get_socket_cookie(skc);
+	} else {
+		cookie = skc->skc_cookie.counter;
+		if (!cookie)
+			r->flags |= FLOWD_SR_NO_COOKIE;
+	}
+	r->cookie = cookie;
+	r->family = skc->skc_family;
+	r->sport = skc->skc_num;
+	r->dport = bpf_ntohs(skc->skc_dport);
+	if (r->family == FLOWD_AF_INET6) {
+		__u32 *s = (__u32 *)r->saddr, *d = (__u32 *)r->daddr;
+
+		s[0] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[0];
+		s[1] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[1];
+		s[2] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[2];
+		s[3] = skc->skc_v6_rcv_saddr.in6_u.u6_addr32[3];
+		d[0] = skc->skc_v6_daddr.in6_u.u6_addr32[0];
+		d[1] = skc->skc_v6_daddr.in6_u.u6_addr32[1];
+		d[2] = skc->skc_v6_daddr.in6_u.u6_addr32[2];
+		d[3] = skc->skc_v6_daddr.in6_u.u6_addr32[3];
+	} else {
+		*(__u32 *)r->saddr = skc->skc_rcv_saddr;
+		*(__u32 *)r->daddr = skc->skc_daddr;
+	}
+}
+
+static __always_inline void read_full(struct flowd_sock_record *r, struct sock *sk, __u32 uid)
+{
+	r->flags |= FLOWD_SR_FULL;
+	r->uid = uid;
+	r->inode = sock_inode(sk);
+	r->cgroup_id = sock_cgroup_id(sk, &r->flags);
+}
+
+SEC("iter/tcp")
+int flowd_iter_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct flowd_sock_record r = {};
+	struct tcp_timewait_sock *tw;
+	struct tcp_sock *tp;
+
+	if (!skc)
+		return 0;
+	read_common(&r, skc);
+	r.protocol = FLOWD_IPPROTO_TCP;
+	r.state = skc->skc_state;
+	if (r.state == FLOWD_TCP_TIME_WAIT) {
+		/* inet_twsk_diag_fill() reports the substate (TIME_WAIT or FIN_WAIT2),
+		 * uid and inode 0. */
+		tw = bpf_skc_to_tcp_timewait_sock(skc);
+		if (tw)
+			r.state = tw->tw_sk.tw_substate;
+	} else if (r.state == FLOWD_TCP_NEW_SYN_RECV) {
+		/* inet_req_diag_fill() reports SYN_RECV, uid and inode 0 (the iterator's
+		 * uid would be the listener's). */
+		r.state = FLOWD_TCP_SYN_RECV;
+	} else {
+		tp = bpf_skc_to_tcp_sock(skc);
+		if (!tp)
+			return 0;
+		read_full(&r, (struct sock *)tp, ctx->uid);
+		if (!flowd_tcp_info)
+			goto out;
+		/* tcp_get_info(), the fields the daemon reads. */
+		r.rtt_us = tp->srtt_us >> 3;
+		r.rttvar_us = tp->mdev_us >> 2;
+		r.snd_cwnd = tp->snd_cwnd;
+		r.total_retrans = tp->total_retrans;
+		r.bytes_acked = tp->bytes_acked;
+		r.bytes_received = tp->bytes_received;
+		r.segs_out = tp->segs_out;
+		r.segs_in = tp->segs_in;
+	}
+out:
+	/* A full seq buffer makes the kernel show this socket again at the next
+	 * read: nothing is lost, so the result needs no check. */
+	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
+	return 0;
+}
+
+SEC("iter/udp")
+int flowd_iter_udp(struct bpf_iter__udp *ctx)
+{
+	struct udp_sock *udp = ctx->udp_sk;
+	struct flowd_sock_record r = {};
+	struct sock *sk;
+
+	if (!udp)
+		return 0;
+	sk = (struct sock *)udp;
+	read_common(&r, (struct sock_common *)udp);
+	r.protocol = FLOWD_IPPROTO_UDP;
+	r.state = sk->__sk_common.skc_state;
+	read_full(&r, sk, ctx->uid);
+	bpf_seq_write(ctx->meta->seq, &r, sizeof(r));
+	return 0;
+}

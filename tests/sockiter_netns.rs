@@ -1,0 +1,335 @@
+//! PRIVILEGED: the BPF socket iterator's full dump against sock_diag's, on real
+//! sockets in a private network namespace: the two must report exactly the same
+//! observations (set, cookies, uids, inodes, states, directions, tcp_info).
+//! Run as root, or with FLOWD_PRIVILEGED_TESTS=1 to make a missing privilege a failure.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::sockdiag::*;
+use common::*;
+use flowd::config::DumpSourceSetting;
+use flowd::discovery::full_dump::{DumpSource, FullDump};
+use flowd::discovery::sockdiag::SockDiag;
+use flowd::discovery::sockiter::{SockIter, SockIterError};
+use flowd::features::{Feature, KernelFeatures};
+use flowd::model::socket::{SockState, SocketObservation};
+
+fn sorted(mut v: Vec<SocketObservation>) -> Vec<SocketObservation> {
+    v.sort_by_key(|o| (o.cookie, o.key));
+    v
+}
+
+fn sock_diag_dump(sd: &mut SockDiag) -> Vec<SocketObservation> {
+    let mut v = Vec::new();
+    sd.dump(&mut v).expect("sock_diag dump");
+    sorted(v)
+}
+
+fn iter_dump(it: &mut SockIter) -> Vec<SocketObservation> {
+    let mut v = Vec::new();
+    it.dump(&mut v).expect("socket iterator dump");
+    sorted(v)
+}
+
+/// Every kind of socket the reconcile meets, kept open by the returned value:
+/// TCP listeners (v4, v6, dual-stack), connections seen from both ends (v4, v6,
+/// v4-mapped, one owned by uid 1234), a TIME_WAIT and a FIN_WAIT2 socket, UDP bound
+/// and connected (v4, v6).
+fn open_sockets() -> Vec<Box<dyn std::any::Any + Send>> {
+    let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    let l4 = TcpListener::bind("127.0.0.1:5000").unwrap();
+    let l6 = TcpListener::bind("[::1]:5001").unwrap();
+    let ldual = TcpListener::bind("[::]:5003").unwrap();
+    // SAFETY: setfsuid only changes this thread's filesystem uid.
+    unsafe { libc::setfsuid(1234) };
+    let c4 = connect_from(
+        libc::AF_INET,
+        libc::SOCK_STREAM,
+        Some(addr("127.0.0.1:40000")),
+        addr("127.0.0.1:5000"),
+    );
+    unsafe { libc::setfsuid(0) };
+    let (s4, _) = l4.accept().unwrap();
+    let c6 = TcpStream::connect("[::1]:5001").unwrap();
+    let (s6, _) = l6.accept().unwrap();
+    let cm = connect_from(
+        libc::AF_INET6,
+        libc::SOCK_STREAM,
+        None,
+        addr("[::ffff:127.0.0.1]:5003"),
+    );
+    let (sm, _) = ldual.accept().unwrap();
+    // Active close on both sides: the closer ends in TIME_WAIT.
+    let tw_client = TcpStream::connect("127.0.0.1:5000").unwrap();
+    let (tw_server, _) = l4.accept().unwrap();
+    drop(tw_client);
+    drop(tw_server);
+    // Half close: the closer waits in FIN_WAIT2 (a full socket, its peer in
+    // CLOSE_WAIT).
+    let fw_client = TcpStream::connect("[::1]:5001").unwrap();
+    let (fw_server, _) = l6.accept().unwrap();
+    fw_client.shutdown(std::net::Shutdown::Write).unwrap();
+    let us = UdpSocket::bind("127.0.0.1:5002").unwrap();
+    let uc = UdpSocket::bind("127.0.0.1:0").unwrap();
+    uc.connect("127.0.0.1:5002").unwrap();
+    let u6 = UdpSocket::bind("[::1]:0").unwrap();
+    u6.connect("[::1]:5004").unwrap();
+    keep.push(Box::new((l4, l6, ldual, c4, s4, c6, s6, cm, sm)));
+    keep.push(Box::new((fw_client, fw_server, us, uc, u6)));
+    keep
+}
+
+/// Waits until the dump shows the TIME_WAIT and FIN_WAIT2 sockets: the FINs
+/// travel through loopback's softirq after close() returns.
+fn settled(sd: &mut SockDiag) -> Vec<SocketObservation> {
+    let deadline = Instant::now() + patient(Duration::from_secs(5));
+    loop {
+        let d = sock_diag_dump(sd);
+        let has = |s| d.iter().any(|o| o.state == s);
+        if has(SockState::TimeWait) && has(SockState::FinWait2) && has(SockState::CloseWait) {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "sockets never settled: {d:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_same(iter: &[SocketObservation], sock_diag: &[SocketObservation]) {
+    if iter != sock_diag {
+        let only_iter: Vec<_> = iter.iter().filter(|o| !sock_diag.contains(o)).collect();
+        let only_sd: Vec<_> = sock_diag.iter().filter(|o| !iter.contains(o)).collect();
+        panic!("iterator and sock_diag disagree\nonly from the iterator: {only_iter:#?}\nonly from sock_diag: {only_sd:#?}");
+    }
+}
+
+#[test]
+fn privileged_iterator_dump_equals_sock_diag_dump() {
+    if !privileged() {
+        return;
+    }
+    Netns::new("it").enter(|| {
+        let _keep = open_sockets();
+        let mut sd = SockDiag::new().unwrap();
+        let mut it = SockIter::new().expect("loading the socket iterators");
+        assert_eq!(it.netns(), netns_inode());
+        // sock_diag first: on Linux < 5.12 only it gives accepted sockets a cookie.
+        let before = settled(&mut sd);
+        // 6 established ends, TIME_WAIT, FIN_WAIT2 + CLOSE_WAIT, 2 connected UDP.
+        assert_eq!(before.len(), 6 + 1 + 2 + 2, "{before:#?}");
+        let found = iter_dump(&mut it);
+        let after = sock_diag_dump(&mut sd);
+        assert_eq!(before, after, "the sockets changed during the test");
+        assert_same(&found, &after);
+        // Without tcp_info, as sock_diag without INET_DIAG_INFO.
+        sd.set_tcp_info(false);
+        it.set_tcp_info(false);
+        assert_same(&iter_dump(&mut it), &sock_diag_dump(&mut sd));
+        assert!(iter_dump(&mut it).iter().all(|o| o.tcp.is_none()));
+        // The uid-1234 socket, to be sure the uid is not everyone's 0.
+        assert!(found.iter().any(|o| o.uid == Some(1234)));
+        let st = it.stats();
+        assert_eq!(st.last_dump_sockets, found.len());
+        // 3 listeners in each of the 3 walks so far.
+        assert_eq!(st.parse.listeners, 3 * 3);
+    });
+}
+
+#[test]
+fn privileged_iterator_of_a_namespace_by_path_sees_only_that_namespace() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("ip");
+    let _keep = ns.enter(|| {
+        let keep = open_sockets();
+        let mut sd = SockDiag::new().unwrap();
+        settled(&mut sd);
+        keep
+    });
+    // From the host's namespace, which has sockets of its own (the test
+    // harness's, the lead's builds): none of them may appear.
+    let _host = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut sd = SockDiag::in_netns(ns.path()).unwrap();
+    let mut it = SockIter::in_netns(ns.path()).unwrap();
+    assert_eq!(it.netns(), ns.inode());
+    let expected = sock_diag_dump(&mut sd);
+    let found = iter_dump(&mut it);
+    assert_eq!(found.len(), 11);
+    assert!(found.iter().all(|o| o.netns == ns.inode()));
+    assert_same(&found, &expected);
+}
+
+#[test]
+fn privileged_full_dump_uses_the_iterator_or_falls_back_to_sock_diag() {
+    if !privileged() {
+        return;
+    }
+    Netns::new("fd").enter(|| {
+        let l = TcpListener::bind("127.0.0.1:5000").unwrap();
+        let c = TcpStream::connect("127.0.0.1:5000").unwrap();
+        let (s, _) = l.accept().unwrap();
+        let tracing_cookie = KernelFeatures::detect().has(Feature::TracingCookie);
+        let mut it = SockIter::new().unwrap();
+        let mut v = Vec::new();
+        match it.dump(&mut v) {
+            // Before Linux 5.12 the accepted socket has no cookie until sock_diag
+            // gives it one: the walk must fail, not leave it out.
+            Err(SockIterError::Record { .. }) if !tracing_cookie => {}
+            r => assert!(r.is_ok() && tracing_cookie, "{r:?}"),
+        }
+        let mut full = FullDump::open(DumpSourceSetting::Iterator).unwrap();
+        let mut parts = Vec::new();
+        full.dump_chunked(1, &mut |p| parts.append(p)).unwrap();
+        let expected = sorted(parts);
+        let mut sd = SockDiag::new().unwrap();
+        assert_same(&expected, &sock_diag_dump(&mut sd));
+        assert_eq!(expected.len(), 2);
+        let want = if tracing_cookie {
+            (DumpSource::Iterator, 0)
+        } else {
+            (DumpSource::SockDiag, 1)
+        };
+        assert_eq!((full.source(), full.fallbacks()), want);
+        // Now that sock_diag gave every socket a cookie, the iterator works on any
+        // kernel.
+        let mut parts = Vec::new();
+        full.dump_chunked(1, &mut |p| parts.append(p)).unwrap();
+        assert_eq!(full.source(), DumpSource::Iterator);
+        assert_same(&sorted(parts), &expected);
+        // auto: the iterator only where the kernel can give cookies from it.
+        let auto = FullDump::open(DumpSourceSetting::Auto).unwrap();
+        let want = if tracing_cookie {
+            DumpSource::Iterator
+        } else {
+            DumpSource::SockDiag
+        };
+        assert_eq!(auto.source(), want);
+        let forced = FullDump::open(DumpSourceSetting::SockDiag).unwrap();
+        assert_eq!(forced.source(), DumpSource::SockDiag);
+        drop((c, s));
+    });
+}
+
+/// The daemon's status once its first full dump is in.
+fn status_after_first_dump(d: &Daemon) -> serde_json::Value {
+    let deadline = Instant::now() + patient(Duration::from_secs(20));
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+        let st = v["status"].clone();
+        if st["dump_source"].as_str().is_some_and(|s| !s.is_empty()) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "no full dump: {st}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn privileged_daemon_adopts_sockets_from_the_iterator_dump_and_says_so() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("id");
+    // Opened before the daemon: only a full dump can find this connection.
+    let _conn = ns.enter(|| {
+        let l = TcpListener::bind("127.0.0.1:5000").unwrap();
+        let c = TcpStream::connect("127.0.0.1:5000").unwrap();
+        let (s, _) = l.accept().unwrap();
+        (l, c, s)
+    });
+    let d = Daemon::start_with(
+        &ns,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[marker]\ninterfaces = [\"lo\"]\n[discovery]\ndump_source = \"iterator\"\n",
+            dir.path().join("no-policies").display()
+        ),
+    );
+    let st = status_after_first_dump(&d);
+    assert!(
+        d.log().contains("full dumps: BPF socket iterator"),
+        "{}",
+        d.log()
+    );
+    // Before Linux 5.12 the first walk meets the accepted socket without a cookie
+    // and sock_diag makes that dump.
+    let want = if KernelFeatures::detect().has(Feature::TracingCookie) {
+        ("bpf_iterator", 0)
+    } else {
+        ("sock_diag", 1)
+    };
+    assert_eq!(
+        (
+            st["dump_source"].as_str().unwrap(),
+            st["dump_source_fallbacks"].as_u64().unwrap()
+        ),
+        want,
+        "{st}"
+    );
+    assert_eq!(st["flows_total"], 2, "{st}");
+    assert_eq!(st["dump_errors"], 0, "{st}");
+}
+
+#[test]
+fn privileged_walks_during_churn_list_every_socket_that_lived_throughout() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    if !privileged() {
+        return;
+    }
+    Netns::new("ch").enter(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stable: Vec<(TcpStream, TcpStream)> = (0..300)
+            .map(|_| {
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                (c, l.accept().unwrap().0)
+            })
+            .collect();
+        let want: std::collections::BTreeSet<u64> = stable
+            .iter()
+            .flat_map(|(c, s)| [cookie(c), cookie(s)])
+            .collect();
+        // Connections opened and closed while the walks run (the thread starts in
+        // this namespace: it inherits the creating thread's).
+        let stop = Arc::new(AtomicBool::new(false));
+        let churned = Arc::new(AtomicU64::new(0));
+        let churn = {
+            let (stop, churned) = (stop.clone(), churned.clone());
+            let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let c = TcpStream::connect(l2.local_addr().unwrap()).unwrap();
+                    let s = l2.accept().unwrap().0;
+                    drop((c, s));
+                    churned.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let mut full = FullDump::open(DumpSourceSetting::Iterator).unwrap();
+        for _ in 0..40 {
+            let mut got = std::collections::BTreeSet::new();
+            full.dump_chunked(64, &mut |part| {
+                got.extend(part.iter().map(|o| o.cookie));
+                part.clear();
+            })
+            .expect("a full dump during churn");
+            let missing: Vec<_> = want.difference(&got).collect();
+            assert!(
+                missing.is_empty(),
+                "{} stable sockets missing from a {:?} dump: {missing:?}",
+                missing.len(),
+                full.source()
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
+        assert!(churned.load(Ordering::Relaxed) > 100, "no churn happened");
+        if KernelFeatures::detect().has(Feature::TracingCookie) {
+            assert_eq!(full.fallbacks(), 0, "every walk succeeded on its own");
+        }
+    });
+}
