@@ -8,6 +8,7 @@ mod common;
 mod policy_common;
 
 use std::net::{Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use flowd::bpf::marker::types::{flowd_flow_key, flowd_flow_mark};
 use flowd::bpf::marker::MarkerSkel;
@@ -272,4 +273,78 @@ fn kernel_decided_marks_are_counted_until_userspace_indexes_them() {
     assert_eq!(m.index().unindexed(), 0);
     m.raw_delete(&f);
     assert_eq!(m.label_of(&frame(&f, 0x10)), synack, "now from the index");
+}
+
+/// The sequence count under load: one slot flips between flow X's mark and flow Y's
+/// (same bucket, written straight into the index; nothing in flowd_marks, so only
+/// the index can label) as fast as a thread can write it, while the program labels
+/// X's packets tens of millions of times: no X packet may carry Y's counter slot.
+/// Without the sequence check, 9 586 and 23 761 of them did in two runs.
+#[test]
+fn the_index_alone_never_lends_a_packet_another_flows_mark() {
+    if !common::privileged() {
+        return;
+    }
+    let m = std::sync::Arc::new(marker(false));
+    let x = flow(42000, 1094);
+    let ix = m.index();
+    let y = (42001..u16::MAX)
+        .map(|p| flow(p, 1094))
+        .find(|f| ix.bucket(&key(f)) == ix.bucket(&key(&x)))
+        .unwrap();
+    let mark = |slot: u32, tag: Tag| flowd_flow_mark {
+        label: tag.label(0),
+        experiment: tag.experiment,
+        activity: tag.activity,
+        counter_slot: slot,
+        ..Default::default()
+    };
+    let (mx, my) = (mark(1, TAG), mark(2, Tag::new(7, 9).unwrap()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (m, stop) = (m.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let ix = m.index();
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(ix.place(&key(&x), &mx));
+                assert!(ix.clear(&key(&x)));
+                assert!(ix.place(&key(&y), &my));
+                assert!(ix.clear(&key(&y)));
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let fr = frame(&x, 0x10);
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        let mut out = vec![0u8; fr.len() + 64];
+        m.skel
+            .progs
+            .flowd_mark
+            .test_run(ProgramInput {
+                data_in: Some(&fr),
+                data_out: Some(&mut out),
+                repeat: 10_000,
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = writer.join().unwrap();
+    let packets = |slot: u32| -> u64 {
+        m.skel
+            .maps
+            .flowd_tag_counters
+            .lookup_percpu(&slot.to_ne_bytes(), MapFlags::ANY)
+            .unwrap()
+            .unwrap()
+            .iter()
+            .map(|b| u64::from_ne_bytes(b[..8].try_into().unwrap()))
+            .sum()
+    };
+    assert!(flips > 1000, "only {flips} rewrites");
+    assert!(packets(1) > 0, "X never found in the index");
+    assert_eq!(packets(2), 0, "an X packet got Y's mark ({flips} rewrites)");
 }
