@@ -122,8 +122,8 @@ impl FlowIndex {
         for b in 0..=ix.mask {
             for w in 0..WAYS {
                 let slot = ix.slot(b, w);
-                if Self::seq(slot).load(Ordering::Relaxed) & 1 == 1 {
-                    Self::seq(slot).fetch_add(1, Ordering::Relaxed);
+                if ix.seq(slot).load(Ordering::Relaxed) & 1 == 1 {
+                    ix.seq(slot).fetch_add(1, Ordering::Relaxed);
                     ix.free(slot);
                 }
             }
@@ -147,9 +147,10 @@ impl FlowIndex {
         unsafe { std::ptr::addr_of_mut!((*b.add(bucket as usize)).way[way as usize]) }
     }
 
-    fn seq(slot: *mut flowd_index_slot) -> &'static AtomicU32 {
+    /// The sequence count of `slot`, a slot of this index's mapping.
+    fn seq(&self, slot: *mut flowd_index_slot) -> &AtomicU32 {
         // SAFETY: seq is a 4-byte aligned u32 at the start of a slot of the mapping,
-        // which outlives every use (the reference never leaves this module's calls).
+        // which lives as long as self.
         unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*slot).seq)) }
     }
 
@@ -225,7 +226,7 @@ impl FlowIndex {
     /// even (and two higher) after its last. Counts are only stored when the slot
     /// changes flows: a rewrite of the same flow leaves the program's adds alone.
     fn rewrite(&self, slot: *mut flowd_index_slot, f: impl FnOnce(*mut flowd_index_slot)) {
-        let seq = Self::seq(slot);
+        let seq = self.seq(slot);
         let s = seq.load(Ordering::Relaxed);
         seq.store(s.wrapping_add(1), Ordering::Relaxed);
         // The odd count is visible before any of the stores of `f`.
@@ -236,7 +237,7 @@ impl FlowIndex {
 
     /// A consistent copy of `slot` (retried while it is being rewritten).
     fn read(&self, slot: *mut flowd_index_slot) -> flowd_index_slot {
-        let seq = Self::seq(slot);
+        let seq = self.seq(slot);
         loop {
             let before = seq.load(Ordering::Acquire);
             // SAFETY: a slot of the mapping.
