@@ -101,6 +101,24 @@ static __always_inline void count(__u32 outcome)
 #include "options.bpf.h"
 #include "sk_cache.bpf.h"
 
+/* Whether `copy`, read through a flowd_marks lookup of `key`, is still the mark
+ * of `key`. A hash map reuses a deleted element at once: between the lookup and
+ * the copy, the flow may have been removed and another flow's mark written into
+ * the same memory (tests/marker_flow_index.rs measured 1-2 such packets in tens
+ * of millions under constant rewrites). Looking the key up again after the copy
+ * finds it gone, or a mark that differs, unless the copy was right. Only with the
+ * flow index, which leaves this path to the few marks it lacks; alone, the hash
+ * map keeps its one lookup. Compared by content (the fields a packet carries):
+ * comparing pointers needs CAP_PERFMON. */
+static __always_inline bool hash_mark_still_current(const struct flowd_flow_key *key,
+						   const struct flowd_flow_mark *copy)
+{
+	const __u64 *now = bpf_map_lookup_elem(&flowd_marks, key);
+	const __u64 *was = (const __u64 *)copy;
+
+	return now && now[0] == was[0] && (__u32)now[1] == (__u32)was[1];
+}
+
 SEC("tc")
 int flowd_mark(struct __sk_buff *skb)
 {
@@ -242,6 +260,10 @@ int flowd_mark(struct __sk_buff *skb)
 	/* Copy: the entry may be deleted (and its memory reused) while we work. */
 	struct flowd_flow_mark mark = *m;
 
+	if (ir != INDEX_HIT && flowd_index_on && !hash_mark_still_current(&key, &mark)) {
+		count(FLOWD_OUT_UNMARKED);
+		return TC_ACT_OK;
+	}
 	return mark_packet(skb, &p, &mark);
 }
 

@@ -275,6 +275,76 @@ fn kernel_decided_marks_are_counted_until_userspace_indexes_them() {
     assert_eq!(m.label_of(&frame(&f, 0x10)), synack, "now from the index");
 }
 
+/// Through the maps as the daemon writes them: X (tag 2/4) and Y (another tag),
+/// same bucket, inserted and removed in turn as fast as a thread can, while the
+/// program labels X's packets tens of millions of times; Y's per-tag counter must
+/// stay zero. The reads that meet a write in progress go to flowd_marks, whose
+/// elements are reused at once: before the second lookup after the copy
+/// (hash_mark_still_current), 1-2 X packets per run carried Y's mark.
+#[test]
+fn a_slot_rewritten_under_load_never_lends_a_packet_another_flows_mark() {
+    if !common::privileged() {
+        return;
+    }
+    let m = std::sync::Arc::new(marker(false));
+    let x = flow(41000, 1094);
+    let ix = m.index();
+    let y = (41001..u16::MAX)
+        .map(|p| flow(p, 1094))
+        .find(|f| ix.bucket(&key(f)) == ix.bucket(&key(&x)))
+        .unwrap();
+    let other = Tag::new(7, 9).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (m, stop) = (m.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                m.maps.insert(&x, TAG, 1).unwrap();
+                m.maps.remove(&x).unwrap();
+                m.maps.insert(&y, other, 2).unwrap();
+                m.maps.remove(&y).unwrap();
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let fr = frame(&x, 0x10);
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    let mut runs = 0u64;
+    while std::time::Instant::now() < end {
+        let mut out = vec![0u8; fr.len() + 64];
+        m.skel
+            .progs
+            .flowd_mark
+            .test_run(ProgramInput {
+                data_in: Some(&fr),
+                data_out: Some(&mut out),
+                repeat: 10_000,
+                ..Default::default()
+            })
+            .unwrap();
+        runs += 10_000;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = writer.join().unwrap();
+    let per_tag = m.maps.counters().unwrap().per_tag;
+    let count = |t: Tag| {
+        per_tag
+            .iter()
+            .find(|c| (c.experiment, c.activity) == (t.experiment, t.activity))
+            .map_or(0, |c| c.packets)
+    };
+    assert!(flips > 1000, "only {flips} rewrites");
+    assert!(count(TAG) > 0, "X was never found in {runs} runs");
+    assert_eq!(
+        count(other),
+        0,
+        "an X packet got Y's mark ({flips} rewrites, {runs} runs)"
+    );
+    assert_eq!(m.index().unindexed(), 0);
+}
+
 /// The sequence count under load: one slot flips between flow X's mark and flow Y's
 /// (same bucket, written straight into the index; nothing in flowd_marks, so only
 /// the index can label) as fast as a thread can write it, while the program labels
