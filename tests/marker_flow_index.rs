@@ -275,41 +275,36 @@ fn kernel_decided_marks_are_counted_until_userspace_indexes_them() {
     assert_eq!(m.label_of(&frame(&f, 0x10)), synack, "now from the index");
 }
 
-/// Through the maps as the daemon writes them: X (tag 2/4) and Y (another tag),
-/// same bucket, inserted and removed in turn as fast as a thread can, while the
-/// program labels X's packets tens of millions of times; Y's per-tag counter must
-/// stay zero. The reads that meet a write in progress go to flowd_marks, whose
-/// elements are reused at once: before the second lookup after the copy
-/// (hash_mark_still_current), 1-2 X packets per run carried Y's mark.
-#[test]
-fn a_slot_rewritten_under_load_never_lends_a_packet_another_flows_mark() {
-    if !common::privileged() {
-        return;
-    }
-    let m = std::sync::Arc::new(marker(false));
-    let x = flow(41000, 1094);
+/// A flow of the same bucket as `x`, from port `from` up.
+fn same_bucket(m: &Marker, x: &FlowKey, from: u16) -> FlowKey {
     let ix = m.index();
-    let y = (41001..u16::MAX)
+    (from..u16::MAX)
         .map(|p| flow(p, 1094))
-        .find(|f| ix.bucket(&key(f)) == ix.bucket(&key(&x)))
-        .unwrap();
-    let other = Tag::new(7, 9).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        .find(|f| ix.bucket(&key(f)) == ix.bucket(&key(x)))
+        .unwrap()
+}
+
+/// Runs `flip` in a loop on another thread while the program labels `x`'s packets
+/// for 3 s (10 000 per BPF_PROG_TEST_RUN); returns the flips and the packets.
+fn flip_while_labelling(
+    m: &std::sync::Arc<Marker>,
+    x: &FlowKey,
+    flip: impl Fn(&Marker) + Send + 'static,
+) -> (u64, u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
     let writer = {
         let (m, stop) = (m.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut flips = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                m.maps.insert(&x, TAG, 1).unwrap();
-                m.maps.remove(&x).unwrap();
-                m.maps.insert(&y, other, 2).unwrap();
-                m.maps.remove(&y).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                flip(&m);
                 flips += 1;
             }
             flips
         })
     };
-    let fr = frame(&x, 0x10);
+    let fr = frame(x, 0x10);
     let end = std::time::Instant::now() + Duration::from_secs(3);
     let mut runs = 0u64;
     while std::time::Instant::now() < end {
@@ -326,8 +321,31 @@ fn a_slot_rewritten_under_load_never_lends_a_packet_another_flows_mark() {
             .unwrap();
         runs += 10_000;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let flips = writer.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    (writer.join().unwrap(), runs)
+}
+
+/// Through the maps as the daemon writes them: X (tag 2/4) and Y (another tag),
+/// same bucket, inserted and removed in turn as fast as a thread can, while the
+/// program labels X's packets tens of millions of times; Y's per-tag counter must
+/// stay zero. The reads that meet a write in progress go to flowd_marks, whose
+/// elements are reused at once: before the second lookup after the copy
+/// (hash_mark_still_current), 2-3 X packets per run carried Y's mark.
+#[test]
+fn a_slot_rewritten_under_load_never_lends_a_packet_another_flows_mark() {
+    if !common::privileged() {
+        return;
+    }
+    let m = std::sync::Arc::new(marker(false));
+    let x = flow(41000, 1094);
+    let y = same_bucket(&m, &x, 41001);
+    let other = Tag::new(7, 9).unwrap();
+    let (flips, runs) = flip_while_labelling(&m, &x, move |m| {
+        m.maps.insert(&x, TAG, 1).unwrap();
+        m.maps.remove(&x).unwrap();
+        m.maps.insert(&y, other, 2).unwrap();
+        m.maps.remove(&y).unwrap();
+    });
     let per_tag = m.maps.counters().unwrap().per_tag;
     let count = |t: Tag| {
         per_tag
@@ -357,11 +375,7 @@ fn the_index_alone_never_lends_a_packet_another_flows_mark() {
     }
     let m = std::sync::Arc::new(marker(false));
     let x = flow(42000, 1094);
-    let ix = m.index();
-    let y = (42001..u16::MAX)
-        .map(|p| flow(p, 1094))
-        .find(|f| ix.bucket(&key(f)) == ix.bucket(&key(&x)))
-        .unwrap();
+    let y = same_bucket(&m, &x, 42001);
     let mark = |slot: u32, tag: Tag| flowd_flow_mark {
         label: tag.label(0),
         experiment: tag.experiment,
@@ -370,39 +384,13 @@ fn the_index_alone_never_lends_a_packet_another_flows_mark() {
         ..Default::default()
     };
     let (mx, my) = (mark(1, TAG), mark(2, Tag::new(7, 9).unwrap()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (m, stop) = (m.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let ix = m.index();
-            let mut flips = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                assert!(ix.place(&key(&x), &mx));
-                assert!(ix.clear(&key(&x)));
-                assert!(ix.place(&key(&y), &my));
-                assert!(ix.clear(&key(&y)));
-                flips += 1;
-            }
-            flips
-        })
-    };
-    let fr = frame(&x, 0x10);
-    let end = std::time::Instant::now() + Duration::from_secs(3);
-    while std::time::Instant::now() < end {
-        let mut out = vec![0u8; fr.len() + 64];
-        m.skel
-            .progs
-            .flowd_mark
-            .test_run(ProgramInput {
-                data_in: Some(&fr),
-                data_out: Some(&mut out),
-                repeat: 10_000,
-                ..Default::default()
-            })
-            .unwrap();
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let flips = writer.join().unwrap();
+    let (flips, _) = flip_while_labelling(&m, &x, move |m| {
+        let ix = m.index();
+        assert!(ix.place(&key(&x), &mx));
+        assert!(ix.clear(&key(&x)));
+        assert!(ix.place(&key(&y), &my));
+        assert!(ix.clear(&key(&y)));
+    });
     let packets = |slot: u32| -> u64 {
         m.skel
             .maps

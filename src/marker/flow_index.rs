@@ -16,8 +16,7 @@
 //! change. A lost race can only leave the count high (lookups then double-check in
 //! `flowd_marks`), never low.
 
-use std::os::fd::AsFd;
-use std::ptr::{addr_of_mut, NonNull};
+use std::ptr::addr_of_mut;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -29,6 +28,7 @@ use crate::bpf::marker::types::{
     flowd_index_slot,
 };
 use crate::marker::maps::as_bytes;
+use crate::marker::mmap::Mapping;
 
 /// Slots per bucket (FLOWD_INDEX_WAYS in bpf/flowd.h).
 pub const WAYS: u32 = flowd_index_limits::FLOWD_INDEX_WAYS.0;
@@ -318,50 +318,6 @@ impl FlowIndex {
 /// `p` points into a live mapping, suitably aligned for `T`.
 unsafe fn put<T>(p: *mut T, v: T) {
     std::ptr::write_volatile(p, v);
-}
-
-/// A shared mapping of an mmapable BPF array, unmapped on drop.
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// The mapping is reached through volatile and atomic accesses only, by one writer.
-unsafe impl Send for Mapping {}
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn map(h: &MapHandle, bytes: usize) -> Result<Mapping> {
-        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
-        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .unwrap_or(4096) as usize;
-        let len = bytes.div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of the map's data; nothing else in this
-        // process aliases it, and it is unmapped only in Drop.
-        let ptr = unsafe {
-            mmap(
-                None,
-                std::num::NonZeroUsize::new(len).context("empty map")?,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                h.as_fd(),
-                0,
-            )
-        }?;
-        Ok(Mapping {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `map` with this length, unmapped once.
-        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
-    }
 }
 
 // SAFETY: see marker::maps (generated repr(C) integer structs, no padding; the

@@ -8,6 +8,7 @@ pub mod attach;
 pub mod compiled;
 pub mod flow_index;
 pub mod maps;
+pub mod mmap;
 pub mod netif;
 pub mod pin;
 pub mod sk_cache;

@@ -10,7 +10,6 @@
 
 use std::io::Read;
 use std::os::fd::AsFd;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -18,6 +17,7 @@ use anyhow::{Context, Result};
 use libbpf_rs::{Link, MapHandle};
 
 use crate::bpf::marker::types::flowd_sk_cache;
+use crate::marker::mmap::Mapping;
 
 // SAFETY: generated from bpf/flowd.h, where every field is explicit (no padding);
 // the layout test below pins it.
@@ -70,51 +70,20 @@ impl SocketCache {
 
 /// `flowd_cache_gen[0]`, mapped into our memory (the map is BPF_F_MMAPABLE): a bump
 /// is one atomic add, not a syscall, so it can follow every map change.
-struct MappedGeneration {
-    ptr: NonNull<AtomicU32>,
-    len: usize,
-}
-
-// The mapping is only reached through the atomic.
-unsafe impl Send for MappedGeneration {}
-unsafe impl Sync for MappedGeneration {}
+struct MappedGeneration(Mapping);
 
 impl MappedGeneration {
     fn map(h: &MapHandle) -> Result<MappedGeneration> {
-        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
-        let len = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .unwrap_or(4096) as usize;
-        // SAFETY: a fresh shared mapping of the map's one page; nothing else in this
-        // process aliases it, and it is unmapped only in Drop.
-        let ptr = unsafe {
-            mmap(
-                None,
-                std::num::NonZeroUsize::new(len).unwrap(),
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                h.as_fd(),
-                0,
-            )
-        }
-        .context("mapping flowd_cache_gen")?;
-        Ok(MappedGeneration {
-            ptr: ptr.cast(),
-            len,
-        })
+        Ok(MappedGeneration(
+            Mapping::map(h, std::mem::size_of::<u32>()).context("mapping flowd_cache_gen")?,
+        ))
     }
 
     fn bump(&self) {
-        // SAFETY: the mapping lives as long as self; the page is 4-byte aligned.
-        unsafe { self.ptr.as_ref() }.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Drop for MappedGeneration {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `map` with this length, unmapped once.
-        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+        // SAFETY: a 4-byte aligned u32 at the start of the mapping, which lives as
+        // long as self; the program only reads it.
+        unsafe { AtomicU32::from_ptr(self.0.ptr.cast::<u32>().as_ptr()) }
+            .fetch_add(1, Ordering::SeqCst);
     }
 }
 
