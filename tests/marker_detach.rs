@@ -18,15 +18,7 @@ fn egress_filters(ns: &Netns) -> String {
 
 /// Programs on the interface: TCX egress (asked of the kernel) and clsact egress.
 fn bpf_on_iface(ns: &Netns) -> String {
-    let ifindex: u32 = ns
-        .sh(&format!("cat /sys/class/net/{IF_A}/ifindex"))
-        .trim()
-        .parse()
-        .unwrap();
-    let tcx = ns
-        .run(move || flowd::marker::attach::tcx_egress_programs(ifindex).unwrap())
-        .join()
-        .unwrap();
+    let tcx = ns.tcx_egress(IF_A);
     format!("tcx: {tcx:?}\nclsact: {}", egress_filters(ns))
 }
 

@@ -463,11 +463,7 @@ fn packet_too_big_for_the_header_is_sent_unmarked_not_dropped() {
     // a dummy link with MTU 1280 in a namespace of our own.
     let ns = common::Netns::new("mtu");
     ns.sh("ip link add fmtu mtu 1280 type veth peer name fmtup && ip link set fmtu up");
-    let ifindex: i32 = ns
-        .sh("cat /sys/class/net/fmtu/ifindex")
-        .trim()
-        .parse()
-        .unwrap();
+    let ifindex = ns.ifindex("fmtu");
     let m = std::sync::Arc::new(marker("label+hop-by-hop"));
     m.maps.insert(&flow(Protocol::Tcp), TAG, 0).unwrap();
     let m2 = m.clone();
@@ -479,7 +475,7 @@ fn packet_too_big_for_the_header_is_sent_unmarked_not_dropped() {
             type SkBuff = flowd::bpf::marker::types::__sk_buff;
             let mut ctx = vec![0u8; std::mem::size_of::<SkBuff>()];
             let at = std::mem::offset_of!(SkBuff, ifindex);
-            ctx[at..at + 4].copy_from_slice(&(ifindex as u32).to_ne_bytes());
+            ctx[at..at + 4].copy_from_slice(&ifindex.to_ne_bytes());
             let ctx_bytes = |c: &mut Vec<u8>| c.clone();
             // IPv6 packet of 1272 bytes: +8 = 1280, fits. 1273: does not.
             let fits = frame(&[], 6, 0, 1272 - 60);

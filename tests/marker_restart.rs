@@ -43,15 +43,7 @@ const FLOW: LiveFlow = LiveFlow {
 
 /// Our programs on IF_A: TCX egress and clsact egress, and A's qdiscs.
 fn on_iface(ns: &Netns) -> String {
-    let ifindex: u32 = ns
-        .sh(&format!("cat /sys/class/net/{IF_A}/ifindex"))
-        .trim()
-        .parse()
-        .unwrap();
-    let tcx = ns
-        .run(move || flowd::marker::attach::tcx_egress_programs(ifindex).unwrap())
-        .join()
-        .unwrap();
+    let tcx = ns.tcx_egress(IF_A);
     format!(
         "tcx: {tcx:?}\nclsact: {}\nqdiscs: {}",
         ns.sh(&format!("tc filter show dev {IF_A} egress")),

@@ -140,6 +140,22 @@ impl Netns {
     pub fn sh(&self, cmd: &str) -> String {
         sh(&format!("ip netns exec {} sh -c '{cmd}'", self.name))
     }
+
+    /// The index of interface `ifname` in the namespace.
+    pub fn ifindex(&self, ifname: &str) -> u32 {
+        self.sh(&format!("cat /sys/class/net/{ifname}/ifindex"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The programs attached to `ifname`'s TCX egress, as the kernel lists them.
+    pub fn tcx_egress(&self, ifname: &str) -> Vec<String> {
+        let ifindex = self.ifindex(ifname);
+        self.run(move || flowd::marker::attach::tcx_egress_programs(ifindex).unwrap())
+            .join()
+            .unwrap()
+    }
 }
 
 impl Drop for Netns {
