@@ -100,6 +100,26 @@ pub struct PollerStats {
     pub last_dump_sockets: usize,
 }
 
+impl PollerStats {
+    /// A dump begins: counted, and the last dump's figures start from zero.
+    pub fn dump_started(&mut self) {
+        self.dumps += 1;
+        self.last_dump_io = Duration::ZERO;
+        self.last_dump_bytes = 0;
+        self.last_dump_recvs = 0;
+        self.last_dump_sockets = 0;
+    }
+
+    /// The dump begun at `started` ended: its duration if complete, else an error.
+    pub fn dump_ended(&mut self, started: Instant, complete: bool) {
+        if complete {
+            self.last_dump_duration = started.elapsed();
+        } else {
+            self.dump_errors += 1;
+        }
+    }
+}
+
 /// Owns one `NETLINK_SOCK_DIAG` socket and the buffers reused across dumps.
 pub struct SockDiag {
     socket: Option<Socket>,
@@ -194,21 +214,16 @@ impl SockDiag {
         self.listeners.clear();
         self.pending_tcp.clear();
         self.pending_udp.clear();
-        self.stats.dumps += 1;
-        self.stats.last_dump_io = Duration::ZERO;
-        self.stats.last_dump_bytes = 0;
-        self.stats.last_dump_recvs = 0;
-        self.stats.last_dump_sockets = 0;
+        self.stats.dump_started();
         let result = self.dump_all(chunk.max(1), emit);
+        self.stats.dump_ended(started, result.is_ok());
         if let Err(e) = &result {
-            self.stats.dump_errors += 1;
             // Replies of the aborted dump may still be queued; a fresh socket is
             // simpler than draining (sequence numbers also filter them).
             self.socket = None;
             tracing::warn!(netns = self.netns, error = %e, "sock_diag dump failed");
             return result;
         }
-        self.stats.last_dump_duration = started.elapsed();
         tracing::debug!(
             netns = self.netns,
             sockets = self.stats.last_dump_sockets,

@@ -22,7 +22,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, OpenObject};
@@ -204,18 +204,13 @@ impl SockIter {
         self.pending_tcp4.clear();
         self.pending_tcp6.clear();
         self.pending_udp.clear();
-        self.stats.dumps += 1;
-        self.stats.last_dump_io = Duration::ZERO;
-        self.stats.last_dump_bytes = 0;
-        self.stats.last_dump_recvs = 0;
-        self.stats.last_dump_sockets = 0;
+        self.stats.dump_started();
         let result = self.dump_all(chunk.max(1), emit);
+        self.stats.dump_ended(started, result.is_ok());
         if let Err(e) = &result {
-            self.stats.dump_errors += 1;
             tracing::debug!(netns = self.netns, error = %e, "socket iterator dump failed");
             return result;
         }
-        self.stats.last_dump_duration = started.elapsed();
         tracing::debug!(
             netns = self.netns,
             sockets = self.stats.last_dump_sockets,
