@@ -103,15 +103,7 @@ fn foreign(churn: &Netns, ours: &Netns, n: usize, in_kernel: bool) {
             )
         })
     };
-    churn.enter(move || {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let to = l.local_addr().unwrap();
-        for _ in 0..n {
-            let c = TcpStream::connect(to).unwrap();
-            let (a, _) = l.accept().unwrap();
-            drop((c, a));
-        }
-    });
+    common::tracker::burst(churn, n);
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
     let (records, kept, drops, cpu) = poller.join().expect("poller thread");

@@ -152,18 +152,6 @@ fn privileged_uid_and_pid_of_a_client_running_as_nobody() {
     assert_eq!(o.uid, Some(0));
 }
 
-fn burst(ns: &Netns, n: usize) {
-    ns.enter(move || {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let to = l.local_addr().unwrap();
-        for _ in 0..n {
-            let c = TcpStream::connect(to).unwrap();
-            let (a, _) = l.accept().unwrap();
-            drop((c, a));
-        }
-    });
-}
-
 #[test]
 fn privileged_ring_buffer_overflow_counts_drops_without_panic() {
     if !privileged() {

@@ -242,3 +242,17 @@ pub fn graceful(c: TcpStream, a: TcpStream) {
     std::thread::sleep(Duration::from_millis(20));
     drop(a);
 }
+
+/// `n` loopback TCP connections in `ns`, each connected, accepted and closed in
+/// turn (about a dozen tracker events apiece).
+pub fn burst(ns: &Netns, n: usize) {
+    ns.enter(move || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = l.local_addr().unwrap();
+        for _ in 0..n {
+            let c = TcpStream::connect(to).unwrap();
+            let (a, _) = l.accept().unwrap();
+            drop((c, a));
+        }
+    });
+}
