@@ -154,15 +154,24 @@ impl FlowIndex {
         unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*slot).seq)) }
     }
 
+    /// The ways of `key`'s bucket.
+    fn ways(&self, key: &flowd_flow_key) -> [*mut flowd_index_slot; WAYS as usize] {
+        let b = bucket_of(&self.seeds, key, self.mask);
+        std::array::from_fn(|w| self.slot(b, w as u32))
+    }
+
+    /// The key `slot` holds (family 0: free).
+    fn key_at(slot: *mut flowd_index_slot) -> flowd_flow_key {
+        // SAFETY: a slot of the mapping; only this writer changes keys, and callers
+        // hold the writer lock or accept a stale answer.
+        unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*slot).key)) }
+    }
+
     /// The way of `key`'s bucket that holds it.
     fn find(&self, key: &flowd_flow_key) -> Option<*mut flowd_index_slot> {
-        let b = bucket_of(&self.seeds, key, self.mask);
-        (0..WAYS).map(|w| self.slot(b, w)).find(|&s| {
-            // SAFETY: a slot of the mapping; only this writer changes keys, and
-            // callers hold the writer lock or accept a stale answer.
-            as_bytes(&unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*s).key)) })
-                == as_bytes(key)
-        })
+        self.ways(key)
+            .into_iter()
+            .find(|&s| as_bytes(&Self::key_at(s)) == as_bytes(key))
     }
 
     pub fn contains(&self, key: &flowd_flow_key) -> bool {
@@ -173,20 +182,15 @@ impl FlowIndex {
     /// free one (counts from zero). False when every way holds another flow.
     pub fn place(&self, key: &flowd_flow_key, mark: &flowd_flow_mark) -> bool {
         let _w = self.writer.lock().unwrap();
-        let (slot, same) = match self.find(key) {
-            Some(s) => (s, true),
-            None => {
-                let b = bucket_of(&self.seeds, key, self.mask);
-                // SAFETY: as in `find`.
-                match (0..WAYS)
-                    .map(|w| self.slot(b, w))
-                    .find(|&s| unsafe { std::ptr::read_volatile(&(*s).key.family) } == 0)
-                {
-                    Some(s) => (s, false),
-                    None => return false,
-                }
-            }
+        let ways = self.ways(key);
+        let same = ways
+            .into_iter()
+            .find(|&s| as_bytes(&Self::key_at(s)) == as_bytes(key));
+        let Some(slot) = same.or_else(|| ways.into_iter().find(|&s| Self::key_at(s).family == 0))
+        else {
+            return false;
         };
+        let same = same.is_some();
         // SAFETY (the closures): field pointers into a slot of the mapping.
         self.rewrite(slot, |s| unsafe {
             if !same {

@@ -222,35 +222,44 @@ impl MarkMaps {
         let key = bpf_key(flow).ok_or_else(|| MapError::NotIpv6(flow_text(flow)))?;
         let value = self.mark_value(tag, entropy)?;
         self.index_write_begins(&key);
-        let r = self
+        let e = match self
             .marks
-            .update(as_bytes(&key), as_bytes(&value), MapFlags::NO_EXIST);
-        if r.is_ok() {
-            self.index_write_ends(&key, &value);
-            self.changed();
-            return Ok(None);
-        }
-        self.index_write_undone(&key);
-        match r {
-            Ok(()) => unreachable!(),
-            Err(e) if e.kind() == libbpf_rs::ErrorKind::AlreadyExists => {
-                match self.get(flow)? {
-                    Some(m) => {
-                        self.index_existing(&key, &m);
-                        Ok(Some(ExistingMark::of(&m)))
-                    }
-                    // Deleted meanwhile: write ours.
-                    None => self.insert(flow, tag, entropy).map(|()| None),
-                }
+            .update(as_bytes(&key), as_bytes(&value), MapFlags::NO_EXIST)
+        {
+            Ok(()) => {
+                self.index_write_ends(&key, &value);
+                self.changed();
+                return Ok(None);
             }
-            Err(e) if e.kind() == libbpf_rs::ErrorKind::TooBig => Err(MapError::Full {
+            Err(e) => e,
+        };
+        self.index_write_undone(&key);
+        if e.kind() != libbpf_rs::ErrorKind::AlreadyExists {
+            return Err(self.write_error(flow, e));
+        }
+        match self.get(flow)? {
+            Some(m) => {
+                self.index_existing(&key, &m);
+                Ok(Some(ExistingMark::of(&m)))
+            }
+            // Deleted meanwhile: write ours.
+            None => self.insert(flow, tag, entropy).map(|()| None),
+        }
+    }
+
+    /// A refused write of `flow`'s mark: a hash map at max_entries refuses new keys
+    /// with E2BIG.
+    fn write_error(&self, flow: &FlowKey, e: libbpf_rs::Error) -> MapError {
+        if e.kind() == libbpf_rs::ErrorKind::TooBig {
+            MapError::Full {
                 capacity: self.capacity,
                 flow: flow_text(flow),
-            }),
-            Err(e) => Err(MapError::Bpf {
+            }
+        } else {
+            MapError::Bpf {
                 map: "flowd_marks",
                 source: e,
-            }),
+            }
         }
     }
 
@@ -323,32 +332,22 @@ impl MarkMaps {
         if !counted {
             self.index_write_begins(&key);
         }
-        let r = self
+        match self
             .marks
             .update(as_bytes(&key), as_bytes(&value), MapFlags::ANY)
-            .map_err(|e| {
-                // A hash map at max_entries refuses new keys with E2BIG.
-                if e.kind() == libbpf_rs::ErrorKind::TooBig {
-                    MapError::Full {
-                        capacity: self.capacity,
-                        flow: flow_text(flow),
-                    }
-                } else {
-                    MapError::Bpf {
-                        map: "flowd_marks",
-                        source: e,
-                    }
+        {
+            Ok(()) => {
+                self.index_write_ends(&key, &value);
+                self.changed();
+                Ok(())
+            }
+            Err(e) => {
+                if !counted {
+                    self.index_write_undone(&key);
                 }
-            });
-        match &r {
-            Ok(()) => self.index_write_ends(&key, &value),
-            Err(_) if !counted => self.index_write_undone(&key),
-            Err(_) => {}
+                Err(self.write_error(flow, e))
+            }
         }
-        if r.is_ok() {
-            self.changed();
-        }
-        r
     }
 
     /// Removes the mark of `flow`; `Ok(false)` if it had none.
