@@ -451,6 +451,26 @@ struct flowd_sock_record {
 
 _Static_assert(sizeof(struct flowd_sock_record) == 112, "flowd_sock_record size");
 
+/*
+ * The verify walk (sockiter.bpf.c, src/discovery/walk_digest.rs): instead of a
+ * record per socket, the iterators fold each connection into one 64-bit digest
+ * and add it to one of FLOWD_DIGEST_PARTS partitions (count and sum). The daemon
+ * folds its flow table the same way: equal partitions mean the table already
+ * holds what the kernel has. Which sockets count: full TCP sockets in the states
+ * of FLOWD_DIGEST_TCP_STATES (a bit per state) and connected UDP sockets.
+ */
+enum flowd_digest_limits {
+	FLOWD_DIGEST_PARTS = 256,
+	/* ESTABLISHED, SYN_SENT, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING */
+	FLOWD_DIGEST_TCP_STATES = 0xb36,
+	FLOWD_DIGEST_UDP_STATES = 0x2,
+};
+
+struct flowd_digest_part {
+	__u64 count;
+	__u64 sum;
+};
+
 /* Not used by the programs: each object defines one global of this type so that
  * libbpf-cargo emits every enum above into its skeleton's `types`. */
 struct flowd_contract {
@@ -463,6 +483,7 @@ struct flowd_contract {
 	enum flowd_event_kind event_kind;
 	enum flowd_event_flag event_flag;
 	enum flowd_index_limits index_limits;
+	enum flowd_digest_limits digest_limits;
 };
 
 #endif /* FLOWD_H */

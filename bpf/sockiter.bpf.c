@@ -32,6 +32,13 @@ const volatile __u32 flowd_tracing_cookie = 1;
  * needs, so a walk that does not want them skips them. */
 __u32 flowd_tcp_info = 1;
 
+/* Set by userspace between walks (SockIter::verify): 1 makes a walk fold each
+ * connection into flowd_digest instead of writing records. The seed is drawn
+ * once per daemon, so a local user cannot aim sockets at one digest. */
+__u32 flowd_walk_digest = 0;
+__u64 flowd_digest_seed = 0;
+struct flowd_digest_part flowd_digest[FLOWD_DIGEST_PARTS] = {};
+
 /* Not used by the programs: make libbpf-cargo emit the record and its flags into
  * the skeleton's types. */
 struct flowd_sock_record flowd_sock_record_layout = {};
@@ -127,6 +134,61 @@ static __always_inline void read_common(struct flowd_sock_record *r, struct sock
 	}
 }
 
+#define FLOWD_DIGEST_K 0x9E3779B97F4A7C15ULL
+
+static __always_inline __u64 digest_mix(__u64 h, __u64 w)
+{
+	h = (h ^ w) * FLOWD_DIGEST_K;
+	return h ^ (h >> 32);
+}
+
+/*
+ * walk_digest::socket_digest() in Rust, word for word: the cookie, then
+ * protocol | state << 8 | local port << 16 | remote port << 32, then the local
+ * and remote addresses as 16 bytes (IPv4 as ::ffff:a.b.c.d), two native-order
+ * words each. The partition comes from the cookie alone, so the daemon can name
+ * the partition of a socket it only knows by cookie.
+ */
+static __always_inline void digest_socket(struct sock_common *skc, __u8 protocol, __u8 state,
+					  __u32 states)
+{
+	__u64 seed = flowd_digest_seed, cookie, h, l0, l1, r0, r1;
+	struct flowd_digest_part *p;
+	__u32 part;
+
+	if (state > 31 || !(states & (1u << state)))
+		return;
+	cookie = flowd_tracing_cookie ? bpf_get_socket_cookie(skc) : skc->skc_cookie.counter;
+	if (skc->skc_family == FLOWD_AF_INET6) {
+		l0 = (__u64)skc->skc_v6_rcv_saddr.in6_u.u6_addr32[1] << 32 |
+		     skc->skc_v6_rcv_saddr.in6_u.u6_addr32[0];
+		l1 = (__u64)skc->skc_v6_rcv_saddr.in6_u.u6_addr32[3] << 32 |
+		     skc->skc_v6_rcv_saddr.in6_u.u6_addr32[2];
+		r0 = (__u64)skc->skc_v6_daddr.in6_u.u6_addr32[1] << 32 |
+		     skc->skc_v6_daddr.in6_u.u6_addr32[0];
+		r1 = (__u64)skc->skc_v6_daddr.in6_u.u6_addr32[3] << 32 |
+		     skc->skc_v6_daddr.in6_u.u6_addr32[2];
+	} else {
+		l0 = 0;
+		r0 = 0;
+		l1 = 0xffff0000ULL | (__u64)skc->skc_rcv_saddr << 32;
+		r1 = 0xffff0000ULL | (__u64)skc->skc_daddr << 32;
+	}
+	h = digest_mix(seed, cookie);
+	h = digest_mix(h, protocol | (__u64)state << 8 | (__u64)skc->skc_num << 16 |
+				  (__u64)bpf_ntohs(skc->skc_dport) << 32);
+	h = digest_mix(h, l0);
+	h = digest_mix(h, l1);
+	h = digest_mix(h, r0);
+	h = digest_mix(h, r1);
+	part = ((cookie ^ seed) * FLOWD_DIGEST_K) >> 56;
+	p = &flowd_digest[part & (FLOWD_DIGEST_PARTS - 1)];
+	/* One walk at a time per loaded object (SockIter is not shared), and
+	 * iterator programs run with migration off: plain adds. */
+	p->count += 1;
+	p->sum += h;
+}
+
 static __always_inline void read_full(struct flowd_sock_record *r, struct sock *sk, __u32 uid)
 {
 	r->flags |= FLOWD_SR_FULL;
@@ -145,6 +207,14 @@ int flowd_iter_tcp(struct bpf_iter__tcp *ctx)
 
 	if (!skc)
 		return 0;
+	if (flowd_walk_digest) {
+		/* Full sockets only: TIME_WAIT and request sockets are not flows the
+		 * table keeps (the tracker reported their full socket's close). */
+		if (skc->skc_state != FLOWD_TCP_TIME_WAIT && skc->skc_state != FLOWD_TCP_NEW_SYN_RECV)
+			digest_socket(skc, FLOWD_IPPROTO_TCP, skc->skc_state,
+				      FLOWD_DIGEST_TCP_STATES);
+		return 0;
+	}
 	read_common(&r, skc);
 	r.protocol = FLOWD_IPPROTO_TCP;
 	r.state = skc->skc_state;
@@ -192,6 +262,11 @@ int flowd_iter_udp(struct bpf_iter__udp *ctx)
 	if (!udp)
 		return 0;
 	sk = (struct sock *)udp;
+	if (flowd_walk_digest) {
+		digest_socket((struct sock_common *)udp, FLOWD_IPPROTO_UDP,
+			      sk->__sk_common.skc_state, FLOWD_DIGEST_UDP_STATES);
+		return 0;
+	}
 	read_common(&r, (struct sock_common *)udp);
 	r.protocol = FLOWD_IPPROTO_UDP;
 	r.state = sk->__sk_common.skc_state;

@@ -352,6 +352,14 @@ pub struct DiscoveryConfig {
     /// else sock_diag), `iterator` (refuse to start without it) or `sock_diag`.
     /// sock_diag also redoes any dump whose iterator walk failed.
     pub dump_source: DumpSourceSetting,
+    /// Between those full dumps (interval, not after a loss), walk the sockets
+    /// with the iterator folding them into digests instead of records, and
+    /// compare with the table's (`verify walk`, about the cost of the kernel's walk
+    /// alone). A difference brings a full dump at once. Used while the tracker sees
+    /// every change, the socket iterator is the dump source and the table lacks
+    /// nothing a dump would fill in; every 10th periodic reconcile is a full dump
+    /// regardless (tcp_info for displays).
+    pub verify_walks: bool,
     /// Where cgroup2 is mounted; found in /proc/self/mountinfo when absent.
     pub cgroup2: Option<PathBuf>,
     /// Also keep the sockets of other network namespaces (containers) that the
@@ -371,6 +379,7 @@ impl Default for DiscoveryConfig {
             reconcile_interval_ms: 5_000,
             full_dump_interval_s: 60,
             dump_source: DumpSourceSetting::Auto,
+            verify_walks: true,
             cgroup2: None,
             all_namespaces: false,
         }

@@ -226,6 +226,9 @@ async fn start_engine(
         let every = cfg.discovery.full_dump_interval_s;
         if complete && every > 0 && !(cfg.metrics.enabled && cfg.metrics.per_flow) {
             dumps.set_interval(Duration::from_secs(every));
+            if cfg.discovery.verify_walks {
+                dumps.allow_verify_walks();
+            }
             info!(
                 every_s = dumps.interval().as_secs(),
                 "tracker sees every socket change: full sock_diag dumps at start, after a loss, and at this interval"
@@ -253,6 +256,7 @@ async fn start_engine(
         tracker_status,
     )
     .with_in_kernel_decisions(cfg.marker.in_kernel_decisions)
+    .with_dump_schedule(dumps.clone())
     .with_handover(marker.adopted_maps(), marker.keeps_marking_on_exit());
     let mut firefly_counters = None;
     let mut drains = Vec::new();

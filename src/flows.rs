@@ -142,6 +142,8 @@ pub struct FlowCounters {
     pub reconcile_ended: u64,
     pub dump_errors: u64,
     pub last_dump_duration: Duration,
+    /// Verify walks (`flows_verify.rs`) by outcome.
+    pub verify: VerifyCounters,
 }
 
 #[derive(Debug)]
@@ -166,6 +168,13 @@ pub struct FlowTable {
     generation: u64,
     /// A dump's parts are arriving: `generation` is that dump's.
     dump_open: bool,
+    /// A verify walk is under way: the table's digest when it began.
+    verify: Option<Box<verify::OpenVerify>>,
+    /// Flows a sweep removed, until they are ended.
+    ending: Vec<(Flow, EndReason)>,
+    /// A flow was added that a full dump would complete (see
+    /// [`FlowTable::wants_full_dump`]).
+    incomplete_added: bool,
     counters: FlowCounters,
 }
 
@@ -177,6 +186,9 @@ impl FlowTable {
             tombstones: FxHashMap::default(),
             generation: 0,
             dump_open: false,
+            verify: None,
+            ending: Vec::new(),
+            incomplete_added: false,
             counters: FlowCounters::default(),
         }
     }
@@ -232,6 +244,7 @@ impl FlowTable {
 
     fn apply_at(&mut self, obs: &SocketObservation, clock: Clock, events: &mut Vec<FlowEvent>) {
         let now = clock.mono;
+        self.touch(obs.cookie);
         let Some(lifecycle) = Lifecycle::of(obs.state) else {
             return;
         };
@@ -265,6 +278,7 @@ impl FlowTable {
                 let flow = new_flow(obs, lifecycle, clock);
                 events.push(FlowEvent::Started(Arc::new(flow.clone())));
                 self.counters.flows_started += 1;
+                self.incomplete_added |= verify::incomplete(&flow);
                 self.flows.insert(
                     obs.cookie,
                     Box::new(Entry {
@@ -387,15 +401,33 @@ impl FlowTable {
         let now = Instant::now();
         let generation = self.open_dump(now);
         self.dump_open = false;
-        let mut events = Vec::new();
+        let incomplete = self.sweep(Some((scope, generation, dump_started)), now);
+        self.incomplete_added = incomplete;
+        self.take_ended(now)
+    }
 
+    /// Ends what expired (TIME_WAIT past its grace; closing sockets of other
+    /// namespaces silent past the FIN timeout) and, after a complete dump
+    /// (`(scope, generation, started)`), what it did not list: a flow of a
+    /// namespace in `scope` is ended (`reconcile_ended`) unless the tracker created
+    /// or updated it after `started` (it may have been born after the kernel walked
+    /// its bucket). Flows of namespaces outside `scope` (seen only by the tracker)
+    /// are left alone. O(table): one generation stamp per entry instead of a
+    /// seen-set. The ended flows wait in `self.ending` for [`Self::take_ended`].
+    /// Returns whether a flow kept in the daemon's namespace is one a full dump
+    /// would complete.
+    fn sweep(&mut self, complete: Option<(&[u64], u64, Instant)>, now: Instant) -> bool {
         let grace = self.config.time_wait_grace;
-        let mut ended = Vec::new();
+        let netns = self.config.netns;
+        let mut incomplete = false;
+        let ending = &mut self.ending;
         self.flows.retain(|_, e| {
-            let in_scope = scope.contains(&e.flow.netns);
-            let vanished = in_scope
-                && e.generation != generation
-                && e.tracker_at.is_none_or(|t| t < dump_started);
+            let in_scope = complete.map_or(e.flow.netns == netns, |(scope, _, _)| {
+                scope.contains(&e.flow.netns)
+            });
+            let vanished = complete.is_some_and(|(_, generation, started)| {
+                in_scope && e.generation != generation && e.tracker_at.is_none_or(|t| t < started)
+            });
             // Other namespaces are never reconciled, so a lost close event would keep
             // their closing sockets forever: a closing socket is gone within the
             // kernel's FIN timeout (60 s), so end them after that much silence.
@@ -411,13 +443,20 @@ impl FlowTable {
                 } else {
                     EndReason::TimeWaitExpired
                 };
-                ended.push((e.flow.clone(), reason));
+                ending.push((e.flow.clone(), reason));
                 false
             } else {
+                incomplete |= e.flow.netns == netns && verify::incomplete(&e.flow);
                 true
             }
         });
-        for (flow, reason) in ended {
+        incomplete
+    }
+
+    /// Ends the flows [`Self::sweep`] removed.
+    fn take_ended(&mut self, now: Instant) -> Vec<FlowEvent> {
+        let mut events = Vec::new();
+        for (flow, reason) in std::mem::take(&mut self.ending) {
             if reason == EndReason::Vanished {
                 self.counters.reconcile_ended += 1;
             }
@@ -546,6 +585,10 @@ fn fill<T: Copy>(slot: &mut Option<T>, v: Option<T>) -> bool {
         false
     }
 }
+
+#[path = "flows_verify.rs"]
+mod verify;
+pub use verify::{VerifyCounters, VerifyOutcome};
 
 #[cfg(test)]
 #[path = "flows_tests.rs"]

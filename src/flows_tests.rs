@@ -412,3 +412,141 @@ proptest! {
         prop_assert_eq!(got, live);
     }
 }
+
+/// What a verify walk of exactly these connections would return.
+fn kernel_digest(
+    seed: u64,
+    conns: &[(u64, SockState)],
+) -> crate::discovery::walk_digest::WalkDigest {
+    let mut d = crate::discovery::walk_digest::WalkDigest::new(seed);
+    for &(cookie, state) in conns {
+        d.add(cookie, &obs(cookie, state, Source::Tracker).key, state);
+    }
+    d
+}
+
+#[test]
+fn verify_walk_passes_on_an_equal_table_and_finds_what_the_tracker_missed() {
+    use SockState::*;
+    let mut t = table();
+    for c in 1..=50 {
+        t.apply_observation(obs(c, Established, Source::Tracker));
+    }
+    let conns: Vec<_> = (1..=50).map(|c| (c, Established)).collect();
+    t.verify_begin(9);
+    let (o, ev) = t.verify_end(Some(&kernel_digest(9, &conns)));
+    assert_eq!(
+        o,
+        VerifyOutcome::Verified {
+            connections: 50,
+            excused: 0
+        }
+    );
+    assert!(ev.is_empty());
+
+    // A socket the tracker never reported.
+    let mut more = conns.clone();
+    more.push((51, Established));
+    t.verify_begin(9);
+    assert_eq!(
+        t.verify_end(Some(&kernel_digest(9, &more))).0,
+        VerifyOutcome::Mismatch {
+            parts: 1,
+            kernel: 51,
+            table: 50
+        }
+    );
+    // A state change it missed.
+    let mut changed = conns.clone();
+    changed[0].1 = CloseWait;
+    t.verify_begin(9);
+    assert!(matches!(
+        t.verify_end(Some(&kernel_digest(9, &changed))).0,
+        VerifyOutcome::Mismatch { parts: 1, .. }
+    ));
+    // The same change reported while the kernel walks: the kernel may have seen
+    // either state, so that partition is excused.
+    t.verify_begin(9);
+    t.apply_observation(obs(1, CloseWait, Source::Tracker));
+    assert_eq!(
+        t.verify_end(Some(&kernel_digest(9, &changed))).0,
+        VerifyOutcome::Verified {
+            connections: 50,
+            excused: 1
+        }
+    );
+
+    // No digest, none begun, another seed: nothing verified.
+    t.verify_begin(9);
+    assert_eq!(t.verify_end(None).0, VerifyOutcome::Failed);
+    let k = kernel_digest(9, &changed);
+    assert_eq!(t.verify_end(Some(&k)).0, VerifyOutcome::Failed);
+    t.verify_begin(10);
+    assert_eq!(t.verify_end(Some(&k)).0, VerifyOutcome::Failed);
+    let c = t.counters().verify;
+    assert_eq!(
+        (c.verified, c.mismatched, c.failed, c.excused_parts),
+        (2, 2, 3, 1)
+    );
+    assert_eq!(
+        t.len(),
+        50,
+        "a verify walk never adds or ends a flow itself"
+    );
+}
+
+#[test]
+fn verify_walk_is_inconclusive_while_a_flow_lacks_what_a_dump_fills_in() {
+    use SockState::*;
+    let mut t = table();
+    t.apply_observation(obs(1, Established, Source::Tracker));
+    assert!(!t.wants_full_dump());
+    // An accepted socket reported from softirq: no owner's cgroup.
+    let mut softirq = obs(2, Established, Source::Tracker);
+    softirq.cgroup_id = None;
+    t.apply_observation(softirq);
+    assert!(t.wants_full_dump());
+    let k = kernel_digest(3, &[(1, Established), (2, Established)]);
+    t.verify_begin(3);
+    assert_eq!(
+        t.verify_end(Some(&k)).0,
+        VerifyOutcome::Inconclusive { flows: 1 }
+    );
+    assert!(t.wants_full_dump());
+    // A complete dump fills it in.
+    let dump = [
+        obs(1, Established, Source::SockDiag),
+        obs(2, Established, Source::SockDiag),
+    ];
+    t.reconcile(&dump, Instant::now());
+    assert!(!t.wants_full_dump());
+    t.verify_begin(3);
+    assert!(t.verify_end(Some(&k)).0.verified());
+
+    // A request socket a dump met: no full socket for the kernel to count.
+    let mut req = obs(3, SynRecv, Source::SockDiag);
+    req.direction = Direction::Inbound;
+    t.dump_part(&[req]);
+    t.dump_abandoned();
+    t.verify_begin(3);
+    assert_eq!(
+        t.verify_end(Some(&k)).0,
+        VerifyOutcome::Inconclusive { flows: 1 }
+    );
+}
+
+#[test]
+fn verify_walk_ends_time_wait_past_its_grace_as_a_dump_does() {
+    let mut t = FlowTable::new(FlowTableConfig {
+        netns: NS,
+        time_wait_grace: Duration::ZERO,
+        ..FlowTableConfig::default()
+    });
+    t.apply_observation(obs(1, SockState::Established, Source::Tracker));
+    t.apply_observation(obs(1, SockState::TimeWait, Source::Tracker));
+    t.verify_begin(5);
+    let (o, ev) = t.verify_end(Some(&kernel_digest(5, &[])));
+    assert!(o.verified(), "{o:?}");
+    assert_eq!(kinds(&ev), ["tw-expired"]);
+    assert!(t.is_empty());
+}

@@ -98,6 +98,8 @@ pub struct Snapshot {
     pub dumps_requested: u64,
     /// Full dumps whose socket-iterator walk failed and that sock_diag made again.
     pub dump_source_fallbacks: u64,
+    /// Verify walks in place of periodic full dumps, by outcome.
+    pub verify_walks: crate::flows::VerifyCounters,
     pub control: ControlConnections,
     /// Present when `metrics.per_flow` is on.
     pub per_flow: Option<Arc<PerFlow>>,
@@ -395,6 +397,20 @@ impl Collector for SnapshotCollector {
         ] {
             labelled_counters(&mut enc, &mut mono, name, help, key, &pairs)?;
         }
+        let v = &s.verify_walks;
+        labelled_counters(
+            &mut enc,
+            &mut mono,
+            "flowd_reconcile_verify_walks",
+            "Periodic reconciles made as a verify walk (the kernel folds the namespace's connections into digests compared with the flow table's), by outcome: verified, mismatch (a full dump follows), inconclusive (flows a dump must complete), failed.",
+            "outcome",
+            &[
+                ("verified", v.verified),
+                ("mismatch", v.mismatched),
+                ("inconclusive", v.inconclusive),
+                ("failed", v.failed),
+            ],
+        )?;
         if !s.facts_denied.is_empty() {
             labelled_counters(
                 &mut enc,

@@ -55,6 +55,13 @@ fn snapshot(scale: u64) -> Snapshot {
         state_cb_events: 9 * scale,
         dumps_requested: 10 * scale,
         dump_source_fallbacks: 11 * scale,
+        verify_walks: crate::flows::VerifyCounters {
+            verified: 12 * scale,
+            mismatched: 13 * scale,
+            inconclusive: 14 * scale,
+            failed: 15 * scale,
+            excused_parts: 16 * scale,
+        },
         control: ControlConnections {
             open: 2,
             refused: 3 * scale,
@@ -166,6 +173,13 @@ async fn scrape_over_http_exposes_every_series_with_its_labels() {
             ("flowd_tracker_state_cb_events_total{}", 9.0),
             ("flowd_reconcile_dumps_requested_total{}", 10.0),
             ("flowd_reconcile_iterator_fallbacks_total{}", 11.0),
+            ("flowd_reconcile_verify_walks_total{outcome=verified}", 12.0),
+            ("flowd_reconcile_verify_walks_total{outcome=mismatch}", 13.0),
+            (
+                "flowd_reconcile_verify_walks_total{outcome=inconclusive}",
+                14.0,
+            ),
+            ("flowd_reconcile_verify_walks_total{outcome=failed}", 15.0),
             ("flowd_reconcile_corrections_total{kind=added}", 2.0),
             ("flowd_reconcile_corrections_total{kind=ended}", 3.0),
             ("flowd_policy_reloads_total{result=ok}", 4.0),

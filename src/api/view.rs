@@ -69,6 +69,25 @@ pub struct FlowView {
 }
 
 /// A subset of the kernel's `struct tcp_info` (the daemon's `TcpStats`).
+/// Verify walks by outcome, and the last one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VerifyWalksView {
+    pub verified: u64,
+    /// A difference no tracker event explained; a full dump followed.
+    pub mismatch: u64,
+    /// The table held flows a dump had to complete; a full dump followed.
+    pub inconclusive: u64,
+    pub failed: u64,
+    /// Differing partitions explained by tracker events during the walk.
+    pub excused_parts: u64,
+    /// `verified`, `mismatch`, `inconclusive` or `failed`; empty before the first.
+    pub last_outcome: String,
+    /// Connections the last verify walk counted in the kernel (verified walks).
+    pub last_connections: u64,
+    pub last_ms: f64,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpView {
     pub rtt_us: u32,
@@ -142,6 +161,8 @@ pub struct StatusView {
     pub dump_source: String,
     /// Iterator dumps that failed and were made again with sock_diag.
     pub dump_source_fallbacks: u64,
+    /// Periodic reconciles made as verify walks (`discovery.verify_walks`).
+    pub verify_walks: VerifyWalksView,
     pub policy_reloads_ok: u64,
     pub policy_reloads_failed: u64,
     /// Flows the table ever started and ended, tags ever given.

@@ -13,13 +13,18 @@ use tracing::{info, warn};
 
 use super::full_dump::{DumpSource, FullDump};
 use super::sockdiag::{PollerStats, SockDiagError};
+use super::sockiter::SockIterError;
 use super::tracker::{Features, Tracker, TrackerConfig};
 use super::tracker_event::EventKind;
+use super::walk_digest::WalkDigest;
 use crate::config::DumpSourceSetting;
 use crate::model::socket::SocketObservation;
 
 /// One sock_diag dump in this many asks the kernel for tcp_info.
 const TCP_INFO_EVERY: u64 = 4;
+/// A periodic reconcile may be a verify walk, but every this many rounds it is a
+/// full dump all the same: the tcp_info that displays show comes from dumps only.
+const FULL_DUMP_EVERY: u64 = 10;
 /// Sockets per part of a dump: the engine digests a dump of 100 000 sockets part by
 /// part, never holding all of it (~400 KiB a part).
 const DUMP_PART: usize = 2048;
@@ -32,6 +37,19 @@ pub enum Discovery {
     DumpPart(Vec<SocketObservation>),
     /// The end of a dump: complete (reconcile against it) or failed.
     Dumped(Dump),
+    /// A verify walk begins (digests seeded with `seed`): fold the table now.
+    VerifyBegun { seed: u64 },
+    /// The verify walk's digest of the namespace, or why there is none.
+    Verified(Verify),
+}
+
+/// A verify walk ([`crate::discovery::walk_digest`]): instead of a periodic full
+/// dump, when the tracker sees every change and the table lacks nothing a dump
+/// would fill in.
+pub struct Verify {
+    pub started: Instant,
+    pub digest: Result<WalkDigest, SockIterError>,
+    pub duration: Duration,
 }
 
 pub struct Dump {
@@ -222,6 +240,11 @@ pub struct DumpSchedule {
     /// The period in force, milliseconds (set once the tracker's coverage is known).
     interval_ms: AtomicU64,
     wanted: AtomicBool,
+    /// The next reconcile must be a full dump (a loss, a failed verify walk, or
+    /// flows a dump would complete).
+    full_wanted: AtomicBool,
+    /// Periodic reconciles may be verify walks (`discovery.verify_walks`).
+    verify_walks: AtomicBool,
     poller: std::sync::OnceLock<std::thread::Thread>,
 }
 
@@ -232,6 +255,8 @@ impl DumpSchedule {
             min_gap,
             interval_ms: AtomicU64::new(min_gap.as_millis() as u64),
             wanted: AtomicBool::new(false),
+            full_wanted: AtomicBool::new(false),
+            verify_walks: AtomicBool::new(false),
             poller: std::sync::OnceLock::new(),
         })
     }
@@ -248,10 +273,24 @@ impl DumpSchedule {
         Duration::from_millis(self.interval_ms.load(Ordering::Relaxed))
     }
 
-    /// Asks for a dump as soon as `min_gap` allows: something was lost.
+    /// Asks for a full dump as soon as `min_gap` allows: something was lost.
     pub fn request(&self) {
+        self.full_wanted.store(true, Ordering::Relaxed);
         self.wanted.store(true, Ordering::Relaxed);
         self.wake();
+    }
+
+    /// The next periodic reconcile is to be a full dump (not sooner than due).
+    pub fn want_full(&self) {
+        if !self.full_wanted.load(Ordering::Relaxed) {
+            self.full_wanted.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Lets periodic reconciles be verify walks (while the tracker sees every
+    /// change: set with [`DumpSchedule::set_interval`]).
+    pub fn allow_verify_walks(&self) {
+        self.verify_walks.store(true, Ordering::Relaxed);
     }
 
     fn wake(&self) {
@@ -297,7 +336,36 @@ pub fn spawn_poller(
         .spawn(move || {
             let _ = schedule.poller.set(std::thread::current());
             let mut round: u64 = 0;
+            let mut since_full: u64 = 0;
             while !stop2.load(Ordering::Relaxed) {
+                let full_wanted = schedule.full_wanted.swap(false, Ordering::Relaxed);
+                let verify = round > 0
+                    && !full_wanted
+                    && since_full + 1 < FULL_DUMP_EVERY
+                    && schedule.verify_walks.load(Ordering::Relaxed)
+                    && sd.can_verify();
+                if verify {
+                    round += 1;
+                    since_full += 1;
+                    let seed = sd.digest_seed();
+                    if tx.blocking_send(Discovery::VerifyBegun { seed }).is_err() {
+                        return;
+                    }
+                    let started = Instant::now();
+                    let digest = sd.verify();
+                    let duration = started.elapsed();
+                    let v = Verify {
+                        started,
+                        digest,
+                        duration,
+                    };
+                    if tx.blocking_send(Discovery::Verified(v)).is_err() {
+                        return;
+                    }
+                    schedule.wait(started, &stop2);
+                    continue;
+                }
+                since_full = 0;
                 // tcp_info is for display only, and asking for it makes the kernel
                 // fill ~250 bytes per socket: every 4th dump is fresh enough (every
                 // dump, when dumps are rare).

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::sockdiag::{PollerStats, SockDiag, SockDiagError};
 use super::sockiter::{SockIter, SockIterError};
+use super::walk_digest::WalkDigest;
 use crate::config::DumpSourceSetting;
 use crate::features::{Feature, KernelFeatures};
 use crate::model::socket::SocketObservation;
@@ -110,6 +111,24 @@ impl FullDump {
             it.set_tcp_info(on);
         }
         self.sock_diag.set_tcp_info(on);
+    }
+
+    /// Whether [`FullDump::verify`] can walk (the socket iterator is in use).
+    pub fn can_verify(&self) -> bool {
+        self.iter.is_some()
+    }
+
+    pub fn digest_seed(&self) -> u64 {
+        self.iter.as_ref().map_or(0, SockIter::digest_seed)
+    }
+
+    /// A verify walk ([`SockIter::verify`]). A failure costs nothing but the
+    /// full dump the daemon then asks for.
+    pub fn verify(&mut self) -> Result<WalkDigest, SockIterError> {
+        match &mut self.iter {
+            Some(it) => it.verify(),
+            None => Err(SockIterError::NoDigest),
+        }
     }
 
     /// The statistics of the source that made the last dump.

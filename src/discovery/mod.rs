@@ -12,3 +12,4 @@ pub mod sockiter;
 pub mod tracker;
 pub mod tracker_event;
 mod tracker_progs;
+pub mod walk_digest;

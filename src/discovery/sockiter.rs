@@ -30,6 +30,7 @@ use libbpf_rs::{Link, OpenObject};
 pub use record::{RecordError, RECORD_SIZE};
 
 use super::sockdiag::{netns_inode, take_socket, Listeners, PollerStats, SockDiagError};
+use super::walk_digest::{self, WalkDigest};
 use crate::bpf::sockiter::{SockiterSkel, SockiterSkelBuilder};
 use crate::model::socket::{Protocol, SocketObservation};
 
@@ -69,6 +70,8 @@ pub enum SockIterError {
     },
     #[error("socket iterator {iter}: the walk ended inside a record ({left} bytes left); dump incomplete")]
     Truncated { iter: &'static str, left: usize },
+    #[error("socket iterator: the programs' globals are not mapped, so no verify walk")]
+    NoDigest,
     #[error("socket iterator {iter}: {source}; dump incomplete")]
     Record {
         iter: &'static str,
@@ -99,6 +102,8 @@ pub struct SockIter {
     pending_tcp6: Vec<SocketObservation>,
     pending_udp: Vec<SocketObservation>,
     tcp_info: bool,
+    /// For the verify walk's digests ([`SockIter::verify`]), drawn once.
+    digest_seed: u64,
     stats: PollerStats,
 }
 
@@ -163,6 +168,7 @@ impl SockIter {
             pending_tcp6: Vec::new(),
             pending_udp: Vec::new(),
             tcp_info: true,
+            digest_seed: rand::random::<u64>(),
             stats: PollerStats::default(),
         })
     }
@@ -184,6 +190,72 @@ impl SockIter {
 
     pub fn stats(&self) -> &PollerStats {
         &self.stats
+    }
+
+    /// The seed of [`SockIter::verify`]'s digests.
+    pub fn digest_seed(&self) -> u64 {
+        self.digest_seed
+    }
+
+    /// The verify walk: the namespace's connections folded into a [`WalkDigest`]
+    /// by the programs, no record read. Costs the kernel's walk alone.
+    pub fn verify(&mut self) -> Result<WalkDigest, SockIterError> {
+        let started = Instant::now();
+        let seed = self.digest_seed;
+        let Some(bss) = self.skel.maps.bss_data.as_deref_mut() else {
+            return Err(SockIterError::NoDigest);
+        };
+        bss.flowd_digest_seed = seed;
+        for p in bss.flowd_digest.iter_mut() {
+            p.count = 0;
+            p.sum = 0;
+        }
+        bss.flowd_walk_digest = 1;
+        let result = self.verify_walks();
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .expect("checked above");
+        bss.flowd_walk_digest = 0;
+        result?;
+        let mut digest = WalkDigest::new(seed);
+        for (out, p) in digest.parts.iter_mut().zip(bss.flowd_digest.iter()) {
+            *out = walk_digest::Part {
+                count: p.count,
+                sum: p.sum,
+            };
+        }
+        tracing::debug!(
+            netns = self.netns,
+            connections = digest.connections(),
+            duration_us = started.elapsed().as_micros() as u64,
+            "socket iterator verify walk complete"
+        );
+        Ok(digest)
+    }
+
+    fn verify_walks(&mut self) -> Result<(), SockIterError> {
+        let (tcp, udp) = self.create_iters()?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut tally = reader::ReadTally::default();
+        let mut result = Ok(());
+        for (fd, iter) in [(tcp, "tcp"), (udp, "udp")] {
+            // A digest walk writes nothing; a record would be a program that
+            // ignored the mode.
+            result = reader::read_records(fd.as_fd(), &mut buf, iter, &mut tally, &mut |_| {
+                Err(SockIterError::Record {
+                    iter,
+                    source: RecordError::Unexpected,
+                })
+            });
+            if result.is_err() {
+                break;
+            }
+        }
+        self.buf = buf;
+        result
     }
 
     /// Dump every TCP and connected UDP socket into `out` (cleared first), as

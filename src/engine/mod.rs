@@ -13,7 +13,7 @@ use anyhow::Result;
 use serde_json::json;
 use serde_json::value::{to_raw_value, RawValue};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use self::views::{add_tag_counts, MarkerShape, SeqOf};
 use crate::announce::Announcements;
@@ -99,6 +99,11 @@ pub struct Engine {
     listing: Option<listing::Listing>,
     /// Flow events or a listing allocated since the last trim (release_free_memory).
     trim_due: bool,
+    /// The reconcile schedule: told when a full dump is needed (a verify walk
+    /// that found a difference, flows a dump would complete).
+    dumps: Option<Arc<crate::discovery::feeds::DumpSchedule>>,
+    /// The last verify walk's outcome and duration.
+    last_verify: Option<(crate::flows::VerifyOutcome, Duration)>,
 }
 
 struct PerFlowState {
@@ -160,7 +165,16 @@ impl Engine {
             listing: None,
             sockets: None,
             trim_due: false,
+            dumps: None,
+            last_verify: None,
         }
+    }
+
+    /// The schedule of the poller feeding this engine, so that a failed verify
+    /// walk can ask for a full dump.
+    pub fn with_dump_schedule(mut self, dumps: Arc<crate::discovery::feeds::DumpSchedule>) -> Self {
+        self.dumps = Some(dumps);
+        self
     }
 
     /// A restart hand-over: `adopted` says the maps hold an earlier instance's
@@ -412,35 +426,8 @@ impl Engine {
                     Ok(()) => {
                         self.table.note_dump_duration(dump.stats.last_dump_duration);
                         let events = self.table.dump_complete(dump.started);
-                        self.apply(events);
-                        self.marking.retry_unmapped(self.maps.as_ref());
-                        // After the table has caught up with a complete dump: any
-                        // kernel mark still unclaimed belongs to no live flow we know.
-                        if self.in_kernel {
-                            self.marking.sweep(self.maps.as_ref());
-                        }
-                        if let Some(a) = &mut self.announcements {
-                            a.expire();
-                            // The dump saw every socket: announced flows it did not
-                            // find have none here (only worth knowing with fireflies).
-                            if self.fireflies.is_some() {
-                                let unseen = a.unseen(dump.started);
-                                self.unseen_fireflies(unseen);
-                            }
-                        }
-                        self.refresh_per_flow();
-                        if self.per_flow.is_some() {
-                            if let Some((_, published)) = &self.metrics {
-                                published.set(self.snapshot());
-                            }
-                        }
-                        if let Some(adopted) = self.adopted_marks.take() {
-                            self.sweep_adopted(adopted);
-                        }
-                        if let Some(tx) = self.first_dump.take() {
-                            let _ = tx.send(());
-                        }
-                        release_free_memory();
+                        self.reconciled(dump.started, events);
+                        self.want_full_if_incomplete();
                         return;
                     }
                     Err(e) => {
@@ -451,8 +438,82 @@ impl Engine {
                     }
                 }
             }
+            Discovery::VerifyBegun { seed } => {
+                self.table.verify_begin(seed);
+                return;
+            }
+            Discovery::Verified(v) => {
+                let digest = match &v.digest {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        warn!(error = %e, "verify walk failed: asking for a full dump");
+                        None
+                    }
+                };
+                let (outcome, events) = self.table.verify_end(digest);
+                self.last_verify = Some((outcome, v.duration));
+                if outcome.verified() {
+                    debug!(
+                        ?outcome,
+                        duration_us = v.duration.as_micros() as u64,
+                        "verify walk: the table holds what the kernel has"
+                    );
+                    self.reconciled(v.started, events);
+                } else {
+                    if matches!(outcome, crate::flows::VerifyOutcome::Mismatch { .. }) {
+                        info!(?outcome, "verify walk: the table differs from the kernel's sockets: asking for a full dump");
+                    }
+                    self.apply(events);
+                    if let Some(d) = &self.dumps {
+                        d.request();
+                    }
+                }
+                self.want_full_if_incomplete();
+                return;
+            }
         };
         self.apply(events);
+        self.want_full_if_incomplete();
+    }
+
+    fn want_full_if_incomplete(&self) {
+        if let (true, Some(d)) = (self.table.wants_full_dump(), &self.dumps) {
+            d.want_full();
+        }
+    }
+
+    /// The table now holds what the kernel has (a complete dump, or a verify walk
+    /// that found it so) as of `started`: what may only be done then.
+    fn reconciled(&mut self, started: Instant, events: Vec<FlowEvent>) {
+        self.apply(events);
+        self.marking.retry_unmapped(self.maps.as_ref());
+        // After the table has caught up with a complete dump: any
+        // kernel mark still unclaimed belongs to no live flow we know.
+        if self.in_kernel {
+            self.marking.sweep(self.maps.as_ref());
+        }
+        if let Some(a) = &mut self.announcements {
+            a.expire();
+            // The dump saw every socket: announced flows it did not
+            // find have none here (only worth knowing with fireflies).
+            if self.fireflies.is_some() {
+                let unseen = a.unseen(started);
+                self.unseen_fireflies(unseen);
+            }
+        }
+        self.refresh_per_flow();
+        if self.per_flow.is_some() {
+            if let Some((_, published)) = &self.metrics {
+                published.set(self.snapshot());
+            }
+        }
+        if let Some(adopted) = self.adopted_marks.take() {
+            self.sweep_adopted(adopted);
+        }
+        if let Some(tx) = self.first_dump.take() {
+            let _ = tx.send(());
+        }
+        release_free_memory();
     }
 
     fn apply(&mut self, events: Vec<FlowEvent>) {

@@ -108,6 +108,7 @@ impl Engine {
                 .map(|(s, _)| s.as_str().to_string())
                 .unwrap_or_default(),
             dump_source_fallbacks: self.last_dump_source.map_or(0, |(_, n)| n),
+            verify_walks: verify_view(fc.verify, self.last_verify),
             policy_reloads_ok: self.reloads_ok,
             policy_reloads_failed: self.reloads_failed,
             flows_started: fc.flows_started,
@@ -182,6 +183,7 @@ impl Engine {
             state_cb_events: self.tracker.state_cb_events.load(Ordering::Relaxed),
             dumps_requested: self.tracker.dumps_requested.load(Ordering::Relaxed),
             dump_source_fallbacks: self.last_dump_source.map_or(0, |(_, n)| n),
+            verify_walks: fc.verify,
             control: self.control_view(),
             per_flow: self.per_flow.as_ref().map(|p| p.published.clone()),
         }
@@ -192,6 +194,39 @@ impl Engine {
             .as_ref()
             .map(|c| c.view())
             .unwrap_or_default()
+    }
+}
+
+fn verify_view(
+    c: crate::flows::VerifyCounters,
+    last: Option<(crate::flows::VerifyOutcome, std::time::Duration)>,
+) -> crate::api::view::VerifyWalksView {
+    use crate::flows::VerifyOutcome as O;
+    let (last_outcome, last_connections, last_ms) = match last {
+        None => ("", 0, 0.0),
+        Some((o, d)) => {
+            let name = match o {
+                O::Verified { .. } => "verified",
+                O::Mismatch { .. } => "mismatch",
+                O::Inconclusive { .. } => "inconclusive",
+                O::Failed => "failed",
+            };
+            let n = match o {
+                O::Verified { connections, .. } => connections,
+                _ => 0,
+            };
+            (name, n, d.as_secs_f64() * 1000.0)
+        }
+    };
+    crate::api::view::VerifyWalksView {
+        verified: c.verified,
+        mismatch: c.mismatched,
+        inconclusive: c.inconclusive,
+        failed: c.failed,
+        excused_parts: c.excused_parts,
+        last_outcome: last_outcome.to_string(),
+        last_connections,
+        last_ms,
     }
 }
 

@@ -117,6 +117,11 @@ impl FlowKey {
         SocketAddr::new(unmapped(self.remote_ip), self.remote_port)
     }
 
+    /// Local and remote addresses as 16 bytes each, IPv4 as `::ffff:a.b.c.d`.
+    pub fn ip_octets(&self) -> ([u8; 16], [u8; 16]) {
+        (self.local_ip, self.remote_ip)
+    }
+
     /// The same flow seen from the other end.
     pub fn reversed(&self) -> FlowKey {
         FlowKey {

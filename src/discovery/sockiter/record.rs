@@ -38,6 +38,8 @@ pub enum RecordError {
         local: SocketAddr,
         remote: SocketAddr,
     },
+    #[error("a verify walk returned a socket record")]
+    Unexpected,
 }
 
 /// Copies the record at the start of `bytes` (at least [`RECORD_SIZE`] long; no
