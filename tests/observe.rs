@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{Capture, Daemon, Netns, Pair, ADDR_A, ADDR_B, IF_B};
+use common::{scrape_metrics, Capture, Daemon, Pair, ADDR_A, ADDR_B, IF_B};
 use flowd::api::view::FlowView;
 use flowd::model::tag::{decode, Tag};
 
@@ -23,20 +23,6 @@ fn daemon(pair: &Pair, dir: &std::path::Path) -> Daemon {
         dir,
         &format!("[policy]\ndir = \"{}\"\n", policies.display()),
     )
-}
-
-/// GET /metrics from inside the daemon's namespace (it listens on its loopback).
-fn scrape(ns: &Netns) -> String {
-    ns.run(|| {
-        let mut s = TcpStream::connect("127.0.0.1:9617").expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut r = String::new();
-        s.read_to_string(&mut r).unwrap();
-        r
-    })
-    .join()
-    .unwrap()
 }
 
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -80,7 +66,7 @@ fn inspect_and_metrics_count_exactly_the_packets_seen_on_the_wire() {
 
     let json = d.cli_ok(&["inspect", "--json", "--tagged"]);
     let table = d.cli_ok(&["inspect", "--once"]);
-    let metrics = scrape(&pair.a);
+    let metrics = scrape_metrics(&pair.a);
     let pkts = cap.finish();
     go.send(()).unwrap();
     client.join().unwrap();

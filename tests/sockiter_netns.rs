@@ -274,6 +274,80 @@ fn privileged_daemon_adopts_sockets_from_the_iterator_dump_and_says_so() {
     assert_eq!(st["dump_errors"], 0, "{st}");
 }
 
+/// Between full dumps the daemon verifies its table with digest walks, and
+/// says so in `status` and `/metrics`; a connection the tracker reports keeps
+/// the table verified (no full dump needed to adopt it).
+#[test]
+fn privileged_daemon_reconciles_with_verify_walks_between_full_dumps() {
+    if !privileged() {
+        return;
+    }
+    if !KernelFeatures::detect().has(Feature::TracingCookie) {
+        return; // no iterator dumps, so no verify walks (Linux < 5.12)
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new("vd");
+    let (listener, _before) = ns.enter(|| {
+        let l = TcpListener::bind("127.0.0.1:5000").unwrap();
+        let c = TcpStream::connect("127.0.0.1:5000").unwrap();
+        let (s, _) = l.accept().unwrap();
+        (l, (c, s))
+    });
+    let d = Daemon::start_with(
+        &ns,
+        dir.path(),
+        &format!(
+            "[policy]\ndir = \"{}\"\n[marker]\ninterfaces = [\"lo\"]\n\
+             [discovery]\ndump_source = \"iterator\"\nreconcile_interval_ms = 100\nfull_dump_interval_s = 1\n",
+            dir.path().join("no-policies").display()
+        ),
+    );
+    let verified_at_least = |n: u64, conns: u64| {
+        let deadline = Instant::now() + patient(Duration::from_secs(20));
+        loop {
+            let v: serde_json::Value = serde_json::from_str(&d.cli_ok(&["status"])).unwrap();
+            let w = v["status"]["verify_walks"].clone();
+            if w["verified"].as_u64().unwrap_or(0) >= n
+                && w["last_outcome"] == "verified"
+                && w["last_connections"] == conns
+            {
+                return v["status"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no verify walk: {v}\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let st = verified_at_least(2, 2);
+    assert_eq!(st["flows_total"], 2, "{st}");
+    let w = &st["verify_walks"];
+    assert_eq!(
+        (w["mismatch"].as_u64(), w["failed"].as_u64()),
+        (Some(0), Some(0)),
+        "{st}"
+    );
+    // A connection made now: the tracker reports it (from the connecting
+    // process, so nothing is left for a dump to fill in on the client's end; the
+    // accepted end waits for one), and the walks after it count four.
+    let _after = ns.enter(move || {
+        let c = TcpStream::connect("127.0.0.1:5000").unwrap();
+        let (s, _) = listener.accept().unwrap();
+        (c, s, listener)
+    });
+    let before = st["verify_walks"]["verified"].as_u64().unwrap();
+    let st = verified_at_least(before + 1, 4);
+    assert_eq!(st["flows_total"], 4, "{st}");
+    assert_eq!(st["verify_walks"]["mismatch"], 0, "{st}");
+    let metrics = scrape_metrics(&ns);
+    assert!(
+        metrics.contains("flowd_reconcile_verify_walks_total{outcome=\"verified\"}"),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn privileged_walks_during_churn_list_every_socket_that_lived_throughout() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

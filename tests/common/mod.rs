@@ -709,6 +709,22 @@ pub fn transfer(
 }
 
 /// SO_COOKIE of a socket: the key both the tracker and sock_diag report.
+/// GET /metrics from inside the daemon's namespace (it listens on its loopback,
+/// at the default address).
+pub fn scrape_metrics(ns: &Netns) -> String {
+    use std::io::{Read, Write};
+    ns.run(|| {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9617").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    })
+    .join()
+    .unwrap()
+}
+
 pub fn cookie(fd: &impl AsRawFd) -> u64 {
     let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
