@@ -4,7 +4,9 @@
 //! `ss -tan` / `ss -tin` timed in the same namespace for comparison; then the
 //! reconcile the way the daemon makes it (dump in parts, `dump_part`,
 //! `dump_complete`) from sock_diag and from the BPF socket iterator, interleaved,
-//! with their ratios to each other and to `ss -tan` of the same run.
+//! with their ratios to each other and to `ss -tan` of the same run; and the verify
+//! walk that replaces most periodic full dumps (digests folded in the kernel,
+//! compared with the table's).
 //!
 //! Run as root: `cargo bench --bench sockdiag` (`-- --max 10000` for the small case
 //! only). Everything lives in a private network namespace that dies with the process.
@@ -153,6 +155,31 @@ fn interleaved(
     (v_sd, v_it)
 }
 
+/// A verify walk as the daemon makes it: the engine thread folds the table
+/// (`verify_begin`) while the poller thread walks (`SockIter::verify`), then
+/// `verify_end`. Its duration, and that of the walk alone.
+fn verify_round(it: &mut SockIter, table: &mut FlowTable, sockets: usize) -> (Duration, Duration) {
+    let started = Instant::now();
+    let seed = it.digest_seed();
+    let (walk, digest) = std::thread::scope(|s| {
+        let engine = s.spawn(|| assert!(table.verify_begin(seed).is_empty()));
+        let digest = it.verify().expect("verify walk");
+        let walk = started.elapsed();
+        engine.join().expect("engine thread");
+        (walk, digest)
+    });
+    let outcome = table.verify_end(Some(&digest));
+    let took = started.elapsed();
+    assert_eq!(
+        outcome,
+        flowd::flows::VerifyOutcome::Verified {
+            connections: sockets as u64,
+            excused: 0
+        }
+    );
+    (took, walk)
+}
+
 /// The daemon's reconcile from sock_diag and from the iterator, with and without
 /// tcp_info (the poller asks for it on every 4th dump, or every dump when dumps are
 /// rare), and the ratios to `ss -tan` of the same run.
@@ -183,6 +210,16 @@ fn compare_sources(
     }
     let (v_sd, v_it) = interleaved(sd, it, &mut t_sd, &mut t_it);
     let st = *it.stats();
+    let (mut v_verify, mut v_walk, mut v_fold) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (took, walk) = verify_round(it, &mut t_it, sockets);
+        v_verify.push(took);
+        v_walk.push(walk);
+        let t = Instant::now();
+        t_it.verify_begin(1);
+        v_fold.push(t.elapsed());
+        t_it.verify_end(None);
+    }
     sd.set_tcp_info(false);
     it.set_tcp_info(false);
     let (n_sd, n_it) = interleaved(sd, it, &mut t_sd, &mut t_it);
@@ -200,6 +237,9 @@ fn compare_sources(
     let (nsd_min, nsd_med) = stats(n_sd);
     let (nit_min, nit_med) = stats(n_it);
     let (e_min, e_med) = stats(v_empty);
+    let (vf_min, vf_med) = stats(v_verify);
+    let (vw_min, vw_med) = stats(v_walk);
+    let (fo_min, fo_med) = stats(v_fold);
     println!("  reconcile as the daemon makes it (poller thread: dump in parts of {DUMP_PART}; engine thread: dump_part, dump_complete; {RUNS} rounds each, interleaved):");
     println!(
         "    sock_diag, tcp_info:     min {} median {}",
@@ -225,6 +265,21 @@ fn compare_sources(
         "    BPF iterator of an empty namespace (these sockets elsewhere): min {} median {}",
         ms(e_min),
         ms(e_med)
+    );
+    println!(
+        "    verify walk (digests, no records; the table folded meanwhile): min {} median {} (walk alone min {} median {}; table sweep and fold alone min {} median {})",
+        ms(vf_min),
+        ms(vf_med),
+        ms(vw_min),
+        ms(vw_med),
+        ms(fo_min),
+        ms(fo_med)
+    );
+    println!(
+        "    verify/iterator {} verify/sock_diag {} verify/ss -tan {}",
+        ratio(vf_med, it_med),
+        ratio(vf_med, sd_med),
+        ratio(vf_med, ss.1)
     );
     println!(
         "    ratios of medians: iterator/sock_diag {} ({} without tcp_info), iterator/ss -tan {}, sock_diag/ss -tan {} (ss -tan median {})",

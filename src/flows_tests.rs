@@ -433,8 +433,8 @@ fn verify_walk_passes_on_an_equal_table_and_finds_what_the_tracker_missed() {
         t.apply_observation(obs(c, Established, Source::Tracker));
     }
     let conns: Vec<_> = (1..=50).map(|c| (c, Established)).collect();
-    t.verify_begin(9);
-    let (o, ev) = t.verify_end(Some(&kernel_digest(9, &conns)));
+    assert!(t.verify_begin(9).is_empty());
+    let o = t.verify_end(Some(&kernel_digest(9, &conns)));
     assert_eq!(
         o,
         VerifyOutcome::Verified {
@@ -442,14 +442,13 @@ fn verify_walk_passes_on_an_equal_table_and_finds_what_the_tracker_missed() {
             excused: 0
         }
     );
-    assert!(ev.is_empty());
 
     // A socket the tracker never reported.
     let mut more = conns.clone();
     more.push((51, Established));
     t.verify_begin(9);
     assert_eq!(
-        t.verify_end(Some(&kernel_digest(9, &more))).0,
+        t.verify_end(Some(&kernel_digest(9, &more))),
         VerifyOutcome::Mismatch {
             parts: 1,
             kernel: 51,
@@ -461,7 +460,7 @@ fn verify_walk_passes_on_an_equal_table_and_finds_what_the_tracker_missed() {
     changed[0].1 = CloseWait;
     t.verify_begin(9);
     assert!(matches!(
-        t.verify_end(Some(&kernel_digest(9, &changed))).0,
+        t.verify_end(Some(&kernel_digest(9, &changed))),
         VerifyOutcome::Mismatch { parts: 1, .. }
     ));
     // The same change reported while the kernel walks: the kernel may have seen
@@ -469,7 +468,7 @@ fn verify_walk_passes_on_an_equal_table_and_finds_what_the_tracker_missed() {
     t.verify_begin(9);
     t.apply_observation(obs(1, CloseWait, Source::Tracker));
     assert_eq!(
-        t.verify_end(Some(&kernel_digest(9, &changed))).0,
+        t.verify_end(Some(&kernel_digest(9, &changed))),
         VerifyOutcome::Verified {
             connections: 50,
             excused: 1
@@ -478,11 +477,11 @@ fn verify_walk_passes_on_an_equal_table_and_finds_what_the_tracker_missed() {
 
     // No digest, none begun, another seed: nothing verified.
     t.verify_begin(9);
-    assert_eq!(t.verify_end(None).0, VerifyOutcome::Failed);
+    assert_eq!(t.verify_end(None), VerifyOutcome::Failed);
     let k = kernel_digest(9, &changed);
-    assert_eq!(t.verify_end(Some(&k)).0, VerifyOutcome::Failed);
+    assert_eq!(t.verify_end(Some(&k)), VerifyOutcome::Failed);
     t.verify_begin(10);
-    assert_eq!(t.verify_end(Some(&k)).0, VerifyOutcome::Failed);
+    assert_eq!(t.verify_end(Some(&k)), VerifyOutcome::Failed);
     let c = t.counters().verify;
     assert_eq!(
         (c.verified, c.mismatched, c.failed, c.excused_parts),
@@ -509,7 +508,7 @@ fn verify_walk_is_inconclusive_while_a_flow_lacks_what_a_dump_fills_in() {
     let k = kernel_digest(3, &[(1, Established), (2, Established)]);
     t.verify_begin(3);
     assert_eq!(
-        t.verify_end(Some(&k)).0,
+        t.verify_end(Some(&k)),
         VerifyOutcome::Inconclusive { flows: 1 }
     );
     assert!(t.wants_full_dump());
@@ -521,7 +520,7 @@ fn verify_walk_is_inconclusive_while_a_flow_lacks_what_a_dump_fills_in() {
     t.reconcile(&dump, Instant::now());
     assert!(!t.wants_full_dump());
     t.verify_begin(3);
-    assert!(t.verify_end(Some(&k)).0.verified());
+    assert!(t.verify_end(Some(&k)).verified());
 
     // A request socket a dump met: no full socket for the kernel to count.
     let mut req = obs(3, SynRecv, Source::SockDiag);
@@ -530,7 +529,7 @@ fn verify_walk_is_inconclusive_while_a_flow_lacks_what_a_dump_fills_in() {
     t.dump_abandoned();
     t.verify_begin(3);
     assert_eq!(
-        t.verify_end(Some(&k)).0,
+        t.verify_end(Some(&k)),
         VerifyOutcome::Inconclusive { flows: 1 }
     );
 }
@@ -544,9 +543,9 @@ fn verify_walk_ends_time_wait_past_its_grace_as_a_dump_does() {
     });
     t.apply_observation(obs(1, SockState::Established, Source::Tracker));
     t.apply_observation(obs(1, SockState::TimeWait, Source::Tracker));
-    t.verify_begin(5);
-    let (o, ev) = t.verify_end(Some(&kernel_digest(5, &[])));
-    assert!(o.verified(), "{o:?}");
+    let ev = t.verify_begin(5);
     assert_eq!(kinds(&ev), ["tw-expired"]);
     assert!(t.is_empty());
+    let o = t.verify_end(Some(&kernel_digest(5, &[])));
+    assert!(o.verified(), "{o:?}");
 }

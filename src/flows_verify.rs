@@ -72,8 +72,13 @@ pub(super) fn incomplete(flow: &Flow) -> bool {
 
 impl FlowTable {
     /// A verify walk of the daemon's namespace begins, its digests seeded with
-    /// `seed`: fold the table now. O(table).
-    pub fn verify_begin(&mut self, seed: u64) {
+    /// `seed`: ends what expired, as a complete dump would (TIME_WAIT past its
+    /// grace, other namespaces' silent closing sockets), and folds the table.
+    /// O(table), while the kernel walks: the walk's end then costs nothing more.
+    pub fn verify_begin(&mut self, seed: u64) -> Vec<FlowEvent> {
+        let now = Instant::now();
+        self.incomplete_added = self.sweep(None, now);
+        let ended = self.take_ended(now);
         let mut table = WalkDigest::new(seed);
         let mut unverifiable = 0;
         for e in self.flows.values() {
@@ -91,6 +96,7 @@ impl FlowTable {
             touched: [false; PARTS],
             unverifiable,
         }));
+        ended
     }
 
     /// An event about `cookie`: while a walk is open, its partition may differ.
@@ -101,9 +107,8 @@ impl FlowTable {
     }
 
     /// The walk begun by [`Self::verify_begin`] ended with `kernel` (`None`: it
-    /// failed). Compares, counts the outcome and ends what expired, as a complete
-    /// dump would (TIME_WAIT grace, other namespaces' silent closing sockets).
-    pub fn verify_end(&mut self, kernel: Option<&WalkDigest>) -> (VerifyOutcome, Vec<FlowEvent>) {
+    /// failed): compares and counts the outcome. O(partitions).
+    pub fn verify_end(&mut self, kernel: Option<&WalkDigest>) -> VerifyOutcome {
         let open = self.verify.take();
         let outcome = match (open, kernel) {
             (Some(v), Some(k)) if k.seed == v.table.seed => judge(&v, k),
@@ -119,10 +124,7 @@ impl FlowTable {
             VerifyOutcome::Inconclusive { .. } => c.inconclusive += 1,
             VerifyOutcome::Failed => c.failed += 1,
         }
-        let now = Instant::now();
-        let incomplete = self.sweep(None, now);
-        self.incomplete_added = incomplete;
-        (outcome, self.take_ended(now))
+        outcome
     }
 
     /// Whether the next periodic reconcile should be a full dump rather than a

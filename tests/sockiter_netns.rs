@@ -439,7 +439,7 @@ fn privileged_verify_walk_matches_the_table_and_finds_what_it_lacks() {
         let verify = |it: &mut SockIter, table: &mut FlowTable| {
             table.verify_begin(it.digest_seed());
             let digest = it.verify().expect("verify walk");
-            table.verify_end(Some(&digest)).0
+            table.verify_end(Some(&digest))
         };
         dump_into(&mut it, &mut table);
         // 6 established ends, FIN_WAIT2 and CLOSE_WAIT, 2 connected UDP; not the
@@ -477,7 +477,7 @@ fn privileged_verify_walk_matches_the_table_and_finds_what_it_lacks() {
         for o in new_ends {
             table.apply_observation(o);
         }
-        match table.verify_end(Some(&digest)).0 {
+        match table.verify_end(Some(&digest)) {
             VerifyOutcome::Verified {
                 connections: 12,
                 excused,

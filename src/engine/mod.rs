@@ -438,10 +438,7 @@ impl Engine {
                     }
                 }
             }
-            Discovery::VerifyBegun { seed } => {
-                self.table.verify_begin(seed);
-                return;
-            }
+            Discovery::VerifyBegun { seed } => self.table.verify_begin(seed),
             Discovery::Verified(v) => {
                 let digest = match &v.digest {
                     Ok(d) => Some(d),
@@ -450,7 +447,7 @@ impl Engine {
                         None
                     }
                 };
-                let (outcome, events) = self.table.verify_end(digest);
+                let outcome = self.table.verify_end(digest);
                 self.last_verify = Some((outcome, v.duration));
                 if outcome.verified() {
                     debug!(
@@ -458,12 +455,11 @@ impl Engine {
                         duration_us = v.duration.as_micros() as u64,
                         "verify walk: the table holds what the kernel has"
                     );
-                    self.reconciled(v.started, events);
+                    self.reconciled(v.started, Vec::new());
                 } else {
                     if matches!(outcome, crate::flows::VerifyOutcome::Mismatch { .. }) {
                         info!(?outcome, "verify walk: the table differs from the kernel's sockets: asking for a full dump");
                     }
-                    self.apply(events);
                     if let Some(d) = &self.dumps {
                         d.request();
                     }
