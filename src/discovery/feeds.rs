@@ -287,6 +287,11 @@ impl DumpSchedule {
         }
     }
 
+    /// Whether the next reconcile is to be a full dump.
+    pub fn full_dump_wanted(&self) -> bool {
+        self.full_wanted.load(Ordering::Relaxed)
+    }
+
     /// Lets periodic reconciles be verify walks (while the tracker sees every
     /// change: set with [`DumpSchedule::set_interval`]).
     pub fn allow_verify_walks(&self) {

@@ -471,3 +471,59 @@ fn per_flow_series_carry_flowd_go_names_and_labels_up_to_the_cap() {
         "{text}"
     );
 }
+
+#[test]
+fn a_verify_walk_that_finds_a_difference_asks_for_a_full_dump() {
+    use crate::discovery::feeds::{DumpSchedule, Verify};
+    use crate::discovery::walk_digest::WalkDigest;
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "Analysis Input");
+    let dumps = DumpSchedule::new(Duration::from_secs(5));
+    let mut e = engine(dir.path(), RecordingStore::new(16)).with_dump_schedule(dumps.clone());
+    let complete = |cookie, key| {
+        let Discovery::Observed(mut o, at) = observed(cookie, key, SockState::Established) else {
+            unreachable!()
+        };
+        o.cgroup_id = Some(7);
+        Discovery::Observed(o, at)
+    };
+    e.on_discovery(complete(1, key(40000, 1094)));
+    assert!(!dumps.full_dump_wanted());
+    let walk = |e: &mut Engine, kernel: &WalkDigest| {
+        e.on_discovery(Discovery::VerifyBegun { seed: 5 });
+        e.on_discovery(Discovery::Verified(Verify {
+            started: Instant::now(),
+            digest: Ok(kernel.clone()),
+            duration: Duration::from_millis(3),
+        }));
+    };
+    let mut kernel = WalkDigest::new(5);
+    kernel.add(1, &key(40000, 1094), SockState::Established);
+    walk(&mut e, &kernel);
+    assert!(
+        !dumps.full_dump_wanted(),
+        "the table holds what the kernel has"
+    );
+    let st = e.status().verify_walks;
+    assert_eq!(
+        (st.verified, st.last_outcome.as_str(), st.last_connections),
+        (1, "verified", 1)
+    );
+
+    // The kernel has a connection nobody reported.
+    kernel.add(2, &key(40001, 1094), SockState::Established);
+    walk(&mut e, &kernel);
+    assert!(dumps.full_dump_wanted());
+    let st = e.status().verify_walks;
+    assert_eq!(
+        (st.verified, st.mismatch, st.last_outcome.as_str()),
+        (1, 1, "mismatch")
+    );
+
+    // A flow reported without its owner's cgroup (from softirq) wants a full
+    // dump for itself, before any walk.
+    let dumps = DumpSchedule::new(Duration::from_secs(5));
+    let mut e = engine(dir.path(), RecordingStore::new(16)).with_dump_schedule(dumps.clone());
+    e.on_discovery(observed(3, key(40002, 1094), SockState::Established));
+    assert!(dumps.full_dump_wanted());
+}
