@@ -457,13 +457,19 @@ _Static_assert(sizeof(struct flowd_sock_record) == 112, "flowd_sock_record size"
  * and add it to one of FLOWD_DIGEST_PARTS partitions (count and sum). The daemon
  * folds its flow table the same way: equal partitions mean the table already
  * holds what the kernel has. Which sockets count: full TCP sockets in the states
- * of FLOWD_DIGEST_TCP_STATES (a bit per state) and connected UDP sockets.
+ * of FLOWD_DIGEST_TCP_STATES (a bit per state) and connected UDP sockets. In the
+ * states of FLOWD_DIGEST_BOUND_STATES, whether the socket has a struct socket
+ * (an inode) is folded too: an accepted connection gets one at accept(), and
+ * the daemon wants its inode then (the process that holds it).
  */
 enum flowd_digest_limits {
 	FLOWD_DIGEST_PARTS = 256,
 	/* ESTABLISHED, SYN_SENT, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING */
 	FLOWD_DIGEST_TCP_STATES = 0xb36,
 	FLOWD_DIGEST_UDP_STATES = 0x2,
+	/* ESTABLISHED, SYN_SENT, CLOSE_WAIT: states a socket cannot be in once its
+	 * owner closed it (so no orphan counts as a difference) */
+	FLOWD_DIGEST_BOUND_STATES = 0x106,
 };
 
 struct flowd_digest_part {

@@ -144,20 +144,24 @@ static __always_inline __u64 digest_mix(__u64 h, __u64 w)
 
 /*
  * walk_digest::socket_digest() in Rust, word for word: the cookie, then
- * protocol | state << 8 | local port << 16 | remote port << 32, then the local
+ * protocol | state << 8 | local port << 16 | remote port << 32 | bound << 40
+ * (bound: the socket has a struct socket and its state is one of
+ * FLOWD_DIGEST_BOUND_STATES), then the local
  * and remote addresses as 16 bytes (IPv4 as ::ffff:a.b.c.d), two native-order
  * words each. The partition comes from the cookie alone, so the daemon can name
  * the partition of a socket it only knows by cookie.
  */
-static __always_inline void digest_socket(struct sock_common *skc, __u8 protocol, __u8 state,
-					  __u32 states)
+static __always_inline void digest_socket(struct sock_common *skc, struct sock *sk, __u8 protocol,
+					  __u8 state, __u32 states)
 {
+	__u64 bound;
 	__u64 seed = flowd_digest_seed, cookie, h, l0, l1, r0, r1;
 	struct flowd_digest_part *p;
 	__u32 part;
 
 	if (state > 31 || !(states & (1u << state)))
 		return;
+	bound = (FLOWD_DIGEST_BOUND_STATES & (1u << state)) && sk->sk_socket;
 	cookie = flowd_tracing_cookie ? bpf_get_socket_cookie(skc) : skc->skc_cookie.counter;
 	if (skc->skc_family == FLOWD_AF_INET6) {
 		l0 = (__u64)skc->skc_v6_rcv_saddr.in6_u.u6_addr32[1] << 32 |
@@ -176,7 +180,7 @@ static __always_inline void digest_socket(struct sock_common *skc, __u8 protocol
 	}
 	h = digest_mix(seed, cookie);
 	h = digest_mix(h, protocol | (__u64)state << 8 | (__u64)skc->skc_num << 16 |
-				  (__u64)bpf_ntohs(skc->skc_dport) << 32);
+				  (__u64)bpf_ntohs(skc->skc_dport) << 32 | bound << 40);
 	h = digest_mix(h, l0);
 	h = digest_mix(h, l1);
 	h = digest_mix(h, r0);
@@ -210,8 +214,11 @@ int flowd_iter_tcp(struct bpf_iter__tcp *ctx)
 	if (flowd_walk_digest) {
 		/* Full sockets only: TIME_WAIT and request sockets are not flows the
 		 * table keeps (the tracker reported their full socket's close). */
-		if (skc->skc_state != FLOWD_TCP_TIME_WAIT && skc->skc_state != FLOWD_TCP_NEW_SYN_RECV)
-			digest_socket(skc, FLOWD_IPPROTO_TCP, skc->skc_state,
+		if (skc->skc_state == FLOWD_TCP_TIME_WAIT || skc->skc_state == FLOWD_TCP_NEW_SYN_RECV)
+			return 0;
+		tp = bpf_skc_to_tcp_sock(skc);
+		if (tp)
+			digest_socket(skc, (struct sock *)tp, FLOWD_IPPROTO_TCP, skc->skc_state,
 				      FLOWD_DIGEST_TCP_STATES);
 		return 0;
 	}
@@ -263,7 +270,7 @@ int flowd_iter_udp(struct bpf_iter__udp *ctx)
 		return 0;
 	sk = (struct sock *)udp;
 	if (flowd_walk_digest) {
-		digest_socket((struct sock_common *)udp, FLOWD_IPPROTO_UDP,
+		digest_socket((struct sock_common *)udp, sk, FLOWD_IPPROTO_UDP,
 			      sk->__sk_common.skc_state, FLOWD_DIGEST_UDP_STATES);
 		return 0;
 	}

@@ -420,7 +420,8 @@ fn kernel_digest(
 ) -> crate::discovery::walk_digest::WalkDigest {
     let mut d = crate::discovery::walk_digest::WalkDigest::new(seed);
     for &(cookie, state) in conns {
-        d.add(cookie, &obs(cookie, state, Source::Tracker).key, state);
+        let o = obs(cookie, state, Source::Tracker);
+        d.add(cookie, &o.key, state, o.inode);
     }
     d
 }

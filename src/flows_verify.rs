@@ -61,13 +61,13 @@ impl VerifyOutcome {
     }
 }
 
-/// A flow a full dump would tell more about: its owner's uid or cgroup, its
-/// direction, or (no pid known either) the inode that names its process.
+/// A flow a full dump would tell more about: its owner's uid or cgroup, or its
+/// direction. (A missing inode the digest itself shows, as a socket that has
+/// one now.)
 pub(super) fn incomplete(flow: &Flow) -> bool {
     flow.owner.uid.is_none()
         || flow.owner.cgroup_id.is_none()
         || flow.direction == Direction::Unknown
-        || (flow.inode == 0 && flow.owner.pid.is_none())
 }
 
 impl FlowTable {
@@ -89,7 +89,7 @@ impl FlowTable {
             if matches!(f.state, SockState::SynRecv | SockState::NewSynRecv) || incomplete(f) {
                 unverifiable += 1;
             }
-            table.add(f.cookie, &f.key, f.state);
+            table.add(f.cookie, &f.key, f.state, f.inode);
         }
         self.verify = Some(Box::new(OpenVerify {
             table,

@@ -19,6 +19,7 @@ use crate::model::socket::{FlowKey, Protocol, SockState};
 pub const PARTS: usize = flowd_digest_limits::FLOWD_DIGEST_PARTS.0 as usize;
 const TCP_STATES: u32 = flowd_digest_limits::FLOWD_DIGEST_TCP_STATES.0;
 const UDP_STATES: u32 = flowd_digest_limits::FLOWD_DIGEST_UDP_STATES.0;
+const BOUND_STATES: u32 = flowd_digest_limits::FLOWD_DIGEST_BOUND_STATES.0;
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// One partition: how many connections, and the wrapping sum of their digests
@@ -52,16 +53,16 @@ impl WalkDigest {
         }
     }
 
-    /// Folds in one connection, if it is one the walk counts ([`counted`]).
-    pub fn add(&mut self, cookie: u64, key: &FlowKey, state: SockState) {
+    /// Folds in one connection, if it is one the walk counts ([`counted`]);
+    /// `inode` 0 for a socket without a struct socket (not yet accepted).
+    pub fn add(&mut self, cookie: u64, key: &FlowKey, state: SockState, inode: u64) {
         if !counted(key.proto, state) {
             return;
         }
         let p = &mut self.parts[part_of(self.seed, cookie)];
         p.count += 1;
-        p.sum = p
-            .sum
-            .wrapping_add(socket_digest(self.seed, cookie, key, state));
+        let d = socket_digest(self.seed, cookie, key, state, inode != 0);
+        p.sum = p.sum.wrapping_add(d);
     }
 
     pub fn connections(&self) -> u64 {
@@ -98,13 +99,22 @@ fn mix(h: u64, w: u64) -> u64 {
 
 /// One connection's digest, word for word as `digest_socket` in
 /// bpf/sockiter.bpf.c (native byte order: the program runs on this host).
-pub fn socket_digest(seed: u64, cookie: u64, key: &FlowKey, state: SockState) -> u64 {
+/// `has_socket` (an inode) counts only in states an orphan cannot be in.
+pub fn socket_digest(
+    seed: u64,
+    cookie: u64,
+    key: &FlowKey,
+    state: SockState,
+    has_socket: bool,
+) -> u64 {
+    let bound = has_socket && BOUND_STATES & (1 << state as u32) != 0;
     let (local, remote) = key.ip_octets();
     let word = |b: &[u8; 16], i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
     let meta = u64::from(key.proto.ip_proto())
         | u64::from(state as u8) << 8
         | u64::from(key.local().port()) << 16
-        | u64::from(key.remote().port()) << 32;
+        | u64::from(key.remote().port()) << 32
+        | u64::from(bound) << 40;
     [
         cookie,
         meta,
@@ -168,39 +178,33 @@ mod tests {
     #[test]
     fn any_field_changes_the_digest_and_order_does_not_matter() {
         let k = key("[fd00::1]:40000", "[fd00::2]:1094");
-        let base = socket_digest(7, 42, &k, SockState::Established);
-        assert_ne!(base, socket_digest(8, 42, &k, SockState::Established));
-        assert_ne!(base, socket_digest(7, 43, &k, SockState::Established));
-        assert_ne!(base, socket_digest(7, 42, &k, SockState::CloseWait));
-        assert_ne!(
-            base,
-            socket_digest(
-                7,
-                42,
-                &key("[fd00::1]:40001", "[fd00::2]:1094"),
-                SockState::Established
-            )
-        );
-        assert_ne!(
-            base,
-            socket_digest(
-                7,
-                42,
-                &key("[fd00::1]:40000", "[fd00::3]:1094"),
-                SockState::Established
-            )
+        let est = SockState::Established;
+        let base = socket_digest(7, 42, &k, est, true);
+        assert_ne!(base, socket_digest(8, 42, &k, est, true));
+        assert_ne!(base, socket_digest(7, 43, &k, est, true));
+        assert_ne!(base, socket_digest(7, 42, &k, SockState::CloseWait, true));
+        assert_ne!(base, socket_digest(7, 42, &k, est, false), "accepted since");
+        let other_port = key("[fd00::1]:40001", "[fd00::2]:1094");
+        assert_ne!(base, socket_digest(7, 42, &other_port, est, true));
+        let other_peer = key("[fd00::1]:40000", "[fd00::3]:1094");
+        assert_ne!(base, socket_digest(7, 42, &other_peer, est, true));
+        // An orphan (closed by its owner, no socket any more) is no difference.
+        let fw1 = SockState::FinWait1;
+        assert_eq!(
+            socket_digest(7, 42, &k, fw1, true),
+            socket_digest(7, 42, &k, fw1, false)
         );
         let (mut a, mut b) = (WalkDigest::new(7), WalkDigest::new(7));
         let k2 = key("[fd00::1]:40002", "[fd00::2]:1094");
-        a.add(1, &k, SockState::Established);
-        a.add(2, &k2, SockState::Established);
-        b.add(2, &k2, SockState::Established);
-        b.add(1, &k, SockState::Established);
+        a.add(1, &k, SockState::Established, 11);
+        a.add(2, &k2, SockState::Established, 12);
+        b.add(2, &k2, SockState::Established, 12);
+        b.add(1, &k, SockState::Established, 11);
         assert_eq!(a, b);
         assert_eq!(a.connections(), 2);
-        b.add(3, &k2, SockState::Listen);
+        b.add(3, &k2, SockState::Listen, 13);
         assert_eq!(a, b, "a listener is not counted");
-        b.add(3, &k2, SockState::FinWait1);
+        b.add(3, &k2, SockState::FinWait1, 13);
         assert_eq!(a.differing(&b).collect::<Vec<_>>(), vec![part_of(7, 3)]);
     }
 

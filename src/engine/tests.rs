@@ -498,7 +498,7 @@ fn a_verify_walk_that_finds_a_difference_asks_for_a_full_dump() {
         }));
     };
     let mut kernel = WalkDigest::new(5);
-    kernel.add(1, &key(40000, 1094), SockState::Established);
+    kernel.add(1, &key(40000, 1094), SockState::Established, 1001);
     walk(&mut e, &kernel);
     assert!(
         !dumps.full_dump_wanted(),
@@ -511,7 +511,7 @@ fn a_verify_walk_that_finds_a_difference_asks_for_a_full_dump() {
     );
 
     // The kernel has a connection nobody reported.
-    kernel.add(2, &key(40001, 1094), SockState::Established);
+    kernel.add(2, &key(40001, 1094), SockState::Established, 1002);
     walk(&mut e, &kernel);
     assert!(dumps.full_dump_wanted());
     let st = e.status().verify_walks;
