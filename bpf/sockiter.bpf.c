@@ -37,6 +37,11 @@ __u32 flowd_tcp_info = 1;
  * once per daemon, so a local user cannot aim sockets at one digest. */
 __u32 flowd_walk_digest = 0;
 __u64 flowd_digest_seed = 0;
+/* A read() that passes a million sockets without writing anything fails with
+ * EAGAIN (bpf_seq_read's MAX_ITER_OBJECTS): a digest walk writes an all-zero
+ * record each time it has visited mask + 1 sockets (a power of two). */
+__u64 flowd_digest_visited = 0;
+__u64 flowd_digest_progress_mask = (1 << 19) - 1;
 struct flowd_digest_part flowd_digest[FLOWD_DIGEST_PARTS] = {};
 
 /* Not used by the programs: make libbpf-cargo emit the record and its flags into
@@ -193,6 +198,14 @@ static __always_inline void digest_socket(struct sock_common *skc, struct sock *
 	p->sum += h;
 }
 
+static __always_inline void digest_progress(struct seq_file *seq)
+{
+	struct flowd_sock_record none = {};
+
+	if ((++flowd_digest_visited & flowd_digest_progress_mask) == 0)
+		bpf_seq_write(seq, &none, sizeof(none));
+}
+
 static __always_inline void read_full(struct flowd_sock_record *r, struct sock *sk, __u32 uid)
 {
 	r->flags |= FLOWD_SR_FULL;
@@ -212,6 +225,7 @@ int flowd_iter_tcp(struct bpf_iter__tcp *ctx)
 	if (!skc)
 		return 0;
 	if (flowd_walk_digest) {
+		digest_progress(ctx->meta->seq);
 		/* Full sockets only: TIME_WAIT and request sockets are not flows the
 		 * table keeps (the tracker reported their full socket's close). */
 		if (skc->skc_state == FLOWD_TCP_TIME_WAIT || skc->skc_state == FLOWD_TCP_NEW_SYN_RECV)
@@ -270,6 +284,7 @@ int flowd_iter_udp(struct bpf_iter__udp *ctx)
 		return 0;
 	sk = (struct sock *)udp;
 	if (flowd_walk_digest) {
+		digest_progress(ctx->meta->seq);
 		digest_socket((struct sock_common *)udp, sk, FLOWD_IPPROTO_UDP,
 			      sk->__sk_common.skc_state, FLOWD_DIGEST_UDP_STATES);
 		return 0;

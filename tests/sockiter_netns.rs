@@ -453,6 +453,20 @@ fn privileged_verify_walk_matches_the_table_and_finds_what_it_lacks() {
         );
         // The walk read no record, and the next full dump still works.
         assert_eq!(iter_dump(&mut it).len(), 11);
+        // The progress records that keep a walk of a million sockets going
+        // (every 2^19 by default) change nothing.
+        it.set_digest_progress_every(2);
+        assert_eq!(
+            verify(&mut it, &mut table),
+            VerifyOutcome::Verified {
+                connections: 10,
+                excused: 0
+            }
+        );
+        // One per 2 sockets visited: 3 listeners, 6 established ends, TIME_WAIT,
+        // FIN_WAIT2, CLOSE_WAIT and 3 UDP sockets make 15.
+        assert_eq!(it.verify_progress_records(), 7);
+        it.set_digest_progress_every(1 << 19);
 
         // A connection the table has not heard of.
         let l = TcpListener::bind("127.0.0.1:6000").unwrap();

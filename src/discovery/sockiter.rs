@@ -104,6 +104,8 @@ pub struct SockIter {
     tcp_info: bool,
     /// For the verify walk's digests ([`SockIter::verify`]), drawn once.
     digest_seed: u64,
+    /// Progress records the last verify walk read.
+    verify_progress: usize,
     stats: PollerStats,
 }
 
@@ -169,6 +171,7 @@ impl SockIter {
             pending_udp: Vec::new(),
             tcp_info: true,
             digest_seed: rand::random::<u64>(),
+            verify_progress: 0,
             stats: PollerStats::default(),
         })
     }
@@ -192,6 +195,15 @@ impl SockIter {
         &self.stats
     }
 
+    /// Makes [`SockIter::verify`] write a progress record every `every` sockets
+    /// (a power of two; 2^19 by default) instead: for tests of the reader.
+    pub fn set_digest_progress_every(&mut self, every: u64) {
+        assert!(every.is_power_of_two(), "{every}");
+        if let Some(data) = self.skel.maps.data_data.as_deref_mut() {
+            data.flowd_digest_progress_mask = every - 1;
+        }
+    }
+
     /// The seed of [`SockIter::verify`]'s digests.
     pub fn digest_seed(&self) -> u64 {
         self.digest_seed
@@ -206,6 +218,7 @@ impl SockIter {
             return Err(SockIterError::NoDigest);
         };
         bss.flowd_digest_seed = seed;
+        bss.flowd_digest_visited = 0;
         for p in bss.flowd_digest.iter_mut() {
             p.count = 0;
             p.sum = 0;
@@ -242,9 +255,12 @@ impl SockIter {
         let mut tally = reader::ReadTally::default();
         let mut result = Ok(());
         for (fd, iter) in [(tcp, "tcp"), (udp, "udp")] {
-            // A digest walk writes nothing; a record would be a program that
-            // ignored the mode.
-            result = reader::read_records(fd.as_fd(), &mut buf, iter, &mut tally, &mut |_| {
+            // A digest walk writes nothing but all-zero progress records; another
+            // would be a program that ignored the mode.
+            result = reader::read_records(fd.as_fd(), &mut buf, iter, &mut tally, &mut |b| {
+                if b.iter().all(|&x| x == 0) {
+                    return Ok(());
+                }
                 Err(SockIterError::Record {
                     iter,
                     source: RecordError::Unexpected,
@@ -255,7 +271,13 @@ impl SockIter {
             }
         }
         self.buf = buf;
+        self.verify_progress = tally.bytes / RECORD_SIZE;
         result
+    }
+
+    /// Progress records the last verify walk read.
+    pub fn verify_progress_records(&self) -> usize {
+        self.verify_progress
     }
 
     /// Dump every TCP and connected UDP socket into `out` (cleared first), as
