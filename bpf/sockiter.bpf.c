@@ -149,7 +149,7 @@ static __always_inline __u64 digest_mix(__u64 h, __u64 w)
 
 /*
  * walk_digest::socket_digest() in Rust, word for word: the cookie, then
- * protocol | state << 8 | local port << 16 | remote port << 32 | bound << 40
+ * protocol | state << 8 | local port << 16 | remote port << 32 | bound << 48
  * (bound: the socket has a struct socket and its state is one of
  * FLOWD_DIGEST_BOUND_STATES), then the local
  * and remote addresses as 16 bytes (IPv4 as ::ffff:a.b.c.d), two native-order
@@ -185,7 +185,7 @@ static __always_inline void digest_socket(struct sock_common *skc, struct sock *
 	}
 	h = digest_mix(seed, cookie);
 	h = digest_mix(h, protocol | (__u64)state << 8 | (__u64)skc->skc_num << 16 |
-				  (__u64)bpf_ntohs(skc->skc_dport) << 32 | bound << 40);
+				  (__u64)bpf_ntohs(skc->skc_dport) << 32 | bound << 48);
 	h = digest_mix(h, l0);
 	h = digest_mix(h, l1);
 	h = digest_mix(h, r0);

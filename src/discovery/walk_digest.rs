@@ -114,7 +114,7 @@ pub fn socket_digest(
         | u64::from(state as u8) << 8
         | u64::from(key.local().port()) << 16
         | u64::from(key.remote().port()) << 32
-        | u64::from(bound) << 40;
+        | u64::from(bound) << 48;
     [
         cookie,
         meta,
@@ -184,6 +184,12 @@ mod tests {
         assert_ne!(base, socket_digest(7, 43, &k, est, true));
         assert_ne!(base, socket_digest(7, 42, &k, SockState::CloseWait, true));
         assert_ne!(base, socket_digest(7, 42, &k, est, false), "accepted since");
+        // Above the remote port's bits, whatever the port (bit 8 of 41262 is set).
+        let high_port = key("[fd00::1]:6001", "[fd00::2]:41262");
+        assert_ne!(
+            socket_digest(7, 42, &high_port, est, true),
+            socket_digest(7, 42, &high_port, est, false)
+        );
         let other_port = key("[fd00::1]:40001", "[fd00::2]:1094");
         assert_ne!(base, socket_digest(7, 42, &other_port, est, true));
         let other_peer = key("[fd00::1]:40000", "[fd00::3]:1094");
