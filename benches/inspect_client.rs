@@ -137,10 +137,15 @@ fn json_listing() {
     let sock = dir.path().join("control.sock");
     let _daemon = fake_daemon::FakeDaemon::start_paged(&sock, fake_daemon::flows(N), 5_000);
     println!("== inspect --json, {N} flows, pages of 5 000 (peak RSS of the client)");
-    for args in [&["--json"][..], &["--json", "--sort", "bytes"]] {
+    for args in [
+        &["--json"][..],
+        &["--json", "--sort", "bytes"],
+        &["--json", "--sort", "bytes", "--top", "100"],
+        &["--once", "--sort", "bytes", "--top", "100"],
+    ] {
         let (kib, took) = peak_rss(&sock, args);
         println!(
-            "{:<26} {:>8.1} MiB, {:.2} s",
+            "{:<32} {:>8.1} MiB, {:.2} s",
             args.join(" "),
             kib as f64 / 1024.0,
             took.as_secs_f64()

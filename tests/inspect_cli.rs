@@ -161,3 +161,56 @@ fn json_without_sort_streams_every_page_in_the_daemons_order() {
         .collect();
     assert_eq!(afters, [None, Some(all[3]), Some(all[7])], "{reqs:?}");
 }
+
+/// --top N: the first N flows by the sort column, chosen as the pages arrive
+/// (every page is asked for), the same rows a full sort would show first.
+#[test]
+fn top_shows_the_first_flows_of_the_sort_from_every_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let flows = fake_daemon::flows(9);
+    let d = FakeDaemon::start_paged(&sock, flows.clone(), 4);
+    let out = inspect(&sock, &["--json", "--top", "3", "--sort", "bytes"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<(u64, u64)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<FlowView>(l).unwrap())
+        .map(|f| (f.bytes, f.cookie))
+        .collect();
+    let mut want: Vec<(u64, u64)> = flows.iter().map(|f| (f.bytes, f.cookie)).collect();
+    // Biggest first, ties by cookie.
+    want.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    want.truncate(3);
+    assert_eq!(got, want);
+    assert_eq!(
+        d.requests.lock().unwrap().len(),
+        3,
+        "three pages of 4, 4 and 1"
+    );
+
+    // The table, least bytes first.
+    let out = inspect(
+        &sock,
+        &["--once", "--top", "2", "--sort", "bytes", "--reverse"],
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut least: Vec<&FlowView> = flows.iter().collect();
+    least.sort_by(|a, b| a.bytes.cmp(&b.bytes).then(a.cookie.cmp(&b.cookie)));
+    let rows: Vec<&str> = text.lines().skip(1).take(2).collect();
+    for (row, f) in rows.iter().zip(&least) {
+        assert!(
+            row.contains(&f.local.to_string()),
+            "{row} for {f:?}\n{text}"
+        );
+    }
+    assert_eq!(
+        inspect(&sock, &["--once", "--top", "0"]).status.code(),
+        Some(2)
+    );
+}

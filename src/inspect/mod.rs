@@ -4,6 +4,7 @@
 //! ```text
 //! columns -- the table's columns: cells, sorting, per-experiment totals
 //! plain   -- --once / --json / stdout not a terminal
+//! top     -- --top N: the first N flows chosen as the pages stream in
 //! tui     -- the live view (ratatui + crossterm)
 //! ```
 
@@ -11,6 +12,7 @@ pub mod columns;
 pub mod plain;
 pub mod render;
 pub mod state;
+pub mod top;
 pub mod tui;
 
 use std::io::IsTerminal;
@@ -60,6 +62,12 @@ pub struct InspectArgs {
     /// smallest or A-Z first for the others).
     #[arg(long)]
     pub reverse: bool,
+    /// Only the first N flows in sort order: chosen while the listing streams in,
+    /// so this process holds N flows, not every flow of the daemon (a sorted view
+    /// of a million flows otherwise takes ~750 MB here). In the live view, the N
+    /// follow the column it is sorted by.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub top: Option<u64>,
 }
 
 impl Default for InspectArgs {
@@ -75,6 +83,7 @@ impl Default for InspectArgs {
             tagged: false,
             sort: None,
             reverse: false,
+            top: None,
         }
     }
 }

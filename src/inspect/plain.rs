@@ -17,6 +17,19 @@ pub fn run(
     filter: &FlowFilter,
     out: &mut impl Write,
 ) -> Result<()> {
+    if let Some(n) = args.top {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        let flows = super::top::top_flows(client, filter, args.sort(), args.descending(), n)?;
+        let r = if args.json {
+            write_json(&flows, out)
+        } else {
+            write_table(&flows, out)
+        };
+        return match r {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r.context("writing to stdout"),
+        };
+    }
     if args.json && args.sort.is_none() {
         // Page by page: a listing of a million flows need not fit in this process.
         let r = client.flow_pages(filter, |page| {

@@ -25,6 +25,16 @@ const TICK: Duration = Duration::from_millis(50);
 enum Command {
     /// Show the detail of this flow (or none) from now on; refresh at once.
     Detail(Option<u64>),
+    /// The view is sorted by this column now (`--top`: the N to fetch follow it).
+    Sort(super::columns::Column, bool),
+}
+
+/// What the fetcher asks for each refresh.
+struct Fetch {
+    filter: FlowFilter,
+    interval: Duration,
+    /// `--top N`, and the order the N are chosen by.
+    top: Option<(usize, super::columns::Column, bool)>,
 }
 
 /// Restores the terminal and the signal dispositions when dropped, on every way out.
@@ -72,10 +82,18 @@ pub fn run(client: &Client, args: &InspectArgs, filter: FlowFilter) -> Result<()
     let (up_tx, up_rx) = mpsc::channel();
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let fetcher = {
-        let (client, interval) = (client.clone(), args.interval());
+        let client = client.clone();
+        let fetch = Fetch {
+            filter,
+            interval: args.interval(),
+            top: args.top.map(|n| {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                (n, args.sort(), args.descending())
+            }),
+        };
         thread::Builder::new()
             .name("inspect-fetch".into())
-            .spawn(move || fetch_loop(&client, &filter, interval, &up_tx, &cmd_rx))
+            .spawn(move || fetch_loop(&client, fetch, &up_tx, &cmd_rx))
             .context("starting the fetcher thread")?
     };
 
@@ -105,6 +123,7 @@ fn event_loop(
             dirty = false;
         }
         if event::poll(TICK).context("reading the terminal")? {
+            let order = (state.sort, state.descending);
             match event::read().context("reading the terminal")? {
                 Event::Key(k) => match state.handle_key(k) {
                     Action::Quit => return Ok(()),
@@ -119,6 +138,9 @@ fn event_loop(
                 Event::Resize(..) => dirty = true,
                 _ => {}
             }
+            if order != (state.sort, state.descending) {
+                let _ = commands.send(Command::Sort(state.sort, state.descending));
+            }
         }
         // Only the newest data matters; older updates are applied and overwritten.
         while let Ok(u) = updates.try_recv() {
@@ -130,20 +152,27 @@ fn event_loop(
 
 fn fetch_loop(
     client: &Client,
-    filter: &FlowFilter,
-    interval: Duration,
+    mut fetch: Fetch,
     updates: &Sender<Update>,
     commands: &Receiver<Command>,
 ) {
+    let (filter, interval) = (fetch.filter.clone(), fetch.interval);
+    let filter = &filter;
     let mut detail: Option<u64> = None;
     let mut next = Instant::now();
     loop {
         // Fixed rate: a slow reply shortens the wait instead of stretching the period.
         next += interval;
         let started = Instant::now();
-        let data = client
-            .status()
-            .and_then(|status| Ok((status, client.flows(filter)?)));
+        let data = client.status().and_then(|status| {
+            let flows = match fetch.top {
+                Some((n, column, descending)) => {
+                    super::top::top_flows(client, filter, column, descending, n)?
+                }
+                None => client.flows(filter)?,
+            };
+            Ok((status, flows))
+        });
         let update = match data {
             Ok((status, flows)) => Update::Data {
                 status: Box::new(status),
@@ -179,6 +208,13 @@ fn fetch_loop(
                 detail = c;
                 // Ask at once for the new detail, then keep the usual rhythm.
                 next = Instant::now();
+            }
+            Ok(Command::Sort(column, descending)) => {
+                if let Some((n, ..)) = fetch.top {
+                    fetch.top = Some((n, column, descending));
+                    // Another column's first N are other flows: fetch them now.
+                    next = Instant::now();
+                }
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
