@@ -183,6 +183,7 @@ fn main() {
     let c0 = cpu_secs(pid);
     std::thread::sleep(idle_window);
     let idle_cpu = (cpu_secs(pid) - c0) / idle_window.as_secs_f64() * 100.0;
+    let idle_status = client.status().unwrap();
     let window = Duration::from_secs(20);
     let rss = rss_kib(pid, "VmRSS:");
 
@@ -240,6 +241,18 @@ fn main() {
     );
     println!("  connections opened in {connect_time:.2?}; all tagged {tagged_after:.2?} after the first connect");
     println!("  idle CPU over {idle_window:?}: {idle_cpu:.2} % of one core (tracker idle; discovery: {:?})", std::env::var("FLOWD_BENCH_DISCOVERY").unwrap_or_default());
+    let v = &idle_status.verify_walks;
+    println!(
+        "  reconciles by then: verify walks {} verified, {} mismatch, {} inconclusive, {} failed (last {} connections, {:.1} ms); last full dump {:.1} ms from {}",
+        v.verified,
+        v.mismatch,
+        v.inconclusive,
+        v.failed,
+        v.last_connections,
+        v.last_ms,
+        idle_status.last_poll_ms,
+        idle_status.dump_source
+    );
     println!("  RSS: {base_rss} KiB before connections, {rss} KiB with {n} flows, {rss_after} KiB one interval after the listings, peak {hwm} KiB (during paged listings)");
     println!(
         "  unpaged listing (one reply, as before paging): median {:.1?}, max {:.1?}; peak RSS {hwm_unpaged} KiB",

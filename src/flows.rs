@@ -278,7 +278,8 @@ impl FlowTable {
                 let flow = new_flow(obs, lifecycle, clock);
                 events.push(FlowEvent::Started(Arc::new(flow.clone())));
                 self.counters.flows_started += 1;
-                self.incomplete_added |= verify::incomplete(&flow);
+                self.incomplete_added |=
+                    flow.netns == self.config.netns && verify::incomplete(&flow);
                 self.flows.insert(
                     obs.cookie,
                     Box::new(Entry {

@@ -504,6 +504,11 @@ fn verify_walk_is_inconclusive_while_a_flow_lacks_what_a_dump_fills_in() {
     // An accepted socket reported from softirq: no owner's cgroup.
     let mut softirq = obs(2, Established, Source::Tracker);
     softirq.cgroup_id = None;
+    // In another namespace it is never dumped: nothing to wait for.
+    let mut foreign = softirq.clone();
+    (foreign.cookie, foreign.netns) = (99, NS + 1);
+    t.apply_observation(foreign);
+    assert!(!t.wants_full_dump());
     t.apply_observation(softirq);
     assert!(t.wants_full_dump());
     let k = kernel_digest(3, &[(1, Established), (2, Established)]);
