@@ -349,6 +349,10 @@ enum flowd_event_flag {
 	 * changes to CLOSE: the last word on a flow's volume, which no later dump can
 	 * give). */
 	FLOWD_F_TCP_BYTES = 0x4,
+	/* cgroup_id is the socket's own cgroup (0: the default root), as sock_diag
+	 * reports it: set where no task owns the event (an accepted connection's
+	 * passive-established callback runs in softirq). */
+	FLOWD_F_SOCK_CGROUP = 0x8,
 };
 
 /* TCP states (include/net/tcp_states.h); UDP reuses ESTABLISHED and CLOSE. */

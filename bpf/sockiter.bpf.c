@@ -19,6 +19,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "flowd.h"
+#include "sock_cgroup.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -55,42 +56,12 @@ struct flowd_contract flowd_contract_types = {};
 #define FLOWD_TCP_TIME_WAIT 6
 #define FLOWD_TCP_NEW_SYN_RECV 12
 
-/* Linux < 5.15 keeps the socket's cgroup in a word that is either a pointer or,
- * once net_cls/net_prio were used, classid/prioidx data (bit 0 or 1 set). */
-struct sock_cgroup_data___word {
-	__u64 val;
-} __attribute__((preserve_access_index));
-
-struct sock___word {
-	struct sock_cgroup_data___word sk_cgrp_data;
-} __attribute__((preserve_access_index));
-
 /*
  * Fields are read with plain loads through the BTF-typed pointers the iterator
  * hands over (CO-RE relocated, faults caught by the kernel), not with
  * BPF_CORE_READ: a bpf_probe_read_kernel() call per field made the walk cost as
  * much as a sock_diag dump.
  */
-
-/* cgroup_id(sock_cgroup_ptr(&sk->sk_cgrp_data)), as INET_DIAG_CGROUP_ID. */
-static __always_inline __u64 sock_cgroup_id(struct sock *sk, __u8 *flags)
-{
-	struct cgroup *cg;
-	__u64 v;
-
-	if (bpf_core_field_exists(struct sock_cgroup_data, cgroup)) {
-		cg = sk->sk_cgrp_data.cgroup;
-		if (cg)
-			return cg->kn->id;
-	} else {
-		v = ((struct sock___word *)sk)->sk_cgrp_data.val;
-		/* sock_cgroup_ptr() answers the default root for data and for 0. */
-		if (v && !(v & 3))
-			return BPF_CORE_READ((struct cgroup *)v, kn, id);
-	}
-	*flags |= FLOWD_SR_CGROUP_ROOT;
-	return 0;
-}
 
 /* sock_i_ino(): the inode of the struct socket the sock belongs to, 0 if none. */
 static __always_inline __u64 sock_inode(struct sock *sk)
@@ -211,7 +182,9 @@ static __always_inline void read_full(struct flowd_sock_record *r, struct sock *
 	r->flags |= FLOWD_SR_FULL;
 	r->uid = uid;
 	r->inode = sock_inode(sk);
-	r->cgroup_id = sock_cgroup_id(sk, &r->flags);
+	r->cgroup_id = flowd_sock_cgroup_id(sk);
+	if (!r->cgroup_id)
+		r->flags |= FLOWD_SR_CGROUP_ROOT;
 }
 
 SEC("iter/tcp")

@@ -22,6 +22,7 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_tracing.h>
 #include "flowd.h"
+#include "sock_cgroup.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -454,6 +455,13 @@ int flowd_sockops(struct bpf_sock_ops *skops)
 	/* TCP_CONNECT_CB runs inside connect()/sendmsg(MSG_FASTOPEN), right after the
 	 * tracepoint recorded the owner; the ESTABLISHED callbacks usually run in
 	 * softirq, where no task is the owner. */
+	if (kind == FLOWD_EV_TCP_PASSIVE_ESTABLISHED) {
+		/* No task owns an accepted connection yet, but its socket has a cgroup
+		 * (the listener's): what a dump would fill in, so the daemon need not
+		 * wait for one. */
+		e->cgroup_id = flowd_sock_cgroup_id((struct sock *)tp);
+		e->flags |= FLOWD_F_SOCK_CGROUP;
+	}
 	if (kind == FLOWD_EV_TCP_CONNECT) {
 		struct flowd_owner *o = bpf_map_lookup_elem(&flowd_owners, &cookie);
 

@@ -95,6 +95,10 @@ fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
     let pe = one(&|e| is(e, EventKind::TcpPassiveEstablished, sc));
     assert_eq!(pe.observation.direction, Direction::Inbound);
     assert_eq!(pe.observation.key.local(), p.server_local);
+    // No owner in softirq, but the socket's own cgroup (the listener's, this
+    // process's): what a dump would report, so none is needed for it.
+    assert_eq!(pe.observation.pid, None);
+    assert_eq!(pe.observation.cgroup_id, conn.observation.cgroup_id);
 
     let fin = one(&|e| tcp_change(e, cc, SockState::Established, SockState::FinWait1));
     assert_eq!(

@@ -21,6 +21,8 @@ const AF_INET6: u16 = flowd_family::FLOWD_AF_INET6.0 as u16;
 pub const F_OWNER_VALID: u8 = flowd_event_flag::FLOWD_F_OWNER_VALID.0 as u8;
 /// `FLOWD_F_SOCK_INFO`: netns/inode/uid were read from the socket.
 pub const F_SOCK_INFO: u8 = flowd_event_flag::FLOWD_F_SOCK_INFO.0 as u8;
+/// `FLOWD_F_SOCK_CGROUP`: cgroup_id is the socket's own (0: the default root).
+pub const F_SOCK_CGROUP: u8 = flowd_event_flag::FLOWD_F_SOCK_CGROUP.0 as u8;
 /// `FLOWD_F_TCP_BYTES`: bytes_acked/bytes_received are the socket's (at close).
 pub const F_TCP_BYTES: u8 = flowd_event_flag::FLOWD_F_TCP_BYTES.0 as u8;
 
@@ -173,7 +175,16 @@ pub fn decode(r: &RawRecord) -> Result<TrackerEvent, DecodeError> {
         uid: sock_info.then_some(r.uid),
         pid: owner.then_some(r.pid),
         comm: owner.then(|| comm(&r.comm)),
-        cgroup_id: owner.then_some(r.cgroup_id),
+        cgroup_id: if owner {
+            Some(r.cgroup_id)
+        } else if r.flags & F_SOCK_CGROUP != 0 {
+            Some(match r.cgroup_id {
+                0 => crate::model::socket::ROOT_CGROUP_ID,
+                id => id,
+            })
+        } else {
+            None
+        },
         tcp: None,
         tcp_bytes: (r.flags & F_TCP_BYTES != 0).then_some(TcpBytes {
             acked: r.bytes_acked,
@@ -256,6 +267,21 @@ mod tests {
         let o = decode(&r).unwrap().observation;
         assert_eq!((o.pid, o.comm, o.cgroup_id), (None, None, None));
         assert_eq!(o.uid, Some(1000));
+    }
+
+    /// An accepted connection's softirq event: no owner, but its socket's
+    /// cgroup (0 meaning the default root, as sock_diag says 1).
+    #[test]
+    fn softirq_record_may_carry_the_sockets_own_cgroup() {
+        let mut r = v4_record();
+        r.flags = F_SOCK_INFO | F_SOCK_CGROUP;
+        let o = decode(&r).unwrap().observation;
+        assert_eq!((o.pid, o.comm, o.cgroup_id), (None, None, Some(1)));
+        r.cgroup_id = 0;
+        let o = decode(&r).unwrap().observation;
+        assert_eq!(o.cgroup_id, Some(crate::model::socket::ROOT_CGROUP_ID));
+        r.cgroup_id = 4242;
+        assert_eq!(decode(&r).unwrap().observation.cgroup_id, Some(4242));
     }
 
     #[test]

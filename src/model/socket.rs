@@ -148,6 +148,10 @@ impl std::fmt::Debug for FlowKey {
     }
 }
 
+/// The id of the root of the cgroup v2 hierarchy: its directory's inode number,
+/// which is the kernfs node id on 64-bit kernels (`stat -c %i /sys/fs/cgroup`).
+pub const ROOT_CGROUP_ID: u64 = 1;
+
 fn mapped(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),

@@ -15,9 +15,7 @@ use crate::model::socket::{Protocol, SockState, TcpStats};
 /// Bytes per record (the BPF side asserts the same size).
 pub const RECORD_SIZE: usize = std::mem::size_of::<RawRecord>();
 
-/// The id of the root of the cgroup v2 hierarchy: its directory's inode number,
-/// which is the kernfs node id on 64-bit kernels (`stat -c %i /sys/fs/cgroup`).
-const ROOT_CGROUP_ID: u64 = 1;
+use crate::model::socket::ROOT_CGROUP_ID;
 
 const FULL: u8 = flowd_sock_record_flag::FLOWD_SR_FULL.0 as u8;
 const NO_COOKIE: u8 = flowd_sock_record_flag::FLOWD_SR_NO_COOKIE.0 as u8;
