@@ -467,7 +467,10 @@ _Static_assert(sizeof(struct flowd_sock_record) == 112, "flowd_sock_record size"
  * the daemon wants its inode then (the process that holds it).
  */
 enum flowd_digest_limits {
-	FLOWD_DIGEST_PARTS = 256,
+	/* Partitions: a partition a tracker event touched during the walk is
+	 * excused, so many small ones keep a miss from hiding behind churn. */
+	FLOWD_DIGEST_PART_BITS = 12,
+	FLOWD_DIGEST_PARTS = 1 << FLOWD_DIGEST_PART_BITS,
 	/* ESTABLISHED, SYN_SENT, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING */
 	FLOWD_DIGEST_TCP_STATES = 0xb36,
 	FLOWD_DIGEST_UDP_STATES = 0x2,

@@ -161,7 +161,7 @@ static __always_inline void digest_socket(struct sock_common *skc, struct sock *
 	h = digest_mix(h, l1);
 	h = digest_mix(h, r0);
 	h = digest_mix(h, r1);
-	part = ((cookie ^ seed) * FLOWD_DIGEST_K) >> 56;
+	part = ((cookie ^ seed) * FLOWD_DIGEST_K) >> (64 - FLOWD_DIGEST_PART_BITS);
 	p = &flowd_digest[part & (FLOWD_DIGEST_PARTS - 1)];
 	/* One walk at a time per loaded object (SockIter is not shared), and
 	 * iterator programs run with migration off: plain adds. */

@@ -496,6 +496,33 @@ fn verify_walk_passes_on_an_equal_table_and_finds_what_the_tracker_missed() {
 }
 
 #[test]
+fn verify_walk_during_heavy_churn_proves_nothing() {
+    use crate::discovery::walk_digest::{part_of, PARTS};
+    use SockState::*;
+    let mut t = table();
+    let n = 3 * PARTS as u64;
+    for c in 1..=n {
+        t.apply_observation(obs(c, Established, Source::Tracker));
+    }
+    let conns: Vec<_> = (1..=n).map(|c| (c, CloseWait)).collect();
+    // Every connection changed while the kernel walked: a difference in
+    // nearly every partition, every one excused.
+    t.verify_begin(9);
+    for c in 1..=n {
+        t.apply_observation(obs(c, CloseWait, Source::Tracker));
+    }
+    let parts: std::collections::HashSet<usize> = (1..=n).map(|c| part_of(9, c)).collect();
+    assert_eq!(
+        t.verify_end(Some(&kernel_digest(9, &conns))),
+        VerifyOutcome::Churn {
+            excused: parts.len()
+        }
+    );
+    assert!(parts.len() * 4 > PARTS);
+    assert_eq!(t.counters().verify.inconclusive, 1);
+}
+
+#[test]
 fn verify_walk_is_inconclusive_while_a_flow_lacks_what_a_dump_fills_in() {
     use SockState::*;
     let mut t = table();

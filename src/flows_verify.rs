@@ -19,7 +19,7 @@ use crate::model::socket::{Direction, SockState};
 pub(super) struct OpenVerify {
     table: WalkDigest,
     /// Partitions with a tracker event since the walk began.
-    touched: [bool; PARTS],
+    touched: Box<[bool]>,
     /// Flows of the namespace a digest cannot vouch for.
     unverifiable: usize,
 }
@@ -50,6 +50,9 @@ pub enum VerifyOutcome {
     /// The table holds flows a digest cannot vouch for: request sockets a dump
     /// saw, or flows a dump would complete (owner, direction unknown).
     Inconclusive { flows: usize },
+    /// Events touched so many partitions during the walk (over a quarter) that
+    /// excusing them could hide what the tracker missed.
+    Churn { excused: usize },
     /// The walk failed, or none was open.
     Failed,
 }
@@ -93,7 +96,7 @@ impl FlowTable {
         }
         self.verify = Some(Box::new(OpenVerify {
             table,
-            touched: [false; PARTS],
+            touched: vec![false; PARTS].into_boxed_slice(),
             unverifiable,
         }));
         ended
@@ -121,7 +124,7 @@ impl FlowTable {
                 c.excused_parts += excused as u64;
             }
             VerifyOutcome::Mismatch { .. } => c.mismatched += 1,
-            VerifyOutcome::Inconclusive { .. } => c.inconclusive += 1,
+            VerifyOutcome::Inconclusive { .. } | VerifyOutcome::Churn { .. } => c.inconclusive += 1,
             VerifyOutcome::Failed => c.failed += 1,
         }
         outcome
@@ -143,6 +146,9 @@ fn judge(v: &OpenVerify, kernel: &WalkDigest) -> VerifyOutcome {
         } else {
             unexplained += 1;
         }
+    }
+    if unexplained == 0 && excused * 4 > PARTS {
+        return VerifyOutcome::Churn { excused };
     }
     if unexplained > 0 {
         VerifyOutcome::Mismatch {

@@ -17,6 +17,7 @@ use crate::bpf::sockiter::types::flowd_digest_limits;
 use crate::model::socket::{FlowKey, Protocol, SockState};
 
 pub const PARTS: usize = flowd_digest_limits::FLOWD_DIGEST_PARTS.0 as usize;
+const PART_BITS: u32 = flowd_digest_limits::FLOWD_DIGEST_PART_BITS.0;
 const TCP_STATES: u32 = flowd_digest_limits::FLOWD_DIGEST_TCP_STATES.0;
 const UDP_STATES: u32 = flowd_digest_limits::FLOWD_DIGEST_UDP_STATES.0;
 const BOUND_STATES: u32 = flowd_digest_limits::FLOWD_DIGEST_BOUND_STATES.0;
@@ -49,7 +50,11 @@ impl WalkDigest {
     pub fn new(seed: u64) -> Self {
         WalkDigest {
             seed,
-            parts: Box::new([Part::default(); PARTS]),
+            // Built on the heap: 64 KiB.
+            parts: vec![Part::default(); PARTS]
+                .into_boxed_slice()
+                .try_into()
+                .expect("PARTS elements"),
         }
     }
 
@@ -89,7 +94,7 @@ pub fn counted(proto: Protocol, state: SockState) -> bool {
 
 /// The partition of a cookie.
 pub fn part_of(seed: u64, cookie: u64) -> usize {
-    ((cookie ^ seed).wrapping_mul(K) >> 56) as usize & (PARTS - 1)
+    ((cookie ^ seed).wrapping_mul(K) >> (64 - PART_BITS)) as usize & (PARTS - 1)
 }
 
 fn mix(h: u64, w: u64) -> u64 {
@@ -216,7 +221,7 @@ mod tests {
 
     #[test]
     fn cookies_spread_over_the_partitions() {
-        let mut used = [0u32; PARTS];
+        let mut used = vec![0u32; PARTS];
         for cookie in 4096..4096 + 64 * PARTS as u64 {
             used[part_of(0x1234_5678_9abc_def1, cookie)] += 1;
         }

@@ -209,6 +209,7 @@ fn verify_view(
                 O::Verified { .. } => "verified",
                 O::Mismatch { .. } => "mismatch",
                 O::Inconclusive { .. } => "inconclusive",
+                O::Churn { .. } => "churn",
                 O::Failed => "failed",
             };
             let n = match o {
