@@ -142,7 +142,7 @@ pub struct FlowCounters {
     pub reconcile_ended: u64,
     pub dump_errors: u64,
     pub last_dump_duration: Duration,
-    /// Verify walks (`flows_verify.rs`) by outcome.
+    /// Verify walks (`flows/verify.rs`) by outcome.
     pub verify: VerifyCounters,
 }
 
@@ -587,7 +587,6 @@ fn fill<T: Copy>(slot: &mut Option<T>, v: Option<T>) -> bool {
     }
 }
 
-#[path = "flows_verify.rs"]
 mod verify;
 pub use verify::{VerifyCounters, VerifyOutcome};
 
