@@ -335,6 +335,10 @@ enum flowd_event_kind {
 	 * softirq that made this change, and the kernel skips nested runs). Fields as
 	 * FLOWD_EV_TCP_STATE, owner never valid. */
 	FLOWD_EV_TCP_STATE_CB = 7,
+	/* tp_btf/sys_exit of a successful accept()/accept4() on a TCP socket: the
+	 * accepted connection, now with its struct socket (inode) and the task that
+	 * took it (owner valid). newstate is its state then. */
+	FLOWD_EV_TCP_ACCEPT = 8,
 };
 
 enum flowd_event_flag {

@@ -10,7 +10,8 @@
  *                                ACTIVE/PASSIVE_ESTABLISHED_CB, and STATE_CB for the
  *                                state changes the tracepoint program misses
  *   cgroup/connect4, connect6    only makes the kernel assign a UDP socket's cookie
- *   tp_btf/sys_exit              connect() on a UDP socket (connect and disconnect)
+ *   tp_btf/sys_exit              connect() on a UDP socket (connect and disconnect),
+ *                                accept() of a TCP connection (its owner and inode)
  *   cgroup/sock_release          release of a UDP socket whose connect was seen
  *
  * Each program is loaded or not by userspace (autoload), so a host lacking a hook
@@ -498,57 +499,63 @@ int flowd_connect6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* Set by userspace before load: what the sys_exit program reports (it is attached
+ * for either). Accepted sockets are reported only where sockops gives them a
+ * cookie at PASSIVE_ESTABLISHED. */
+const volatile __u32 flowd_report_udp_connect = 1;
+const volatile __u32 flowd_report_accept = 1;
+
 #if defined(__TARGET_ARCH_x86)
+#define FLOWD_NR_ACCEPT 43
+#define FLOWD_NR_ACCEPT4 288
 #define FLOWD_NR_CONNECT 42
 #define FLOWD_SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
 #define FLOWD_SYSCALL_ARG1(regs) BPF_CORE_READ(regs, di)
 #elif defined(__TARGET_ARCH_arm64)
+#define FLOWD_NR_ACCEPT 202
+#define FLOWD_NR_ACCEPT4 242
 #define FLOWD_NR_CONNECT 203
 #define FLOWD_SYSCALL_NR(regs) BPF_CORE_READ(regs, syscallno)
 #define FLOWD_SYSCALL_ARG1(regs) BPF_CORE_READ(regs, orig_x0)
 #endif
 
 /*
- * UDP connect: no tracepoint sits in ip4/ip6_datagram_connect (they store sk_state
- * directly), and kprobes/fentry are refused, so catch the return of connect(2).
- * Runs on every syscall exit of the host: the first test is a single load+compare.
- * The fd is walked to its sock with probe reads (the resulting pointer is not a
- * trusted BTF pointer, hence no bpf_get_socket_cookie here: sk_cookie is read,
- * which the connect4/6 hooks made sure exists).
+ * The sock behind `fd` of the current task, walked with probe reads (the result
+ * is not a trusted BTF pointer, hence no bpf_get_socket_cookie on it: sk_cookie
+ * is read). NULL if `fd` is no longer a socket.
  */
-SEC("tp_btf/sys_exit")
-int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
+static __always_inline struct sock *flowd_fd_sock(unsigned int fd)
 {
-#ifdef FLOWD_NR_CONNECT
-	struct flowd_sock_event ev = {};
-	struct task_struct *task;
-	struct file **fds, *file;
-	struct socket *sock;
-	struct sock *sk;
-	unsigned int fd, max_fds;
-	__u64 cookie;
-
-	if (ret != 0 || FLOWD_SYSCALL_NR(regs) != FLOWD_NR_CONNECT)
-		return 0;
-	fd = FLOWD_SYSCALL_ARG1(regs);
 	/* Not bpf_get_current_task_btf() (Linux 5.11+): every read below is a CO-RE
 	 * probe read anyway. */
-	task = (void *)bpf_get_current_task();
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct file **fds, *file;
+	struct socket *sock;
+	unsigned int max_fds;
+
 	max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
 	if (fd >= max_fds)
-		return 0;
+		return NULL;
 	fds = BPF_CORE_READ(task, files, fdt, fd);
 	if (bpf_core_read(&file, sizeof(file), &fds[fd]) || !file)
-		return 0;
+		return NULL;
 	sock = BPF_CORE_READ(file, private_data);
-	/* connect() succeeded on this fd, so it is a socket; the back pointer guards
-	 * against the fd having been replaced by another thread meanwhile. */
+	/* The syscall succeeded on this fd, so it is a socket; the back pointer
+	 * guards against the fd having been replaced by another thread meanwhile. */
 	if (!sock || BPF_CORE_READ(sock, file) != file)
-		return 0;
-	sk = BPF_CORE_READ(sock, sk);
-	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_UDP ||
+		return NULL;
+	return BPF_CORE_READ(sock, sk);
+}
+
+/* connect() returned 0 on `sk`: a UDP socket connected or disconnected. */
+static __always_inline void flowd_udp_connect(struct sock *sk)
+{
+	struct flowd_sock_event ev = {};
+	__u64 cookie;
+
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_UDP ||
 	    BPF_CORE_READ(sk, sk_type) != SOCK_DGRAM || !flowd_netns_wanted(sk))
-		return 0;
+		return;
 	/* Built on the stack, not in the ring buffer: older verifiers (Linux 6.1)
 	 * refuse ring-buffer memory as the value of a map update. */
 	ev.ts_ns = bpf_ktime_get_ns();
@@ -570,7 +577,7 @@ int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
 			cookie ? bpf_map_lookup_elem(&flowd_udp_socks, &cookie) : NULL;
 
 		if (!seen)
-			return 0;
+			return;
 		__builtin_memcpy(ev.saddr, seen->saddr, sizeof(ev.saddr));
 		__builtin_memcpy(ev.daddr, seen->daddr, sizeof(ev.daddr));
 		ev.sport = seen->sport;
@@ -580,6 +587,60 @@ int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
 	}
 	if (bpf_ringbuf_output(&flowd_events, &ev, sizeof(ev), 0))
 		flowd_count_drop();
+}
+
+/* accept() returned `sk`'s fd: who took the connection, and its inode, which
+ * the softirq that established it could not know. */
+static __always_inline void flowd_tcp_accept(struct sock *sk)
+{
+	struct flowd_sock_event *e;
+	__u64 cookie;
+
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP ||
+	    BPF_CORE_READ(sk, sk_type) != SOCK_STREAM || !flowd_netns_wanted(sk))
+		return;
+	/* Asked for at PASSIVE_ESTABLISHED (sockops): without it, no key to join on. */
+	cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	if (!cookie)
+		return;
+	e = flowd_reserve();
+	if (!e)
+		return;
+	e->kind = FLOWD_EV_TCP_ACCEPT;
+	e->newstate = BPF_CORE_READ(sk, __sk_common.skc_state);
+	flowd_fill_tuple(e, sk);
+	flowd_fill_sock_info(e, sk);
+	flowd_fill_task(e, true);
+	e->cookie = cookie;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/*
+ * UDP connect: no tracepoint sits in ip4/ip6_datagram_connect (they store sk_state
+ * directly), and kprobes/fentry are refused, so catch the return of connect(2).
+ * accept(2), for the same reason: the accepted socket gets its struct socket
+ * there, after every TCP hook has run. Runs on every syscall exit of the host:
+ * a failed call returns at the first compare, the others after the number's.
+ */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(flowd_sys_exit, struct pt_regs *regs, long ret)
+{
+#ifdef FLOWD_NR_CONNECT
+	struct sock *sk;
+	long nr;
+
+	if (ret < 0)
+		return 0;
+	nr = FLOWD_SYSCALL_NR(regs);
+	if (nr == FLOWD_NR_CONNECT && ret == 0 && flowd_report_udp_connect) {
+		sk = flowd_fd_sock(FLOWD_SYSCALL_ARG1(regs));
+		if (sk)
+			flowd_udp_connect(sk);
+	} else if ((nr == FLOWD_NR_ACCEPT || nr == FLOWD_NR_ACCEPT4) && flowd_report_accept) {
+		sk = flowd_fd_sock(ret);
+		if (sk)
+			flowd_tcp_accept(sk);
+	}
 #endif
 	return 0;
 }

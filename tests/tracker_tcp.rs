@@ -38,6 +38,7 @@ fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
             ("passive est", &|e| {
                 is(e, EventKind::TcpPassiveEstablished, sc)
             }),
+            ("accept", &|e| is(e, EventKind::TcpAccept, sc)),
             ("EST->FIN_WAIT1", &|e| {
                 tcp_change(e, cc, SockState::Established, SockState::FinWait1)
             }),
@@ -99,6 +100,19 @@ fn privileged_tcp_v4_connect_accept_close_report_tuple_cookie_owner_netns() {
     // process's): what a dump would report, so none is needed for it.
     assert_eq!(pe.observation.pid, None);
     assert_eq!(pe.observation.cgroup_id, conn.observation.cgroup_id);
+    // accept() names who took it, and the inode it now has.
+    let acc = one(&|e| is(e, EventKind::TcpAccept, sc));
+    let o = &acc.observation;
+    assert_eq!(
+        (o.pid, o.inode, o.state),
+        (Some(pid), p.server_inode, SockState::Established)
+    );
+    assert_eq!(
+        (o.key.local(), o.key.remote()),
+        (p.server_local, p.client_local)
+    );
+    assert_eq!(o.direction, Direction::Inbound);
+    assert!(o.comm.is_some() && o.cgroup_id.is_some());
 
     let fin = one(&|e| tcp_change(e, cc, SockState::Established, SockState::FinWait1));
     assert_eq!(

@@ -89,6 +89,9 @@ pub struct Features {
     pub sockops: bool,
     /// UDP connect() seen (tp_btf/sys_exit).
     pub udp_connect: bool,
+    /// accept() seen (tp_btf/sys_exit, with sockops for the accepted socket's
+    /// cookie): an accepted connection's owner and inode without a dump.
+    pub accept: bool,
     /// UDP cookies guaranteed at connect (cgroup connect4/connect6).
     pub udp_cookie: bool,
     /// Release of connected UDP sockets (cgroup sock_release).
@@ -143,8 +146,12 @@ fn wanted_programs(cfg: &TrackerConfig, cgroup: bool) -> Vec<Prog> {
     if cgroup {
         wanted.push(Prog::Sockops);
     }
-    if cfg.udp && cfg.mode == TrackerMode::Full {
+    // sys_exit reports UDP connects, and accepts where sockops gives the accepted
+    // sockets their cookies.
+    if cfg.mode == TrackerMode::Full && (cfg.udp || cgroup) {
         wanted.push(Prog::SysExit);
+    }
+    if cfg.udp && cfg.mode == TrackerMode::Full {
         if cgroup {
             wanted.extend([Prog::Connect4, Prog::Connect6, Prog::SockRelease]);
         }
@@ -216,6 +223,8 @@ impl Tracker {
         // Attached in this order (see wanted_programs).
         let wanted = wanted_programs(cfg, cgroup.is_some());
         let (mut skel, loaded) = load_degrading(&wanted, cfg)?;
+        // The accept report needs the cookie sockops gives an accepted socket.
+        let wanted_sockops = loaded.contains(&Prog::Sockops);
 
         let mut links = Vec::new();
         let mut softirq = 0;
@@ -239,7 +248,10 @@ impl Tracker {
                     match p {
                         Prog::TcpState => features.tcp_state = true,
                         Prog::Sockops => features.sockops = true,
-                        Prog::SysExit => features.udp_connect = true,
+                        Prog::SysExit => {
+                            features.udp_connect = cfg.udp;
+                            features.accept = wanted_sockops;
+                        }
                         Prog::Connect4 | Prog::Connect6 => features.udp_cookie = true,
                         Prog::SockRelease => features.udp_release = true,
                         Prog::SoftirqEntry => softirq += 1,
@@ -453,6 +465,7 @@ fn log_features(f: &Features, cfg: &TrackerConfig) {
         tcp_state = f.tcp_state,
         sockops = f.sockops,
         udp_connect = f.udp_connect,
+        accept = f.accept,
         udp_cookie = f.udp_cookie,
         udp_release = f.udp_release,
         owner_context = f.owner_context,

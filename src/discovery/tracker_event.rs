@@ -45,6 +45,8 @@ pub enum EventKind {
     /// already running on that CPU when a softirq made the change). Same fields as
     /// `TcpState`, owner never known.
     TcpStateCb,
+    /// accept() returned the connection: its owner (the accepting task) and inode.
+    TcpAccept,
 }
 
 impl EventKind {
@@ -56,6 +58,7 @@ impl EventKind {
         const UDP_CONNECT: u8 = flowd_event_kind::FLOWD_EV_UDP_CONNECT.0 as u8;
         const UDP_RELEASE: u8 = flowd_event_kind::FLOWD_EV_UDP_RELEASE.0 as u8;
         const TCP_STATE_CB: u8 = flowd_event_kind::FLOWD_EV_TCP_STATE_CB.0 as u8;
+        const TCP_ACCEPT: u8 = flowd_event_kind::FLOWD_EV_TCP_ACCEPT.0 as u8;
         Some(match v {
             TCP_STATE => EventKind::TcpState,
             TCP_CONNECT => EventKind::TcpConnect,
@@ -64,6 +67,7 @@ impl EventKind {
             UDP_CONNECT => EventKind::UdpConnect,
             UDP_RELEASE => EventKind::UdpRelease,
             TCP_STATE_CB => EventKind::TcpStateCb,
+            TCP_ACCEPT => EventKind::TcpAccept,
             _ => return None,
         })
     }
@@ -145,7 +149,7 @@ fn direction(kind: EventKind, old: u8, new: u8) -> Direction {
     const NEW_SYN_RECV: u8 = SockState::NewSynRecv as u8;
     match kind {
         EventKind::TcpConnect | EventKind::TcpActiveEstablished => Direction::Outbound,
-        EventKind::TcpPassiveEstablished => Direction::Inbound,
+        EventKind::TcpPassiveEstablished | EventKind::TcpAccept => Direction::Inbound,
         // Only this host calls connect() on its UDP sockets.
         EventKind::UdpConnect | EventKind::UdpRelease => Direction::Outbound,
         EventKind::TcpState | EventKind::TcpStateCb => match (old, new) {

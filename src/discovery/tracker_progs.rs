@@ -193,6 +193,8 @@ fn load(progs: &[Prog], cfg: &TrackerConfig) -> Result<TrackerSkel<'static>> {
         ro.flowd_release_owner = u32::from(k.has(Feature::ReleaseOwner));
         ro.flowd_tracing_cookie = u32::from(k.has(Feature::TracingCookie));
         ro.flowd_only_netns = cfg.only_netns.unwrap_or(0);
+        ro.flowd_report_udp_connect = u32::from(cfg.udp);
+        ro.flowd_report_accept = u32::from(progs.contains(&Prog::Sockops));
     }
     crate::bpf::clear_refusals();
     open.load().map_err(|source| TrackerError::Load {

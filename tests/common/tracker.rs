@@ -205,6 +205,7 @@ pub struct TcpPair {
     pub client_cookie: u64,
     pub server_cookie: u64,
     pub client_inode: u64,
+    pub server_inode: u64,
     pub client_local: SocketAddr,
     pub server_local: SocketAddr,
 }
@@ -229,6 +230,7 @@ pub fn tcp_pair(
             client_cookie: cookie(&c),
             server_cookie: cookie(&a),
             client_inode: inode(&c),
+            server_inode: inode(&a),
             client_local: c.local_addr().unwrap(),
             server_local: a.local_addr().unwrap(),
         };
