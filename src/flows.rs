@@ -172,9 +172,9 @@ pub struct FlowTable {
     verify: Option<Box<verify::OpenVerify>>,
     /// Flows a sweep removed, until they are ended.
     ending: Vec<(Flow, EndReason)>,
-    /// A flow was added that a full dump would complete (see
-    /// [`FlowTable::wants_full_dump`]).
-    incomplete_added: bool,
+    /// Cookies of the daemon's namespace's flows a full dump would complete
+    /// (see [`FlowTable::incomplete_flows`]).
+    incomplete: rustc_hash::FxHashSet<u64>,
     counters: FlowCounters,
 }
 
@@ -188,7 +188,7 @@ impl FlowTable {
             dump_open: false,
             verify: None,
             ending: Vec::new(),
-            incomplete_added: false,
+            incomplete: Default::default(),
             counters: FlowCounters::default(),
         }
     }
@@ -266,6 +266,9 @@ impl FlowTable {
                 }
                 if merge(&mut e.flow, obs, clock) {
                     events.push(FlowEvent::Updated(Arc::new(e.flow.clone())));
+                    if !verify::incomplete(&e.flow) {
+                        self.incomplete.remove(&obs.cookie);
+                    }
                 }
                 if obs.state == SockState::TimeWait && e.time_wait_since.is_none() {
                     e.time_wait_since = Some(now);
@@ -278,8 +281,9 @@ impl FlowTable {
                 let flow = new_flow(obs, lifecycle, clock);
                 events.push(FlowEvent::Started(Arc::new(flow.clone())));
                 self.counters.flows_started += 1;
-                self.incomplete_added |=
-                    flow.netns == self.config.netns && verify::incomplete(&flow);
+                if flow.netns == self.config.netns && verify::incomplete(&flow) {
+                    self.incomplete.insert(flow.cookie);
+                }
                 self.flows.insert(
                     obs.cookie,
                     Box::new(Entry {
@@ -349,6 +353,9 @@ impl FlowTable {
                 e.generation = generation;
                 if merge(&mut e.flow, obs, clock) {
                     events.push(FlowEvent::Updated(Arc::new(e.flow.clone())));
+                    if !verify::incomplete(&e.flow) {
+                        self.incomplete.remove(&obs.cookie);
+                    }
                 }
                 if obs.state == SockState::TimeWait && e.time_wait_since.is_none() {
                     e.time_wait_since = Some(now);
@@ -402,8 +409,7 @@ impl FlowTable {
         let now = Instant::now();
         let generation = self.open_dump(now);
         self.dump_open = false;
-        let incomplete = self.sweep(Some((scope, generation, dump_started)), now);
-        self.incomplete_added = incomplete;
+        self.sweep(Some((scope, generation, dump_started)), now);
         self.take_ended(now)
     }
 
@@ -414,14 +420,14 @@ impl FlowTable {
     /// or updated it after `started` (it may have been born after the kernel walked
     /// its bucket). Flows of namespaces outside `scope` (seen only by the tracker)
     /// are left alone. O(table): one generation stamp per entry instead of a
-    /// seen-set. The ended flows wait in `self.ending` for [`Self::take_ended`].
-    /// Returns whether a flow kept in the daemon's namespace is one a full dump
-    /// would complete.
-    fn sweep(&mut self, complete: Option<(&[u64], u64, Instant)>, now: Instant) -> bool {
+    /// seen-set. The ended flows wait in `self.ending` for [`Self::take_ended`];
+    /// the set of flows a dump would complete is made again.
+    fn sweep(&mut self, complete: Option<(&[u64], u64, Instant)>, now: Instant) {
         let grace = self.config.time_wait_grace;
         let netns = self.config.netns;
-        let mut incomplete = false;
         let ending = &mut self.ending;
+        let incomplete = &mut self.incomplete;
+        incomplete.clear();
         self.flows.retain(|_, e| {
             let in_scope = complete.map_or(e.flow.netns == netns, |(scope, _, _)| {
                 scope.contains(&e.flow.netns)
@@ -447,11 +453,12 @@ impl FlowTable {
                 ending.push((e.flow.clone(), reason));
                 false
             } else {
-                incomplete |= e.flow.netns == netns && verify::incomplete(&e.flow);
+                if e.flow.netns == netns && verify::incomplete(&e.flow) {
+                    incomplete.insert(e.flow.cookie);
+                }
                 true
             }
         });
-        incomplete
     }
 
     /// Ends the flows [`Self::sweep`] removed.
@@ -474,6 +481,7 @@ impl FlowTable {
         events: &mut Vec<FlowEvent>,
     ) {
         flow.lifecycle = Lifecycle::Gone;
+        self.incomplete.remove(&flow.cookie);
         self.tombstones.insert(flow.cookie, now);
         self.counters.flows_ended += 1;
         tracing::debug!(cookie = flow.cookie, key = ?flow.key, ?reason, "flow ended");

@@ -527,7 +527,7 @@ fn verify_walk_is_inconclusive_while_a_flow_lacks_what_a_dump_fills_in() {
     use SockState::*;
     let mut t = table();
     t.apply_observation(obs(1, Established, Source::Tracker));
-    assert!(!t.wants_full_dump());
+    assert_eq!(t.incomplete_flows(), 0);
     // An accepted socket reported from softirq: no owner's cgroup.
     let mut softirq = obs(2, Established, Source::Tracker);
     softirq.cgroup_id = None;
@@ -535,23 +535,45 @@ fn verify_walk_is_inconclusive_while_a_flow_lacks_what_a_dump_fills_in() {
     let mut foreign = softirq.clone();
     (foreign.cookie, foreign.netns) = (99, NS + 1);
     t.apply_observation(foreign);
-    assert!(!t.wants_full_dump());
-    t.apply_observation(softirq);
-    assert!(t.wants_full_dump());
+    assert_eq!(t.incomplete_flows(), 0);
+    t.apply_observation(softirq.clone());
+    assert_eq!(t.incomplete_flows(), 1);
+    // A later event that tells the cgroup (the passive-established one) takes
+    // a flow off; one that does not, leaves it; so does its end.
+    let mut other = softirq.clone();
+    other.cookie = 5;
+    t.apply_observation(other.clone());
+    other.pid = Some(77);
+    t.apply_observation(other.clone());
+    assert_eq!(t.incomplete_flows(), 2);
+    other.cgroup_id = Some(7);
+    t.apply_observation(other.clone());
+    assert_eq!(t.incomplete_flows(), 1);
+    other.cgroup_id = None;
+    t.apply_observation(other.clone());
+    assert_eq!(t.incomplete_flows(), 1, "known values are kept");
+    let mut third = softirq.clone();
+    third.cookie = 6;
+    t.apply_observation(third.clone());
+    third.state = Close;
+    t.apply_observation(third);
+    other.state = Close;
+    t.apply_observation(other);
+    assert_eq!(t.incomplete_flows(), 1);
     let k = kernel_digest(3, &[(1, Established), (2, Established)]);
     t.verify_begin(3);
     assert_eq!(
         t.verify_end(Some(&k)),
         VerifyOutcome::Inconclusive { flows: 1 }
     );
-    assert!(t.wants_full_dump());
+    assert_eq!(t.incomplete_flows(), 1, "the walk found it still lacking");
     // A complete dump fills it in.
     let dump = [
         obs(1, Established, Source::SockDiag),
         obs(2, Established, Source::SockDiag),
     ];
     t.reconcile(&dump, Instant::now());
-    assert!(!t.wants_full_dump());
+    assert_eq!(t.incomplete_flows(), 0);
     t.verify_begin(3);
     assert!(t.verify_end(Some(&k)).verified());
 

@@ -156,6 +156,9 @@ pub struct StatusView {
     pub reconcile_ended: u64,
     /// Duration of the last full dump (reconcile poll), in milliseconds.
     pub last_poll_ms: f64,
+    /// Complete full dumps since start (the first, after losses, after a verify
+    /// walk's difference, and the periodic ones verify walks do not replace).
+    pub full_dumps: u64,
     /// Source of the last full dump: `bpf_iterator` or `sock_diag`
     /// (`discovery.dump_source`); empty before the first dump.
     pub dump_source: String,

@@ -245,6 +245,9 @@ pub struct DumpSchedule {
     full_wanted: AtomicBool,
     /// Periodic reconciles may be verify walks (`discovery.verify_walks`).
     verify_walks: AtomicBool,
+    /// Flows the table holds that a full dump would complete (the engine's
+    /// count): while any, periodic reconciles are full dumps.
+    incomplete_flows: AtomicU64,
     poller: std::sync::OnceLock<std::thread::Thread>,
 }
 
@@ -257,6 +260,7 @@ impl DumpSchedule {
             wanted: AtomicBool::new(false),
             full_wanted: AtomicBool::new(false),
             verify_walks: AtomicBool::new(false),
+            incomplete_flows: AtomicU64::new(0),
             poller: std::sync::OnceLock::new(),
         })
     }
@@ -280,16 +284,20 @@ impl DumpSchedule {
         self.wake();
     }
 
-    /// The next periodic reconcile is to be a full dump (not sooner than due).
-    pub fn want_full(&self) {
-        if !self.full_wanted.load(Ordering::Relaxed) {
-            self.full_wanted.store(true, Ordering::Relaxed);
+    /// How many flows a full dump would complete (the engine says after each
+    /// change): periodic reconciles are full dumps while there are any.
+    pub fn set_incomplete_flows(&self, n: usize) {
+        let n = n as u64;
+        if self.incomplete_flows.load(Ordering::Relaxed) != n {
+            self.incomplete_flows.store(n, Ordering::Relaxed);
         }
     }
 
-    /// Whether the next reconcile is to be a full dump.
+    /// Whether the next reconcile is to be a full dump: asked for, or flows a
+    /// dump would complete.
     pub fn full_dump_wanted(&self) -> bool {
         self.full_wanted.load(Ordering::Relaxed)
+            || self.incomplete_flows.load(Ordering::Relaxed) > 0
     }
 
     /// Lets periodic reconciles be verify walks (while the tracker sees every
@@ -343,7 +351,8 @@ pub fn spawn_poller(
             let mut round: u64 = 0;
             let mut since_full: u64 = 0;
             while !stop2.load(Ordering::Relaxed) {
-                let full_wanted = schedule.full_wanted.swap(false, Ordering::Relaxed);
+                let full_wanted = schedule.full_wanted.swap(false, Ordering::Relaxed)
+                    || schedule.incomplete_flows.load(Ordering::Relaxed) > 0;
                 let verify = round > 0
                     && !full_wanted
                     && since_full + 1 < FULL_DUMP_EVERY

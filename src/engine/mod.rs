@@ -104,6 +104,8 @@ pub struct Engine {
     dumps: Option<Arc<crate::discovery::feeds::DumpSchedule>>,
     /// The last verify walk's outcome and duration.
     last_verify: Option<(crate::flows::VerifyOutcome, Duration)>,
+    /// Complete full dumps reconciled.
+    full_dumps: u64,
 }
 
 struct PerFlowState {
@@ -167,6 +169,7 @@ impl Engine {
             trim_due: false,
             dumps: None,
             last_verify: None,
+            full_dumps: 0,
         }
     }
 
@@ -425,6 +428,7 @@ impl Engine {
                 match dump.result {
                     Ok(()) => {
                         self.table.note_dump_duration(dump.stats.last_dump_duration);
+                        self.full_dumps += 1;
                         let events = self.table.dump_complete(dump.started);
                         self.reconciled(dump.started, events);
                         self.want_full_if_incomplete();
@@ -472,9 +476,9 @@ impl Engine {
         self.want_full_if_incomplete();
     }
 
-    fn want_full_if_incomplete(&self) {
-        if let (true, Some(d)) = (self.table.wants_full_dump(), &self.dumps) {
-            d.want_full();
+    fn want_full_if_incomplete(&mut self) {
+        if let Some(d) = &self.dumps {
+            d.set_incomplete_flows(self.table.incomplete_flows());
         }
     }
 

@@ -103,6 +103,7 @@ impl Engine {
             reconcile_added: fc.reconcile_added,
             reconcile_ended: fc.reconcile_ended,
             last_poll_ms: self.last_poll.as_secs_f64() * 1000.0,
+            full_dumps: self.full_dumps,
             dump_source: self
                 .last_dump_source
                 .map(|(s, _)| s.as_str().to_string())

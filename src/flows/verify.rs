@@ -80,7 +80,7 @@ impl FlowTable {
     /// O(table), while the kernel walks: the walk's end then costs nothing more.
     pub fn verify_begin(&mut self, seed: u64) -> Vec<FlowEvent> {
         let now = Instant::now();
-        self.incomplete_added = self.sweep(None, now);
+        self.sweep(None, now);
         let ended = self.take_ended(now);
         let mut table = WalkDigest::new(seed);
         let mut unverifiable = 0;
@@ -130,11 +130,12 @@ impl FlowTable {
         outcome
     }
 
-    /// Whether the next periodic reconcile should be a full dump rather than a
-    /// verify walk: a flow of the daemon's namespace lacks what a dump would
-    /// fill in (known since the last dump or walk, or added since).
-    pub fn wants_full_dump(&self) -> bool {
-        self.incomplete_added
+    /// Flows of the daemon's namespace that lack what a full dump would fill in
+    /// (owner's uid or cgroup, direction): while there are any, a periodic
+    /// reconcile is a full dump rather than a verify walk. A later event that
+    /// completes a flow takes it off.
+    pub fn incomplete_flows(&self) -> usize {
+        self.incomplete.len()
     }
 }
 
