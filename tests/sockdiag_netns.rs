@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::sockdiag::*;
@@ -47,34 +47,20 @@ fn privileged_dump_reports_exact_tuples_uid_inode_cookie_direction_state() {
         return;
     }
     Netns::new("sd").enter(|| {
-        let l4 = TcpListener::bind("127.0.0.1:5000").unwrap();
-        let l6 = TcpListener::bind("[::1]:5001").unwrap();
-        let ldual = TcpListener::bind("[::]:5003").unwrap();
-        // A socket created with fsuid 1234 is owned by uid 1234 (sk_uid).
-        // SAFETY: setfsuid only changes this thread's filesystem uid.
-        unsafe { libc::setfsuid(1234) };
-        let c4 = connect_from(
-            libc::AF_INET,
-            libc::SOCK_STREAM,
-            Some(addr("127.0.0.1:40000")),
-            addr("127.0.0.1:5000"),
-        );
-        unsafe { libc::setfsuid(0) };
-        let (s4, _) = l4.accept().unwrap();
-        let c6 = TcpStream::connect("[::1]:5001").unwrap();
-        let (s6, _) = l6.accept().unwrap();
-        let cm = connect_from(
-            libc::AF_INET6,
-            libc::SOCK_STREAM,
-            None,
-            addr("[::ffff:127.0.0.1]:5003"),
-        );
-        let (sm, _) = ldual.accept().unwrap();
-        let us = UdpSocket::bind("127.0.0.1:5002").unwrap();
-        let uc = UdpSocket::bind("127.0.0.1:0").unwrap();
-        uc.connect("127.0.0.1:5002").unwrap();
-        let u6 = UdpSocket::bind("[::1]:0").unwrap();
-        u6.connect("[::1]:5004").unwrap();
+        let SocketSet {
+            l4,
+            l6,
+            ldual,
+            c4,
+            s4,
+            c6,
+            s6,
+            cm,
+            sm,
+            us,
+            uc,
+            u6,
+        } = SocketSet::open();
 
         let mut sd = SockDiag::new().unwrap();
         assert_eq!(sd.netns(), netns_inode());

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::sockdiag::*;
@@ -35,50 +35,22 @@ fn iter_dump(it: &mut SockIter) -> Vec<SocketObservation> {
 }
 
 /// Every kind of socket the reconcile meets, kept open by the returned value:
-/// TCP listeners (v4, v6, dual-stack), connections seen from both ends (v4, v6,
-/// v4-mapped, one owned by uid 1234), a TIME_WAIT and a FIN_WAIT2 socket, UDP bound
-/// and connected (v4, v6).
+/// the common `SocketSet`, a TIME_WAIT and a FIN_WAIT2 socket.
 fn open_sockets() -> Vec<Box<dyn std::any::Any + Send>> {
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
-    let l4 = TcpListener::bind("127.0.0.1:5000").unwrap();
-    let l6 = TcpListener::bind("[::1]:5001").unwrap();
-    let ldual = TcpListener::bind("[::]:5003").unwrap();
-    // SAFETY: setfsuid only changes this thread's filesystem uid.
-    unsafe { libc::setfsuid(1234) };
-    let c4 = connect_from(
-        libc::AF_INET,
-        libc::SOCK_STREAM,
-        Some(addr("127.0.0.1:40000")),
-        addr("127.0.0.1:5000"),
-    );
-    unsafe { libc::setfsuid(0) };
-    let (s4, _) = l4.accept().unwrap();
-    let c6 = TcpStream::connect("[::1]:5001").unwrap();
-    let (s6, _) = l6.accept().unwrap();
-    let cm = connect_from(
-        libc::AF_INET6,
-        libc::SOCK_STREAM,
-        None,
-        addr("[::ffff:127.0.0.1]:5003"),
-    );
-    let (sm, _) = ldual.accept().unwrap();
+    let set = SocketSet::open();
     // Active close on both sides: the closer ends in TIME_WAIT.
     let tw_client = TcpStream::connect("127.0.0.1:5000").unwrap();
-    let (tw_server, _) = l4.accept().unwrap();
+    let (tw_server, _) = set.l4.accept().unwrap();
     drop(tw_client);
     drop(tw_server);
     // Half close: the closer waits in FIN_WAIT2 (a full socket, its peer in
     // CLOSE_WAIT).
     let fw_client = TcpStream::connect("[::1]:5001").unwrap();
-    let (fw_server, _) = l6.accept().unwrap();
+    let (fw_server, _) = set.l6.accept().unwrap();
     fw_client.shutdown(std::net::Shutdown::Write).unwrap();
-    let us = UdpSocket::bind("127.0.0.1:5002").unwrap();
-    let uc = UdpSocket::bind("127.0.0.1:0").unwrap();
-    uc.connect("127.0.0.1:5002").unwrap();
-    let u6 = UdpSocket::bind("[::1]:0").unwrap();
-    u6.connect("[::1]:5004").unwrap();
-    keep.push(Box::new((l4, l6, ldual, c4, s4, c6, s6, cm, sm)));
-    keep.push(Box::new((fw_client, fw_server, us, uc, u6)));
+    keep.push(Box::new(set));
+    keep.push(Box::new((fw_client, fw_server)));
     keep
 }
 

@@ -1,7 +1,7 @@
 //! Helpers for the sock_diag tests: raw sockets built exactly as a test needs them.
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 pub fn netns_inode() -> u64 {
@@ -11,6 +11,75 @@ pub fn netns_inode() -> u64 {
 
 pub fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
+}
+
+/// The sockets both full-dump sources are checked on, kept open by the value:
+/// TCP listeners on IPv4, IPv6 and dual-stack; connections seen from both ends
+/// over IPv4 (`c4`, bound to port 40000 and owned by uid 1234), IPv6 and
+/// IPv4-mapped IPv6 (`cm`); a bound UDP socket (`us`, port 5002) and two
+/// connected ones (`uc` to it, `u6` over IPv6). Ports 5000-5004 and 40000.
+pub struct SocketSet {
+    pub l4: TcpListener,
+    pub l6: TcpListener,
+    pub ldual: TcpListener,
+    pub c4: OwnedFd,
+    pub s4: TcpStream,
+    pub c6: TcpStream,
+    pub s6: TcpStream,
+    pub cm: OwnedFd,
+    pub sm: TcpStream,
+    pub us: UdpSocket,
+    pub uc: UdpSocket,
+    pub u6: UdpSocket,
+}
+
+impl SocketSet {
+    /// Opens the set in the calling thread's network namespace.
+    pub fn open() -> SocketSet {
+        let l4 = TcpListener::bind("127.0.0.1:5000").unwrap();
+        let l6 = TcpListener::bind("[::1]:5001").unwrap();
+        let ldual = TcpListener::bind("[::]:5003").unwrap();
+        // A socket created with fsuid 1234 is owned by uid 1234 (sk_uid).
+        // SAFETY: setfsuid only changes this thread's filesystem uid.
+        unsafe { libc::setfsuid(1234) };
+        let c4 = connect_from(
+            libc::AF_INET,
+            libc::SOCK_STREAM,
+            Some(addr("127.0.0.1:40000")),
+            addr("127.0.0.1:5000"),
+        );
+        // SAFETY: as above.
+        unsafe { libc::setfsuid(0) };
+        let (s4, _) = l4.accept().unwrap();
+        let c6 = TcpStream::connect("[::1]:5001").unwrap();
+        let (s6, _) = l6.accept().unwrap();
+        let cm = connect_from(
+            libc::AF_INET6,
+            libc::SOCK_STREAM,
+            None,
+            addr("[::ffff:127.0.0.1]:5003"),
+        );
+        let (sm, _) = ldual.accept().unwrap();
+        let us = UdpSocket::bind("127.0.0.1:5002").unwrap();
+        let uc = UdpSocket::bind("127.0.0.1:0").unwrap();
+        uc.connect("127.0.0.1:5002").unwrap();
+        let u6 = UdpSocket::bind("[::1]:0").unwrap();
+        u6.connect("[::1]:5004").unwrap();
+        SocketSet {
+            l4,
+            l6,
+            ldual,
+            c4,
+            s4,
+            c6,
+            s6,
+            cm,
+            sm,
+            us,
+            uc,
+            u6,
+        }
+    }
 }
 
 /// Create a socket of `domain`/`ty`, optionally bind it, connect it; as an OwnedFd.
