@@ -47,32 +47,19 @@ fn privileged_dump_reports_exact_tuples_uid_inode_cookie_direction_state() {
         return;
     }
     Netns::new("sd").enter(|| {
-        let SocketSet {
-            l4,
-            l6,
-            ldual,
-            c4,
-            s4,
-            c6,
-            s6,
-            cm,
-            sm,
-            us,
-            uc,
-            u6,
-        } = SocketSet::open();
+        let set = SocketSet::open();
 
         let mut sd = SockDiag::new().unwrap();
         assert_eq!(sd.netns(), netns_inode());
         let d = dump(&mut sd);
         let cg = own_cgroup_id();
 
-        let o = by_cookie(&d, cookie(&c4));
+        let o = by_cookie(&d, cookie(&set.c4));
         assert_eq!(
             o.key,
             key(Protocol::Tcp, "127.0.0.1:40000", "127.0.0.1:5000")
         );
-        assert_eq!((o.uid, o.inode), (Some(1234), inode(&c4)));
+        assert_eq!((o.uid, o.inode), (Some(1234), inode(&set.c4)));
         assert_eq!(
             (o.state, o.direction),
             (SockState::Established, Direction::Outbound)
@@ -88,51 +75,53 @@ fn privileged_dump_reports_exact_tuples_uid_inode_cookie_direction_state() {
             );
         }
 
-        let o = by_cookie(&d, cookie(&s4));
+        let o = by_cookie(&d, cookie(&set.s4));
         assert_eq!(
             o.key,
             key(Protocol::Tcp, "127.0.0.1:5000", "127.0.0.1:40000")
         );
         assert_eq!(
             (o.uid, o.inode, o.direction),
-            (Some(0), inode(&s4), Direction::Inbound)
+            (Some(0), inode(&set.s4), Direction::Inbound)
         );
 
-        let o = by_cookie(&d, cookie(&c6));
-        let l = c6.local_addr().unwrap();
+        let o = by_cookie(&d, cookie(&set.c6));
+        let l = set.c6.local_addr().unwrap();
         assert_eq!(o.key, FlowKey::new(Protocol::Tcp, l, addr("[::1]:5001")));
         assert!(o.key.is_ipv6());
-        assert_eq!((o.inode, o.direction), (inode(&c6), Direction::Outbound));
-        assert_eq!(by_cookie(&d, cookie(&s6)).direction, Direction::Inbound);
+        assert_eq!(
+            (o.inode, o.direction),
+            (inode(&set.c6), Direction::Outbound)
+        );
+        assert_eq!(by_cookie(&d, cookie(&set.s6)).direction, Direction::Inbound);
 
         // IPv4-mapped: dumped from AF_INET6, reported as plain IPv4.
-        let o = by_cookie(&d, cookie(&cm));
+        let o = by_cookie(&d, cookie(&set.cm));
         assert!(!o.key.is_ipv6(), "{:?}", o.key);
         assert_eq!(o.key.remote(), addr("127.0.0.1:5003"));
         assert_eq!(o.direction, Direction::Outbound);
-        let o = by_cookie(&d, cookie(&sm));
+        let o = by_cookie(&d, cookie(&set.sm));
         assert_eq!(o.key.local(), addr("127.0.0.1:5003"));
         assert_eq!(o.direction, Direction::Inbound);
 
-        let o = by_cookie(&d, cookie(&uc));
-        let l = uc.local_addr().unwrap();
+        let o = by_cookie(&d, cookie(&set.uc));
+        let l = set.uc.local_addr().unwrap();
         assert_eq!(
             o.key,
             FlowKey::new(Protocol::Udp, l, addr("127.0.0.1:5002"))
         );
         assert_eq!(
             (o.state, o.inode, o.tcp),
-            (SockState::Established, inode(&uc), None)
+            (SockState::Established, inode(&set.uc), None)
         );
-        let o = by_cookie(&d, cookie(&u6));
+        let o = by_cookie(&d, cookie(&set.u6));
         assert_eq!(o.key.remote(), addr("[::1]:5004"));
         assert!(
-            d.iter().all(|o| o.cookie != cookie(&us)),
+            d.iter().all(|o| o.cookie != cookie(&set.us)),
             "unconnected UDP is not a flow"
         );
         assert!(d.iter().all(|o| o.state != SockState::Listen));
         assert_eq!(d.len(), 8, "{d:#?}");
-        let _ = (l6, l4, ldual);
     });
 }
 
