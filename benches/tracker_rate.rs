@@ -3,9 +3,13 @@
 //! `Tracker::run_until` (the daemon's wiring). Reports, per ring size, the
 //! connection rate reached, observations received vs. expected, and drops. Then the
 //! cost of another namespace's churn to a reader that wants only its own namespace:
-//! filtered in userspace (as before `only_netns`) or in the programs.
+//! filtered in userspace (as before `only_netns`) or in the programs. Last, what
+//! the tracker costs every other process: a 1-byte write() to /dev/null timed
+//! with no tracker, the tracepoint-only tracker, the full tracker without and with
+//! the UDP hooks (their tp_btf/sys_exit runs at every syscall exit of the host).
 //!
-//! `cargo bench --bench tracker_rate [-- CONNECTIONS]` as root (skips otherwise).
+//! `cargo bench --bench tracker_rate [-- CONNECTIONS]` as root (skips otherwise);
+//! `-- syscalls` for the last part alone.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -20,12 +24,15 @@ use std::{
 };
 
 use common::Netns;
-use flowd::discovery::tracker::{Tracker, TrackerConfig};
+use flowd::discovery::tracker::{Tracker, TrackerConfig, TrackerMode};
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {
         println!("SKIP tracker_rate: needs root");
         return;
+    }
+    if std::env::args().any(|a| a == "syscalls") {
+        return syscall_cost();
     }
     let n: usize = std::env::args()
         .skip(1)
@@ -57,6 +64,67 @@ fn main() {
     for in_kernel in [false, true] {
         foreign(&ns, &ours, n, in_kernel);
     }
+    syscall_cost();
+}
+
+/// Nanoseconds per 1-byte write() to /dev/null, the best of 5 rounds of 2M.
+fn write_ns() -> f64 {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
+    let n = 2_000_000u32;
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..n {
+                // SAFETY: a valid fd and a 1-byte buffer that outlives the call.
+                unsafe { libc::write(f.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+            }
+            t.elapsed().as_nanos() as f64 / f64::from(n)
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+/// What each tracker setting adds to every syscall of the host, against the same
+/// run's floor (no tracker).
+fn syscall_cost() {
+    println!("-- a 1-byte write() to /dev/null, ns (best of 5 x 2M), with the tracker attached");
+    let floor = write_ns();
+    println!("{:<44} {:>8.1} {:>8}", "no tracker (floor)", floor, "1.00x");
+    for (name, mode, udp) in [
+        ("tracepoint-only", TrackerMode::TracepointOnly, false),
+        ("full, udp = false (no sys_exit)", TrackerMode::Full, false),
+        (
+            "full, udp = true (sys_exit: UDP, accept)",
+            TrackerMode::Full,
+            true,
+        ),
+    ] {
+        let t = Tracker::start(&TrackerConfig {
+            mode,
+            udp,
+            ..TrackerConfig::default()
+        })
+        .expect("Tracker::start");
+        let ns = write_ns();
+        drop(t);
+        println!(
+            "{:<44} {:>8.1} {:>7.2}x (+{:.1} ns)",
+            name,
+            ns,
+            ns / floor,
+            ns - floor
+        );
+    }
+    let again = write_ns();
+    println!(
+        "{:<44} {:>8.1} {:>7.2}x",
+        "no tracker, again",
+        again,
+        again / floor
+    );
 }
 
 /// CPU time of the calling thread.

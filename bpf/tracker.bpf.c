@@ -509,14 +509,14 @@ const volatile __u32 flowd_report_accept = 1;
 #define FLOWD_NR_ACCEPT 43
 #define FLOWD_NR_ACCEPT4 288
 #define FLOWD_NR_CONNECT 42
-#define FLOWD_SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
-#define FLOWD_SYSCALL_ARG1(regs) BPF_CORE_READ(regs, di)
+#define FLOWD_SYSCALL_NR(regs) ((regs)->orig_ax)
+#define FLOWD_SYSCALL_ARG1(regs) ((regs)->di)
 #elif defined(__TARGET_ARCH_arm64)
 #define FLOWD_NR_ACCEPT 202
 #define FLOWD_NR_ACCEPT4 242
 #define FLOWD_NR_CONNECT 203
-#define FLOWD_SYSCALL_NR(regs) BPF_CORE_READ(regs, syscallno)
-#define FLOWD_SYSCALL_ARG1(regs) BPF_CORE_READ(regs, orig_x0)
+#define FLOWD_SYSCALL_NR(regs) ((regs)->syscallno)
+#define FLOWD_SYSCALL_ARG1(regs) ((regs)->orig_x0)
 #endif
 
 /*

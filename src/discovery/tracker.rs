@@ -59,8 +59,10 @@ pub struct TrackerConfig {
     pub ring_bytes: u32,
     /// Where cgroup2 is mounted; `None`: read /proc/self/mountinfo.
     pub cgroup2_path: Option<PathBuf>,
-    /// UDP hooks. The connect hook is a tp_btf on sys_exit: it runs (one load and a
-    /// compare) on every syscall exit of the host.
+    /// UDP hooks. The connect hook is a tp_btf on sys_exit, which also reports
+    /// accept(): attached, it puts every syscall of the host on the kernel's
+    /// traced exit path (~80 ns a syscall on this machine, the program itself a
+    /// load and two compares; `cargo bench --bench tracker_rate`).
     pub udp: bool,
     /// Report only the sockets of this network namespace (its inode); `None`: the
     /// whole host's. The programs drop the others before the ring buffer, so busy
@@ -146,12 +148,12 @@ fn wanted_programs(cfg: &TrackerConfig, cgroup: bool) -> Vec<Prog> {
     if cgroup {
         wanted.push(Prog::Sockops);
     }
-    // sys_exit reports UDP connects, and accepts where sockops gives the accepted
-    // sockets their cookies.
-    if cfg.mode == TrackerMode::Full && (cfg.udp || cgroup) {
-        wanted.push(Prog::SysExit);
-    }
+    // sys_exit reports UDP connects and, where sockops gives the accepted sockets
+    // their cookies, accepts. Not attached for accepts alone: it puts every
+    // syscall of the host on the traced exit path (~80 ns each here, benches/
+    // tracker_rate.rs), more than the dumps it saves.
     if cfg.udp && cfg.mode == TrackerMode::Full {
+        wanted.push(Prog::SysExit);
         if cgroup {
             wanted.extend([Prog::Connect4, Prog::Connect6, Prog::SockRelease]);
         }
