@@ -146,13 +146,16 @@ pub fn sorted_indices(
     descending: bool,
 ) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..flows.len()).filter(|&i| keep(&flows[i])).collect();
-    idx.sort_by(|&i, &j| {
-        let (a, b) = (&flows[i], &flows[j]);
-        let o = column.compare(a, b);
-        let o = if descending { o.reverse() } else { o };
-        o.then(a.cookie.cmp(&b.cookie))
-    });
+    idx.sort_by(|&i, &j| display_order(column, descending, &flows[i], &flows[j]));
     idx
+}
+
+/// The order rows are shown in: by `column`, reversed when `descending`, ties
+/// broken by cookie so rows do not jump between refreshes.
+pub fn display_order(column: Column, descending: bool, a: &FlowView, b: &FlowView) -> Ordering {
+    let o = column.compare(a, b);
+    let o = if descending { o.reverse() } else { o };
+    o.then(a.cookie.cmp(&b.cookie))
 }
 
 /// Flows, packets and bytes of one experiment among the flows shown.

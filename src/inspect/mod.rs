@@ -110,6 +110,11 @@ impl InspectArgs {
         self.sort.unwrap_or(Column::Bytes)
     }
 
+    /// `--top N`, as a count.
+    pub fn top_n(&self) -> Option<usize> {
+        self.top.map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
     /// Whether rows go biggest/last first.
     pub fn descending(&self) -> bool {
         self.sort().descending_by_default() != self.reverse

@@ -17,20 +17,7 @@ pub fn run(
     filter: &FlowFilter,
     out: &mut impl Write,
 ) -> Result<()> {
-    if let Some(n) = args.top {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        let flows = super::top::top_flows(client, filter, args.sort(), args.descending(), n)?;
-        let r = if args.json {
-            write_json(&flows, out)
-        } else {
-            write_table(&flows, out)
-        };
-        return match r {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-            r => r.context("writing to stdout"),
-        };
-    }
-    if args.json && args.sort.is_none() {
+    if args.json && args.sort.is_none() && args.top.is_none() {
         // Page by page: a listing of a million flows need not fit in this process.
         let r = client.flow_pages(filter, |page| {
             write_json(page.iter().filter(|f| filter.matches(f)), out)
@@ -40,15 +27,23 @@ pub fn run(
             r => Ok(r?),
         };
     }
-    let flows = client.flows(filter)?;
-    // Filtered again here so an older daemon that ignores the filter still gives the
-    // right answer; matches() is cheap.
-    let order = sorted_indices(
-        &flows,
-        |f| filter.matches(f),
-        args.sort(),
-        args.descending(),
-    );
+    let (flows, order) = if let Some(n) = args.top_n() {
+        // Chosen and ordered as the pages arrive.
+        let flows = super::top::top_flows(client, filter, args.sort(), args.descending(), n)?;
+        let order = (0..flows.len()).collect();
+        (flows, order)
+    } else {
+        let flows = client.flows(filter)?;
+        // Filtered again here so an older daemon that ignores the filter still
+        // gives the right answer; matches() is cheap.
+        let order = sorted_indices(
+            &flows,
+            |f| filter.matches(f),
+            args.sort(),
+            args.descending(),
+        );
+        (flows, order)
+    };
     let shown = order.iter().map(|&i| &flows[i]);
     let r = if args.json {
         write_json(shown, out)

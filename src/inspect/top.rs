@@ -6,18 +6,10 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use super::columns::Column;
+use super::columns::{display_order, Column};
 use crate::api::client::{Client, ClientError};
 use crate::api::filter::FlowFilter;
 use crate::api::view::FlowView;
-
-/// The order rows are shown in: by `column`, reversed when `descending`, ties
-/// broken by cookie so rows do not jump between refreshes.
-pub fn display_order(column: Column, descending: bool, a: &FlowView, b: &FlowView) -> Ordering {
-    let o = column.compare(a, b);
-    let o = if descending { o.reverse() } else { o };
-    o.then(a.cookie.cmp(&b.cookie))
-}
 
 /// A flow ranked for the heap: "greater" means shown later, so the heap's top is
 /// the flow to drop first.

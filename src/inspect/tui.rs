@@ -86,10 +86,7 @@ pub fn run(client: &Client, args: &InspectArgs, filter: FlowFilter) -> Result<()
         let fetch = Fetch {
             filter,
             interval: args.interval(),
-            top: args.top.map(|n| {
-                let n = usize::try_from(n).unwrap_or(usize::MAX);
-                (n, args.sort(), args.descending())
-            }),
+            top: args.top_n().map(|n| (n, args.sort(), args.descending())),
         };
         thread::Builder::new()
             .name("inspect-fetch".into())
@@ -152,11 +149,15 @@ fn event_loop(
 
 fn fetch_loop(
     client: &Client,
-    mut fetch: Fetch,
+    fetch: Fetch,
     updates: &Sender<Update>,
     commands: &Receiver<Command>,
 ) {
-    let (filter, interval) = (fetch.filter.clone(), fetch.interval);
+    let Fetch {
+        filter,
+        interval,
+        mut top,
+    } = fetch;
     let filter = &filter;
     let mut detail: Option<u64> = None;
     let mut next = Instant::now();
@@ -165,7 +166,7 @@ fn fetch_loop(
         next += interval;
         let started = Instant::now();
         let data = client.status().and_then(|status| {
-            let flows = match fetch.top {
+            let flows = match top {
                 Some((n, column, descending)) => {
                     super::top::top_flows(client, filter, column, descending, n)?
                 }
@@ -210,8 +211,8 @@ fn fetch_loop(
                 next = Instant::now();
             }
             Ok(Command::Sort(column, descending)) => {
-                if let Some((n, ..)) = fetch.top {
-                    fetch.top = Some((n, column, descending));
+                if let Some((n, ..)) = top {
+                    top = Some((n, column, descending));
                     // Another column's first N are other flows: fetch them now.
                     next = Instant::now();
                 }
