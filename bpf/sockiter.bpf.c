@@ -76,20 +76,19 @@ static __always_inline __u64 sock_inode(struct sock *sk)
 	return BPF_CORE_READ(sa, vfs_inode.i_ino);
 }
 
+/* The socket's cookie; 0 if it has none and this kernel cannot give it one from
+ * an iterator (before Linux 5.12). bpf_get_socket_cookie() gives a socket that
+ * had none the one sock_diag would give it, and the tracker reports. */
+static __always_inline __u64 sock_cookie(struct sock_common *skc)
+{
+	return flowd_tracing_cookie ? bpf_get_socket_cookie(skc) : skc->skc_cookie.counter;
+}
+
 static __always_inline void read_common(struct flowd_sock_record *r, struct sock_common *skc)
 {
-	__u64 cookie;
-
-	if (flowd_tracing_cookie) {
-		/* Gives the socket a cookie if it had none: the one sock_diag would
-		 * give it, and the tracker reports. */
-		cookie = bpf_get_socket_cookie(skc);
-	} else {
-		cookie = skc->skc_cookie.counter;
-		if (!cookie)
-			r->flags |= FLOWD_SR_NO_COOKIE;
-	}
-	r->cookie = cookie;
+	r->cookie = sock_cookie(skc);
+	if (!r->cookie)
+		r->flags |= FLOWD_SR_NO_COOKIE;
 	r->family = skc->skc_family;
 	r->sport = skc->skc_num;
 	r->dport = bpf_ntohs(skc->skc_dport);
@@ -138,7 +137,7 @@ static __always_inline void digest_socket(struct sock_common *skc, struct sock *
 	if (state > 31 || !(states & (1u << state)))
 		return;
 	bound = (FLOWD_DIGEST_BOUND_STATES & (1u << state)) && sk->sk_socket;
-	cookie = flowd_tracing_cookie ? bpf_get_socket_cookie(skc) : skc->skc_cookie.counter;
+	cookie = sock_cookie(skc);
 	if (skc->skc_family == FLOWD_AF_INET6) {
 		l0 = (__u64)skc->skc_v6_rcv_saddr.in6_u.u6_addr32[1] << 32 |
 		     skc->skc_v6_rcv_saddr.in6_u.u6_addr32[0];

@@ -296,8 +296,17 @@ impl DumpSchedule {
     /// Whether the next reconcile is to be a full dump: asked for, or flows a
     /// dump would complete.
     pub fn full_dump_wanted(&self) -> bool {
-        self.full_wanted.load(Ordering::Relaxed)
-            || self.incomplete_flows.load(Ordering::Relaxed) > 0
+        self.full_wanted.load(Ordering::Relaxed) || self.has_incomplete_flows()
+    }
+
+    /// As [`DumpSchedule::full_dump_wanted`], for the round that makes the dump:
+    /// the request is taken.
+    fn take_full_dump_wanted(&self) -> bool {
+        self.full_wanted.swap(false, Ordering::Relaxed) || self.has_incomplete_flows()
+    }
+
+    fn has_incomplete_flows(&self) -> bool {
+        self.incomplete_flows.load(Ordering::Relaxed) > 0
     }
 
     /// Lets periodic reconciles be verify walks (while the tracker sees every
@@ -351,8 +360,7 @@ pub fn spawn_poller(
             let mut round: u64 = 0;
             let mut since_full: u64 = 0;
             while !stop2.load(Ordering::Relaxed) {
-                let full_wanted = schedule.full_wanted.swap(false, Ordering::Relaxed)
-                    || schedule.incomplete_flows.load(Ordering::Relaxed) > 0;
+                let full_wanted = schedule.take_full_dump_wanted();
                 let verify = round > 0
                     && !full_wanted
                     && since_full + 1 < FULL_DUMP_EVERY

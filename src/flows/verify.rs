@@ -24,8 +24,8 @@ pub(super) struct OpenVerify {
     unverifiable: usize,
 }
 
-/// Verify walks by outcome (status `reconcile_verify`, metric
-/// `flowd_reconcile_verify_walks_total`).
+/// Verify walks by outcome (status `verify_walks`, metric
+/// `flowd_reconcile_verify_walks_total`; `Churn` counts as inconclusive).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VerifyCounters {
     pub verified: u64,
